@@ -1,0 +1,81 @@
+//! The command line: clap definitions (the one source of truth for flags) and the command
+//! bodies. Only this module and `main.rs` use `anyhow`.
+
+mod data;
+mod table;
+mod tasks;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// mlbench: how much task data does an LLM need per language and per task?
+#[derive(Debug, Parser)]
+#[command(name = "mlbench", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Args, Clone)]
+pub struct Global {
+    /// Folder with the canonical datasets (`<task>.parquet`) and task specs (`tasks/*.toml`).
+    #[arg(long, global = true, env = "MLBENCH_DATA", default_value = "datasets")]
+    pub data_dir: PathBuf,
+    /// No progress bars and no informational logs (warnings and errors still print).
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// More log output (-v: debug, -vv: trace). `RUST_LOG` overrides.
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Datasets: import the raw files, verify them, list, describe and draw few-shot pools.
+    #[command(subcommand)]
+    Data(data::DataCommand),
+    /// Task specifications: list them and show rendered prompts.
+    #[command(subcommand)]
+    Tasks(tasks::TasksCommand),
+}
+
+impl Global {
+    /// A progress bar for `what` (hidden with `--quiet` or when stderr is not a terminal).
+    pub fn bar(&self, what: &str) -> ProgressBar {
+        if self.quiet {
+            return ProgressBar::hidden();
+        }
+        let pb = ProgressBar::new(0);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>10} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        pb.set_prefix(what.to_string());
+        pb
+    }
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Data(c) => data::run(&cli.global, c),
+        Command::Tasks(c) => tasks::run(&cli.global, c),
+    }
+}
+
+/// Splits comma-separated values, dropping empty pieces.
+pub fn split_list(v: &[String]) -> Vec<String> {
+    v.iter()
+        .flat_map(|s| s.split(','))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}

@@ -1,0 +1,34 @@
+//! The `mlbench` binary: parses flags, sets up logging, runs the command and maps errors to
+//! exit statuses (2 for bad input, 1 for internal failures).
+
+mod cli;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() {
+    let cli = cli::Cli::parse();
+    let level = match (cli.global.quiet, cli.global.verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("mlbench={level},warn")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    if let Err(e) = cli::run(cli) {
+        let user = e
+            .chain()
+            .find_map(|c| c.downcast_ref::<mlbench::Error>())
+            .map(mlbench::Error::is_user_error)
+            .unwrap_or(false);
+        eprintln!("error: {e:#}");
+        std::process::exit(if user { 2 } else { 1 });
+    }
+}

@@ -1,0 +1,93 @@
+//! Helpers shared by the integration tests: running the binary, building small canonical
+//! datasets and small raw source folders.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use mlbench::data::schema::{self, Example};
+
+/// The repository's shipped datasets folder.
+pub fn shipped() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasets")
+}
+
+/// Runs `mlbench` with `args` and returns its output.
+pub fn mlbench(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_mlbench"))
+        .args(args)
+        .env_remove("MLBENCH_DATA")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run mlbench")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Asserts exit status 2 and that stderr mentions every needle.
+pub fn assert_user_error(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "expected exit 2, got {:?}; stderr:\n{err}",
+        o.status.code()
+    );
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
+    }
+}
+
+/// A small labelled dataset: `langs` x `per_class` examples in each of `classes` classes,
+/// all in `split`.
+pub fn toy_examples(
+    task: &str,
+    langs: &[&str],
+    classes: usize,
+    per_class: usize,
+    split: &str,
+) -> Vec<Example> {
+    let names: Vec<String> = (0..classes).map(|c| format!("class{c}")).collect();
+    let mut v = Vec::new();
+    for l in langs {
+        for c in 0..classes {
+            for j in 0..per_class {
+                v.push(Example {
+                    task: task.into(),
+                    lang: (*l).into(),
+                    lang_code: (*l).into(),
+                    split: split.into(),
+                    id: format!("{c}-{j}"),
+                    text: format!("text {l} {c} {j}"),
+                    choices: Some(names.clone()),
+                    label: Some(c as i64),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    v
+}
+
+/// Writes examples as `<dir>/<task>.parquet`.
+pub fn write_dataset(dir: &Path, task: &str, rows: &[Example]) {
+    let mut df = schema::to_frame(rows).unwrap();
+    schema::write_parquet(&mut df, &dir.join(format!("{task}.parquet"))).unwrap();
+}
+
+/// Files in a folder, sorted.
+pub fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
