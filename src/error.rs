@@ -117,6 +117,10 @@ pub enum Error {
     #[error("polars: {0}")]
     Polars(#[from] polars::error::PolarsError),
 
+    /// A tensor operation failed (shapes are checked before, so this is an internal error).
+    #[error("tensor: {0}")]
+    Candle(#[from] candle_core::Error),
+
     /// JSON (de)serialisation failed on data we produced ourselves.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
@@ -135,7 +139,7 @@ impl Error {
     /// failures (exit status 1).
     pub fn is_user_error(&self) -> bool {
         match self {
-            Error::Polars(_) | Error::Json(_) => false,
+            Error::Polars(_) | Error::Json(_) | Error::Candle(_) => false,
             Error::Io { source, .. } => matches!(
                 source.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied

@@ -2,6 +2,7 @@
 //! bodies. Only this module and `main.rs` use `anyhow`.
 
 mod data;
+mod model;
 mod table;
 mod tasks;
 
@@ -42,6 +43,16 @@ pub enum Command {
     /// Task specifications: list them and show rendered prompts.
     #[command(subcommand)]
     Tasks(tasks::TasksCommand),
+    /// Models: write tiny test models, inspect a model.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// LoRA adapters in PEFT format.
+    #[command(subcommand)]
+    Adapter(model::AdapterCommand),
+    /// Score {"context", "continuation"} requests: summed log-probability, greedy flag, tokens.
+    Score(model::ScoreArgs),
+    /// Greedy continuation of prompts.
+    Generate(model::GenerateArgs),
 }
 
 impl Global {
@@ -68,6 +79,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Data(c) => data::run(&cli.global, c),
         Command::Tasks(c) => tasks::run(&cli.global, c),
+        Command::Model(c) => model::run_model(&cli.global, c),
+        Command::Adapter(c) => model::run_adapter(&cli.global, c),
+        Command::Score(a) => model::run_score(&cli.global, a),
+        Command::Generate(a) => model::run_generate(&cli.global, a),
     }
 }
 

@@ -1,0 +1,437 @@
+//! Model configuration: the fields of an HF `config.json` that the decoder needs, for the
+//! `gemma3` (Gemma 3 text) and Llama-family (`llama`, `qwen2`) architectures.
+//!
+//! In: `config.json` text. Out: a validated [`ModelConfig`] (every size checked to be positive
+//! and consistent before any tensor is allocated).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The decoder families mlbench implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// Gemma 3 text decoder: (1 + w) RMSNorm, q/k norms, sandwich norms, GeGLU (tanh),
+    /// sliding-window layers with their own rope base, embeddings scaled by sqrt(hidden).
+    Gemma3,
+    /// Llama / SmolLM2: RMSNorm, SwiGLU, rope.
+    Llama,
+    /// Qwen2: Llama plus biases on q, k and v.
+    Qwen2,
+}
+
+/// What kind of attention a layer does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    Full,
+    Sliding,
+}
+
+/// The decoder configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    /// Rope base of full-attention layers.
+    pub rope_theta: f64,
+    /// Rope base of sliding-window layers (Gemma 3).
+    pub rope_local_base_freq: Option<f64>,
+    /// Sliding window in tokens (a key is visible when `q - k < window`).
+    pub sliding_window: Option<usize>,
+    /// Per-layer attention kind (length `num_hidden_layers`).
+    #[serde(skip)]
+    pub layer_kinds: Vec<LayerKind>,
+    /// Attention scores are multiplied by `query_pre_attn_scalar^-0.5` (Gemma) or
+    /// `head_dim^-0.5` (Llama).
+    pub query_pre_attn_scalar: Option<f64>,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub final_logit_softcapping: Option<f64>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    architectures: Vec<String>,
+    #[serde(default)]
+    model_type: Option<String>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_local_base_freq: Option<f64>,
+    sliding_window: Option<usize>,
+    sliding_window_pattern: Option<usize>,
+    layer_types: Option<Vec<String>>,
+    query_pre_attn_scalar: Option<f64>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    final_logit_softcapping: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    hidden_act: Option<String>,
+    hidden_activation: Option<String>,
+    use_sliding_window: Option<bool>,
+    bos_token_id: Option<serde_json::Value>,
+    eos_token_id: Option<serde_json::Value>,
+    pad_token_id: Option<serde_json::Value>,
+}
+
+fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| x as u32),
+        Some(serde_json::Value::Array(a)) => a.first().and_then(|x| x.as_u64()).map(|x| x as u32),
+        _ => None,
+    }
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::MissingFile {
+                what: "model config.json",
+                path: path.to_path_buf(),
+            },
+            _ => Error::io("read", path, e),
+        })?;
+        Self::from_json(&text, path)
+    }
+
+    /// Parses and validates config JSON; `path` is used in error messages.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let cfg = |message: String| Error::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| cfg(format!("not a model config: {e}")))?;
+        let mt = raw.model_type.clone().unwrap_or_default();
+        let archs = raw.architectures.join(",");
+        let arch = match mt.as_str() {
+            "gemma3_text" | "gemma3" => Arch::Gemma3,
+            "llama" | "smollm2" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            _ if archs.contains("Gemma3ForCausalLM") => Arch::Gemma3,
+            _ if archs.contains("LlamaForCausalLM") => Arch::Llama,
+            _ if archs.contains("Qwen2ForCausalLM") => Arch::Qwen2,
+            _ => {
+                return Err(Error::Unknown {
+                    kind: "architecture",
+                    code: if mt.is_empty() { archs } else { mt },
+                    scope: format!(
+                        " in {} (supported: gemma3_text, llama, qwen2)",
+                        path.display()
+                    ),
+                    suggestions: vec![],
+                })
+            }
+        };
+        let need = |v: Option<usize>, name: &str| -> Result<usize> {
+            match v {
+                Some(x) if x > 0 => Ok(x),
+                Some(_) => Err(cfg(format!("`{name}` must be positive"))),
+                None => Err(cfg(format!("missing `{name}`"))),
+            }
+        };
+        let hidden_size = need(raw.hidden_size, "hidden_size")?;
+        let num_attention_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+        let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
+        let head_dim =
+            match raw.head_dim {
+                Some(h) => h,
+                None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+                None => return Err(cfg(
+                    "hidden_size is not a multiple of num_attention_heads and head_dim is missing"
+                        .into(),
+                )),
+            };
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(cfg(format!(
+                "head_dim {head_dim} must be positive and even (rope)"
+            )));
+        }
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(cfg(format!(
+                "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
+            )));
+        }
+        let num_hidden_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+        // Guard against absurd sizes before anything is allocated.
+        let vocab_size = need(raw.vocab_size, "vocab_size")?;
+        let intermediate_size = need(raw.intermediate_size, "intermediate_size")?;
+        for (name, v, max) in [
+            ("vocab_size", vocab_size, 1 << 22),
+            ("hidden_size", hidden_size, 1 << 16),
+            ("intermediate_size", intermediate_size, 1 << 18),
+            ("num_hidden_layers", num_hidden_layers, 1024),
+        ] {
+            if v > max {
+                return Err(cfg(format!(
+                    "`{name}` = {v} is larger than mlbench supports ({max})"
+                )));
+            }
+        }
+        if raw.attn_logit_softcapping.is_some() {
+            return Err(cfg("attn_logit_softcapping is not supported".into()));
+        }
+        if let Some(rs) = &raw.rope_scaling {
+            if !rs.is_null() {
+                let kind = rs
+                    .get("rope_type")
+                    .or_else(|| rs.get("type"))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("?");
+                if kind != "default" {
+                    return Err(cfg(format!("rope_scaling type `{kind}` is not supported")));
+                }
+            }
+        }
+        if raw.mlp_bias == Some(true) {
+            return Err(cfg("mlp_bias = true is not supported".into()));
+        }
+        let act = raw
+            .hidden_activation
+            .clone()
+            .or(raw.hidden_act.clone())
+            .unwrap_or_default();
+        match arch {
+            Arch::Gemma3 if !act.is_empty() && act != "gelu_pytorch_tanh" => {
+                return Err(cfg(format!(
+                    "gemma3 activation `{act}` is not supported (expected gelu_pytorch_tanh)"
+                )))
+            }
+            Arch::Llama | Arch::Qwen2 if !act.is_empty() && act != "silu" => {
+                return Err(cfg(format!(
+                    "activation `{act}` is not supported (expected silu)"
+                )))
+            }
+            _ => {}
+        }
+        let layer_kinds: Vec<LayerKind> = match (arch, &raw.layer_types) {
+            (_, Some(types)) => {
+                if types.len() != num_hidden_layers {
+                    return Err(cfg(format!(
+                        "layer_types has {} entries for {num_hidden_layers} layers",
+                        types.len()
+                    )));
+                }
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "full_attention" => Ok(LayerKind::Full),
+                        "sliding_attention" => Ok(LayerKind::Sliding),
+                        other => Err(cfg(format!("unknown layer type `{other}`"))),
+                    })
+                    .collect::<Result<_>>()?
+            }
+            (Arch::Gemma3, None) => {
+                let p = raw.sliding_window_pattern.unwrap_or(6).max(1);
+                (0..num_hidden_layers)
+                    .map(|i| {
+                        if (i + 1) % p == 0 {
+                            LayerKind::Full
+                        } else {
+                            LayerKind::Sliding
+                        }
+                    })
+                    .collect()
+            }
+            (Arch::Qwen2, None) if raw.use_sliding_window == Some(true) => {
+                return Err(cfg(
+                    "qwen2 use_sliding_window = true is not supported".into()
+                ))
+            }
+            _ => vec![LayerKind::Full; num_hidden_layers],
+        };
+        let sliding_window = match arch {
+            Arch::Gemma3 => raw.sliding_window,
+            _ => None,
+        };
+        if layer_kinds.contains(&LayerKind::Sliding) && sliding_window.unwrap_or(0) == 0 {
+            return Err(cfg("sliding layers need a positive `sliding_window`".into()));
+        }
+        let is_gemma = arch == Arch::Gemma3;
+        Ok(ModelConfig {
+            arch,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: raw
+                .rms_norm_eps
+                .unwrap_or(if is_gemma { 1e-6 } else { 1e-5 }),
+            rope_theta: raw.rope_theta.unwrap_or(if is_gemma { 1e6 } else { 1e4 }),
+            rope_local_base_freq: if is_gemma {
+                Some(raw.rope_local_base_freq.unwrap_or(1e4))
+            } else {
+                None
+            },
+            sliding_window,
+            layer_kinds,
+            query_pre_attn_scalar: if is_gemma {
+                Some(raw.query_pre_attn_scalar.unwrap_or(head_dim as f64))
+            } else {
+                None
+            },
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(is_gemma),
+            attention_bias: arch == Arch::Qwen2 || raw.attention_bias.unwrap_or(false),
+            final_logit_softcapping: raw.final_logit_softcapping,
+            bos_token_id: first_id(&raw.bos_token_id),
+            eos_token_id: first_id(&raw.eos_token_id),
+            pad_token_id: first_id(&raw.pad_token_id),
+        })
+    }
+
+    /// An HF-style `config.json` for this configuration (what `model import` and the tiny-model
+    /// builder write; transformers reads it).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let mut v = match self.arch {
+            Arch::Gemma3 => json!({
+                "architectures": ["Gemma3ForCausalLM"],
+                "model_type": "gemma3_text",
+                "hidden_activation": "gelu_pytorch_tanh",
+                "rope_local_base_freq": self.rope_local_base_freq,
+                "sliding_window": self.sliding_window,
+                "query_pre_attn_scalar": self.query_pre_attn_scalar,
+                "layer_types": self.layer_kinds.iter().map(|k| match k {
+                    LayerKind::Full => "full_attention",
+                    LayerKind::Sliding => "sliding_attention",
+                }).collect::<Vec<_>>(),
+                "final_logit_softcapping": self.final_logit_softcapping,
+                "attn_logit_softcapping": null,
+                "rope_scaling": null,
+            }),
+            Arch::Llama => json!({
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_act": "silu",
+                "attention_bias": self.attention_bias,
+                "mlp_bias": false,
+                "rope_scaling": null,
+            }),
+            Arch::Qwen2 => json!({
+                "architectures": ["Qwen2ForCausalLM"],
+                "model_type": "qwen2",
+                "hidden_act": "silu",
+                "use_sliding_window": false,
+                "rope_scaling": null,
+            }),
+        };
+        let o = v.as_object_mut().expect("object");
+        for (k, val) in [
+            ("vocab_size", json!(self.vocab_size)),
+            ("hidden_size", json!(self.hidden_size)),
+            ("intermediate_size", json!(self.intermediate_size)),
+            ("num_hidden_layers", json!(self.num_hidden_layers)),
+            ("num_attention_heads", json!(self.num_attention_heads)),
+            ("num_key_value_heads", json!(self.num_key_value_heads)),
+            ("head_dim", json!(self.head_dim)),
+            ("rms_norm_eps", json!(self.rms_norm_eps)),
+            ("rope_theta", json!(self.rope_theta)),
+            ("tie_word_embeddings", json!(self.tie_word_embeddings)),
+            ("bos_token_id", json!(self.bos_token_id)),
+            ("eos_token_id", json!(self.eos_token_id)),
+            ("pad_token_id", json!(self.pad_token_id)),
+            ("max_position_embeddings", json!(32768)),
+            ("torch_dtype", json!("float32")),
+        ] {
+            o.insert(k.to_string(), val);
+        }
+        v
+    }
+
+    /// The attention-score scale of this model.
+    pub fn attn_scale(&self) -> f64 {
+        match self.query_pre_attn_scalar {
+            Some(s) => 1.0 / s.sqrt(),
+            None => 1.0 / (self.head_dim as f64).sqrt(),
+        }
+    }
+
+    /// The rope base of layer `i`.
+    pub fn rope_base(&self, i: usize) -> f64 {
+        match (self.layer_kinds[i], self.rope_local_base_freq) {
+            (LayerKind::Sliding, Some(b)) => b,
+            _ => self.rope_theta,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemma3_270m_config_parses() {
+        let j = r#"{"architectures":["Gemma3ForCausalLM"],"model_type":"gemma3_text","vocab_size":262144,
+        "hidden_size":640,"intermediate_size":2048,"num_hidden_layers":18,"num_attention_heads":4,
+        "num_key_value_heads":1,"head_dim":256,"rms_norm_eps":1e-6,"rope_theta":1000000.0,
+        "rope_local_base_freq":10000.0,"sliding_window":512,"sliding_window_pattern":6,
+        "query_pre_attn_scalar":256,"hidden_activation":"gelu_pytorch_tanh","final_logit_softcapping":null,
+        "attn_logit_softcapping":null,"rope_scaling":null,"bos_token_id":2,"eos_token_id":[1,106],"pad_token_id":0}"#;
+        let c = ModelConfig::from_json(j, Path::new("config.json")).unwrap();
+        assert_eq!(c.arch, Arch::Gemma3);
+        let full: Vec<usize> = (0..18)
+            .filter(|&i| c.layer_kinds[i] == LayerKind::Full)
+            .collect();
+        assert_eq!(full, vec![5, 11, 17]);
+        assert_eq!(c.rope_base(0), 1e4);
+        assert_eq!(c.rope_base(5), 1e6);
+        assert!(c.tie_word_embeddings);
+        assert_eq!(c.eos_token_id, Some(1));
+        assert!((c.attn_scale() - 1.0 / 16.0).abs() < 1e-12);
+        // Round trip through the HF JSON we write.
+        let again = ModelConfig::from_json(&c.to_hf_json().to_string(), Path::new("x")).unwrap();
+        assert_eq!(again.layer_kinds, c.layer_kinds);
+        assert_eq!(again.arch, c.arch);
+    }
+
+    #[test]
+    fn unknown_architecture_is_named() {
+        let e = ModelConfig::from_json(
+            r#"{"model_type":"mamba","architectures":["MambaForCausalLM"]}"#,
+            Path::new("m/config.json"),
+        )
+        .unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("unknown architecture `mamba`") && m.contains("m/config.json"),
+            "{m}"
+        );
+        assert!(e.is_user_error());
+    }
+
+    #[test]
+    fn inconsistent_heads_are_refused() {
+        let j = r#"{"model_type":"llama","vocab_size":10,"hidden_size":64,"intermediate_size":128,
+        "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":3}"#;
+        let m = ModelConfig::from_json(j, Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("not a multiple of num_key_value_heads"), "{m}");
+    }
+}

@@ -1,0 +1,272 @@
+//! Loading a model from an HF folder (`config.json`, `model.safetensors` or a sharded
+//! `model.safetensors.index.json`), and writing one.
+//!
+//! In: a folder. Out: a [`Model`] with every expected tensor present and of the shape the config
+//! implies (missing tensors and shape mismatches are errors naming the tensor). Pickled
+//! `pytorch_model.bin` weights are refused.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::{Arch, ModelConfig};
+use super::transformer::{Layer, Linear, Model, RmsNorm};
+use crate::error::{Error, Result};
+use crate::util::write_bytes_atomic;
+
+/// The safetensors files of a folder: the shards named by the index, or `model.safetensors`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io("read", &index, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: index.clone(),
+            message: format!("not JSON: {e}"),
+        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Config {
+                path: index.clone(),
+                message: "missing `weight_map`".into(),
+            })?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|f| f.as_str().map(str::to_string))
+            .collect();
+        files.sort();
+        files.dedup();
+        let mut out = Vec::new();
+        for f in files {
+            if f.contains('/') || f.contains("..") || !f.ends_with(".safetensors") {
+                return Err(Error::Config {
+                    path: index.clone(),
+                    message: format!("shard name `{f}` is not a plain .safetensors file name"),
+                });
+            }
+            out.push(dir.join(f));
+        }
+        return Ok(out);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    if dir.join("pytorch_model.bin").exists() {
+        return Err(Error::Config {
+            path: dir.join("pytorch_model.bin"),
+            message: "pickled PyTorch weights are refused; convert the model to safetensors (or import a GGUF)".into(),
+        });
+    }
+    Err(Error::MissingFile {
+        what: "model weights (model.safetensors)",
+        path: single,
+    })
+}
+
+/// Tensor name -> tensor, from all weight files, converted to `dtype`.
+fn read_all(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<BTreeMap<String, (Tensor, PathBuf)>> {
+    let mut out = BTreeMap::new();
+    for f in files {
+        // SAFETY: the file is mapped read-only; the safetensors crate validates the header,
+        // every offset and every size against the file length before any tensor is built.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(|e| {
+            Error::Config {
+                path: f.clone(),
+                message: format!("not a valid safetensors file: {e}"),
+            }
+        })?;
+        for (name, _) in st.tensors() {
+            let t = st.load(&name, device).map_err(|e| Error::Config {
+                path: f.clone(),
+                message: format!("tensor `{name}`: {e}"),
+            })?;
+            out.insert(name, (t.to_dtype(dtype)?, f.clone()));
+        }
+    }
+    Ok(out)
+}
+
+/// Loads a model folder.
+pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let files = weight_files(dir)?;
+    let mut tensors = read_all(&files, dtype, device)?;
+    build(config, &mut tensors, dir, dtype, device)
+}
+
+fn build(
+    config: ModelConfig,
+    tensors: &mut BTreeMap<String, (Tensor, PathBuf)>,
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<Model> {
+    let c = &config;
+    let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
+        let (t, file) = tensors.remove(name).ok_or_else(|| Error::Config {
+            path: dir.to_path_buf(),
+            message: format!("missing tensor `{name}` (expected shape {shape:?})"),
+        })?;
+        if t.dims() != shape {
+            return Err(Error::Config {
+                path: file,
+                message: format!(
+                    "tensor `{name}` has shape {:?}, the config implies {shape:?}",
+                    t.dims()
+                ),
+            });
+        }
+        Ok(t)
+    };
+    let gemma = c.arch == Arch::Gemma3;
+    let (h, hd, nh, nkv, ff, v) = (
+        c.hidden_size,
+        c.head_dim,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.intermediate_size,
+        c.vocab_size,
+    );
+    let norm = |t: Tensor| -> Result<RmsNorm> {
+        let work = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let scale = if gemma {
+            (t.to_dtype(work)? + 1.0)?.to_dtype(dtype)?
+        } else {
+            t
+        };
+        Ok(RmsNorm {
+            scale,
+            eps: c.rms_norm_eps,
+        })
+    };
+    let embed = take("model.embed_tokens.weight", &[v, h])?;
+    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let mut lin = |sub: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let name = format!("{p}.{sub}");
+            let weight = take(&format!("{name}.weight"), &[out, inp])?;
+            let bias = if bias {
+                Some(take(&format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            };
+            Ok(Linear { name, weight, bias })
+        };
+        let ab = c.attention_bias;
+        let q = lin("self_attn.q_proj", nh * hd, h, ab)?;
+        let k = lin("self_attn.k_proj", nkv * hd, h, ab)?;
+        let vv = lin("self_attn.v_proj", nkv * hd, h, ab)?;
+        let o = lin("self_attn.o_proj", h, nh * hd, false)?;
+        let gate = lin("mlp.gate_proj", ff, h, false)?;
+        let up = lin("mlp.up_proj", ff, h, false)?;
+        let down = lin("mlp.down_proj", h, ff, false)?;
+        let input_norm = norm(take(&format!("{p}.input_layernorm.weight"), &[h])?)?;
+        let post_attn_norm = norm(take(&format!("{p}.post_attention_layernorm.weight"), &[h])?)?;
+        let (pre_ff_norm, post_ff_norm, q_norm, k_norm) = if gemma {
+            (
+                Some(norm(take(
+                    &format!("{p}.pre_feedforward_layernorm.weight"),
+                    &[h],
+                )?)?),
+                Some(norm(take(
+                    &format!("{p}.post_feedforward_layernorm.weight"),
+                    &[h],
+                )?)?),
+                Some(norm(take(&format!("{p}.self_attn.q_norm.weight"), &[hd])?)?),
+                Some(norm(take(&format!("{p}.self_attn.k_norm.weight"), &[hd])?)?),
+            )
+        } else {
+            (None, None, None, None)
+        };
+        layers.push(Layer {
+            kind: c.layer_kinds[i],
+            input_norm,
+            post_attn_norm,
+            pre_ff_norm,
+            post_ff_norm,
+            q_norm,
+            k_norm,
+            q,
+            k,
+            v: vv,
+            o,
+            gate,
+            up,
+            down,
+        });
+    }
+    let final_norm = norm(take("model.norm.weight", &[h])?)?;
+    let lm_head = if c.tie_word_embeddings {
+        tensors.remove("lm_head.weight");
+        None
+    } else {
+        Some(take("lm_head.weight", &[v, h])?)
+    };
+    for name in tensors.keys() {
+        tracing::warn!(tensor = %name, "unused tensor in the model folder");
+    }
+    Ok(Model {
+        config,
+        embed,
+        layers,
+        final_norm,
+        lm_head,
+        dtype,
+        device: device.clone(),
+    })
+}
+
+/// Serialises named f32 tensors as one safetensors file (metadata `{"format": "pt"}`).
+pub fn save_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    let mut raw: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::with_capacity(tensors.len());
+    for (n, t) in tensors {
+        let f: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        raw.push((
+            n.clone(),
+            f.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            t.dims().to_vec(),
+        ));
+    }
+    let views = raw
+        .iter()
+        .map(|(n, b, s)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::Invalid(format!("tensor {n}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta: std::collections::HashMap<String, String> =
+        [("format".to_string(), "pt".to_string())].into();
+    let bytes = safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::Invalid(format!("serialising {}: {e}", path.display())))?;
+    write_bytes_atomic(path, &bytes)
+}
+
+/// Writes an HF folder: `config.json`, `model.safetensors`, and `tokenizer.json` when given.
+pub fn save_hf_folder(
+    dir: &Path,
+    config: &ModelConfig,
+    tensors: &BTreeMap<String, Tensor>,
+    tokenizer_json: Option<&serde_json::Value>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+    save_safetensors(&dir.join("model.safetensors"), tensors)?;
+    if let Some(tok) = tokenizer_json {
+        write_bytes_atomic(&dir.join("tokenizer.json"), &serde_json::to_vec(tok)?)?;
+    }
+    write_bytes_atomic(
+        &dir.join("config.json"),
+        &serde_json::to_vec_pretty(&config.to_hf_json())?,
+    )
+}

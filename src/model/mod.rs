@@ -1,0 +1,111 @@
+//! Stage 3 of the data's journey: the language model.
+//!
+//! - [`config`]: `config.json` -> validated [`config::ModelConfig`] (gemma3, llama, qwen2);
+//! - [`load`]: HF folder (safetensors, sharded or not) -> [`transformer::Model`];
+//! - [`transformer`]: the decoder; hidden states out, logits only at requested rows;
+//! - [`lora`]: PEFT-compatible LoRA adapters (init, save, strict load, merge);
+//! - [`tokenizer`]: `tokenizer.json`, lm-evaluation-harness pair encoding, tokenizer builders;
+//! - [`tiny`]: tiny random models of each architecture for tests;
+//! - [`score`]: log-likelihood requests and greedy generation.
+
+pub mod config;
+pub mod load;
+pub mod lora;
+pub mod score;
+pub mod tiny;
+pub mod tokenizer;
+pub mod transformer;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+use crate::error::{Error, Result};
+use config::Arch;
+use tokenizer::Tok;
+use transformer::Model;
+
+/// A model with its tokenizer and where it came from.
+pub struct LoadedModel {
+    pub model: Model,
+    pub tok: Tok,
+    pub dir: PathBuf,
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            let n: usize = d
+                .strip_prefix("cuda:")
+                .map(|x| x.parse())
+                .transpose()
+                .map_err(|_| Error::Invalid(format!("bad device `{d}`")))?
+                .unwrap_or(0);
+            if !candle_core::utils::cuda_is_available() {
+                return Err(Error::Invalid(format!(
+                    "device `{d}`: this mlbench was built without CUDA; rebuild with `cargo build --release --features cuda`"
+                )));
+            }
+            Ok(Device::new_cuda(n)?)
+        }
+        other => Err(Error::Invalid(format!(
+            "unknown device `{other}` (use cpu, cuda or cuda:N)"
+        ))),
+    }
+}
+
+/// Parses `f32`, `bf16`, `f16` or `f64`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        "f64" => Ok(DType::F64),
+        other => Err(Error::Invalid(format!(
+            "unknown dtype `{other}` (use f32, bf16, f16 or f64)"
+        ))),
+    }
+}
+
+/// Loads a model from a local HF folder (or a Hub id, see [`resolve`]).
+pub fn load(source: &str, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    let dir = resolve(source)?;
+    load_dir(&dir, dtype, device)
+}
+
+/// Loads a local HF folder.
+pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    let model = load::load_model(dir, dtype, device)?;
+    let c = &model.config;
+    let tok = Tok::load(
+        &dir.join("tokenizer.json"),
+        c.vocab_size,
+        c.bos_token_id,
+        c.eos_token_id,
+        c.arch == Arch::Gemma3,
+    )?;
+    Ok(LoadedModel {
+        model,
+        tok,
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// Turns a model argument into a local folder: an existing folder is used as is.
+pub fn resolve(source: &str) -> Result<PathBuf> {
+    let p = PathBuf::from(source);
+    if p.is_dir() {
+        return Ok(p);
+    }
+    if p.extension().is_some_and(|e| e == "gguf") {
+        return Err(Error::Invalid(format!(
+            "{source} is a GGUF file: convert it first with `mlbench model import --gguf {source} --out DIR`"
+        )));
+    }
+    Err(Error::MissingFile {
+        what: "model folder",
+        path: p,
+    })
+}

@@ -1,0 +1,174 @@
+//! Request scoring (lm-evaluation-harness `loglikelihood`) and greedy generation.
+//!
+//! A request `(context, continuation)` is encoded with [`Tok::encode_pair`]; the model reads
+//! `(ctx + cont)[..-1]` and the score is `sum_j log p(cont_j | ctx, cont_<j)` together with
+//! whether every `cont_j` is the argmax. Logits are computed only at the continuation rows.
+//! Requests are batched longest first and padded (right by default); scores do not depend on
+//! the batch size or the padding side.
+
+use candle_core::{DType, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use super::lora::Adapter;
+use super::tokenizer::Tok;
+use super::transformer::{Ctx, Model};
+use crate::error::{Error, Result};
+
+/// One loglikelihood request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub context: String,
+    pub continuation: String,
+}
+
+/// Its result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    /// Sum of the log-probabilities of the continuation tokens.
+    pub logprob: f64,
+    /// Every continuation token is the argmax.
+    pub greedy: bool,
+    /// Number of continuation tokens.
+    pub tokens: usize,
+}
+
+/// Which side padding goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pad {
+    Left,
+    Right,
+}
+
+/// Scores token-level requests: `(context ids, continuation ids)`.
+pub fn score_ids(
+    model: &Model,
+    adapter: Option<&Adapter>,
+    reqs: &[(Vec<u32>, Vec<u32>)],
+    batch_size: usize,
+    pad: Pad,
+    max_len: usize,
+) -> Result<Vec<Score>> {
+    let mut out: Vec<Option<Score>> = vec![None; reqs.len()];
+    // Model input and the number of continuation tokens of each request (truncated from the
+    // left to `max_len`, keeping the whole continuation when it fits).
+    let inputs: Vec<(Vec<u32>, Vec<u32>)> = reqs
+        .iter()
+        .map(|(c, k)| {
+            let mut all: Vec<u32> = c.iter().chain(k.iter()).copied().collect();
+            let targets = k.clone();
+            if all.len() > max_len + 1 {
+                all.drain(..all.len() - (max_len + 1));
+            }
+            all.pop();
+            (all, targets)
+        })
+        .collect();
+    for (i, (inp, tg)) in inputs.iter().enumerate() {
+        if tg.is_empty() {
+            out[i] = Some(Score {
+                logprob: 0.0,
+                greedy: true,
+                tokens: 0,
+            });
+        } else if inp.is_empty() || tg.len() > inp.len() {
+            return Err(Error::Invalid(format!(
+                "request {i}: the continuation does not fit the model's window of {max_len} tokens"
+            )));
+        }
+    }
+    let mut order: Vec<usize> = (0..reqs.len()).filter(|&i| out[i].is_none()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(inputs[i].0.len()));
+    let ctx = Ctx::eval(adapter);
+    for chunk in order.chunks(batch_size.max(1)) {
+        let t = chunk.iter().map(|&i| inputs[i].0.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(chunk.len());
+        let mut mask = Vec::with_capacity(chunk.len());
+        let mut rows: Vec<u32> = Vec::new();
+        let mut targets: Vec<u32> = Vec::new();
+        for (bi, &i) in chunk.iter().enumerate() {
+            let (inp, tg) = &inputs[i];
+            let padn = t - inp.len();
+            let off = if pad == Pad::Left { padn } else { 0 };
+            let mut row = vec![0u32; t];
+            let mut m = vec![0u8; t];
+            row[off..off + inp.len()].copy_from_slice(inp);
+            m[off..off + inp.len()].iter_mut().for_each(|x| *x = 1);
+            ids.push(row);
+            mask.push(m);
+            let first = off + inp.len() - tg.len();
+            for j in 0..tg.len() {
+                rows.push((bi * t + first + j) as u32);
+            }
+            targets.extend_from_slice(tg);
+        }
+        let hidden = model.hidden(&ids, &mask, &ctx)?;
+        let logits = model.logits_at(&hidden, &rows)?.to_dtype(DType::F32)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let argmax: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+        let tgt = Tensor::from_vec(targets.clone(), (targets.len(), 1), logp.device())?;
+        let picked: Vec<f32> = logp.gather(&tgt, 1)?.squeeze(1)?.to_vec1()?;
+        let mut at = 0;
+        for &i in chunk {
+            let n = inputs[i].1.len();
+            let lp: f64 = picked[at..at + n].iter().map(|&x| f64::from(x)).sum();
+            let greedy = (at..at + n).all(|r| argmax[r] == targets[r]);
+            out[i] = Some(Score {
+                logprob: lp,
+                greedy,
+                tokens: n,
+            });
+            at += n;
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|s| s.expect("every request scored"))
+        .collect())
+}
+
+/// Scores text requests with lm-evaluation-harness tokenisation.
+pub fn score_requests(
+    model: &Model,
+    tok: &Tok,
+    adapter: Option<&Adapter>,
+    reqs: &[Request],
+    batch_size: usize,
+    max_len: usize,
+) -> Result<Vec<Score>> {
+    let enc: Vec<(Vec<u32>, Vec<u32>)> = reqs
+        .iter()
+        .map(|r| tok.encode_pair(&r.context, &r.continuation))
+        .collect::<Result<_>>()?;
+    score_ids(model, adapter, &enc, batch_size, Pad::Right, max_len)
+}
+
+/// Greedy continuation of `prompt` for up to `max_tokens` tokens, stopping at EOS or when the
+/// decoded text contains a stop string (which is cut off).
+pub fn generate(
+    model: &Model,
+    tok: &Tok,
+    adapter: Option<&Adapter>,
+    prompt: &str,
+    max_tokens: usize,
+    until: &[String],
+) -> Result<String> {
+    let mut ids = tok.encode(prompt)?;
+    let start = ids.len();
+    let ctx = Ctx::eval(adapter);
+    for _ in 0..max_tokens {
+        let t = ids.len();
+        let hidden = model.hidden(std::slice::from_ref(&ids), &[vec![1u8; t]], &ctx)?;
+        let logits = model.logits_at(&hidden, &[(t - 1) as u32])?;
+        let next: u32 = logits.argmax(D::Minus1)?.to_vec1::<u32>()?[0];
+        if Some(next) == tok.eos {
+            break;
+        }
+        ids.push(next);
+        let text = tok.decode(&ids[start..])?;
+        if let Some(cut) = until.iter().filter_map(|s| text.find(s.as_str())).min() {
+            return Ok(text[..cut].to_string());
+        }
+    }
+    tok.decode(&ids[start..])
+}

@@ -1,0 +1,193 @@
+//! Tiny random models of the real architectures, built by mlbench itself so tests need no
+//! download: 2 layers, hidden 64, 4 query heads over 2 KV heads, a few hundred tokens.
+//!
+//! In: an architecture and a seed. Out: an HF folder (`config.json`, `model.safetensors`,
+//! `tokenizer.json`) that mlbench and transformers both load. Weights are drawn with mlbench's
+//! own RNG, so the same seed gives byte-identical files.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+use super::config::{Arch, ModelConfig};
+use super::load::save_hf_folder;
+use super::tokenizer::{byte_alphabet, byte_level_bpe_json, sentencepiece_bpe_json};
+use crate::error::Result;
+use crate::util::Rng;
+
+/// Extra pieces of the tiny tokenizers (common English fragments), so text is not all bytes.
+const PIECES: &[&str] = &[
+    "th", "he", "the", "in", "er", "an", "on", "re", "at", "en", "is", "it", "or", "es", "ou",
+    "to", "of", "and", "ing", "ion",
+];
+
+/// The tiny configuration of `arch`.
+pub fn tiny_config(arch: Arch) -> ModelConfig {
+    let json = match arch {
+        Arch::Gemma3 => serde_json::json!({
+            "model_type": "gemma3_text", "vocab_size": 384, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "rms_norm_eps": 1e-6, "rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention"], "query_pre_attn_scalar": 16,
+            "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": true,
+            "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0
+        }),
+        Arch::Llama | Arch::Qwen2 => serde_json::json!({
+            "model_type": if arch == Arch::Llama { "llama" } else { "qwen2" },
+            "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "rms_norm_eps": 1e-5, "rope_theta": 1e5, "hidden_act": "silu", "tie_word_embeddings": true,
+            "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0
+        }),
+    };
+    ModelConfig::from_json(&json.to_string(), Path::new("<tiny>")).expect("tiny configs are valid")
+}
+
+/// The tiny tokenizer of `arch` as `tokenizer.json` content.
+pub fn tiny_tokenizer(arch: Arch) -> Value {
+    match arch {
+        Arch::Gemma3 => {
+            let specials = [(0u32, "<pad>"), (1, "<eos>"), (2, "<bos>"), (3, "<unk>")];
+            let mut pieces: Vec<(String, f32)> =
+                specials.iter().map(|(_, s)| (s.to_string(), 0.0)).collect();
+            for b in 0..=255u8 {
+                pieces.push((format!("<0x{b:02X}>"), 0.0));
+            }
+            let mut singles: Vec<String> = vec!["▁".into()];
+            singles.extend(
+                ('a'..='z')
+                    .chain('A'..='Z')
+                    .chain('0'..='9')
+                    .map(|c| c.to_string()),
+            );
+            singles.extend([".", ",", "?", "!", ":", "'"].iter().map(|s| s.to_string()));
+            let mut words: Vec<String> = PIECES.iter().map(|s| s.to_string()).collect();
+            words.extend(PIECES.iter().map(|s| format!("▁{s}")));
+            words.extend(
+                ["▁a", "▁b", "▁c", "▁s", "▁t", "▁w"]
+                    .iter()
+                    .map(|s| s.to_string()),
+            );
+            let n0 = pieces.len();
+            for (i, p) in singles.into_iter().chain(words).enumerate() {
+                pieces.push((p, -((n0 + i) as f32)));
+            }
+            sentencepiece_bpe_json(&pieces, &specials, "<unk>")
+        }
+        Arch::Llama | Arch::Qwen2 => {
+            let alpha = byte_alphabet();
+            let sp = alpha[b' ' as usize];
+            let mut tokens: Vec<String> = vec!["<|endoftext|>".into()];
+            // Byte-level alphabet in byte order.
+            tokens.extend(alpha.iter().map(|c| c.to_string()));
+            let mut merges: Vec<(String, String)> = Vec::new();
+            let mut add = |l: String, r: String, tokens: &mut Vec<String>| {
+                let m = format!("{l}{r}");
+                if !tokens.contains(&m) {
+                    tokens.push(m);
+                }
+                merges.push((l, r));
+            };
+            for w in PIECES {
+                let cs: Vec<String> = w.chars().map(|c| c.to_string()).collect();
+                let mut acc = cs[0].clone();
+                for c in &cs[1..] {
+                    add(acc.clone(), c.clone(), &mut tokens);
+                    acc.push_str(c);
+                }
+                add(sp.to_string(), w.to_string(), &mut tokens);
+            }
+            byte_level_bpe_json(&tokens, &merges, &[(0, "<|endoftext|>")])
+        }
+    }
+}
+
+fn uniform(rng: &mut Rng, shape: &[usize], lo: f64, hi: f64) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| (lo + (hi - lo) * rng.next_f64()) as f32)
+        .collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+/// Random weights under HF names (Gemma norm weights stored as `w`, used as `1 + w`).
+pub fn tiny_tensors(c: &ModelConfig, seed: u64) -> Result<BTreeMap<String, Tensor>> {
+    let mut rng = Rng::new(seed);
+    let mut t = BTreeMap::new();
+    let (h, hd, nh, nkv, ff, v) = (
+        c.hidden_size,
+        c.head_dim,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.intermediate_size,
+        c.vocab_size,
+    );
+    let gemma = c.arch == Arch::Gemma3;
+    let (nlo, nhi) = if gemma { (-0.2, 0.2) } else { (0.8, 1.2) };
+    t.insert(
+        "model.embed_tokens.weight".to_string(),
+        uniform(&mut rng, &[v, h], -1.0, 1.0)?,
+    );
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let mut lin = |name: &str, out: usize, inp: usize, rng: &mut Rng| -> Result<()> {
+            let b = 1.0 / (inp as f64).sqrt();
+            t.insert(
+                format!("{p}.{name}.weight"),
+                uniform(rng, &[out, inp], -b, b)?,
+            );
+            Ok(())
+        };
+        lin("self_attn.q_proj", nh * hd, h, &mut rng)?;
+        lin("self_attn.k_proj", nkv * hd, h, &mut rng)?;
+        lin("self_attn.v_proj", nkv * hd, h, &mut rng)?;
+        lin("self_attn.o_proj", h, nh * hd, &mut rng)?;
+        lin("mlp.gate_proj", ff, h, &mut rng)?;
+        lin("mlp.up_proj", ff, h, &mut rng)?;
+        lin("mlp.down_proj", h, ff, &mut rng)?;
+        if c.attention_bias {
+            for (n, out) in [
+                ("q_proj", nh * hd),
+                ("k_proj", nkv * hd),
+                ("v_proj", nkv * hd),
+            ] {
+                t.insert(
+                    format!("{p}.self_attn.{n}.bias"),
+                    uniform(&mut rng, &[out], -0.1, 0.1)?,
+                );
+            }
+        }
+        let mut norms = vec!["input_layernorm", "post_attention_layernorm"];
+        if gemma {
+            norms.extend(["pre_feedforward_layernorm", "post_feedforward_layernorm"]);
+        }
+        for n in norms {
+            t.insert(
+                format!("{p}.{n}.weight"),
+                uniform(&mut rng, &[h], nlo, nhi)?,
+            );
+        }
+        if gemma {
+            for n in ["q_norm", "k_norm"] {
+                t.insert(
+                    format!("{p}.self_attn.{n}.weight"),
+                    uniform(&mut rng, &[hd], nlo, nhi)?,
+                );
+            }
+        }
+    }
+    t.insert(
+        "model.norm.weight".to_string(),
+        uniform(&mut rng, &[h], nlo, nhi)?,
+    );
+    Ok(t)
+}
+
+/// Writes a tiny model folder for `arch`.
+pub fn write_tiny(arch: Arch, dir: &Path, seed: u64) -> Result<()> {
+    let c = tiny_config(arch);
+    let tensors = tiny_tensors(&c, seed)?;
+    save_hf_folder(dir, &c, &tensors, Some(&tiny_tokenizer(arch)))
+}

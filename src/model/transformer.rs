@@ -1,0 +1,448 @@
+//! The decoder: Gemma 3 and Llama-family transformers with LoRA hooks, returning hidden states;
+//! logits are computed only at the rows a loss or a score needs.
+//!
+//! Shapes: `ids: [B, T]` (u32), `mask: [B, T]` (1 = real token, 0 = padding; left or right).
+//! Positions are `cumsum(mask) - 1`, so a sequence gets the same positions whatever padding
+//! surrounds it. Attention of query t to key s is allowed when `s <= t`, key s is real and, on
+//! sliding layers, `pos(t) - pos(s) < window`. [`Model::hidden`] returns `[B, T, hidden]`
+//! after the final norm; [`Model::logits_at`] maps chosen flat rows `b * T + t` to
+//! `[N, vocab]`.
+//!
+//! Per layer (Llama):  `h = x + attn(norm(x)); y = h + mlp(norm(h))`,
+//! Gemma 3 adds norms after attention and MLP (`x + post_norm(attn(pre_norm(x)))`), RMSNorm on q
+//! and k, `(1 + w)` norm weights (folded in at load time), GeGLU with tanh-gelu, embeddings
+//! scaled by `sqrt(hidden)` and attention scaled by `query_pre_attn_scalar^-0.5`.
+//! Every op used has a backward pass in candle, so LoRA weights receive gradients.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::{Arch, LayerKind, ModelConfig};
+use super::lora::{Adapter, ModuleInfo};
+use crate::error::{Error, Result};
+use crate::util::Rng;
+
+/// A linear layer `y = x W^T + b` that an adapter may target by `name`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub name: String,
+    /// `[out, in]`
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+/// What a forward pass runs with: an optional adapter and, for training, the dropout RNG.
+pub struct Ctx<'a> {
+    pub adapter: Option<&'a Adapter>,
+    /// `Some` in training mode: LoRA dropout masks are drawn from it.
+    pub dropout_rng: Option<std::cell::RefCell<&'a mut Rng>>,
+}
+
+impl<'a> Ctx<'a> {
+    /// Inference with an optional adapter.
+    pub fn eval(adapter: Option<&'a Adapter>) -> Self {
+        Ctx {
+            adapter,
+            dropout_rng: None,
+        }
+    }
+
+    /// Training: dropout on the LoRA input, seeded by `rng`.
+    pub fn train(adapter: &'a Adapter, rng: &'a mut Rng) -> Self {
+        Ctx {
+            adapter: Some(adapter),
+            dropout_rng: Some(std::cell::RefCell::new(rng)),
+        }
+    }
+}
+
+impl Linear {
+    /// `x: [N, in]` -> `[N, out]`.
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let mut y = x.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(ad) = ctx.adapter {
+            if let Some(p) = ad.pairs.get(&self.name) {
+                let p_drop = ad.config.lora_dropout;
+                let xin = match &ctx.dropout_rng {
+                    Some(rng) if p_drop > 0.0 => {
+                        let mut rng = rng.borrow_mut();
+                        let keep = 1.0 - p_drop;
+                        let m: Vec<f32> = (0..x.elem_count())
+                            .map(|_| {
+                                if rng.next_f64() < keep {
+                                    (1.0 / keep) as f32
+                                } else {
+                                    0.0
+                                }
+                            })
+                            .collect();
+                        let m = Tensor::from_vec(m, x.dims(), x.device())?.to_dtype(x.dtype())?;
+                        x.mul(&m)?
+                    }
+                    _ => x.clone(),
+                };
+                let d = xin
+                    .matmul(&p.a.as_tensor().t()?)?
+                    .matmul(&p.b.as_tensor().t()?)?;
+                y = (y + (d * ad.config.scaling())?)?;
+            }
+        }
+        Ok(y)
+    }
+
+    fn info(&self) -> ModuleInfo {
+        let (out_features, in_features) = self.weight.dims2().expect("2-D weight");
+        ModuleInfo {
+            name: self.name.clone(),
+            out_features,
+            in_features,
+        }
+    }
+}
+
+/// RMSNorm with its effective scale (`w` for Llama, `1 + w` for Gemma, folded at load).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub scale: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// `x * rsqrt(mean(x^2, last) + eps) * scale`, computed in f32 (or f64) for low precisions.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        let work = if matches!(dt, DType::F16 | DType::BF16) {
+            DType::F32
+        } else {
+            dt
+        };
+        let xf = x.to_dtype(work)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(normed
+            .broadcast_mul(&self.scale.to_dtype(work)?)?
+            .to_dtype(dt)?)
+    }
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub kind: LayerKind,
+    pub input_norm: RmsNorm,
+    pub post_attn_norm: RmsNorm,
+    /// Gemma only: norm before the MLP (Llama uses `post_attn_norm` there).
+    pub pre_ff_norm: Option<RmsNorm>,
+    /// Gemma only: norm after the MLP.
+    pub post_ff_norm: Option<RmsNorm>,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+/// The whole model: weights plus configuration.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub config: ModelConfig,
+    /// `[vocab, hidden]`
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub final_norm: RmsNorm,
+    /// `[vocab, hidden]`; `None` when tied to `embed`.
+    pub lm_head: Option<Tensor>,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// Positions and attention masks for a batch (built once, shared by all layers).
+struct Prepared {
+    b: usize,
+    t: usize,
+    /// Additive masks `[B, 1, T, T]` for full and sliding layers.
+    mask_full: Tensor,
+    mask_sliding: Option<Tensor>,
+    /// cos/sin `[B, 1, T, head_dim]` per rope base.
+    rope: HashMap<u64, (Tensor, Tensor)>,
+}
+
+const NEG: f32 = -1e30;
+
+impl Model {
+    /// The linear modules an adapter may target, with their PEFT names and shapes.
+    pub fn modules(&self) -> Vec<ModuleInfo> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .map(Linear::info)
+            .collect()
+    }
+
+    fn prepare(&self, mask: &[Vec<u8>]) -> Result<Prepared> {
+        let b = mask.len();
+        let t = mask.first().map(|r| r.len()).unwrap_or(0);
+        if b == 0 || t == 0 || mask.iter().any(|r| r.len() != t) {
+            return Err(Error::Invalid(format!(
+                "batch mask must be a non-empty rectangle, got {b} rows"
+            )));
+        }
+        let pos: Vec<Vec<i64>> = mask
+            .iter()
+            .map(|r| {
+                let mut c = -1i64;
+                r.iter()
+                    .map(|&m| {
+                        c += i64::from(m != 0);
+                        c.max(0)
+                    })
+                    .collect()
+            })
+            .collect();
+        let build = |window: Option<usize>| -> Result<Tensor> {
+            let mut m = vec![NEG; b * t * t];
+            for bi in 0..b {
+                for qi in 0..t {
+                    for ki in 0..=qi {
+                        if mask[bi][ki] == 0 {
+                            continue;
+                        }
+                        if let Some(w) = window {
+                            if (pos[bi][qi] - pos[bi][ki]) as usize >= w {
+                                continue;
+                            }
+                        }
+                        m[(bi * t + qi) * t + ki] = 0.0;
+                    }
+                }
+            }
+            Ok(Tensor::from_vec(m, (b, 1, t, t), &self.device)?.to_dtype(self.dtype)?)
+        };
+        let mask_full = build(None)?;
+        let mask_sliding = if self.config.layer_kinds.contains(&LayerKind::Sliding) {
+            Some(build(self.config.sliding_window)?)
+        } else {
+            None
+        };
+        let mut bases: Vec<f64> = (0..self.config.num_hidden_layers)
+            .map(|i| self.config.rope_base(i))
+            .collect();
+        bases.sort_by(f64::total_cmp);
+        bases.dedup();
+        let hd = self.config.head_dim;
+        let mut rope_t = HashMap::new();
+        for base in bases {
+            let half = hd / 2;
+            let mut cos: Vec<f64> = Vec::with_capacity(b * t * hd);
+            let mut sin: Vec<f64> = Vec::with_capacity(b * t * hd);
+            for row in &pos {
+                for &p in row {
+                    let mut c = Vec::with_capacity(half);
+                    let mut s = Vec::with_capacity(half);
+                    for j in 0..half {
+                        let inv = 1.0 / base.powf((2 * j) as f64 / hd as f64);
+                        let ang = p as f64 * inv;
+                        c.push(ang.cos());
+                        s.push(ang.sin());
+                    }
+                    cos.extend(c.iter().chain(c.iter()));
+                    sin.extend(s.iter().chain(s.iter()));
+                }
+            }
+            let cos = Tensor::from_vec(cos, (b, 1, t, hd), &self.device)?.to_dtype(self.dtype)?;
+            let sin = Tensor::from_vec(sin, (b, 1, t, hd), &self.device)?.to_dtype(self.dtype)?;
+            rope_t.insert(base.to_bits(), (cos, sin));
+        }
+        Ok(Prepared {
+            b,
+            t,
+            mask_full,
+            mask_sliding,
+            rope: rope_t,
+        })
+    }
+
+    /// Hidden states after the final norm, `[B, T, hidden]`.
+    pub fn hidden(&self, ids: &[Vec<u32>], mask: &[Vec<u8>], ctx: &Ctx) -> Result<Tensor> {
+        let p = self.prepare(mask)?;
+        let (b, t) = (p.b, p.t);
+        if ids.len() != b || ids.iter().any(|r| r.len() != t) {
+            return Err(Error::Invalid("ids and mask shapes differ".into()));
+        }
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        if let Some(&bad) = flat.iter().find(|&&i| i as usize >= self.config.vocab_size) {
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        let idx = Tensor::from_vec(flat, b * t, &self.device)?;
+        let mut x = self.embed.index_select(&idx, 0)?; // [B*T, H]
+        if self.config.arch == Arch::Gemma3 {
+            let s = (self.config.hidden_size as f64).sqrt();
+            // transformers rounds the normaliser to the activation dtype first.
+            let s = Tensor::new(&[s as f32], &self.device)?.to_dtype(self.dtype)?;
+            x = x.broadcast_mul(&s)?;
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.layer(i, layer, &x, &p, ctx)?;
+        }
+        let x = self.final_norm.forward(&x)?;
+        Ok(x.reshape((b, t, self.config.hidden_size))?)
+    }
+
+    fn layer(&self, i: usize, l: &Layer, x: &Tensor, p: &Prepared, ctx: &Ctx) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = (p.b, p.t);
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let h = l.input_norm.forward(x)?;
+        let q = l.q.forward(&h, ctx)?.reshape((b, t, nh, hd))?;
+        let k = l.k.forward(&h, ctx)?.reshape((b, t, nkv, hd))?;
+        let v = l.v.forward(&h, ctx)?.reshape((b, t, nkv, hd))?;
+        let q = match &l.q_norm {
+            Some(n) => n.forward(&q)?,
+            None => q,
+        };
+        let k = match &l.k_norm {
+            Some(n) => n.forward(&k)?,
+            None => k,
+        };
+        let q = q.transpose(1, 2)?.contiguous()?; // [B, nh, T, hd]
+        let k = k.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (cos, sin) = p
+            .rope
+            .get(&c.rope_base(i).to_bits())
+            .expect("rope prepared for every base");
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+        let (k, v) = if nkv != nh {
+            let rep = nh / nkv;
+            let expand = |z: Tensor| -> Result<Tensor> {
+                Ok(z.unsqueeze(2)?
+                    .expand((b, nkv, rep, t, hd))?
+                    .reshape((b, nh, t, hd))?)
+            };
+            (expand(k)?, expand(v)?)
+        } else {
+            (k, v)
+        };
+        let scores = (q.matmul(&k.t()?)? * c.attn_scale())?;
+        let mask = match l.kind {
+            LayerKind::Sliding => p.mask_sliding.as_ref().unwrap_or(&p.mask_full),
+            LayerKind::Full => &p.mask_full,
+        };
+        let scores = scores.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let attn = probs.matmul(&v)?; // [B, nh, T, hd]
+        let attn = attn.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        let attn = l.o.forward(&attn, ctx)?;
+        match c.arch {
+            Arch::Gemma3 => {
+                let x = (x + l.post_attn_norm.forward(&attn)?)?;
+                let pre = l
+                    .pre_ff_norm
+                    .as_ref()
+                    .expect("gemma has pre_ff_norm")
+                    .forward(&x)?;
+                let m = self.mlp(l, &pre, ctx)?;
+                let m = l
+                    .post_ff_norm
+                    .as_ref()
+                    .expect("gemma has post_ff_norm")
+                    .forward(&m)?;
+                Ok((x + m)?)
+            }
+            Arch::Llama | Arch::Qwen2 => {
+                let x = (x + attn)?;
+                let m = self.mlp(l, &l.post_attn_norm.forward(&x)?, ctx)?;
+                Ok((x + m)?)
+            }
+        }
+    }
+
+    fn mlp(&self, l: &Layer, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let g = l.gate.forward(x, ctx)?;
+        let u = l.up.forward(x, ctx)?;
+        let a = match self.config.arch {
+            Arch::Gemma3 => g.gelu()?, // tanh approximation, as gelu_pytorch_tanh
+            Arch::Llama | Arch::Qwen2 => g.silu()?,
+        };
+        l.down.forward(&(a * u)?, ctx)
+    }
+
+    /// Logits `[N, vocab]` at flat rows `b * T + t` of `hidden: [B, T, H]`.
+    pub fn logits_at(&self, hidden: &Tensor, rows: &[u32]) -> Result<Tensor> {
+        let (b, t, h) = hidden.dims3()?;
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= b * t) {
+            return Err(Error::Invalid(format!(
+                "row {r} is outside the batch of {b} x {t}"
+            )));
+        }
+        let idx = Tensor::from_vec(rows.to_vec(), rows.len(), &self.device)?;
+        let sel = hidden.reshape((b * t, h))?.index_select(&idx, 0)?;
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut logits = sel.matmul(&w.t()?)?;
+        if let Some(cap) = self.config.final_logit_softcapping {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        Ok(logits)
+    }
+
+    /// Merges `adapter` into the base weights (`W += scaling * B A`, computed in f32).
+    pub fn merge(&mut self, adapter: &Adapter) -> Result<()> {
+        self.apply_delta(adapter, 1.0)
+    }
+
+    /// Undoes [`Model::merge`].
+    pub fn unmerge(&mut self, adapter: &Adapter) -> Result<()> {
+        self.apply_delta(adapter, -1.0)
+    }
+
+    fn apply_delta(&mut self, adapter: &Adapter, sign: f64) -> Result<()> {
+        let s = adapter.config.scaling() * sign;
+        for l in self.layers.iter_mut() {
+            for lin in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                if let Some(p) = adapter.pairs.get(&lin.name) {
+                    let work = if lin.weight.dtype() == DType::F64 {
+                        DType::F64
+                    } else {
+                        DType::F32
+                    };
+                    let delta =
+                        p.b.as_tensor()
+                            .to_dtype(work)?
+                            .matmul(&p.a.as_tensor().to_dtype(work)?)?;
+                    let w = (lin.weight.to_dtype(work)? + (delta * s)?)?;
+                    lin.weight = w.to_dtype(lin.weight.dtype())?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Half-split rope (HF layout): `x * cos + rotate_half(x) * sin` with cos/sin `[B, 1, T, hd]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+}

@@ -1,0 +1,404 @@
+//! The decoder and LoRA on tiny random models of each architecture: agreement with an
+//! independent naive implementation, fresh-adapter identity, finite-difference gradients,
+//! merge, PEFT round trip and strict loading, padding and batch invariance.
+
+mod common;
+
+#[path = "common/naive.rs"]
+mod naive;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use common::*;
+use mlbench::model::config::Arch;
+use mlbench::model::lora::{Adapter, LoraConfig, Targets};
+use mlbench::model::score::{score_ids, Pad};
+use mlbench::model::transformer::{Ctx, Model};
+use mlbench::model::{load_dir, tiny, LoadedModel};
+use mlbench::util::Rng;
+
+const ARCHS: [Arch; 3] = [Arch::Gemma3, Arch::Llama, Arch::Qwen2];
+
+fn tiny_model(arch: Arch, dtype: DType) -> (tempfile::TempDir, LoadedModel) {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_tiny(arch, dir.path(), 0).unwrap();
+    let m = load_dir(dir.path(), dtype, &Device::Cpu).unwrap();
+    (dir, m)
+}
+
+fn all_targets() -> LoraConfig {
+    LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: Targets::List(
+            [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+        use_rslora: false,
+        base_model_name_or_path: None,
+    }
+}
+
+/// An adapter whose B is random too (a trained-looking adapter).
+fn random_adapter(m: &Model, seed: u64) -> Adapter {
+    let ad = Adapter::new("t", all_targets(), &m.modules(), seed, m.dtype, &m.device).unwrap();
+    let mut rng = Rng::new(seed + 100);
+    for p in ad.pairs.values() {
+        let (o, r) = p.b.dims2().unwrap();
+        let v: Vec<f64> = (0..o * r).map(|_| rng.next_f64() * 0.2 - 0.1).collect();
+        p.b.set(
+            &Tensor::from_vec(v, (o, r), &m.device)
+                .unwrap()
+                .to_dtype(m.dtype)
+                .unwrap(),
+        )
+        .unwrap();
+    }
+    ad
+}
+
+fn logits_all(m: &Model, ids: &[u32], ad: Option<&Adapter>) -> Vec<Vec<f64>> {
+    let t = ids.len();
+    let h = m
+        .hidden(&[ids.to_vec()], &[vec![1; t]], &Ctx::eval(ad))
+        .unwrap();
+    let rows: Vec<u32> = (0..t as u32).collect();
+    let l = m
+        .logits_at(&h, &rows)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    l.to_vec2().unwrap()
+}
+
+fn max_abs_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+fn sample_ids(m: &LoadedModel) -> Vec<u32> {
+    m.tok
+        .encode("the cat sat on the mat, and then it rained in the morning.")
+        .unwrap()
+}
+
+#[test]
+fn decoder_matches_the_naive_reference() {
+    for arch in ARCHS {
+        let (_d, m) = tiny_model(arch, DType::F64);
+        let tensors = tiny::tiny_tensors(&tiny::tiny_config(arch), 0).unwrap();
+        let ids = sample_ids(&m);
+        assert!(ids.len() > 8, "the sliding window (4) must be exceeded");
+        let mut naive = naive::Naive::new(m.model.config.clone(), &tensors);
+        let got = logits_all(&m.model, &ids, None);
+        let want = naive.logits(&ids);
+        let d = max_abs_diff(&got, &want);
+        assert!(
+            d < 1e-9,
+            "{arch:?}: base logits differ from the naive reference by {d}"
+        );
+        let ad = random_adapter(&m.model, 1);
+        for (name, p) in &ad.pairs {
+            naive.add_lora(name, p.a.as_tensor(), p.b.as_tensor(), ad.config.scaling());
+        }
+        let d = max_abs_diff(&logits_all(&m.model, &ids, Some(&ad)), &naive.logits(&ids));
+        assert!(
+            d < 1e-9,
+            "{arch:?}: LoRA logits differ from the naive reference by {d}"
+        );
+    }
+}
+
+#[test]
+fn fresh_adapter_is_exactly_the_base_model() {
+    for arch in ARCHS {
+        let (_d, m) = tiny_model(arch, DType::F32);
+        let ids = sample_ids(&m);
+        let ad = Adapter::new(
+            "fresh",
+            LoraConfig::default(),
+            &m.model.modules(),
+            3,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(
+            logits_all(&m.model, &ids, None),
+            logits_all(&m.model, &ids, Some(&ad)),
+            "{arch:?}"
+        );
+    }
+}
+
+/// Negative summed log-probability of `ids[1..]` given the prefixes.
+fn nll(m: &Model, ids: &[u32], ctx: &Ctx) -> Tensor {
+    let t = ids.len();
+    let h = m
+        .hidden(&[ids[..t - 1].to_vec()], &[vec![1; t - 1]], ctx)
+        .unwrap();
+    let rows: Vec<u32> = (0..(t - 1) as u32).collect();
+    let lp = candle_nn::ops::log_softmax(&m.logits_at(&h, &rows).unwrap(), D::Minus1).unwrap();
+    let tg = Tensor::from_vec(ids[1..].to_vec(), (t - 1, 1), &m.device).unwrap();
+    lp.gather(&tg, 1).unwrap().sum_all().unwrap().neg().unwrap()
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    for arch in ARCHS {
+        let (_d, m) = tiny_model(arch, DType::F64);
+        let ids = sample_ids(&m);
+        let ad = random_adapter(&m.model, 2);
+        let loss = nll(&m.model, &ids, &Ctx::eval(Some(&ad)));
+        let grads = loss.backward().unwrap();
+        let mut rng = Rng::new(5);
+        let mut checked = 0;
+        for (name, p) in ad
+            .pairs
+            .iter()
+            .filter(|(n, _)| n.contains("layers.0") || n.contains("down_proj"))
+        {
+            for var in [&p.a, &p.b] {
+                let g: Vec<f64> = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("no grad for {name}"))
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                for _ in 0..3 {
+                    let i = rng.below(base.len() as u64) as usize;
+                    let eps = 1e-6;
+                    let eval = |delta: f64| -> f64 {
+                        let mut v = base.clone();
+                        v[i] += delta;
+                        var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                            .unwrap();
+                        nll(&m.model, &ids, &Ctx::eval(Some(&ad)))
+                            .to_scalar::<f64>()
+                            .unwrap()
+                    };
+                    let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
+                    var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    let err = (fd - g[i]).abs() / fd.abs().max(g[i].abs()).max(1e-4);
+                    assert!(
+                        err < 1e-5,
+                        "{arch:?} {name}[{i}]: analytic {} vs finite difference {fd}",
+                        g[i]
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 18, "{arch:?}: checked {checked}");
+    }
+}
+
+#[test]
+fn merge_equals_unmerged_forward_and_unmerge_restores() {
+    for arch in ARCHS {
+        let (_d, mut m) = tiny_model(arch, DType::F32);
+        let ids = sample_ids(&m);
+        let ad = random_adapter(&m.model, 4);
+        let base = logits_all(&m.model, &ids, None);
+        let with = logits_all(&m.model, &ids, Some(&ad));
+        assert!(max_abs_diff(&base, &with) > 1e-2, "the adapter must matter");
+        m.model.merge(&ad).unwrap();
+        let merged = logits_all(&m.model, &ids, None);
+        // Tolerance: f32 accumulation order differs between W x + s B A x and (W + s B A) x.
+        let d = max_abs_diff(&merged, &with);
+        assert!(d < 1e-4, "{arch:?}: merged vs unmerged differ by {d}");
+        m.model.unmerge(&ad).unwrap();
+        let d = max_abs_diff(&logits_all(&m.model, &ids, None), &base);
+        assert!(d < 1e-4, "{arch:?}: unmerge left {d}");
+    }
+}
+
+#[test]
+fn peft_round_trip_is_exact() {
+    let (_d, m) = tiny_model(Arch::Gemma3, DType::F32);
+    let ad = random_adapter(&m.model, 6);
+    let dir = tempfile::tempdir().unwrap();
+    ad.save_peft(dir.path()).unwrap();
+    assert_eq!(
+        files_in(dir.path()),
+        vec!["adapter_config.json", "adapter_model.safetensors"]
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    let back = Adapter::load_peft(
+        dir.path(),
+        "back",
+        &m.model.modules(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(back.config, ad.config);
+    assert_eq!(
+        back.pairs.keys().collect::<Vec<_>>(),
+        ad.pairs.keys().collect::<Vec<_>>()
+    );
+    for (k, p) in &ad.pairs {
+        let q = &back.pairs[k];
+        for (x, y) in [(&p.a, &q.a), (&p.b, &q.b)] {
+            let a: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(a, b, "{k}");
+        }
+    }
+    // Keys are PEFT's.
+    let bytes = std::fs::read(dir.path().join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names = st.names();
+    assert!(
+        names.contains(&"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
+        "{names:?}"
+    );
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(
+        meta.metadata()
+            .as_ref()
+            .unwrap()
+            .get("format")
+            .map(String::as_str),
+        Some("pt")
+    );
+}
+
+/// Rewrites an adapter folder's tensors through `edit`, keeping its config.
+fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) {
+    let p = dir.join("adapter_model.safetensors");
+    let mut t = mlbench::model::lora::read_safetensors(&p, &Device::Cpu).unwrap();
+    edit(&mut t);
+    let map: std::collections::BTreeMap<String, Tensor> = t.into_iter().collect();
+    mlbench::model::load::save_safetensors(&p, &map).unwrap();
+}
+
+#[test]
+fn strict_peft_loading_names_the_problem() {
+    let (_d, m) = tiny_model(Arch::Llama, DType::F32);
+    let ad = random_adapter(&m.model, 7);
+    let load = |dir: &Path| {
+        Adapter::load_peft(dir, "x", &m.model.modules(), DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string()
+    };
+    let fresh = || {
+        let d = tempfile::tempdir().unwrap();
+        ad.save_peft(d.path()).unwrap();
+        d
+    };
+    // A key that matches no module.
+    let d = fresh();
+    rewrite(d.path(), |t| {
+        t[0].0 = t[0].0.replace("layers.0", "layers.9")
+    });
+    let e = load(d.path());
+    assert!(
+        e.contains("model.layers.9.") && e.contains("not a linear module"),
+        "{e}"
+    );
+    // A missing partner.
+    let d = fresh();
+    rewrite(d.path(), |t| {
+        let i = t
+            .iter()
+            .position(|(n, _)| n.ends_with("lora_B.weight"))
+            .unwrap();
+        t.remove(i);
+    });
+    let e = load(d.path());
+    assert!(e.contains("lora_B.weight") && e.contains("missing"), "{e}");
+    // A transposed A.
+    let d = fresh();
+    rewrite(d.path(), |t| {
+        let i = t
+            .iter()
+            .position(|(n, _)| n.ends_with("lora_A.weight"))
+            .unwrap();
+        t[i].1 = t[i].1.t().unwrap().contiguous().unwrap();
+    });
+    let e = load(d.path());
+    assert!(
+        e.contains("lora_A.weight") && e.contains("transposed"),
+        "{e}"
+    );
+    // Unsupported options are refused by name.
+    for (key, val, needle) in [
+        ("use_dora", "true", "DoRA"),
+        ("bias", "\"all\"", "bias"),
+        ("modules_to_save", "[\"lm_head\"]", "modules_to_save"),
+    ] {
+        let d = fresh();
+        let p = d.path().join("adapter_config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        cfg[key] = serde_json::from_str(val).unwrap();
+        std::fs::write(&p, serde_json::to_vec(&cfg).unwrap()).unwrap();
+        let e = load(d.path());
+        assert!(e.contains(needle), "{key}: {e}");
+    }
+    // Pickled weights are refused.
+    let d = tempfile::tempdir().unwrap();
+    ad.save_peft(d.path()).unwrap();
+    std::fs::rename(
+        d.path().join("adapter_model.safetensors"),
+        d.path().join("adapter_model.bin"),
+    )
+    .unwrap();
+    assert!(load(d.path()).contains("pickled"));
+}
+
+#[test]
+fn scores_do_not_depend_on_padding_or_batch() {
+    for arch in ARCHS {
+        let (_d, m) = tiny_model(arch, DType::F32);
+        let texts = [
+            "the end",
+            "a cat and a dog in the rain",
+            "it is on",
+            "then the sea rose and the town ate",
+        ];
+        let reqs: Vec<(Vec<u32>, Vec<u32>)> = texts
+            .iter()
+            .map(|t| m.tok.encode_pair(t, " then the end.").unwrap())
+            .collect();
+        let alone: Vec<f64> = reqs
+            .iter()
+            .map(|r| {
+                score_ids(&m.model, None, std::slice::from_ref(r), 1, Pad::Right, 512).unwrap()[0]
+                    .logprob
+            })
+            .collect();
+        for pad in [Pad::Left, Pad::Right] {
+            let batch = score_ids(&m.model, None, &reqs, 4, pad, 512).unwrap();
+            for (a, b) in alone.iter().zip(&batch) {
+                assert!(
+                    (a - b.logprob).abs() <= 1e-4,
+                    "{arch:?} {pad:?}: alone {a} vs batched {}",
+                    b.logprob
+                );
+            }
+        }
+    }
+}
