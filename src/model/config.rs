@@ -316,7 +316,7 @@ impl ModelConfig {
                 "hidden_activation": "gelu_pytorch_tanh",
                 "rope_local_base_freq": self.rope_local_base_freq,
                 "sliding_window": self.sliding_window,
-                "query_pre_attn_scalar": self.query_pre_attn_scalar,
+                "query_pre_attn_scalar": self.query_pre_attn_scalar.map(|q| if q.fract() == 0.0 { json!(q as i64) } else { json!(q) }),
                 "layer_types": self.layer_kinds.iter().map(|k| match k {
                     LayerKind::Full => "full_attention",
                     LayerKind::Sliding => "sliding_attention",
