@@ -68,7 +68,7 @@ fn tiny_models_match_transformers_and_peft() {
         for (key, ad) in [("base_logits", None), ("adapted_logits", Some(&adapter))] {
             let h = m
                 .model
-                .hidden(&[ids.clone()], &[vec![1; t]], &Ctx::eval(ad))
+                .hidden(std::slice::from_ref(&ids), &[vec![1; t]], &Ctx::eval(ad))
                 .unwrap();
             let got: Vec<Vec<f32>> = m.model.logits_at(&h, &rows).unwrap().to_vec2().unwrap();
             let want = g[key].as_array().unwrap();
