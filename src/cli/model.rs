@@ -36,6 +36,22 @@ pub enum ModelCommand {
     Tiny(TinyArgs),
     /// Show a model's architecture, sizes and parameter count.
     Info(InfoArgs),
+    /// Convert a GGUF file (llama.cpp) into an HF folder: dequantized weights, config.json and
+    /// a tokenizer.json built from the GGUF vocabulary.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The GGUF file.
+    #[arg(long)]
+    pub gguf: PathBuf,
+    /// The HF folder to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Weight type of the written folder: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +185,22 @@ pub fn run_model(g: &Global, cmd: ModelCommand) -> anyhow::Result<()> {
             tiny::write_tiny(a.arch.into(), &a.out, a.seed)?;
             if !g.quiet {
                 println!("tiny {:?} model written to {}", a.arch, a.out.display());
+            }
+            Ok(())
+        }
+        ModelCommand::Import(a) => {
+            let dtype = model::parse_dtype(&a.dtype)?;
+            let t0 = std::time::Instant::now();
+            let c = model::gguf::import(&a.gguf, &a.out, dtype, &g.bar("import"))?;
+            tracing::info!(secs = t0.elapsed().as_secs_f64(), "imported");
+            if !g.quiet {
+                println!(
+                    "{:?} model ({} layers, vocabulary {}) -> {}",
+                    c.arch,
+                    c.num_hidden_layers,
+                    c.vocab_size,
+                    a.out.display()
+                );
             }
             Ok(())
         }

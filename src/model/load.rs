@@ -227,21 +227,89 @@ fn build(
     })
 }
 
-/// Serialises named f32 tensors as one safetensors file (metadata `{"format": "pt"}`).
+/// Every tensor a model of `c` needs, with its shape (HF names).
+pub fn expected_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, hd, nh, nkv, ff, v) = (
+        c.hidden_size,
+        c.head_dim,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.intermediate_size,
+        c.vocab_size,
+    );
+    let mut out = vec![
+        ("model.embed_tokens.weight".to_string(), vec![v, h]),
+        ("model.norm.weight".to_string(), vec![h]),
+    ];
+    if !c.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, h]));
+    }
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let mut add = |n: &str, s: Vec<usize>| out.push((format!("{p}.{n}"), s));
+        add("self_attn.q_proj.weight", vec![nh * hd, h]);
+        add("self_attn.k_proj.weight", vec![nkv * hd, h]);
+        add("self_attn.v_proj.weight", vec![nkv * hd, h]);
+        add("self_attn.o_proj.weight", vec![h, nh * hd]);
+        add("mlp.gate_proj.weight", vec![ff, h]);
+        add("mlp.up_proj.weight", vec![ff, h]);
+        add("mlp.down_proj.weight", vec![h, ff]);
+        add("input_layernorm.weight", vec![h]);
+        add("post_attention_layernorm.weight", vec![h]);
+        if c.attention_bias {
+            add("self_attn.q_proj.bias", vec![nh * hd]);
+            add("self_attn.k_proj.bias", vec![nkv * hd]);
+            add("self_attn.v_proj.bias", vec![nkv * hd]);
+        }
+        if c.arch == Arch::Gemma3 {
+            add("pre_feedforward_layernorm.weight", vec![h]);
+            add("post_feedforward_layernorm.weight", vec![h]);
+            add("self_attn.q_norm.weight", vec![hd]);
+            add("self_attn.k_norm.weight", vec![hd]);
+        }
+    }
+    out
+}
+
+/// Serialises named tensors as one safetensors file (f32), metadata `{"format": "pt"}`.
 pub fn save_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    save_safetensors_typed(path, tensors, DType::F32)
+}
+
+/// Serialises named tensors as f32 or bf16 safetensors, written atomically.
+pub fn save_safetensors_typed(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    dtype: DType,
+) -> Result<()> {
     let mut raw: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::with_capacity(tensors.len());
     for (n, t) in tensors {
-        let f: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        raw.push((
-            n.clone(),
-            f.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            t.dims().to_vec(),
-        ));
+        let flat = t.flatten_all()?;
+        let bytes: Vec<u8> = match dtype {
+            DType::BF16 => flat
+                .to_dtype(DType::BF16)?
+                .to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+            _ => flat
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        };
+        raw.push((n.clone(), bytes, t.dims().to_vec()));
     }
+    let st_dtype = if dtype == DType::BF16 {
+        safetensors::Dtype::BF16
+    } else {
+        safetensors::Dtype::F32
+    };
     let views = raw
         .iter()
         .map(|(n, b, s)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+            safetensors::tensor::TensorView::new(st_dtype, s.clone(), b)
                 .map(|v| (n.clone(), v))
                 .map_err(|e| Error::Invalid(format!("tensor {n}: {e}")))
         })

@@ -5,10 +5,12 @@
 //! - [`transformer`]: the decoder; hidden states out, logits only at requested rows;
 //! - [`lora`]: PEFT-compatible LoRA adapters (init, save, strict load, merge);
 //! - [`tokenizer`]: `tokenizer.json`, lm-evaluation-harness pair encoding, tokenizer builders;
+//! - [`gguf`]: GGUF (llama.cpp) -> HF folder, with a tokenizer built from its vocabulary;
 //! - [`tiny`]: tiny random models of each architecture for tests;
 //! - [`score`]: log-likelihood requests and greedy generation.
 
 pub mod config;
+pub mod gguf;
 pub mod load;
 pub mod lora;
 pub mod score;

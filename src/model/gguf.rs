@@ -1,0 +1,335 @@
+//! `mlbench model import --gguf FILE --out DIR`: a GGUF file (llama.cpp) to an HF folder.
+//!
+//! In: a GGUF v2/v3 file of architecture `gemma3`, `llama` or `qwen2` (quantized or not).
+//! Out: `config.json`, `model.safetensors` (dequantized to f32 or bf16) and `tokenizer.json`
+//! built from the GGUF vocabulary, written atomically. candle's reader checks every length and
+//! offset against the file size; mlbench then checks every tensor's shape against the config.
+//!
+//! Conversions: tensor names llama.cpp -> HF; Gemma norm weights lose the `+1` llama.cpp folds
+//! in; Llama q/k rows are un-permuted from llama.cpp's interleaved rope layout back to HF's
+//! half-split layout (`w.reshape(h, hd/2, 2, in).swapaxes(1, 2)`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use super::config::{Arch, ModelConfig};
+use super::load::save_safetensors_typed;
+use super::tokenizer::{byte_level_bpe_json, sentencepiece_bpe_json};
+use crate::error::{Error, Result};
+use crate::util::write_bytes_atomic;
+
+/// Maps a llama.cpp tensor name to the HF name.
+pub fn hf_name(gguf: &str) -> Option<String> {
+    let simple = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(s) = simple {
+        return Some(s.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, name) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (base, suffix) = name.rsplit_once('.')?;
+    let hf = match base {
+        "attn_norm" => "input_layernorm",
+        "post_attention_norm" => "post_attention_layernorm",
+        "ffn_norm" => "FFN_NORM",
+        "post_ffw_norm" => "post_feedforward_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+fn meta<'a>(c: &'a Content, key: &str, path: &Path) -> Result<&'a Value> {
+    c.metadata.get(key).ok_or_else(|| Error::Config {
+        path: path.to_path_buf(),
+        message: format!("missing metadata key `{key}`"),
+    })
+}
+
+fn meta_usize(c: &Content, key: &str, path: &Path) -> Result<usize> {
+    let v = meta(c, key, path)?;
+    let n = v
+        .to_u64()
+        .or_else(|_| v.to_u32().map(u64::from))
+        .or_else(|_| v.to_i32().map(|x| x.max(0) as u64));
+    n.map(|x| x as usize).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        message: format!("metadata `{key}`: {e}"),
+    })
+}
+
+fn meta_f64(c: &Content, key: &str) -> Option<f64> {
+    c.metadata
+        .get(key)
+        .and_then(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok())
+}
+
+fn meta_u32(c: &Content, key: &str) -> Option<u32> {
+    c.metadata.get(key).and_then(|v| {
+        v.to_u32()
+            .ok()
+            .or_else(|| v.to_u64().ok().map(|x| x as u32))
+            .or_else(|| v.to_i32().ok().map(|x| x as u32))
+    })
+}
+
+/// Imports `gguf` into the HF folder `out`, with weights stored as `dtype` (f32 or bf16).
+pub fn import(
+    gguf: &Path,
+    out: &Path,
+    dtype: DType,
+    pb: &indicatif::ProgressBar,
+) -> Result<ModelConfig> {
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        return Err(Error::Invalid("model import writes f32 or bf16".into()));
+    }
+    let mut file = std::fs::File::open(gguf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::MissingFile {
+            what: "GGUF file",
+            path: gguf.to_path_buf(),
+        },
+        _ => Error::io("open", gguf, e),
+    })?;
+    let content = Content::read(&mut file).map_err(|e| Error::Config {
+        path: gguf.to_path_buf(),
+        message: format!("not a valid GGUF file: {e}"),
+    })?;
+    let arch_name = meta(&content, "general.architecture", gguf)?
+        .to_string()
+        .map_err(|e| Error::Config {
+            path: gguf.to_path_buf(),
+            message: e.to_string(),
+        })?
+        .clone();
+    let a = arch_name.as_str();
+    let arch = match a {
+        "gemma3" => Arch::Gemma3,
+        "llama" => Arch::Llama,
+        "qwen2" => Arch::Qwen2,
+        other => {
+            return Err(Error::Unknown {
+                kind: "GGUF architecture",
+                code: other.to_string(),
+                scope: format!(" in {} (supported: gemma3, llama, qwen2)", gguf.display()),
+                suggestions: vec![],
+            })
+        }
+    };
+    let tokens: Vec<String> = meta(&content, "tokenizer.ggml.tokens", gguf)?
+        .to_vec()
+        .map_err(|e| Error::Config {
+            path: gguf.to_path_buf(),
+            message: e.to_string(),
+        })?
+        .iter()
+        .map(|v| v.to_string().cloned().unwrap_or_default())
+        .collect();
+    let hidden = meta_usize(&content, &format!("{a}.embedding_length"), gguf)?;
+    let heads = meta_usize(&content, &format!("{a}.attention.head_count"), gguf)?;
+    let kv = meta_usize(&content, &format!("{a}.attention.head_count_kv"), gguf).unwrap_or(heads);
+    let head_dim = meta_usize(&content, &format!("{a}.attention.key_length"), gguf)
+        .unwrap_or(hidden / heads.max(1));
+    let layers = meta_usize(&content, &format!("{a}.block_count"), gguf)?;
+    let gemma = arch == Arch::Gemma3;
+    let mut cfg = json!({
+        "model_type": match arch { Arch::Gemma3 => "gemma3_text", Arch::Llama => "llama", Arch::Qwen2 => "qwen2" },
+        "vocab_size": tokens.len(),
+        "hidden_size": hidden,
+        "intermediate_size": meta_usize(&content, &format!("{a}.feed_forward_length"), gguf)?,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": head_dim,
+        "rms_norm_eps": meta_f64(&content, &format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(if gemma { 1e-6 } else { 1e-5 }),
+        "rope_theta": meta_f64(&content, &format!("{a}.rope.freq_base")).unwrap_or(if gemma { 1e6 } else { 1e4 }),
+        "tie_word_embeddings": !content.tensor_infos.contains_key("output.weight"),
+        "bos_token_id": meta_u32(&content, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta_u32(&content, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta_u32(&content, "tokenizer.ggml.padding_token_id"),
+    });
+    if gemma {
+        // llama.cpp's gemma3: local layers use base 1e4 and 5 of every 6 layers are local;
+        // queries are scaled by 1/sqrt(head_dim).
+        cfg["rope_local_base_freq"] = json!(10000.0);
+        cfg["sliding_window"] =
+            json!(meta_usize(&content, "gemma3.attention.sliding_window", gguf).unwrap_or(512));
+        cfg["sliding_window_pattern"] = json!(6);
+        cfg["query_pre_attn_scalar"] = json!(head_dim);
+        cfg["hidden_activation"] = json!("gelu_pytorch_tanh");
+    }
+    let config = ModelConfig::from_json(&cfg.to_string(), gguf)?;
+
+    // Tensors.
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    pb.set_length(names.len() as u64);
+    let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+    for gname in names {
+        let info = &content.tensor_infos[gname];
+        let Some(mut name) = hf_name(gname) else {
+            if gname.starts_with("rope_freqs") {
+                return Err(Error::Config {
+                    path: gguf.to_path_buf(),
+                    message: "rope frequency factors (rope scaling) are not supported".into(),
+                });
+            }
+            tracing::warn!(tensor = %gname, "skipping an unknown GGUF tensor");
+            pb.inc(1);
+            continue;
+        };
+        if name.contains("FFN_NORM") {
+            // Gemma's ffn_norm is the pre-feed-forward norm; Llama's is the post-attention norm.
+            name = name.replace(
+                "FFN_NORM",
+                if gemma {
+                    "pre_feedforward_layernorm"
+                } else {
+                    "post_attention_layernorm"
+                },
+            );
+        }
+        let q = info
+            .read(&mut file, content.tensor_data_offset, &Device::Cpu)
+            .map_err(|e| Error::Config {
+                path: gguf.to_path_buf(),
+                message: format!("tensor `{gname}`: {e}"),
+            })?;
+        let mut t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
+        if gemma && name.ends_with("norm.weight") {
+            t = (t - 1.0)?;
+        }
+        if !gemma && (name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight")) {
+            let n_heads = if name.ends_with("q_proj.weight") {
+                heads
+            } else {
+                kv
+            };
+            let (out, inp) = t.dims2()?;
+            if out != n_heads * head_dim {
+                return Err(Error::Config {
+                    path: gguf.to_path_buf(),
+                    message: format!(
+                        "tensor `{gname}` has {out} rows, expected {}",
+                        n_heads * head_dim
+                    ),
+                });
+            }
+            t = t
+                .reshape((n_heads, head_dim / 2, 2, inp))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((out, inp))?;
+        }
+        tensors.insert(name, t);
+        pb.inc(1);
+    }
+    // Check every tensor's shape against the config before writing anything.
+    let check = super::load::expected_shapes(&config);
+    for (name, shape) in &check {
+        match tensors.get(name) {
+            Some(t) if t.dims() == shape.as_slice() => {}
+            Some(t) => {
+                return Err(Error::Config {
+                    path: gguf.to_path_buf(),
+                    message: format!(
+                        "tensor `{name}` has shape {:?}, the metadata implies {shape:?}",
+                        t.dims()
+                    ),
+                })
+            }
+            None => {
+                return Err(Error::Config {
+                    path: gguf.to_path_buf(),
+                    message: format!("missing tensor for `{name}`"),
+                })
+            }
+        }
+    }
+
+    // Tokenizer.
+    let model_kind = meta(&content, "tokenizer.ggml.model", gguf)?
+        .to_string()
+        .cloned()
+        .unwrap_or_default();
+    let types: Vec<i32> = content
+        .metadata
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.to_vec().ok())
+        .map(|v| v.iter().map(|x| x.to_i32().unwrap_or(1)).collect())
+        .unwrap_or_else(|| vec![1; tokens.len()]);
+    let specials: Vec<(u32, &str)> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
+        .map(|(i, t)| (i as u32, t.as_str()))
+        .collect();
+    let tok_json = match model_kind.as_str() {
+        "llama" => {
+            let scores: Vec<f32> = content
+                .metadata
+                .get("tokenizer.ggml.scores")
+                .and_then(|v| v.to_vec().ok())
+                .map(|v| v.iter().map(|x| x.to_f32().unwrap_or(0.0)).collect())
+                .unwrap_or_else(|| vec![0.0; tokens.len()]);
+            let pieces: Vec<(String, f32)> = tokens.iter().cloned().zip(scores).collect();
+            let unk = meta_u32(&content, "tokenizer.ggml.unknown_token_id")
+                .and_then(|i| tokens.get(i as usize))
+                .cloned()
+                .unwrap_or_else(|| "<unk>".into());
+            sentencepiece_bpe_json(&pieces, &specials, &unk)
+        }
+        "gpt2" => {
+            let merges: Vec<(String, String)> = meta(&content, "tokenizer.ggml.merges", gguf)?
+                .to_vec()
+                .map_err(|e| Error::Config {
+                    path: gguf.to_path_buf(),
+                    message: e.to_string(),
+                })?
+                .iter()
+                .filter_map(|m| {
+                    m.to_string().ok().and_then(|s| {
+                        s.split_once(' ')
+                            .map(|(a, b)| (a.to_string(), b.to_string()))
+                    })
+                })
+                .collect();
+            byte_level_bpe_json(&tokens, &merges, &specials)
+        }
+        other => {
+            return Err(Error::Config {
+                path: gguf.to_path_buf(),
+                message: format!("tokenizer model `{other}` is not supported (llama or gpt2)"),
+            })
+        }
+    };
+
+    std::fs::create_dir_all(out).map_err(|e| Error::io("create directory", out, e))?;
+    save_safetensors_typed(&out.join("model.safetensors"), &tensors, dtype)?;
+    write_bytes_atomic(&out.join("tokenizer.json"), &serde_json::to_vec(&tok_json)?)?;
+    let mut hf = config.to_hf_json();
+    hf["torch_dtype"] = json!(if dtype == DType::BF16 {
+        "bfloat16"
+    } else {
+        "float32"
+    });
+    hf["mlbench_source"] = json!({"gguf": gguf.file_name().map(|f| f.to_string_lossy().into_owned()), "sha256": crate::util::sha256_file(gguf)?});
+    write_bytes_atomic(&out.join("config.json"), &serde_json::to_vec_pretty(&hf)?)?;
+    Ok(config)
+}
