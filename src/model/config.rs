@@ -131,9 +131,9 @@ impl ModelConfig {
             "gemma3_text" | "gemma3" => Arch::Gemma3,
             "llama" | "smollm2" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
-            _ if archs.contains("Gemma3ForCausalLM") => Arch::Gemma3,
-            _ if archs.contains("LlamaForCausalLM") => Arch::Llama,
-            _ if archs.contains("Qwen2ForCausalLM") => Arch::Qwen2,
+            "" if archs.contains("Gemma3ForCausalLM") => Arch::Gemma3,
+            "" if archs.contains("LlamaForCausalLM") => Arch::Llama,
+            "" if archs.contains("Qwen2ForCausalLM") => Arch::Qwen2,
             _ => {
                 return Err(Error::Unknown {
                     kind: "architecture",
