@@ -239,3 +239,46 @@ fn a_cuda_device_without_cuda_is_a_clear_error() {
     ]);
     assert_user_error(&o, &["built without CUDA", "--features cuda"]);
 }
+
+#[test]
+fn hub_ids_resolve_from_the_cache_offline_and_fail_fast_when_absent() {
+    let m = tiny("llama");
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub").join("models--acme--tiny-llama");
+    let snap = repo.join("snapshots").join("0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), "0123abcd").unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(m.path().join(f), snap.join(f)).unwrap();
+    }
+    let run = |id: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mlbench"))
+            .args(["--quiet", "model", "info", "--model", id])
+            .env("HF_HOME", home.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_TOKEN", "hf_secret_should_never_print")
+            .output()
+            .unwrap()
+    };
+    let o = run("acme/tiny-llama");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Llama"));
+    let t0 = std::time::Instant::now();
+    let o = run("acme/absent-model");
+    assert_user_error(
+        &o,
+        &[
+            "HF_HUB_OFFLINE",
+            "models--acme--absent-model",
+            "config.json",
+        ],
+    );
+    assert!(
+        t0.elapsed().as_secs() < 20,
+        "offline must not wait on the network"
+    );
+    for out in [stdout(&o), stderr(&o)] {
+        assert!(!out.contains("hf_secret"), "the token leaked: {out}");
+    }
+}

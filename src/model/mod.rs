@@ -6,11 +6,13 @@
 //! - [`lora`]: PEFT-compatible LoRA adapters (init, save, strict load, merge);
 //! - [`tokenizer`]: `tokenizer.json`, lm-evaluation-harness pair encoding, tokenizer builders;
 //! - [`gguf`]: GGUF (llama.cpp) -> HF folder, with a tokenizer built from its vocabulary;
+//! - [`hub`]: Hugging Face Hub ids -> local snapshot folders (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN);
 //! - [`tiny`]: tiny random models of each architecture for tests;
 //! - [`score`]: log-likelihood requests and greedy generation.
 
 pub mod config;
 pub mod gguf;
+pub mod hub;
 pub mod load;
 pub mod lora;
 pub mod score;
@@ -95,11 +97,15 @@ pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel
     })
 }
 
-/// Turns a model argument into a local folder: an existing folder is used as is.
+/// Turns a model argument into a local folder: an existing folder is used as is; an
+/// `owner/name[@revision]` Hub id is fetched (or found in the cache) through [`hub`].
 pub fn resolve(source: &str) -> Result<PathBuf> {
     let p = PathBuf::from(source);
     if p.is_dir() {
         return Ok(p);
+    }
+    if hub::is_hub_id(source) {
+        return hub::fetch(source);
     }
     if p.extension().is_some_and(|e| e == "gguf") {
         return Err(Error::Invalid(format!(
