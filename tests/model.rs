@@ -402,3 +402,24 @@ fn scores_do_not_depend_on_padding_or_batch() {
         }
     }
 }
+
+#[test]
+fn several_adapters_share_one_base_and_switch_per_call() {
+    let (_d, m) = tiny_model(Arch::Llama, DType::F32);
+    let ids = sample_ids(&m);
+    let a = random_adapter(&m.model, 10);
+    let b = random_adapter(&m.model, 11);
+    let la = logits_all(&m.model, &ids, Some(&a));
+    let lb = logits_all(&m.model, &ids, Some(&b));
+    assert!(
+        max_abs_diff(&la, &lb) > 1e-3,
+        "different adapters give different outputs"
+    );
+    // Interleaved calls on the same base give each adapter's own outputs, bit for bit.
+    assert_eq!(logits_all(&m.model, &ids, Some(&a)), la);
+    assert_eq!(
+        logits_all(&m.model, &ids, None),
+        logits_all(&m.model, &ids, None)
+    );
+    assert_eq!(logits_all(&m.model, &ids, Some(&b)), lb);
+}
