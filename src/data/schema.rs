@@ -115,10 +115,22 @@ pub fn to_frame(rows: &[Example]) -> Result<DataFrame> {
 }
 
 /// Writes a frame as zstd-compressed Parquet, atomically.
+///
+/// The Arrow schema hint stored in the file uses polars' oldest compatibility level
+/// (`large_string`, `large_list`) instead of `string_view`: pandas cannot convert a list of
+/// `string_view` ("Not implemented type for Arrow list to pandas: string_view"), while every
+/// reader (polars, pandas/pyarrow, DuckDB) handles the large types.
 pub fn write_parquet(df: &mut DataFrame, path: &Path) -> Result<()> {
+    let arrow = df.schema().to_arrow(CompatLevel::oldest());
+    let hint = polars_parquet::arrow::write::schema_to_metadata_key(&arrow);
+    let meta = polars::io::parquet::write::KeyValueMetadata::from_static(vec![
+        (hint.key, hint.value.unwrap_or_default()),
+        ("mlbench.writer".to_string(), format!("mlbench {}", env!("CARGO_PKG_VERSION"))),
+    ]);
     write_atomic(path, |f| {
         ParquetWriter::new(f)
             .with_compression(ParquetCompression::Zstd(None))
+            .with_key_value_metadata(Some(meta))
             .with_statistics(StatisticsOptions::default())
             .finish(df)
             .map(|_| ())
