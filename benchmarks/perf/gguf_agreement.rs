@@ -24,7 +24,11 @@ fn main() -> anyhow::Result<()> {
     for text in texts {
         let ids = m.tok.encode(text)?;
         let t = ids.len();
-        let h = m.model.hidden(std::slice::from_ref(&ids), &[vec![1u8; t]], &Ctx::eval(None))?;
+        let h = m.model.hidden(
+            std::slice::from_ref(&ids),
+            &[vec![1u8; t]],
+            &Ctx::eval(None),
+        )?;
         let rows: Vec<u32> = (0..t as u32).collect();
         let ours: Vec<u32> = m.model.logits_at(&h, &rows)?.argmax(D::Minus1)?.to_vec1()?;
         let mut file = std::fs::File::open(gguf)?;
@@ -37,10 +41,18 @@ fn main() -> anyhow::Result<()> {
             let theirs: u32 = logits.squeeze(0)?.argmax(D::Minus1)?.to_scalar()?;
             same += usize::from(theirs == ours[pos]);
         }
-        println!("{:>3}/{:<3} positions agree: {}", same, t, &text[..40.min(text.len())]);
+        println!(
+            "{:>3}/{:<3} positions agree: {}",
+            same,
+            t,
+            &text[..40.min(text.len())]
+        );
         agree += same;
         total += t;
     }
-    println!("next-token argmax agreement: {agree}/{total} = {:.1}%", 100.0 * agree as f64 / total as f64);
+    println!(
+        "next-token argmax agreement: {agree}/{total} = {:.1}%",
+        100.0 * agree as f64 / total as f64
+    );
     Ok(())
 }

@@ -268,6 +268,7 @@ pub fn run(g: &Global, cmd: DataCommand) -> anyhow::Result<()> {
             };
             let t0 = std::time::Instant::now();
             let rows = sample::sample_pools(&g.data_dir, &req)?;
+            tracing::debug!(secs = t0.elapsed().as_secs_f64(), "drawn");
             sample::write_pools(&rows, &a.out)
                 .with_context(|| format!("writing {}", a.out.display()))?;
             tracing::info!(rows = rows.len(), out = %a.out.display(), secs = t0.elapsed().as_secs_f64(), "pools written");

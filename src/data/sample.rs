@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use polars::prelude::*;
+use rayon::prelude::*;
 
 use super::lang::{self, LangEntry};
 use super::schema;
@@ -262,7 +263,9 @@ pub fn sample_pools(data_dir: &Path, req: &PoolRequest) -> Result<Vec<PoolRow>> 
                 });
             }
         }
+        let t0 = std::time::Instant::now();
         let entries = task_languages(&path)?;
+        tracing::debug!(task = %task, secs = t0.elapsed().as_secs_f64(), "languages scanned");
         let codes = codes_for(task, &req.langs);
         if codes.is_empty() {
             return Err(Error::Invalid(format!(
@@ -288,6 +291,7 @@ pub fn sample_pools(data_dir: &Path, req: &PoolRequest) -> Result<Vec<PoolRow>> 
             ]),
             &path,
         )?;
+        tracing::debug!(task = %task, rows = df.height(), secs = t0.elapsed().as_secs_f64(), "train rows read");
         let langs_col = df.column("lang")?.str()?.clone();
         let ids_col = df.column("id")?.str()?.clone();
         let labels_col = df.column("label")?.i64()?.clone();
@@ -303,7 +307,8 @@ pub fn sample_pools(data_dir: &Path, req: &PoolRequest) -> Result<Vec<PoolRow>> 
             })?;
             groups.entry(l).or_default().push(row);
         }
-        for e in &chosen {
+        let draw_one = |e: &LangEntry| -> Result<Vec<PoolRow>> {
+            let mut out = Vec::new();
             let rows = groups.get(e.lang.as_str()).cloned().unwrap_or_default();
             if rows.is_empty() {
                 let splits = splits_of(&path, &e.lang)?;
@@ -388,8 +393,15 @@ pub fn sample_pools(data_dir: &Path, req: &PoolRequest) -> Result<Vec<PoolRow>> 
                     });
                 }
             }
+            Ok(out)
+        };
+        // Languages are independent streams: draw them in parallel, report errors in order.
+        let per_lang: Vec<Result<Vec<PoolRow>>> = chosen.par_iter().map(|e| draw_one(e)).collect();
+        for r in per_lang {
+            out.extend(r?);
         }
     }
+    tracing::debug!(rows = out.len(), "pools drawn");
     Ok(out)
 }
 

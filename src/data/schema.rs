@@ -125,13 +125,17 @@ pub fn write_parquet(df: &mut DataFrame, path: &Path) -> Result<()> {
     let hint = polars_parquet::arrow::write::schema_to_metadata_key(&arrow);
     let meta = polars::io::parquet::write::KeyValueMetadata::from_static(vec![
         (hint.key, hint.value.unwrap_or_default()),
-        ("mlbench.writer".to_string(), format!("mlbench {}", env!("CARGO_PKG_VERSION"))),
+        (
+            "mlbench.writer".to_string(),
+            format!("mlbench {}", env!("CARGO_PKG_VERSION")),
+        ),
     ]);
     write_atomic(path, |f| {
         ParquetWriter::new(f)
             .with_compression(ParquetCompression::Zstd(None))
             .with_key_value_metadata(Some(meta))
             .with_statistics(StatisticsOptions::default())
+            .with_row_group_size(Some(16_384))
             .finish(df)
             .map(|_| ())
             .map_err(|e| Error::Io {
