@@ -7,6 +7,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() {
+    mlbench::util::tune_allocator();
     let cli = cli::Cli::parse();
     let level = match (cli.global.quiet, cli.global.verbose) {
         (true, _) => "warn",

@@ -163,7 +163,8 @@ fn lora_gradients_match_finite_differences() {
         let (_d, m) = tiny_model(arch, DType::F64);
         let ids = sample_ids(&m);
         let ad = random_adapter(&m.model, 2);
-        let loss = nll(&m.model, &ids, &Ctx::eval(Some(&ad)));
+        let mut rng0 = Rng::new(0);
+        let loss = nll(&m.model, &ids, &Ctx::train(&ad, &mut rng0));
         let grads = loss.backward().unwrap();
         let mut rng = Rng::new(5);
         let mut checked = 0;

@@ -30,8 +30,9 @@ fn loss(
 ) -> candle_core::Result<Tensor> {
     let mask = vec![vec![1u8; T]; B];
     let inputs: Vec<Vec<u32>> = ids.iter().map(|r| r[..T].to_vec()).collect();
+    let mut rng = Rng::new(1);
     let h = model
-        .hidden(&inputs, &mask, &Ctx::eval(Some(ad)))
+        .hidden(&inputs, &mask, &Ctx::train(ad, &mut rng))
         .map_err(candle_core::Error::wrap)?;
     let first = last.map_or(0, |k| T - k);
     let mut rows = Vec::new();
@@ -51,6 +52,7 @@ fn loss(
 }
 
 fn main() -> anyhow::Result<()> {
+    mlbench::util::tune_allocator();
     let args: Vec<String> = std::env::args().collect();
     let dir = args
         .get(1)
@@ -127,9 +129,15 @@ fn main() -> anyhow::Result<()> {
             }
         }
         let s = median(times);
+        // B starts at zero: a non-zero norm shows the optimizer received gradients.
+        let mut b_sq = 0f32;
+        for p in ad.pairs.values() {
+            b_sq += p.b.as_tensor().sqr()?.sum_all()?.to_scalar::<f32>()?;
+        }
         println!(
-            "{name} tokens_per_s={:.1} step_s={s:.3} loss={lv:.3}",
-            (B * T) as f64 / s
+            "{name} tokens_per_s={:.1} step_s={s:.3} loss={lv:.3} lora_b_norm={:.5}",
+            (B * T) as f64 / s,
+            b_sq.sqrt()
         );
     }
     Ok(())

@@ -35,12 +35,13 @@ pub struct Linear {
 /// What a forward pass runs with: an optional adapter and, for training, the dropout RNG.
 pub struct Ctx<'a> {
     pub adapter: Option<&'a Adapter>,
-    /// `Some` in training mode: LoRA dropout masks are drawn from it.
+    /// `Some` in training mode: LoRA dropout masks are drawn from it, and the LoRA weights are
+    /// tracked for backpropagation. In eval mode they are detached, so no graph is kept.
     pub dropout_rng: Option<std::cell::RefCell<&'a mut Rng>>,
 }
 
 impl<'a> Ctx<'a> {
-    /// Inference with an optional adapter.
+    /// Inference with an optional adapter (no gradient graph).
     pub fn eval(adapter: Option<&'a Adapter>) -> Self {
         Ctx {
             adapter,
@@ -48,19 +49,79 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Training: dropout on the LoRA input, seeded by `rng`.
+    /// Training: gradients flow to the adapter; dropout on the LoRA input, seeded by `rng`.
     pub fn train(adapter: &'a Adapter, rng: &'a mut Rng) -> Self {
         Ctx {
             adapter: Some(adapter),
             dropout_rng: Some(std::cell::RefCell::new(rng)),
         }
     }
+
+    fn training(&self) -> bool {
+        self.dropout_rng.is_some()
+    }
+}
+
+/// `x W^T` for a frozen `W`, as a custom op whose backward returns only the gradient of `x`
+/// (`grad W`). candle's own matmul backward also computes the weight gradient, which for frozen
+/// base weights is wasted work and memory (for Gemma's 262k x 640 output matrix alone, 671 MB).
+/// The product is computed by candle's matmul on a detached `x` and passed through as `arg2`.
+struct FrozenMatmul {
+    /// `[out, in]`
+    w: Tensor,
+}
+
+impl candle_core::CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &candle_core::CpuStorage,
+        _lx: &candle_core::Layout,
+        y: &candle_core::CpuStorage,
+        ly: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((y.try_clone(ly)?, ly.shape().clone()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        _x: &candle_core::CudaStorage,
+        _lx: &candle_core::Layout,
+        y: &candle_core::CudaStorage,
+        ly: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((y.try_clone(ly)?, ly.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&self.w)?), None))
+    }
+}
+
+/// `x: [N, in]` times `w^T` (`w: [out, in]`), with a gradient for `x` only.
+fn frozen_matmul(x: &Tensor, w: &Tensor, training: bool) -> Result<Tensor> {
+    if !training {
+        return Ok(x.matmul(&w.t()?)?);
+    }
+    let y = x.detach().matmul(&w.t()?)?.contiguous()?;
+    Ok(x.apply_op2(&y, FrozenMatmul { w: w.clone() })?)
 }
 
 impl Linear {
     /// `x: [N, in]` -> `[N, out]`.
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let mut y = x.matmul(&self.weight.t()?)?;
+        let mut y = frozen_matmul(x, &self.weight, ctx.training())?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -112,6 +173,19 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// The fused candle kernel when no gradient is needed (`fast`), else [`RmsNorm::forward`].
+    pub fn run(&self, x: &Tensor, fast: bool) -> Result<Tensor> {
+        if fast {
+            Ok(candle_nn::ops::rms_norm(
+                &x.contiguous()?,
+                &self.scale,
+                self.eps as f32,
+            )?)
+        } else {
+            self.forward(x)
+        }
+    }
+
     /// `x * rsqrt(mean(x^2, last) + eps) * scale`, computed in f32 (or f64) for low precisions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dt = x.dtype();
@@ -171,8 +245,16 @@ struct Prepared {
     /// Additive masks `[B, 1, T, T]` for full and sliding layers.
     mask_full: Tensor,
     mask_sliding: Option<Tensor>,
-    /// cos/sin `[B, 1, T, head_dim]` per rope base.
-    rope: HashMap<u64, (Tensor, Tensor)>,
+    /// Rope tables per rope base.
+    rope: HashMap<u64, RopeTables>,
+}
+
+/// cos/sin as `[B, 1, T, head_dim]` (differentiable path) and `[B, T, head_dim / 2]` (fused).
+struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+    cos_half: Tensor,
+    sin_half: Tensor,
 }
 
 const NEG: f32 = -1e30;
@@ -259,7 +341,17 @@ impl Model {
             }
             let cos = Tensor::from_vec(cos, (b, 1, t, hd), &self.device)?.to_dtype(self.dtype)?;
             let sin = Tensor::from_vec(sin, (b, 1, t, hd), &self.device)?.to_dtype(self.dtype)?;
-            rope_t.insert(base.to_bits(), (cos, sin));
+            let cos_half = cos.squeeze(1)?.narrow(D::Minus1, 0, hd / 2)?.contiguous()?;
+            let sin_half = sin.squeeze(1)?.narrow(D::Minus1, 0, hd / 2)?.contiguous()?;
+            rope_t.insert(
+                base.to_bits(),
+                RopeTables {
+                    cos,
+                    sin,
+                    cos_half,
+                    sin_half,
+                },
+            );
         }
         Ok(Prepared {
             b,
@@ -295,7 +387,9 @@ impl Model {
         for (i, layer) in self.layers.iter().enumerate() {
             x = self.layer(i, layer, &x, &p, ctx)?;
         }
-        let x = self.final_norm.forward(&x)?;
+        let x = self
+            .final_norm
+            .run(&x, !ctx.training() && self.dtype != DType::F64)?;
         Ok(x.reshape((b, t, self.config.hidden_size))?)
     }
 
@@ -303,27 +397,29 @@ impl Model {
         let c = &self.config;
         let (b, t) = (p.b, p.t);
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let h = l.input_norm.forward(x)?;
+        // Fused kernels (no backward) when no gradient is needed; f64 keeps the plain ops.
+        let fast = !ctx.training() && self.dtype != DType::F64;
+        let h = l.input_norm.run(x, fast)?;
         let q = l.q.forward(&h, ctx)?.reshape((b, t, nh, hd))?;
         let k = l.k.forward(&h, ctx)?.reshape((b, t, nkv, hd))?;
         let v = l.v.forward(&h, ctx)?.reshape((b, t, nkv, hd))?;
         let q = match &l.q_norm {
-            Some(n) => n.forward(&q)?,
+            Some(n) => n.run(&q, fast)?,
             None => q,
         };
         let k = match &l.k_norm {
-            Some(n) => n.forward(&k)?,
+            Some(n) => n.run(&k, fast)?,
             None => k,
         };
         let q = q.transpose(1, 2)?.contiguous()?; // [B, nh, T, hd]
         let k = k.transpose(1, 2)?.contiguous()?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        let (cos, sin) = p
+        let rt = p
             .rope
             .get(&c.rope_base(i).to_bits())
             .expect("rope prepared for every base");
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
+        let q = apply_rope(&q, rt, fast)?;
+        let k = apply_rope(&k, rt, fast)?;
         let (k, v) = if nkv != nh {
             let rep = nh / nkv;
             let expand = |z: Tensor| -> Result<Tensor> {
@@ -341,29 +437,33 @@ impl Model {
             LayerKind::Full => &p.mask_full,
         };
         let scores = scores.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = if fast {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        } else {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        };
         let attn = probs.matmul(&v)?; // [B, nh, T, hd]
         let attn = attn.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         let attn = l.o.forward(&attn, ctx)?;
         match c.arch {
             Arch::Gemma3 => {
-                let x = (x + l.post_attn_norm.forward(&attn)?)?;
+                let x = (x + l.post_attn_norm.run(&attn, fast)?)?;
                 let pre = l
                     .pre_ff_norm
                     .as_ref()
                     .expect("gemma has pre_ff_norm")
-                    .forward(&x)?;
+                    .run(&x, fast)?;
                 let m = self.mlp(l, &pre, ctx)?;
                 let m = l
                     .post_ff_norm
                     .as_ref()
                     .expect("gemma has post_ff_norm")
-                    .forward(&m)?;
+                    .run(&m, fast)?;
                 Ok((x + m)?)
             }
             Arch::Llama | Arch::Qwen2 => {
                 let x = (x + attn)?;
-                let m = self.mlp(l, &l.post_attn_norm.forward(&x)?, ctx)?;
+                let m = self.mlp(l, &l.post_attn_norm.run(&x, fast)?, ctx)?;
                 Ok((x + m)?)
             }
         }
@@ -379,7 +479,8 @@ impl Model {
         l.down.forward(&(a * u)?, ctx)
     }
 
-    /// Logits `[N, vocab]` at flat rows `b * T + t` of `hidden: [B, T, H]`.
+    /// Logits `[N, vocab]` at flat rows `b * T + t` of `hidden: [B, T, H]`. When `hidden`
+    /// carries a gradient graph, the output matrix gets no gradient of its own.
     pub fn logits_at(&self, hidden: &Tensor, rows: &[u32]) -> Result<Tensor> {
         let (b, t, h) = hidden.dims3()?;
         if let Some(&r) = rows.iter().find(|&&r| r as usize >= b * t) {
@@ -390,7 +491,7 @@ impl Model {
         let idx = Tensor::from_vec(rows.to_vec(), rows.len(), &self.device)?;
         let sel = hidden.reshape((b * t, h))?.index_select(&idx, 0)?;
         let w = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let mut logits = sel.matmul(&w.t()?)?;
+        let mut logits = frozen_matmul(&sel, w, sel.track_op())?;
         if let Some(cap) = self.config.final_logit_softcapping {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
@@ -438,8 +539,17 @@ impl Model {
     }
 }
 
-/// Half-split rope (HF layout): `x * cos + rotate_half(x) * sin` with cos/sin `[B, 1, T, hd]`.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+/// Half-split rope (HF layout): `x * cos + rotate_half(x) * sin`, `x: [B, heads, T, hd]`;
+/// candle's fused kernel when `fast`, plain differentiable ops otherwise.
+fn apply_rope(x: &Tensor, rt: &RopeTables, fast: bool) -> Result<Tensor> {
+    if fast {
+        return Ok(candle_nn::rotary_emb::rope(
+            &x.contiguous()?,
+            &rt.cos_half,
+            &rt.sin_half,
+        )?);
+    }
+    let (cos, sin) = (&rt.cos, &rt.sin);
     let hd = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
     let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
