@@ -148,6 +148,26 @@ impl Error {
         }
     }
 
+    /// An I/O error on opening or reading `what` at `path`: a missing file becomes
+    /// [`Error::MissingFile`] (a user error naming the path), anything else [`Error::Io`].
+    pub fn missing_or_io(
+        what: &'static str,
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
+        let path = path.into();
+        if source.kind() == std::io::ErrorKind::NotFound {
+            Error::MissingFile { what, path }
+        } else {
+            Error::Io {
+                action,
+                path,
+                source,
+            }
+        }
+    }
+
     /// Shorthand for an I/O error with its path.
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         if source.kind() == std::io::ErrorKind::NotFound && action == "read" {

@@ -229,13 +229,8 @@ impl<F: Fn(&str) -> Option<String>> Fields for F {
 impl TaskSpec {
     /// Reads and validates a spec file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingFile {
-                what: "task specification",
-                path: path.to_path_buf(),
-            },
-            _ => Error::io("read", path, e),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::missing_or_io("task specification", "read", path, e))?;
         let spec: TaskSpec = toml::from_str(&text).map_err(|e| Error::Config {
             path: path.to_path_buf(),
             message: e.to_string(),

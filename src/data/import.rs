@@ -90,13 +90,8 @@ impl<'a> Sources<'a> {
 
     fn read(&mut self, rel: &str) -> Result<String> {
         let p = self.root.join(rel);
-        let bytes = std::fs::read(&p).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingFile {
-                what: "source file",
-                path: p.clone(),
-            },
-            _ => Error::io("read", &p, e),
-        })?;
+        let bytes =
+            std::fs::read(&p).map_err(|e| Error::missing_or_io("source file", "read", &p, e))?;
         self.files.push(SourceFile {
             path: rel.to_string(),
             sha256: sha256_hex(&bytes),
@@ -111,13 +106,8 @@ impl<'a> Sources<'a> {
 
     fn list_dir(&self, rel: &str) -> Result<Vec<String>> {
         let p = self.root.join(rel);
-        let rd = std::fs::read_dir(&p).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingFile {
-                what: "source folder",
-                path: p.clone(),
-            },
-            _ => Error::io("read", &p, e),
-        })?;
+        let rd = std::fs::read_dir(&p)
+            .map_err(|e| Error::missing_or_io("source folder", "read", &p, e))?;
         let mut names: Vec<String> = rd
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())

@@ -148,13 +148,8 @@ pub fn write_parquet(df: &mut DataFrame, path: &Path) -> Result<()> {
 
 /// Reads a Parquet file eagerly, mapping "not Parquet" to [`Error::CorruptParquet`].
 pub fn read_parquet(path: &Path) -> Result<DataFrame> {
-    let file = std::fs::File::open(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::MissingFile {
-            what: "dataset file",
-            path: path.to_path_buf(),
-        },
-        _ => Error::io("open", path, e),
-    })?;
+    let file = std::fs::File::open(path)
+        .map_err(|e| Error::missing_or_io("dataset file", "open", path, e))?;
     ParquetReader::new(file)
         .finish()
         .map_err(|e| Error::CorruptParquet {

@@ -107,13 +107,8 @@ fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingFile {
-                what: "model config.json",
-                path: path.to_path_buf(),
-            },
-            _ => Error::io("read", path, e),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::missing_or_io("model config.json", "read", path, e))?;
         Self::from_json(&text, path)
     }
 

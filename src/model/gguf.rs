@@ -56,6 +56,13 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
 
+fn gguf_err(gguf: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Config {
+        path: gguf.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
 fn meta<'a>(c: &'a Content, key: &str, path: &Path) -> Result<&'a Value> {
     c.metadata.get(key).ok_or_else(|| Error::Config {
         path: path.to_path_buf(),
@@ -100,23 +107,15 @@ pub fn import(
     if !matches!(dtype, DType::F32 | DType::BF16) {
         return Err(Error::Invalid("model import writes f32 or bf16".into()));
     }
-    let mut file = std::fs::File::open(gguf).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::MissingFile {
-            what: "GGUF file",
-            path: gguf.to_path_buf(),
-        },
-        _ => Error::io("open", gguf, e),
-    })?;
+    let mut file = std::fs::File::open(gguf)
+        .map_err(|e| Error::missing_or_io("GGUF file", "open", gguf, e))?;
     let content = Content::read(&mut file).map_err(|e| Error::Config {
         path: gguf.to_path_buf(),
         message: format!("not a valid GGUF file: {e}"),
     })?;
     let arch_name = meta(&content, "general.architecture", gguf)?
         .to_string()
-        .map_err(|e| Error::Config {
-            path: gguf.to_path_buf(),
-            message: e.to_string(),
-        })?
+        .map_err(|e| gguf_err(gguf, e))?
         .clone();
     let a = arch_name.as_str();
     let arch = match a {
@@ -134,10 +133,7 @@ pub fn import(
     };
     let tokens: Vec<String> = meta(&content, "tokenizer.ggml.tokens", gguf)?
         .to_vec()
-        .map_err(|e| Error::Config {
-            path: gguf.to_path_buf(),
-            message: e.to_string(),
-        })?
+        .map_err(|e| gguf_err(gguf, e))?
         .iter()
         .map(|v| v.to_string().cloned().unwrap_or_default())
         .collect();
@@ -298,10 +294,7 @@ pub fn import(
         "gpt2" => {
             let merges: Vec<(String, String)> = meta(&content, "tokenizer.ggml.merges", gguf)?
                 .to_vec()
-                .map_err(|e| Error::Config {
-                    path: gguf.to_path_buf(),
-                    message: e.to_string(),
-                })?
+                .map_err(|e| gguf_err(gguf, e))?
                 .iter()
                 .filter_map(|m| {
                     m.to_string().ok().and_then(|s| {

@@ -249,13 +249,8 @@ impl Adapter {
         device: &Device,
     ) -> Result<Self> {
         let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingFile {
-                what: "adapter_config.json",
-                path: cfg_path.clone(),
-            },
-            _ => Error::io("read", &cfg_path, e),
-        })?;
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| Error::missing_or_io("adapter_config.json", "read", &cfg_path, e))?;
         let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
             path: cfg_path.clone(),
             message: format!("not JSON: {e}"),
@@ -414,13 +409,8 @@ impl Adapter {
 /// Reads a safetensors file with every header size and offset checked (by the safetensors
 /// crate) before tensors are built. Errors name the file.
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
-    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::MissingFile {
-            what: "safetensors file",
-            path: path.to_path_buf(),
-        },
-        _ => Error::io("read", path, e),
-    })?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::missing_or_io("safetensors file", "read", path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Config {
         path: path.to_path_buf(),
         message: format!("not a valid safetensors file: {e}"),

@@ -30,13 +30,8 @@ impl Tok {
         eos: Option<u32>,
         add_bos: bool,
     ) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingFile {
-                what: "tokenizer.json",
-                path: path.to_path_buf(),
-            },
-            _ => Error::io("read", path, e),
-        })?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| Error::missing_or_io("tokenizer.json", "read", path, e))?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| Error::Config {
             path: path.to_path_buf(),
             message: format!("not a tokenizer.json: {e}"),
