@@ -108,31 +108,29 @@ fn build(
     device: &Device,
 ) -> Result<Model> {
     let c = &config;
-    let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
-        let (t, file) = tensors.remove(name).ok_or_else(|| Error::Config {
-            path: dir.to_path_buf(),
-            message: format!("missing tensor `{name}` (expected shape {shape:?})"),
-        })?;
-        if t.dims() != shape {
-            return Err(Error::Config {
-                path: file,
-                message: format!(
-                    "tensor `{name}` has shape {:?}, the config implies {shape:?}",
-                    t.dims()
-                ),
-            });
+    // Every tensor the config implies must be present with exactly that shape.
+    for (name, shape) in expected_shapes(c) {
+        match tensors.get(&name) {
+            None => {
+                return Err(Error::Config {
+                    path: dir.to_path_buf(),
+                    message: format!("missing tensor `{name}` (expected shape {shape:?})"),
+                })
+            }
+            Some((t, file)) if t.dims() != shape.as_slice() => {
+                return Err(Error::Config {
+                    path: file.clone(),
+                    message: format!(
+                        "tensor `{name}` has shape {:?}, the config implies {shape:?}",
+                        t.dims()
+                    ),
+                })
+            }
+            Some(_) => {}
         }
-        Ok(t)
-    };
+    }
+    let mut take = |name: &str| -> Tensor { tensors.remove(name).expect("checked above").0 };
     let gemma = c.arch == Arch::Gemma3;
-    let (h, hd, nh, nkv, ff, v) = (
-        c.hidden_size,
-        c.head_dim,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-        c.intermediate_size,
-        c.vocab_size,
-    );
     let norm = |t: Tensor| -> Result<RmsNorm> {
         let work = if dtype == DType::F64 {
             DType::F64
@@ -149,42 +147,37 @@ fn build(
             eps: c.rms_norm_eps,
         })
     };
-    let embed = take("model.embed_tokens.weight", &[v, h])?;
+    let embed = take("model.embed_tokens.weight");
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        let mut lin = |sub: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+        let mut lin = |sub: &str, bias: bool| -> Linear {
             let name = format!("{p}.{sub}");
-            let weight = take(&format!("{name}.weight"), &[out, inp])?;
-            let bias = if bias {
-                Some(take(&format!("{name}.bias"), &[out])?)
-            } else {
-                None
-            };
-            Ok(Linear { name, weight, bias })
+            let weight = take(&format!("{name}.weight"));
+            let bias = bias.then(|| take(&format!("{name}.bias")));
+            Linear { name, weight, bias }
         };
         let ab = c.attention_bias;
-        let q = lin("self_attn.q_proj", nh * hd, h, ab)?;
-        let k = lin("self_attn.k_proj", nkv * hd, h, ab)?;
-        let vv = lin("self_attn.v_proj", nkv * hd, h, ab)?;
-        let o = lin("self_attn.o_proj", h, nh * hd, false)?;
-        let gate = lin("mlp.gate_proj", ff, h, false)?;
-        let up = lin("mlp.up_proj", ff, h, false)?;
-        let down = lin("mlp.down_proj", h, ff, false)?;
-        let input_norm = norm(take(&format!("{p}.input_layernorm.weight"), &[h])?)?;
-        let post_attn_norm = norm(take(&format!("{p}.post_attention_layernorm.weight"), &[h])?)?;
+        let (q, k, vv) = (
+            lin("self_attn.q_proj", ab),
+            lin("self_attn.k_proj", ab),
+            lin("self_attn.v_proj", ab),
+        );
+        let o = lin("self_attn.o_proj", false);
+        let (gate, up, down) = (
+            lin("mlp.gate_proj", false),
+            lin("mlp.up_proj", false),
+            lin("mlp.down_proj", false),
+        );
+        let mut norm_of = |sub: &str| norm(take(&format!("{p}.{sub}.weight")));
+        let input_norm = norm_of("input_layernorm")?;
+        let post_attn_norm = norm_of("post_attention_layernorm")?;
         let (pre_ff_norm, post_ff_norm, q_norm, k_norm) = if gemma {
             (
-                Some(norm(take(
-                    &format!("{p}.pre_feedforward_layernorm.weight"),
-                    &[h],
-                )?)?),
-                Some(norm(take(
-                    &format!("{p}.post_feedforward_layernorm.weight"),
-                    &[h],
-                )?)?),
-                Some(norm(take(&format!("{p}.self_attn.q_norm.weight"), &[hd])?)?),
-                Some(norm(take(&format!("{p}.self_attn.k_norm.weight"), &[hd])?)?),
+                Some(norm_of("pre_feedforward_layernorm")?),
+                Some(norm_of("post_feedforward_layernorm")?),
+                Some(norm_of("self_attn.q_norm")?),
+                Some(norm_of("self_attn.k_norm")?),
             )
         } else {
             (None, None, None, None)
@@ -206,12 +199,12 @@ fn build(
             down,
         });
     }
-    let final_norm = norm(take("model.norm.weight", &[h])?)?;
+    let final_norm = norm(take("model.norm.weight"))?;
     let lm_head = if c.tie_word_embeddings {
         tensors.remove("lm_head.weight");
         None
     } else {
-        Some(take("lm_head.weight", &[v, h])?)
+        Some(take("lm_head.weight"))
     };
     for name in tensors.keys() {
         tracing::warn!(tensor = %name, "unused tensor in the model folder");

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 use super::config::{Arch, ModelConfig};
-use super::load::save_hf_folder;
+use super::load::{expected_shapes, save_hf_folder};
 use super::tokenizer::{byte_alphabet, byte_level_bpe_json, sentencepiece_bpe_json};
 use crate::error::Result;
 use crate::util::Rng;
@@ -112,76 +112,30 @@ fn uniform(rng: &mut Rng, shape: &[usize], lo: f64, hi: f64) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
 
-/// Random weights under HF names (Gemma norm weights stored as `w`, used as `1 + w`).
+/// Random weights under HF names, one per entry of [`expected_shapes`], in that order:
+/// embeddings U(-1, 1); linear weights U(-1/sqrt(in), 1/sqrt(in)); biases U(-0.1, 0.1); norm
+/// weights U(-0.2, 0.2) for Gemma (used as `1 + w`) and U(0.8, 1.2) otherwise.
 pub fn tiny_tensors(c: &ModelConfig, seed: u64) -> Result<BTreeMap<String, Tensor>> {
     let mut rng = Rng::new(seed);
-    let mut t = BTreeMap::new();
-    let (h, hd, nh, nkv, ff, v) = (
-        c.hidden_size,
-        c.head_dim,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-        c.intermediate_size,
-        c.vocab_size,
-    );
     let gemma = c.arch == Arch::Gemma3;
-    let (nlo, nhi) = if gemma { (-0.2, 0.2) } else { (0.8, 1.2) };
-    t.insert(
-        "model.embed_tokens.weight".to_string(),
-        uniform(&mut rng, &[v, h], -1.0, 1.0)?,
-    );
-    for i in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        let mut lin = |name: &str, out: usize, inp: usize, rng: &mut Rng| -> Result<()> {
-            let b = 1.0 / (inp as f64).sqrt();
-            t.insert(
-                format!("{p}.{name}.weight"),
-                uniform(rng, &[out, inp], -b, b)?,
-            );
-            Ok(())
+    let mut t = BTreeMap::new();
+    for (name, shape) in expected_shapes(c) {
+        let (lo, hi) = if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+            (-1.0, 1.0)
+        } else if name.ends_with("norm.weight") || name.ends_with("layernorm.weight") {
+            if gemma {
+                (-0.2, 0.2)
+            } else {
+                (0.8, 1.2)
+            }
+        } else if name.ends_with(".bias") {
+            (-0.1, 0.1)
+        } else {
+            let b = 1.0 / (shape[1] as f64).sqrt();
+            (-b, b)
         };
-        lin("self_attn.q_proj", nh * hd, h, &mut rng)?;
-        lin("self_attn.k_proj", nkv * hd, h, &mut rng)?;
-        lin("self_attn.v_proj", nkv * hd, h, &mut rng)?;
-        lin("self_attn.o_proj", h, nh * hd, &mut rng)?;
-        lin("mlp.gate_proj", ff, h, &mut rng)?;
-        lin("mlp.up_proj", ff, h, &mut rng)?;
-        lin("mlp.down_proj", h, ff, &mut rng)?;
-        if c.attention_bias {
-            for (n, out) in [
-                ("q_proj", nh * hd),
-                ("k_proj", nkv * hd),
-                ("v_proj", nkv * hd),
-            ] {
-                t.insert(
-                    format!("{p}.self_attn.{n}.bias"),
-                    uniform(&mut rng, &[out], -0.1, 0.1)?,
-                );
-            }
-        }
-        let mut norms = vec!["input_layernorm", "post_attention_layernorm"];
-        if gemma {
-            norms.extend(["pre_feedforward_layernorm", "post_feedforward_layernorm"]);
-        }
-        for n in norms {
-            t.insert(
-                format!("{p}.{n}.weight"),
-                uniform(&mut rng, &[h], nlo, nhi)?,
-            );
-        }
-        if gemma {
-            for n in ["q_norm", "k_norm"] {
-                t.insert(
-                    format!("{p}.self_attn.{n}.weight"),
-                    uniform(&mut rng, &[hd], nlo, nhi)?,
-                );
-            }
-        }
+        t.insert(name, uniform(&mut rng, &shape, lo, hi)?);
     }
-    t.insert(
-        "model.norm.weight".to_string(),
-        uniform(&mut rng, &[h], nlo, nhi)?,
-    );
     Ok(t)
 }
 
