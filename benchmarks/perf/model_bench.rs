@@ -48,7 +48,7 @@ fn loss(
         .map_err(candle_core::Error::wrap)?;
     let n = targets.len();
     let tg = Tensor::from_vec(targets, n, &model.device)?;
-    candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &tg)
+    mlbench::model::loss::cross_entropy(&logits, &tg).map_err(candle_core::Error::wrap)
 }
 
 fn main() -> anyhow::Result<()> {

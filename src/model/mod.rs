@@ -3,6 +3,7 @@
 //! - [`config`]: `config.json` -> validated [`config::ModelConfig`] (gemma3, llama, qwen2);
 //! - [`load`]: HF folder (safetensors, sharded or not) -> [`transformer::Model`];
 //! - [`transformer`]: the decoder; hidden states out, logits only at requested rows;
+//! - [`loss`]: token cross-entropy with a fused backward pass;
 //! - [`lora`]: PEFT-compatible LoRA adapters (init, save, strict load, merge);
 //! - [`tokenizer`]: `tokenizer.json`, lm-evaluation-harness pair encoding, tokenizer builders;
 //! - [`gguf`]: GGUF (llama.cpp) -> HF folder, with a tokenizer built from its vocabulary;
@@ -15,6 +16,7 @@ pub mod gguf;
 pub mod hub;
 pub mod load;
 pub mod lora;
+pub mod loss;
 pub mod score;
 pub mod tiny;
 pub mod tokenizer;
