@@ -43,12 +43,9 @@ fn loss(
             targets.push(r[t + 1]);
         }
     }
-    let logits = model
-        .logits_at(&h, &rows)
-        .map_err(candle_core::Error::wrap)?;
-    let n = targets.len();
-    let tg = Tensor::from_vec(targets, n, &model.device)?;
-    mlbench::model::loss::cross_entropy(&logits, &tg).map_err(candle_core::Error::wrap)
+    model
+        .loss_at(&h, &rows, &targets)
+        .map_err(candle_core::Error::wrap)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -498,6 +498,34 @@ impl Model {
         Ok(logits)
     }
 
+    /// Mean token cross-entropy of the logits at flat rows `rows` of `hidden: [B, T, H]`
+    /// against `targets` (one per row), without materialising all logits (see
+    /// [`super::loss::linear_cross_entropy`]); falls back to full logits when the model caps
+    /// its logits.
+    pub fn loss_at(&self, hidden: &Tensor, rows: &[u32], targets: &[u32]) -> Result<Tensor> {
+        if rows.len() != targets.len() || rows.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{} rows but {} targets",
+                rows.len(),
+                targets.len()
+            )));
+        }
+        let tg = Tensor::from_vec(targets.to_vec(), targets.len(), &self.device)?;
+        if self.config.final_logit_softcapping.is_some() {
+            return super::loss::cross_entropy(&self.logits_at(hidden, rows)?, &tg);
+        }
+        let (b, t, h) = hidden.dims3()?;
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= b * t) {
+            return Err(Error::Invalid(format!(
+                "row {r} is outside the batch of {b} x {t}"
+            )));
+        }
+        let idx = Tensor::from_vec(rows.to_vec(), rows.len(), &self.device)?;
+        let sel = hidden.reshape((b * t, h))?.index_select(&idx, 0)?;
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+        super::loss::linear_cross_entropy(&sel, w, &tg)
+    }
+
     /// Merges `adapter` into the base weights (`W += scaling * B A`, computed in f32).
     pub fn merge(&mut self, adapter: &Adapter) -> Result<()> {
         self.apply_delta(adapter, 1.0)
