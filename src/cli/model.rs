@@ -298,7 +298,7 @@ pub fn read_requests(path: &std::path::Path) -> Result<Vec<Request>, Error> {
     Ok(out)
 }
 
-pub fn run_score(g: &Global, a: ScoreArgs) -> anyhow::Result<()> {
+pub fn run_score(_g: &Global, a: ScoreArgs) -> anyhow::Result<()> {
     let reqs = read_requests(&a.requests)?;
     let m = a.model.load()?;
     let ad = load_adapter(&m, &a.adapter)?;
@@ -325,7 +325,6 @@ pub fn run_score(g: &Global, a: ScoreArgs) -> anyhow::Result<()> {
         Some(p) => write_bytes_atomic(p, &buf)?,
         None => std::io::stdout().write_all(&buf)?,
     }
-    let _ = g;
     Ok(())
 }
 

@@ -166,8 +166,7 @@ pub fn run(g: &Global, cmd: TasksCommand) -> anyhow::Result<()> {
                     println!("{i}: {:?}{mark}", spec.render(&spec.prompt.choice, &f)?);
                 }
             }
-            if let Some(ans) = &answer {
-                let _ = ans;
+            if answer.is_some() {
                 println!(
                     "--- training answer ---\n{:?}",
                     spec.render(&spec.prompt.answer, &fields)?
