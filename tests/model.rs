@@ -466,3 +466,58 @@ fn only_a_training_context_builds_a_gradient_graph() {
         "fused (eval) and differentiable (train) kernels differ by {d}"
     );
 }
+
+#[test]
+fn fused_training_kernels_give_the_plain_gradients() {
+    // f32 runs the fused rms-norm / rope / softmax kernels with hand-written backward passes;
+    // f64 runs plain differentiable ops (checked against finite differences above).
+    for arch in ARCHS {
+        let (_d64, m64) = tiny_model(arch, DType::F64);
+        let (_d32, m32) = tiny_model(arch, DType::F32);
+        let ids = sample_ids(&m64);
+        let ad64 = random_adapter(&m64.model, 13);
+        let mut ad32 = ad64.clone();
+        for p in ad32.pairs.values_mut() {
+            p.a = candle_core::Var::from_tensor(&p.a.as_tensor().to_dtype(DType::F32).unwrap())
+                .unwrap();
+            p.b = candle_core::Var::from_tensor(&p.b.as_tensor().to_dtype(DType::F32).unwrap())
+                .unwrap();
+        }
+        let (mut r1, mut r2) = (Rng::new(0), Rng::new(0));
+        let g64 = nll(&m64.model, &ids, &Ctx::train(&ad64, &mut r1))
+            .backward()
+            .unwrap();
+        let g32 = nll(&m32.model, &ids, &Ctx::train(&ad32, &mut r2))
+            .backward()
+            .unwrap();
+        for (name, p64) in &ad64.pairs {
+            let p32 = &ad32.pairs[name];
+            for (v64, v32) in [(&p64.a, &p32.a), (&p64.b, &p32.b)] {
+                let a: Vec<f64> = g64
+                    .get(v64.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let b: Vec<f32> = g32
+                    .get(v32.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let scale = a.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-6);
+                let worst = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| (x - f64::from(*y)).abs())
+                    .fold(0f64, f64::max);
+                assert!(
+                    worst / scale < 1e-3,
+                    "{arch:?} {name}: fused f32 gradient off by {worst} (scale {scale})"
+                );
+            }
+        }
+    }
+}

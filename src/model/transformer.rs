@@ -109,6 +109,76 @@ impl candle_core::CustomOp2 for FrozenMatmul {
     }
 }
 
+/// A value `y = f(x)` computed by a fused kernel without backward support, re-attached to `x`
+/// with a hand-written backward `grad_x = bwd(x, y, grad_y)`. The forward passes `y` through.
+struct WithGrad<F> {
+    bwd: F,
+}
+
+type BwdFn = dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync;
+
+impl<F> candle_core::CustomOp2 for WithGrad<F>
+where
+    F: Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync,
+{
+    fn name(&self) -> &'static str {
+        "with-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &candle_core::CpuStorage,
+        _lx: &candle_core::Layout,
+        y: &candle_core::CpuStorage,
+        ly: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((y.try_clone(ly)?, ly.shape().clone()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        _x: &candle_core::CudaStorage,
+        _lx: &candle_core::Layout,
+        y: &candle_core::CudaStorage,
+        ly: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((y.try_clone(ly)?, ly.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _y: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some((self.bwd)(&x.detach(), &res.detach(), grad)?), None))
+    }
+}
+
+/// Attaches `bwd` to a value `y` computed from `x` without a graph (when `x` is tracked).
+fn with_grad(x: &Tensor, y: Tensor, bwd: Box<BwdFn>) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(y);
+    }
+    Ok(x.apply_op2(&y.contiguous()?, WithGrad { bwd })?)
+}
+
+/// Fused softmax over the last dim; backward `x' = y * (g - sum(g * y))`.
+fn softmax_train(x: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::ops::softmax_last_dim(&x.detach())?;
+    with_grad(
+        x,
+        y,
+        Box::new(|_x, y, g| {
+            let s = (g * y)?.sum_keepdim(D::Minus1)?;
+            y * g.broadcast_sub(&s)?
+        }),
+    )
+}
+
 /// `x: [N, in]` times `w^T` (`w: [out, in]`), with a gradient for `x` only.
 fn frozen_matmul(x: &Tensor, w: &Tensor, training: bool) -> Result<Tensor> {
     if !training {
@@ -146,9 +216,13 @@ impl Linear {
                     }
                     _ => x.clone(),
                 };
-                let d = xin
-                    .matmul(&p.a.as_tensor().t()?)?
-                    .matmul(&p.b.as_tensor().t()?)?;
+                // Eval uses detached copies of A and B, so no gradient graph is built.
+                let (a, b) = if ctx.training() {
+                    (p.a.as_tensor().clone(), p.b.as_tensor().clone())
+                } else {
+                    (p.a.as_tensor().detach(), p.b.as_tensor().detach())
+                };
+                let d = xin.matmul(&a.t()?)?.matmul(&b.t()?)?;
                 y = (y + (d * ad.config.scaling())?)?;
             }
         }
@@ -173,17 +247,27 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// The fused candle kernel when no gradient is needed (`fast`), else [`RmsNorm::forward`].
+    /// The fused candle kernel when `fast` (not f64), else [`RmsNorm::forward`]. With a
+    /// gradient graph the fused kernel gets a hand-written backward:
+    /// `r = rsqrt(mean(x^2) + eps)`, `x' = r (g s) - x r^3 mean(g s x)`.
     pub fn run(&self, x: &Tensor, fast: bool) -> Result<Tensor> {
-        if fast {
-            Ok(candle_nn::ops::rms_norm(
-                &x.contiguous()?,
-                &self.scale,
-                self.eps as f32,
-            )?)
-        } else {
-            self.forward(x)
+        if !fast {
+            return self.forward(x);
         }
+        let y = candle_nn::ops::rms_norm(&x.detach().contiguous()?, &self.scale, self.eps as f32)?;
+        let (scale, eps) = (self.scale.clone(), self.eps);
+        with_grad(
+            x,
+            y,
+            Box::new(move |x, _y, g| {
+                let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+                let gs = g.broadcast_mul(&scale)?;
+                let m = (&gs * x)?.mean_keepdim(D::Minus1)?;
+                let a = gs.broadcast_mul(&r)?;
+                let b = x.broadcast_mul(&(r.powf(3.0)? * m)?)?;
+                a - b
+            }),
+        )
     }
 
     /// `x * rsqrt(mean(x^2, last) + eps) * scale`, computed in f32 (or f64) for low precisions.
@@ -397,8 +481,9 @@ impl Model {
         let c = &self.config;
         let (b, t) = (p.b, p.t);
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        // Fused kernels (no backward) when no gradient is needed; f64 keeps the plain ops.
-        let fast = !ctx.training() && self.dtype != DType::F64;
+        // Fused kernels (with hand-written backward passes when training); f64 keeps the plain
+        // differentiable ops, which the finite-difference tests check.
+        let fast = self.dtype != DType::F64;
         let h = l.input_norm.run(x, fast)?;
         let q = l.q.forward(&h, ctx)?.reshape((b, t, nh, hd))?;
         let k = l.k.forward(&h, ctx)?.reshape((b, t, nkv, hd))?;
@@ -438,7 +523,7 @@ impl Model {
         };
         let scores = scores.broadcast_add(mask)?;
         let probs = if fast {
-            candle_nn::ops::softmax_last_dim(&scores)?
+            softmax_train(&scores)?
         } else {
             candle_nn::ops::softmax(&scores, D::Minus1)?
         };
@@ -571,11 +656,16 @@ impl Model {
 /// candle's fused kernel when `fast`, plain differentiable ops otherwise.
 fn apply_rope(x: &Tensor, rt: &RopeTables, fast: bool) -> Result<Tensor> {
     if fast {
-        return Ok(candle_nn::rotary_emb::rope(
-            &x.contiguous()?,
-            &rt.cos_half,
-            &rt.sin_half,
-        )?);
+        // Rope is a rotation: its backward is the rotation by the opposite angle.
+        let y = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, &rt.cos_half, &rt.sin_half)?;
+        let (cos, neg_sin) = (rt.cos_half.clone(), rt.sin_half.neg()?);
+        return with_grad(
+            x,
+            y,
+            Box::new(move |_x, _y, g| {
+                candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)
+            }),
+        );
     }
     let (cos, sin) = (&rt.cos, &rt.sin);
     let hd = x.dim(D::Minus1)?;
