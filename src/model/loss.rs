@@ -6,58 +6,11 @@
 //! differentiating a chain of elementary ops: for Gemma's 262k vocabulary, candle's composite
 //! log-softmax keeps several vocabulary-sized copies alive and walks them many times.
 
-use candle_core::{CustomOp2, DType, Tensor, D};
+use candle_core::{DType, Tensor, D};
+
+use super::autograd::with_grad;
 
 use crate::error::Result;
-
-struct CrossEntropyGrad {
-    targets: Tensor,
-}
-
-impl CustomOp2 for CrossEntropyGrad {
-    fn name(&self) -> &'static str {
-        "fused-cross-entropy"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _z: &candle_core::CpuStorage,
-        _lz: &candle_core::Layout,
-        loss: &candle_core::CpuStorage,
-        ll: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        Ok((loss.try_clone(ll)?, ll.shape().clone()))
-    }
-
-    fn cuda_fwd(
-        &self,
-        _z: &candle_core::CudaStorage,
-        _lz: &candle_core::Layout,
-        loss: &candle_core::CudaStorage,
-        ll: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        Ok((loss.try_clone(ll)?, ll.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        z: &Tensor,
-        _loss: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let n = z.dim(0)?;
-        let zf = z.detach().to_dtype(DType::F32)?;
-        let p = candle_nn::ops::softmax_last_dim(&zf)?;
-        let minus_one = Tensor::full(-1f32, (n, 1), z.device())?;
-        let d = p.scatter_add(&self.targets.unsqueeze(1)?, &minus_one, 1)?;
-        let scale = (grad.to_dtype(DType::F32)? / n as f64)?;
-        let dz = d.broadcast_mul(&scale)?.to_dtype(z.dtype())?;
-        Ok((Some(dz), None))
-    }
-}
 
 /// Mean token cross-entropy of `logits: [N, V]` against `targets: [N]` (u32), as an f32 scalar
 /// whose backward pass is fused (see the module doc).
@@ -68,15 +21,19 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let lse = (z.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &m)?;
     let picked = z.gather(&targets.unsqueeze(1)?, 1)?;
     let loss = ((lse - picked)?.sum_all()? / n as f64)?;
-    if !logits.track_op() {
-        return Ok(loss);
-    }
-    Ok(logits.apply_op2(
-        &loss,
-        CrossEntropyGrad {
-            targets: targets.clone(),
-        },
-    )?)
+    let targets = targets.clone();
+    with_grad(
+        logits,
+        loss,
+        Box::new(move |z, _loss, g| {
+            let n = z.dim(0)?;
+            let p = candle_nn::ops::softmax_last_dim(&z.to_dtype(DType::F32)?)?;
+            let minus_one = Tensor::full(-1f32, (n, 1), z.device())?;
+            let d = p.scatter_add(&targets.unsqueeze(1)?, &minus_one, 1)?;
+            let scale = (g.to_dtype(DType::F32)? / n as f64)?;
+            d.broadcast_mul(&scale)?.to_dtype(z.dtype())
+        }),
+    )
 }
 
 /// Rows per chunk in [`linear_cross_entropy`]: 256 x 262,144 f32 logits are 256 MiB. Measured
@@ -85,72 +42,25 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// tokens/s and 10.1 GB with the full logits and the fused loss.
 const CHUNK_ROWS: usize = 256;
 
-struct LinearCrossEntropyGrad {
-    w: Tensor,
-    targets: Tensor,
-}
-
-impl LinearCrossEntropyGrad {
-    /// `d loss / d h` for rows `h: [N, H]`, recomputing the logits chunk by chunk.
-    fn grad_h(&self, h: &Tensor) -> candle_core::Result<Tensor> {
-        let n = h.dim(0)?;
-        let mut parts = Vec::with_capacity(n.div_ceil(CHUNK_ROWS));
-        let mut start = 0;
-        while start < n {
-            let len = CHUNK_ROWS.min(n - start);
-            let hc = h.narrow(0, start, len)?;
-            let z = hc.matmul(&self.w.t()?)?.to_dtype(DType::F32)?;
-            let p = candle_nn::ops::softmax_last_dim(&z)?;
-            let minus_one = Tensor::full(-1f32, (len, 1), h.device())?;
-            let tc = self.targets.narrow(0, start, len)?.unsqueeze(1)?;
-            let d = p
-                .scatter_add(&tc, &minus_one, 1)?
-                .to_dtype(self.w.dtype())?;
-            parts.push(d.matmul(&self.w)?);
-            start += len;
-        }
-        Tensor::cat(&parts, 0)? / n as f64
+/// `d loss / d h` for rows `h: [N, H]`, recomputing the logits chunk by chunk.
+fn linear_ce_grad(h: &Tensor, w: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let n = h.dim(0)?;
+    let mut parts = Vec::with_capacity(n.div_ceil(CHUNK_ROWS));
+    let mut start = 0;
+    while start < n {
+        let len = CHUNK_ROWS.min(n - start);
+        let z = h
+            .narrow(0, start, len)?
+            .matmul(&w.t()?)?
+            .to_dtype(DType::F32)?;
+        let p = candle_nn::ops::softmax_last_dim(&z)?;
+        let minus_one = Tensor::full(-1f32, (len, 1), h.device())?;
+        let tc = targets.narrow(0, start, len)?.unsqueeze(1)?;
+        let d = p.scatter_add(&tc, &minus_one, 1)?.to_dtype(w.dtype())?;
+        parts.push(d.matmul(w)?);
+        start += len;
     }
-}
-
-impl CustomOp2 for LinearCrossEntropyGrad {
-    fn name(&self) -> &'static str {
-        "fused-linear-cross-entropy"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _h: &candle_core::CpuStorage,
-        _lh: &candle_core::Layout,
-        loss: &candle_core::CpuStorage,
-        ll: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        Ok((loss.try_clone(ll)?, ll.shape().clone()))
-    }
-
-    fn cuda_fwd(
-        &self,
-        _h: &candle_core::CudaStorage,
-        _lh: &candle_core::Layout,
-        loss: &candle_core::CudaStorage,
-        ll: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        Ok((loss.try_clone(ll)?, ll.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        h: &Tensor,
-        _loss: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dh = self.grad_h(&h.detach())?;
-        let g = grad.to_dtype(dh.dtype())?;
-        Ok((Some(dh.broadcast_mul(&g)?), None))
-    }
+    Tensor::cat(&parts, 0)? / n as f64
 }
 
 /// Mean cross-entropy of the logits `h W^T` (`h: [N, H]` hidden rows, `w: [V, H]` a frozen
@@ -176,16 +86,15 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<
         start += len;
     }
     let loss = (total / n as f64)?;
-    if !h.track_op() {
-        return Ok(loss);
-    }
-    Ok(h.apply_op2(
-        &loss,
-        LinearCrossEntropyGrad {
-            w: w.clone(),
-            targets: targets.clone(),
-        },
-    )?)
+    let (w, targets) = (w.clone(), targets.clone());
+    with_grad(
+        h,
+        loss,
+        Box::new(move |h, _loss, g| {
+            let dh = linear_ce_grad(h, &w, &targets)?;
+            dh.broadcast_mul(&g.to_dtype(dh.dtype())?)
+        }),
+    )
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Stage 3 of the data's journey: the language model.
 //!
+//! - [`autograd`]: hand-written backward passes re-attached to fused or graph-free values;
 //! - [`config`]: `config.json` -> validated [`config::ModelConfig`] (gemma3, llama, qwen2);
 //! - [`load`]: HF folder (safetensors, sharded or not) -> [`transformer::Model`];
 //! - [`transformer`]: the decoder; hidden states out, logits only at requested rows;
@@ -11,6 +12,7 @@
 //! - [`tiny`]: tiny random models of each architecture for tests;
 //! - [`score`]: log-likelihood requests and greedy generation.
 
+pub mod autograd;
 pub mod config;
 pub mod gguf;
 pub mod hub;

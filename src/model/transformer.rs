@@ -18,6 +18,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::autograd::with_grad;
 use super::config::{Arch, LayerKind, ModelConfig};
 use super::lora::{Adapter, ModuleInfo};
 use crate::error::{Error, Result};
@@ -62,110 +63,6 @@ impl<'a> Ctx<'a> {
     }
 }
 
-/// `x W^T` for a frozen `W`, as a custom op whose backward returns only the gradient of `x`
-/// (`grad W`). candle's own matmul backward also computes the weight gradient, which for frozen
-/// base weights is wasted work and memory (for Gemma's 262k x 640 output matrix alone, 671 MB).
-/// The product is computed by candle's matmul on a detached `x` and passed through as `arg2`.
-struct FrozenMatmul {
-    /// `[out, in]`
-    w: Tensor,
-}
-
-impl candle_core::CustomOp2 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _x: &candle_core::CpuStorage,
-        _lx: &candle_core::Layout,
-        y: &candle_core::CpuStorage,
-        ly: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        Ok((y.try_clone(ly)?, ly.shape().clone()))
-    }
-
-    fn cuda_fwd(
-        &self,
-        _x: &candle_core::CudaStorage,
-        _lx: &candle_core::Layout,
-        y: &candle_core::CudaStorage,
-        ly: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        Ok((y.try_clone(ly)?, ly.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(&self.w)?), None))
-    }
-}
-
-/// A value `y = f(x)` computed by a fused kernel without backward support, re-attached to `x`
-/// with a hand-written backward `grad_x = bwd(x, y, grad_y)`. The forward passes `y` through.
-struct WithGrad<F> {
-    bwd: F,
-}
-
-type BwdFn = dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync;
-
-impl<F> candle_core::CustomOp2 for WithGrad<F>
-where
-    F: Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync,
-{
-    fn name(&self) -> &'static str {
-        "with-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _x: &candle_core::CpuStorage,
-        _lx: &candle_core::Layout,
-        y: &candle_core::CpuStorage,
-        ly: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        Ok((y.try_clone(ly)?, ly.shape().clone()))
-    }
-
-    fn cuda_fwd(
-        &self,
-        _x: &candle_core::CudaStorage,
-        _lx: &candle_core::Layout,
-        y: &candle_core::CudaStorage,
-        ly: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        Ok((y.try_clone(ly)?, ly.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _y: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some((self.bwd)(&x.detach(), &res.detach(), grad)?), None))
-    }
-}
-
-/// Attaches `bwd` to a value `y` computed from `x` without a graph (when `x` is tracked).
-fn with_grad(x: &Tensor, y: Tensor, bwd: Box<BwdFn>) -> Result<Tensor> {
-    if !x.track_op() {
-        return Ok(y);
-    }
-    Ok(x.apply_op2(&y.contiguous()?, WithGrad { bwd })?)
-}
-
 /// Fused softmax over the last dim; backward `x' = y * (g - sum(g * y))`.
 fn softmax_train(x: &Tensor) -> Result<Tensor> {
     let y = candle_nn::ops::softmax_last_dim(&x.detach())?;
@@ -179,13 +76,17 @@ fn softmax_train(x: &Tensor) -> Result<Tensor> {
     )
 }
 
-/// `x: [N, in]` times `w^T` (`w: [out, in]`), with a gradient for `x` only.
+/// `x: [N, in]` times `w^T` (`w: [out, in]`) for a frozen `w`, with a gradient for `x` only
+/// (`x' = g w`). candle's own matmul backward also computes the weight gradient, which for
+/// frozen base weights is wasted work and memory (for Gemma's 262k x 640 output matrix alone,
+/// 671 MB per step).
 fn frozen_matmul(x: &Tensor, w: &Tensor, training: bool) -> Result<Tensor> {
+    let y = x.detach().matmul(&w.t()?)?;
     if !training {
-        return Ok(x.matmul(&w.t()?)?);
+        return Ok(y);
     }
-    let y = x.detach().matmul(&w.t()?)?.contiguous()?;
-    Ok(x.apply_op2(&y, FrozenMatmul { w: w.clone() })?)
+    let w = w.clone();
+    with_grad(x, y, Box::new(move |_x, _y, g| g.matmul(&w)))
 }
 
 impl Linear {
