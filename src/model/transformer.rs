@@ -465,9 +465,9 @@ impl Model {
         l.down.forward(&(a * u)?, ctx)
     }
 
-    /// Logits `[N, vocab]` at flat rows `b * T + t` of `hidden: [B, T, H]`. When `hidden`
-    /// carries a gradient graph, the output matrix gets no gradient of its own.
-    pub fn logits_at(&self, hidden: &Tensor, rows: &[u32]) -> Result<Tensor> {
+    /// Hidden rows `[N, H]` at flat rows `b * T + t` of `hidden: [B, T, H]`, with the output
+    /// matrix `[vocab, H]` they are multiplied by.
+    fn select_rows(&self, hidden: &Tensor, rows: &[u32]) -> Result<(Tensor, &Tensor)> {
         let (b, t, h) = hidden.dims3()?;
         if let Some(&r) = rows.iter().find(|&&r| r as usize >= b * t) {
             return Err(Error::Invalid(format!(
@@ -476,7 +476,13 @@ impl Model {
         }
         let idx = Tensor::from_vec(rows.to_vec(), rows.len(), &self.device)?;
         let sel = hidden.reshape((b * t, h))?.index_select(&idx, 0)?;
-        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+        Ok((sel, self.lm_head.as_ref().unwrap_or(&self.embed)))
+    }
+
+    /// Logits `[N, vocab]` at flat rows `b * T + t` of `hidden: [B, T, H]`. When `hidden`
+    /// carries a gradient graph, the output matrix gets no gradient of its own.
+    pub fn logits_at(&self, hidden: &Tensor, rows: &[u32]) -> Result<Tensor> {
+        let (sel, w) = self.select_rows(hidden, rows)?;
         let mut logits = frozen_matmul(&sel, w, sel.track_op())?;
         if let Some(cap) = self.config.final_logit_softcapping {
             logits = ((logits / cap)?.tanh()? * cap)?;
@@ -500,15 +506,7 @@ impl Model {
         if self.config.final_logit_softcapping.is_some() {
             return super::loss::cross_entropy(&self.logits_at(hidden, rows)?, &tg);
         }
-        let (b, t, h) = hidden.dims3()?;
-        if let Some(&r) = rows.iter().find(|&&r| r as usize >= b * t) {
-            return Err(Error::Invalid(format!(
-                "row {r} is outside the batch of {b} x {t}"
-            )));
-        }
-        let idx = Tensor::from_vec(rows.to_vec(), rows.len(), &self.device)?;
-        let sel = hidden.reshape((b * t, h))?.index_select(&idx, 0)?;
-        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let (sel, w) = self.select_rows(hidden, rows)?;
         super::loss::linear_cross_entropy(&sel, w, &tg)
     }
 
