@@ -109,6 +109,27 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// Several problems found at once (a configuration checked before a run starts).
+    #[error("{} problem{} in {context}:\n  - {}", .problems.len(), if .problems.len() == 1 { "" } else { "s" }, .problems.join("\n  - "))]
+    Problems {
+        context: String,
+        problems: Vec<String>,
+    },
+
+    /// Training produced a NaN or infinite loss; the last good checkpoint is kept.
+    #[error("{what} is {value} at step {step} ({unit}, {stage}); stopped. The last good checkpoint (if any) is kept: lower the learning rate or check the data, then rerun or --resume")]
+    NonFinite {
+        what: &'static str,
+        value: f64,
+        step: usize,
+        unit: String,
+        stage: String,
+    },
+
+    /// The run was interrupted (Ctrl-C) after writing a checkpoint.
+    #[error("interrupted at step {step}; checkpoint written to {path}: continue with --resume")]
+    Interrupted { step: usize, path: PathBuf },
+
     /// A checksum or manifest check failed.
     #[error("{path}: {message}")]
     Verify { path: PathBuf, message: String },
@@ -139,7 +160,11 @@ impl Error {
     /// failures (exit status 1).
     pub fn is_user_error(&self) -> bool {
         match self {
-            Error::Polars(_) | Error::Json(_) | Error::Candle(_) => false,
+            Error::Polars(_)
+            | Error::Json(_)
+            | Error::Candle(_)
+            | Error::NonFinite { .. }
+            | Error::Interrupted { .. } => false,
             Error::Io { source, .. } => matches!(
                 source.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied

@@ -9,6 +9,7 @@ pub mod data;
 pub mod error;
 pub mod model;
 pub mod tasks;
+pub mod train;
 pub mod util;
 
 pub use error::{Error, Result};

@@ -24,12 +24,19 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = cli::run(cli) {
+        let interrupted = e
+            .chain()
+            .any(|c| matches!(c.downcast_ref(), Some(mlbench::Error::Interrupted { .. })));
         let user = e
             .chain()
             .find_map(|c| c.downcast_ref::<mlbench::Error>())
             .map(mlbench::Error::is_user_error)
             .unwrap_or(false);
         eprintln!("error: {e:#}");
-        std::process::exit(if user { 2 } else { 1 });
+        std::process::exit(match (interrupted, user) {
+            (true, _) => 130,
+            (false, true) => 2,
+            (false, false) => 1,
+        });
     }
 }

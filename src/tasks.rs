@@ -377,6 +377,110 @@ impl TaskSpec {
     }
 }
 
+/// One example rendered through a spec: what training and scoring consume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    pub id: String,
+    pub lang_code: String,
+    /// The prompt (everything before the answer).
+    pub context: String,
+    /// The gold continuation (the `answer` template), when the example has a gold answer.
+    pub answer: Option<String>,
+    /// The scored continuation of every option (multiple choice; empty for generation).
+    pub choices: Vec<String>,
+    /// Index of the gold option in `choices`.
+    pub gold: Option<usize>,
+}
+
+impl Fields for crate::data::schema::Example {
+    fn field(&self, name: &str) -> Option<String> {
+        match name {
+            "text" => Some(self.text.clone()),
+            "question" => self.question.clone(),
+            "target" => self.target.clone(),
+            "rationale" => self.rationale.clone(),
+            "lang" => Some(self.lang.clone()),
+            "lang_code" => Some(self.lang_code.clone()),
+            "id" => Some(self.id.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl TaskSpec {
+    /// The option words of an example: the spec's label words, else the example's choices.
+    pub fn option_words(&self, ex: &crate::data::schema::Example) -> Vec<String> {
+        self.prompt
+            .label_words
+            .clone()
+            .or_else(|| ex.choices.clone())
+            .unwrap_or_default()
+    }
+
+    /// Renders the context, gold answer and (for multiple choice) every option's continuation.
+    /// Errors name the example when its label is outside the options.
+    pub fn render_example(&self, ex: &crate::data::schema::Example) -> Result<Rendered> {
+        let words = self.option_words(ex);
+        let gold = match ex.label {
+            Some(y) if y < 0 || y as usize >= words.len() => {
+                return Err(Error::Invalid(format!(
+                    "task `{}`: example `{}` ({}) has label {y} but only {} options",
+                    self.name,
+                    ex.id,
+                    ex.lang_code,
+                    words.len()
+                )))
+            }
+            Some(y) => Some(y as usize),
+            None => None,
+        };
+        let answer_word = match gold {
+            Some(y) => Some(words[y].clone()),
+            None => ex.target.clone(),
+        };
+        let with = |extra: &[(&str, Option<String>)]| {
+            let extra: Vec<(String, Option<String>)> = extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            move |name: &str| -> Option<String> {
+                match extra.iter().find(|(k, _)| k == name) {
+                    Some((_, v)) => v.clone(),
+                    None => ex.field(name),
+                }
+            }
+        };
+        let base = with(&[("answer", answer_word.clone())]);
+        let context = self.render(&self.prompt.template, &base)?;
+        let answer = match &answer_word {
+            Some(_) => Some(self.render(&self.prompt.answer, &base)?),
+            None => None,
+        };
+        let choices = if self.scoring == Scoring::MultipleChoice {
+            words
+                .iter()
+                .map(|w| {
+                    let f = with(&[
+                        ("answer", answer_word.clone()),
+                        ("choice", Some(w.clone())),
+                    ]);
+                    self.render(&self.prompt.choice, &f)
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(Rendered {
+            id: ex.id.clone(),
+            lang_code: ex.lang_code.clone(),
+            context,
+            answer,
+            choices,
+            gold,
+        })
+    }
+}
+
 /// Where a task's spec lives.
 pub fn spec_path(data_dir: &Path, task: &str) -> PathBuf {
     data_dir.join("tasks").join(format!("{task}.toml"))

@@ -274,3 +274,13 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"ok");
     }
 }
+
+/// `mlbench <version>` plus the git commit it was built from, when known.
+pub fn code_version() -> String {
+    let commit = env!("MLBENCH_GIT_COMMIT");
+    if commit.is_empty() {
+        format!("mlbench {}", env!("CARGO_PKG_VERSION"))
+    } else {
+        format!("mlbench {} (git {commit})", env!("CARGO_PKG_VERSION"))
+    }
+}

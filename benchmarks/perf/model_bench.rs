@@ -5,6 +5,9 @@
 //! forward with logits at every position, a train step with the loss on every position, and a
 //! train step with the loss on the last 4 tokens of each row (logits only there).
 //! Run: cargo run --release --example model_bench -- models/gemma-3-270m [steps]
+//! Device and dtype: MLBENCH_DEVICE=cpu|cuda|cuda:N (default cpu; cuda needs `--features cuda`)
+//! and MLBENCH_DTYPE=f32|bf16|f16 (default f32). Base weights and LoRA weights use that dtype.
+//! On CUDA every timed step ends with a device synchronize.
 
 use std::time::Instant;
 
@@ -56,8 +59,13 @@ fn main() -> anyhow::Result<()> {
         .cloned()
         .unwrap_or_else(|| "models/gemma-3-270m".into());
     let steps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let dev_name = std::env::var("MLBENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let dtype_name = std::env::var("MLBENCH_DTYPE").unwrap_or_else(|_| "f32".into());
+    let device: Device = mlbench::model::parse_device(&dev_name)?;
+    let dtype: DType = mlbench::model::parse_dtype(&dtype_name)?;
     let t0 = Instant::now();
-    let m = mlbench::model::load(&dir, DType::F32, &Device::Cpu)?;
+    let m = mlbench::model::load(&dir, dtype, &device)?;
+    device.synchronize()?;
     let load_s = t0.elapsed().as_secs_f64();
     let model = &m.model;
     let mut rng = Rng::new(0);
@@ -80,9 +88,11 @@ fn main() -> anyhow::Result<()> {
         use_rslora: false,
         base_model_name_or_path: None,
     };
-    let ad = Adapter::new("bench", cfg, &model.modules(), 0, DType::F32, &Device::Cpu)?;
+    let ad = Adapter::new("bench", cfg, &model.modules(), 0, dtype, &device)?;
     let threads = candle_core::utils::get_num_threads();
-    println!("model={dir} load_s={load_s:.2} threads={threads} batch={B}x{T} steps={steps}");
+    println!(
+        "model={dir} device={dev_name} dtype={dtype_name} load_s={load_s:.2} threads={threads} batch={B}x{T} steps={steps}"
+    );
 
     let mask = vec![vec![1u8; T]; B];
     let inputs: Vec<Vec<u32>> = ids.iter().map(|r| r[..T].to_vec()).collect();
@@ -92,7 +102,12 @@ fn main() -> anyhow::Result<()> {
         let h = model.hidden(&inputs, &mask, &Ctx::eval(Some(&ad)))?;
         let rows: Vec<u32> = (0..(B * T) as u32).collect();
         let l = model.logits_at(&h, &rows)?;
-        let _ = l.max(D::Minus1)?.sum_all()?.to_scalar::<f32>()?;
+        let _ = l
+            .max(D::Minus1)?
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        device.synchronize()?;
         if i >= 2 {
             times.push(t.elapsed().as_secs_f64());
         }
@@ -120,7 +135,8 @@ fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             let l = loss(model, &ad, &ids, last)?;
             opt.backward_step(&l)?;
-            lv = l.to_scalar::<f32>()?;
+            lv = l.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            device.synchronize()?;
             if i >= 2 {
                 times.push(t.elapsed().as_secs_f64());
             }
@@ -129,7 +145,12 @@ fn main() -> anyhow::Result<()> {
         // B starts at zero: a non-zero norm shows the optimizer received gradients.
         let mut b_sq = 0f32;
         for p in ad.pairs.values() {
-            b_sq += p.b.as_tensor().sqr()?.sum_all()?.to_scalar::<f32>()?;
+            b_sq +=
+                p.b.as_tensor()
+                    .to_dtype(DType::F32)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f32>()?;
         }
         println!(
             "{name} tokens_per_s={:.1} step_s={s:.3} loss={lv:.3} lora_b_norm={:.5}",

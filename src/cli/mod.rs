@@ -5,6 +5,7 @@ mod data;
 mod model;
 mod table;
 mod tasks;
+mod train;
 
 use std::path::PathBuf;
 
@@ -53,6 +54,8 @@ pub enum Command {
     Score(model::ScoreArgs),
     /// Greedy continuation of prompts.
     Generate(model::GenerateArgs),
+    /// Train adapters: the LoRA baselines and MeTA-LoRA (writes a run folder).
+    Train(Box<train::TrainArgs>),
 }
 
 impl Global {
@@ -83,6 +86,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Adapter(c) => model::run_adapter(&cli.global, c),
         Command::Score(a) => model::run_score(&cli.global, a),
         Command::Generate(a) => model::run_generate(&cli.global, a),
+        Command::Train(a) => train::run(&cli.global, *a),
     }
 }
 

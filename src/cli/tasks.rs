@@ -84,93 +84,50 @@ pub fn run(g: &Global, cmd: TasksCommand) -> anyhow::Result<()> {
             let df = schema::load(&path, None)?;
             let mask = df.column("lang")?.str()?.equal(e.lang.as_str())
                 & df.column("split")?.str()?.equal(split.as_str());
-            let df = df.filter(&mask)?;
-            let ids = df.column("id")?.str()?.clone();
-            let row = match &a.id {
-                Some(id) => (0..df.height())
-                    .find(|&i| ids.get(i) == Some(id.as_str()))
+            let rows = schema::from_frame(&df.filter(&mask)?)?;
+            let ex = match &a.id {
+                Some(id) => rows
+                    .iter()
+                    .find(|r| &r.id == id)
                     .ok_or_else(|| Error::Unknown {
                         kind: "example id",
                         code: id.clone(),
                         scope: format!(" in {}/{} split `{split}`", a.task, e.lang_code),
                         suggestions: vec![],
                     })?,
-                None if df.height() > 0 => 0,
-                None => {
-                    return Err(Error::MissingSplit {
+                None => rows.first().ok_or_else(|| {
+                    let in_lang = df.column("lang").and_then(|c| c.str().cloned());
+                    let mut available: Vec<String> = match (in_lang, df.column("split")) {
+                        (Ok(l), Ok(sp)) => l
+                            .iter()
+                            .zip(sp.str().into_iter().flat_map(|c| c.iter()))
+                            .filter(|(l, _)| *l == Some(e.lang.as_str()))
+                            .filter_map(|(_, s)| s.map(str::to_string))
+                            .collect(),
+                        _ => vec![],
+                    };
+                    available.sort();
+                    available.dedup();
+                    Error::MissingSplit {
                         task: a.task.clone(),
                         lang: e.lang_code.clone(),
-                        split,
-                        available: vec![],
+                        split: split.clone(),
+                        available,
                     }
-                    .into())
-                }
+                })?,
             };
-            let get = |name: &str| -> Option<String> {
-                df.column(name)
-                    .ok()?
-                    .str()
-                    .ok()?
-                    .get(row)
-                    .map(str::to_string)
-            };
-            let choices: Vec<String> = df
-                .column("choices")?
-                .list()?
-                .get_as_series(row)
-                .and_then(|s| {
-                    s.str()
-                        .ok()
-                        .map(|s| s.iter().flatten().map(str::to_string).collect())
-                })
-                .unwrap_or_default();
-            let words = spec
-                .prompt
-                .label_words
-                .clone()
-                .unwrap_or_else(|| choices.clone());
-            let label = df.column("label")?.cast(&DataType::Int64)?.i64()?.get(row);
-            let answer = match label {
-                Some(y) => words.get(y as usize).cloned(),
-                None => get("target"),
-            };
-            let fields = |name: &str| -> Option<String> {
-                if name == "answer" {
-                    return answer.clone();
-                }
-                get(name)
-            };
-            let context = spec.render(&spec.prompt.template, &fields)?;
-            println!(
-                "# {}/{} {} id {}",
-                a.task,
-                e.lang_code,
-                split,
-                ids.get(row).unwrap_or("")
-            );
-            println!("--- context ---\n{context}");
-            if !words.is_empty() {
+            let r = spec.render_example(ex)?;
+            println!("# {}/{} {} id {}", a.task, e.lang_code, split, r.id);
+            println!("--- context ---\n{}", r.context);
+            if !r.choices.is_empty() {
                 println!("--- choices ---");
-                for (i, w) in words.iter().enumerate() {
-                    let f = |name: &str| -> Option<String> {
-                        if name == "choice" {
-                            return Some(w.clone());
-                        }
-                        fields(name)
-                    };
-                    let mark = if Some(i as i64) == label {
-                        " (gold)"
-                    } else {
-                        ""
-                    };
-                    println!("{i}: {:?}{mark}", spec.render(&spec.prompt.choice, &f)?);
+                for (i, c) in r.choices.iter().enumerate() {
+                    let mark = if r.gold == Some(i) { " (gold)" } else { "" };
+                    println!("{i}: {c:?}{mark}");
                 }
             }
-            if answer.is_some() {
-                println!(
-                    "--- training answer ---\n{:?}",
-                    spec.render(&spec.prompt.answer, &fields)?
-                );
+            if let Some(ans) = &r.answer {
+                println!("--- training answer ---\n{ans:?}");
             }
             Ok(())
         }

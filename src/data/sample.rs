@@ -202,7 +202,7 @@ pub fn task_languages(path: &Path) -> Result<Vec<LangEntry>> {
 }
 
 /// Which codes of `req.langs` apply to `task` (`task:code` entries are scoped).
-fn codes_for(task: &str, langs: &[String]) -> Vec<String> {
+pub fn codes_for(task: &str, langs: &[String]) -> Vec<String> {
     langs
         .iter()
         .filter_map(|c| match c.split_once(':') {
@@ -426,7 +426,8 @@ fn list_lengths(s: &Series) -> Result<Vec<usize>> {
     Ok(out)
 }
 
-fn splits_of(path: &Path, lang_name: &str) -> Result<Vec<String>> {
+/// The splits one language of a task file has, sorted.
+pub fn splits_of(path: &Path, lang_name: &str) -> Result<Vec<String>> {
     let df = collect(
         scan(path)?
             .filter(col("lang").eq(lit(lang_name.to_string())))

@@ -313,3 +313,44 @@ pub fn load(path: &Path, expected_task: Option<&str>) -> Result<DataFrame> {
     validate(&df, path, expected_task)?;
     Ok(df)
 }
+
+/// The rows of a canonical frame as [`Example`]s, in frame order (the inverse of [`to_frame`]).
+pub fn from_frame(df: &DataFrame) -> Result<Vec<Example>> {
+    let s = |name: &str| -> Result<StringChunked> { Ok(df.column(name)?.str()?.clone()) };
+    let (task, lang, lang_code, split, id, text) = (
+        s("task")?,
+        s("lang")?,
+        s("lang_code")?,
+        s("split")?,
+        s("id")?,
+        s("text")?,
+    );
+    let (question, target, rationale) = (s("question")?, s("target")?, s("rationale")?);
+    let label = df.column("label")?.cast(&DataType::Int64)?;
+    let label = label.i64()?;
+    let choices = df.column("choices")?.list()?.clone();
+    let mut out = Vec::with_capacity(df.height());
+    for (row, ch) in choices.amortized_iter().enumerate() {
+        let ch = ch.map(|c| -> Result<Vec<String>> {
+            Ok(c.as_ref()
+                .str()?
+                .iter()
+                .map(|x| x.unwrap_or("").to_string())
+                .collect())
+        });
+        out.push(Example {
+            task: task.get(row).unwrap_or("").to_string(),
+            lang: lang.get(row).unwrap_or("").to_string(),
+            lang_code: lang_code.get(row).unwrap_or("").to_string(),
+            split: split.get(row).unwrap_or("").to_string(),
+            id: id.get(row).unwrap_or("").to_string(),
+            text: text.get(row).unwrap_or("").to_string(),
+            question: question.get(row).map(str::to_string),
+            choices: ch.transpose()?,
+            label: label.get(row),
+            target: target.get(row).map(str::to_string),
+            rationale: rationale.get(row).map(str::to_string),
+        });
+    }
+    Ok(out)
+}

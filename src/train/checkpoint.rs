@@ -1,0 +1,168 @@
+//! Checkpoints: the whole mutable state of a run (phase, step, adapter weights, optimizer
+//! moments, counters and the step log so far) in a folder `checkpoint/` that is replaced
+//! atomically: written beside it as `checkpoint.tmp/`, then swapped in by renames, so a crash at
+//! any moment leaves either the old or the new checkpoint whole.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::optim::{AdamParams, AdamW};
+use crate::error::{Error, Result};
+use crate::model::lora::{read_safetensors, Adapter};
+use crate::util::write_bytes_atomic;
+
+/// One row of the per-step log (`log.parquet`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogRow {
+    /// Optimizer step (meta-iteration for meta methods), 0-based, within its phase.
+    pub step: u64,
+    /// The task unit (empty for rows about a whole shared step).
+    pub task: String,
+    /// `train`, `support`, `query`, `outer` or `adapt`.
+    pub stage: String,
+    /// Stage-1 step index (0 elsewhere).
+    pub inner: u32,
+    pub loss: f64,
+    pub lr: Option<f64>,
+    pub grad_norm: Option<f64>,
+    /// Tokens run through the model (prompt + answer).
+    pub tokens: u64,
+    pub seconds: f64,
+}
+
+/// Examples and tokens a task unit contributed to gradients.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Seen {
+    pub examples: u64,
+    pub tokens: u64,
+    pub answer_tokens: u64,
+}
+
+/// Scalar part of a checkpoint (`state.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Fingerprint of the configuration the run was started with.
+    pub config_hash: String,
+    /// Phase: 0 is the main training; per-task methods count units from 0 as well, and
+    /// `meta-lora+tta` numbers its adaptation phases 1..=N.
+    pub phase: usize,
+    /// Steps done in the phase.
+    pub step: usize,
+    pub adam_t: u64,
+    pub seen: BTreeMap<String, Seen>,
+    pub log: Vec<LogRow>,
+    /// Wall seconds of the run before this checkpoint.
+    pub elapsed: f64,
+}
+
+/// Where a run's checkpoint lives.
+pub fn dir(out: &Path) -> PathBuf {
+    out.join("checkpoint")
+}
+
+/// Writes a checkpoint of `adapter`, `opt` and `meta` atomically.
+pub fn save(out: &Path, adapter: &Adapter, opt: Option<&AdamW>, meta: &Meta) -> Result<()> {
+    let final_dir = dir(out);
+    let tmp = out.join("checkpoint.tmp");
+    let old = out.join("checkpoint.old");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("remove", &tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io("create directory", &tmp, e))?;
+    let mut t: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (name, p) in &adapter.pairs {
+        t.insert(format!("adapter.{name}.A"), p.a.as_tensor().clone());
+        t.insert(format!("adapter.{name}.B"), p.b.as_tensor().clone());
+    }
+    if let Some(o) = opt {
+        for (i, (m, v)) in o.m.iter().zip(&o.v).enumerate() {
+            t.insert(format!("adam.{i:05}.m"), m.clone());
+            t.insert(format!("adam.{i:05}.v"), v.clone());
+        }
+    }
+    crate::model::load::save_safetensors(&tmp.join("state.safetensors"), &t)?;
+    write_bytes_atomic(&tmp.join("state.json"), &serde_json::to_vec(meta)?)?;
+    if final_dir.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io("remove", &old, e))?;
+        }
+        std::fs::rename(&final_dir, &old).map_err(|e| Error::io("rename", &final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io("rename", &tmp, e))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io("remove", &old, e))?;
+    }
+    Ok(())
+}
+
+/// The checkpoint folder to resume from: `checkpoint/`, or `checkpoint.old/` when a crash
+/// happened between the two renames of [`save`].
+pub fn find(out: &Path) -> Option<PathBuf> {
+    [dir(out), out.join("checkpoint.old")]
+        .into_iter()
+        .find(|d| d.join("state.json").exists() && d.join("state.safetensors").exists())
+}
+
+/// Reads a checkpoint into `adapter` (same modules and shapes) and returns the optimizer
+/// (when one was saved) and the scalar state.
+pub fn load(
+    ckpt: &Path,
+    adapter: &Adapter,
+    adam: Option<AdamParams>,
+    device: &Device,
+) -> Result<(Option<AdamW>, Meta)> {
+    let jp = ckpt.join("state.json");
+    let text =
+        std::fs::read_to_string(&jp).map_err(|e| Error::missing_or_io("checkpoint", "read", &jp, e))?;
+    let meta: Meta = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: jp.clone(),
+        message: format!("not a checkpoint state: {e}"),
+    })?;
+    let sp = ckpt.join("state.safetensors");
+    let tensors: BTreeMap<String, Tensor> = read_safetensors(&sp, device)?.into_iter().collect();
+    let bad = |m: String| Error::Config {
+        path: sp.clone(),
+        message: m,
+    };
+    for (name, p) in &adapter.pairs {
+        for (which, var) in [("A", &p.a), ("B", &p.b)] {
+            let key = format!("adapter.{name}.{which}");
+            let t = tensors
+                .get(&key)
+                .ok_or_else(|| bad(format!("missing tensor `{key}`")))?;
+            if t.dims() != var.dims() {
+                return Err(bad(format!(
+                    "tensor `{key}` has shape {:?}, the adapter needs {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
+    }
+    let opt = match adam {
+        None => None,
+        Some(params) => {
+            let vars = adapter.vars();
+            let mut o = AdamW::new(&vars, params)?;
+            o.t = meta.adam_t;
+            for (i, v) in vars.iter().enumerate() {
+                for (which, slot) in [("m", &mut o.m[i]), ("v", &mut o.v[i])] {
+                    let key = format!("adam.{i:05}.{which}");
+                    let t = tensors
+                        .get(&key)
+                        .ok_or_else(|| bad(format!("missing tensor `{key}`")))?;
+                    if t.dims() != v.dims() {
+                        return Err(bad(format!("tensor `{key}` has the wrong shape")));
+                    }
+                    *slot = t.clone();
+                }
+            }
+            Some(o)
+        }
+    };
+    Ok((opt, meta))
+}

@@ -1,0 +1,399 @@
+//! The training configuration: one struct that a TOML file or the command line fills, every
+//! default of `../shared/docs/method.md` marked "ours" included, checked as a whole before a run
+//! starts (every problem listed at once) and recorded in the run manifest.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A training method (see `method.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Method {
+    /// One shared LoRA on the union of all tasks' full train splits.
+    #[serde(rename = "lora-full")]
+    LoraFull,
+    /// One shared LoRA on the union of the K-example pools.
+    #[serde(rename = "lora-k")]
+    LoraK,
+    /// One LoRA per task on its K-example pool.
+    #[serde(rename = "lora-per-task-k")]
+    LoraPerTaskK,
+    /// MeTA-LoRA (first-order, two stages): the shared adapter.
+    #[serde(rename = "meta-lora")]
+    MetaLora,
+    /// MeTA-LoRA, then every task's adapter adapted on its pool for `inner_steps` steps.
+    #[serde(rename = "meta-lora+tta")]
+    MetaLoraTta,
+    /// Ablation: per-task adapters from the LoRA init, `inner_steps` stage-1 steps on the pool.
+    #[serde(rename = "stage1-only")]
+    Stage1Only,
+    /// Ablation: MeTA-LoRA with `inner_steps = 0` (multi-task LoRA on query batches).
+    #[serde(rename = "stage2-only")]
+    Stage2Only,
+}
+
+/// Every method with its name.
+pub const METHODS: &[(&str, Method)] = &[
+    ("lora-full", Method::LoraFull),
+    ("lora-k", Method::LoraK),
+    ("lora-per-task-k", Method::LoraPerTaskK),
+    ("meta-lora", Method::MetaLora),
+    ("meta-lora+tta", Method::MetaLoraTta),
+    ("stage1-only", Method::Stage1Only),
+    ("stage2-only", Method::Stage2Only),
+];
+
+impl Method {
+    /// Parses a method name (`meta-lora-k` and `meta-lora-k+tta` are accepted as the names
+    /// the method table of `method.md` uses).
+    pub fn parse(s: &str) -> Result<Method> {
+        let s = match s {
+            "meta-lora-k" => "meta-lora",
+            "meta-lora-k+tta" => "meta-lora+tta",
+            other => other,
+        };
+        METHODS
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, m)| *m)
+            .ok_or_else(|| Error::Unknown {
+                kind: "method",
+                code: s.to_string(),
+                scope: format!(
+                    " (known: {})",
+                    METHODS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                ),
+                suggestions: crate::util::suggestions(s, METHODS.iter().map(|(n, _)| *n)),
+            })
+    }
+
+    pub fn name(self) -> &'static str {
+        METHODS
+            .iter()
+            .find(|(_, m)| *m == self)
+            .map(|(n, _)| *n)
+            .expect("every method is listed")
+    }
+
+    /// Uses K-example pools (everything except `lora-full`).
+    pub fn uses_pools(self) -> bool {
+        self != Method::LoraFull
+    }
+
+    /// Runs the meta-learning loop.
+    pub fn is_meta(self) -> bool {
+        matches!(
+            self,
+            Method::MetaLora | Method::MetaLoraTta | Method::Stage2Only
+        )
+    }
+
+    /// Writes one adapter per task.
+    pub fn per_task(self) -> bool {
+        matches!(
+            self,
+            Method::LoraPerTaskK | Method::Stage1Only | Method::MetaLoraTta
+        )
+    }
+}
+
+/// What one task of a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unit {
+    /// Multilingual scenario: one task per (dataset, language).
+    Lang,
+    /// Multi-task scenario: one task per dataset (its languages' pools joined).
+    Dataset,
+}
+
+/// Optimizer of the stage-1 (inner) steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InnerOptimizer {
+    Sgd,
+    Adam,
+}
+
+/// How the query gradients of a meta-batch are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Aggregate {
+    Mean,
+    Sum,
+}
+
+/// A training run's full configuration. Field names are the TOML keys; the command line's
+/// flags are the same names with `-` for `_`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub method: String,
+    /// Local HF folder or Hub id.
+    pub model: String,
+    pub tasks: Vec<String>,
+    /// Language codes (any form `mlbench data sample` takes); `all` for every language.
+    pub langs: Vec<String>,
+    /// Budget per (task, language); not used by `lora-full`.
+    pub k: Option<usize>,
+    pub seed: u64,
+    pub unit: Unit,
+    pub device: String,
+    pub dtype: String,
+    // LoRA
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    /// Module names (PEFT list matching).
+    pub lora_targets: Vec<String>,
+    /// Also target the MLP projections (gate, up, down).
+    pub lora_mlp: bool,
+    pub use_rslora: bool,
+    // Shared loop
+    /// Peak learning rate of the (outer) AdamW.
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Fraction of the steps spent warming up linearly; cosine decay after.
+    pub warmup: f64,
+    /// Global gradient-norm clip (0 disables).
+    pub clip: f64,
+    /// Examples per optimizer step (LoRA methods).
+    pub batch_size: usize,
+    /// Examples per forward pass; `batch_size / micro_batch` steps are accumulated.
+    pub micro_batch: usize,
+    /// How many times each training example is seen, on average (sets the number of steps and
+    /// of meta-iterations).
+    pub passes: f64,
+    /// Longest sequence in tokens; longer prompts lose tokens from the left.
+    pub max_len: usize,
+    // MeTA-LoRA
+    /// Stage-1 steps `s` (forced to 0 by `stage2-only`).
+    pub inner_steps: usize,
+    pub inner_lr: f64,
+    pub inner_optimizer: InnerOptimizer,
+    /// Tasks per meta-batch `n` (default: min(tasks, 8)).
+    pub tasks_per_batch: Option<usize>,
+    pub n_support: usize,
+    pub n_query: usize,
+    pub aggregate: Aggregate,
+    /// Meta-iterations `M` (default: enough for `passes` over every pool).
+    pub meta_iterations: Option<usize>,
+    // Robustness
+    /// Checkpoint every this many optimizer steps (0: only at the end and on Ctrl-C).
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            method: "meta-lora".into(),
+            model: String::new(),
+            tasks: vec![],
+            langs: vec![],
+            k: None,
+            seed: 0,
+            unit: Unit::Lang,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            lora_r: 8,
+            lora_alpha: 16.0,
+            lora_dropout: 0.05,
+            lora_targets: ["q_proj", "k_proj", "v_proj", "o_proj"]
+                .map(String::from)
+                .to_vec(),
+            lora_mlp: false,
+            use_rslora: false,
+            lr: 2e-4,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            warmup: 0.05,
+            clip: 1.0,
+            batch_size: 8,
+            micro_batch: 8,
+            passes: 5.0,
+            max_len: 256,
+            inner_steps: 3,
+            inner_lr: 1e-3,
+            inner_optimizer: InnerOptimizer::Sgd,
+            tasks_per_batch: None,
+            n_support: 4,
+            n_query: 4,
+            aggregate: Aggregate::Mean,
+            meta_iterations: None,
+            checkpoint_every: 50,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML file (unknown keys are errors naming the file).
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::missing_or_io("training config", "read", path, e))?;
+        toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The method, parsed.
+    pub fn method(&self) -> Result<Method> {
+        Method::parse(&self.method)
+    }
+
+    /// The stage-1 steps the method runs (`stage2-only`: 0).
+    pub fn effective_inner_steps(&self) -> usize {
+        match self.method() {
+            Ok(Method::Stage2Only) => 0,
+            _ => self.inner_steps,
+        }
+    }
+
+    /// The LoRA configuration in PEFT terms.
+    pub fn lora(&self) -> crate::model::lora::LoraConfig {
+        let mut targets = self.lora_targets.clone();
+        if self.lora_mlp {
+            for m in ["gate_proj", "up_proj", "down_proj"] {
+                if !targets.iter().any(|t| t == m) {
+                    targets.push(m.to_string());
+                }
+            }
+        }
+        crate::model::lora::LoraConfig {
+            r: self.lora_r,
+            lora_alpha: self.lora_alpha,
+            lora_dropout: self.lora_dropout,
+            target_modules: crate::model::lora::Targets::List(targets),
+            use_rslora: self.use_rslora,
+            base_model_name_or_path: Some(self.model.clone()),
+        }
+    }
+
+    /// Checks everything that can be checked without data, listing every problem.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let method = match self.method() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                p.push(e.to_string());
+                None
+            }
+        };
+        if self.model.trim().is_empty() {
+            p.push("no model: give --model (an HF folder or a Hub id)".into());
+        }
+        if self.tasks.is_empty() {
+            p.push("no task: give --task".into());
+        }
+        if self.langs.is_empty() {
+            p.push("no language: give --langs (codes, or `all`)".into());
+        }
+        if let Some(m) = method {
+            match (m.uses_pools(), self.k) {
+                (true, None) => p.push(format!("method `{}` needs a budget: give --k", m.name())),
+                (true, Some(0)) => p.push("k must be at least 1".into()),
+                (false, Some(k)) => p.push(format!(
+                    "method `lora-full` trains on the full train splits; drop --k {k} (or use lora-k)"
+                )),
+                _ => {}
+            }
+            if m.is_meta() || m == Method::MetaLoraTta {
+                if let Some(k) = self.k {
+                    if self.n_support + self.n_query > k {
+                        p.push(format!(
+                            "n_support ({}) + n_query ({}) = {} is larger than k = {k}: support and query sets are disjoint subsets of a pool",
+                            self.n_support,
+                            self.n_query,
+                            self.n_support + self.n_query
+                        ));
+                    }
+                }
+                if self.n_query == 0 {
+                    p.push("n_query must be at least 1".into());
+                }
+                if self.effective_inner_steps() > 0 && self.n_support == 0 {
+                    p.push("n_support must be at least 1 when inner_steps > 0".into());
+                }
+                if let Some(0) = self.tasks_per_batch {
+                    p.push("tasks_per_batch must be at least 1".into());
+                }
+                if let Some(0) = self.meta_iterations {
+                    p.push("meta_iterations must be at least 1".into());
+                }
+            }
+            if matches!(m, Method::Stage1Only | Method::MetaLoraTta) && self.inner_steps == 0 {
+                p.push(format!(
+                    "method `{}` adapts with inner_steps stage-1 steps; inner_steps is 0",
+                    m.name()
+                ));
+            }
+        }
+        let positive = |name: &str, v: f64, p: &mut Vec<String>| {
+            if !(v.is_finite() && v > 0.0) {
+                p.push(format!("{name} must be a positive number (got {v})"));
+            }
+        };
+        positive("lr", self.lr, &mut p);
+        positive("inner_lr", self.inner_lr, &mut p);
+        positive("passes", self.passes, &mut p);
+        positive("eps", self.eps, &mut p);
+        positive("lora_alpha", self.lora_alpha, &mut p);
+        if !(0.0..1.0).contains(&self.warmup) {
+            p.push(format!("warmup must be in [0, 1) (got {})", self.warmup));
+        }
+        for (n, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                p.push(format!("{n} must be in [0, 1) (got {b})"));
+            }
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            p.push(format!(
+                "weight_decay must be >= 0 (got {})",
+                self.weight_decay
+            ));
+        }
+        if !(self.clip >= 0.0 && self.clip.is_finite()) {
+            p.push(format!("clip must be >= 0 (got {})", self.clip));
+        }
+        if self.batch_size == 0 || self.micro_batch == 0 {
+            p.push("batch_size and micro_batch must be at least 1".into());
+        } else if self.micro_batch > self.batch_size {
+            p.push(format!(
+                "micro_batch ({}) is larger than batch_size ({})",
+                self.micro_batch, self.batch_size
+            ));
+        }
+        if self.max_len < 8 {
+            p.push(format!("max_len must be at least 8 (got {})", self.max_len));
+        }
+        if self.lora_r == 0 {
+            p.push("lora_r must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            p.push(format!(
+                "lora_dropout must be in [0, 1) (got {})",
+                self.lora_dropout
+            ));
+        }
+        if self.lora_targets.is_empty() && !self.lora_mlp {
+            p.push("lora_targets is empty".into());
+        }
+        if let Err(e) = crate::model::parse_dtype(&self.dtype) {
+            p.push(e.to_string());
+        }
+        if !(self.device == "cpu" || self.device == "cuda" || self.device.starts_with("cuda:")) {
+            p.push(format!(
+                "unknown device `{}` (use cpu, cuda or cuda:N)",
+                self.device
+            ));
+        }
+        p
+    }
+}

@@ -1,0 +1,216 @@
+//! Training data: task specs + canonical datasets + the sampler's pools in, one [`TaskUnit`]
+//! per task of the run out (its examples in pool order and their token sequences).
+//!
+//! Everything is checked before any sequence is built, and every problem (unknown task or
+//! language, missing train split, K larger than a split, an example the template cannot render)
+//! is reported at once.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use polars::prelude::*;
+use rayon::prelude::*;
+
+use super::config::{TrainConfig, Unit};
+use super::step::Seq;
+use crate::data::schema::{self, Example};
+use crate::data::{lang, sample};
+use crate::error::{Error, Result};
+use crate::model::tokenizer::Tok;
+use crate::tasks::TaskSpec;
+
+/// One task of a run (a (dataset, language) pair, or a dataset in the multi-task scenario).
+#[derive(Debug, Clone)]
+pub struct TaskUnit {
+    /// `sib200/swh_Latn` or `sib200`.
+    pub name: String,
+    pub task: String,
+    /// Normalised language codes it covers.
+    pub langs: Vec<String>,
+    /// The examples: a pool in draw order, or the whole train split in file order.
+    pub examples: Vec<Example>,
+    /// Token sequences, one per example.
+    pub seqs: Vec<Seq>,
+    /// Sequences whose prompt (or answer) was cut to fit `max_len`.
+    pub truncated: usize,
+}
+
+impl TaskUnit {
+    /// A name that is safe as a folder name (`sib200.swh_Latn`).
+    pub fn dir_name(&self) -> String {
+        self.name.replace('/', ".")
+    }
+}
+
+/// Loads, checks, samples and tokenises the training data of `cfg`.
+pub fn load_units(data_dir: &Path, cfg: &TrainConfig, tok: &Tok) -> Result<Vec<TaskUnit>> {
+    let method = cfg.method()?;
+    let mut problems: Vec<String> = Vec::new();
+    // (task, lang_code, examples of the train split)
+    let mut per_lang: Vec<(String, String, Vec<Example>)> = Vec::new();
+    let mut specs: HashMap<String, TaskSpec> = HashMap::new();
+    for task in &cfg.tasks {
+        let spec = match TaskSpec::for_task(data_dir, task) {
+            Ok(s) => s,
+            Err(e) => {
+                problems.push(e.to_string());
+                continue;
+            }
+        };
+        let path = match sample::dataset_path(data_dir, spec.dataset()) {
+            Ok(p) => p,
+            Err(e) => {
+                problems.push(e.to_string());
+                continue;
+            }
+        };
+        let entries = sample::task_languages(&path)?;
+        let codes = sample::codes_for(task, &cfg.langs);
+        if codes.is_empty() {
+            problems.push(format!("no language given for task `{task}`"));
+            continue;
+        }
+        let chosen = match lang::resolve_list(task, &codes, &entries) {
+            Ok(c) => c,
+            Err(e) => {
+                problems.push(e.to_string());
+                continue;
+            }
+        };
+        let df = schema::load(&path, None)?;
+        let split = spec.train_split.clone();
+        let mask = df.column("split")?.str()?.equal(split.as_str());
+        let rows = schema::from_frame(&df.filter(&mask)?)?;
+        for e in chosen {
+            let ex: Vec<Example> = rows.iter().filter(|r| r.lang == e.lang).cloned().collect();
+            if ex.is_empty() {
+                let available = sample::splits_of(&path, &e.lang)?;
+                problems.push(
+                    Error::MissingSplit {
+                        task: task.clone(),
+                        lang: e.lang_code.clone(),
+                        split: split.clone(),
+                        available,
+                    }
+                    .to_string(),
+                );
+                continue;
+            }
+            if let (true, Some(k)) = (method.uses_pools(), cfg.k) {
+                if k > ex.len() {
+                    problems.push(
+                        Error::BudgetTooLarge {
+                            task: task.clone(),
+                            lang: e.lang_code.clone(),
+                            split: split.clone(),
+                            k,
+                            available: ex.len(),
+                        }
+                        .to_string(),
+                    );
+                    continue;
+                }
+            }
+            if let Some(bad) = ex.iter().find_map(|x| spec.render_example(x).err()) {
+                problems.push(format!("{bad} (split `{split}`)"));
+                continue;
+            }
+            if let Some(x) = ex
+                .iter()
+                .find(|x| x.label.is_none() && x.target.is_none())
+            {
+                problems.push(format!(
+                    "task `{task}`: example `{}` ({}) has neither a label nor a target to train on",
+                    x.id, e.lang_code
+                ));
+                continue;
+            }
+            per_lang.push((task.clone(), e.lang_code.clone(), ex));
+        }
+        specs.insert(task.clone(), spec);
+    }
+    if !problems.is_empty() {
+        return Err(Error::Problems {
+            context: "the training data".into(),
+            problems,
+        });
+    }
+    // Pools: the sampler's draw order, first K.
+    if let (true, Some(k)) = (method.uses_pools(), cfg.k) {
+        for (task, code, ex) in per_lang.iter_mut() {
+            let spec = &specs[task.as_str()];
+            let req = sample::PoolRequest {
+                tasks: vec![spec.dataset().to_string()],
+                langs: vec![code.clone()],
+                ks: vec![k],
+                seed: cfg.seed,
+                split: spec.train_split.clone(),
+                aligned: false,
+            };
+            let mut pool = sample::sample_pools(data_dir, &req)?;
+            pool.sort_by_key(|r| r.draw);
+            let by_id: HashMap<&str, &Example> = ex.iter().map(|x| (x.id.as_str(), x)).collect();
+            let picked: Vec<Example> = pool
+                .iter()
+                .map(|r| {
+                    by_id.get(r.id.as_str()).map(|x| (*x).clone()).ok_or_else(|| {
+                        Error::Invalid(format!("pool id `{}` of {task}/{code} not in the data", r.id))
+                    })
+                })
+                .collect::<Result<_>>()?;
+            *ex = picked;
+        }
+    }
+    // Units.
+    let mut units: Vec<TaskUnit> = Vec::new();
+    for (task, code, ex) in per_lang {
+        let name = match cfg.unit {
+            Unit::Lang => format!("{task}/{code}"),
+            Unit::Dataset => task.clone(),
+        };
+        match units.iter_mut().find(|u| u.name == name) {
+            Some(u) => {
+                u.langs.push(code);
+                u.examples.extend(ex);
+            }
+            None => units.push(TaskUnit {
+                name,
+                task,
+                langs: vec![code],
+                examples: ex,
+                seqs: vec![],
+                truncated: 0,
+            }),
+        }
+    }
+    for u in units.iter_mut() {
+        let spec = &specs[u.task.as_str()];
+        let built: Vec<(Seq, bool)> = u
+            .examples
+            .par_iter()
+            .map(|x| {
+                let r = spec.render_example(x)?;
+                let answer = r.answer.unwrap_or_default();
+                let (c, a) = tok.encode_pair(&r.context, &answer)?;
+                if a.is_empty() {
+                    return Err(Error::Invalid(format!(
+                        "task `{}`: the answer of example `{}` ({}) has no tokens",
+                        u.task, x.id, x.lang_code
+                    )));
+                }
+                Ok(Seq::build(&c, &a, cfg.max_len, tok.add_bos))
+            })
+            .collect::<Result<_>>()?;
+        u.truncated = built.iter().filter(|(_, t)| *t).count();
+        u.seqs = built.into_iter().map(|(s, _)| s).collect();
+        if u.truncated > 0 {
+            tracing::warn!(
+                unit = %u.name,
+                truncated = u.truncated,
+                max_len = cfg.max_len,
+                "sequences cut to max_len"
+            );
+        }
+    }
+    Ok(units)
+}

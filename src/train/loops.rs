@@ -1,0 +1,684 @@
+//! The training loops: the shared LoRA loop (lora-full, lora-k, and per task for
+//! lora-per-task-k), the first-order MeTA-LoRA loop (meta-lora, stage2-only, and the first phase
+//! of meta-lora+tta) and stage-1 adaptation (stage1-only, the tta phases).
+//!
+//! In: the model, the task units, the configuration. Out: PEFT adapter folders under the run
+//! folder, the step log and per-unit counts. Every random choice (batch order, task sampling,
+//! support/query split, dropout masks) is drawn from a stream derived from the run seed and the
+//! step, so a run is a pure function of its configuration and a resumed run continues bit-exactly
+//! from the checkpoint's weights and optimizer moments.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+
+use super::checkpoint::{self, LogRow, Meta, Seen};
+use super::config::{Aggregate, InnerOptimizer, Method, TrainConfig};
+use super::data::TaskUnit;
+use super::optim::{clip, lr_at, sgd_step, AdamParams, AdamW};
+use super::step::{grads, Grads, Seq};
+use crate::data::sample::support_query;
+use crate::error::{Error, Result};
+use crate::model::lora::Adapter;
+use crate::model::transformer::Model;
+use crate::util::{derive_seed, Rng};
+
+/// What the progress display gets after every step.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// `lora`, `meta`, `adapt` and the unit for per-task phases.
+    pub phase: String,
+    pub step: usize,
+    pub total: usize,
+    pub loss: f64,
+    pub tokens_per_s: f64,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Optimizer steps (meta-iterations for meta methods) of the main phase(s).
+    pub steps: usize,
+    pub seen: BTreeMap<String, Seen>,
+    pub log: Vec<LogRow>,
+    pub elapsed: f64,
+}
+
+/// A deep copy of an adapter (fresh variables; changing one leaves the other alone).
+pub fn copy_adapter(a: &Adapter) -> Result<Adapter> {
+    let mut b = a.clone();
+    for p in b.pairs.values_mut() {
+        p.a = Var::from_tensor(&p.a.as_tensor().detach())?;
+        p.b = Var::from_tensor(&p.b.as_tensor().detach())?;
+    }
+    Ok(b)
+}
+
+/// The fresh adapter every method starts from (the same init for a seed).
+pub fn init_adapter(model: &Model, cfg: &TrainConfig, name: &str) -> Result<Adapter> {
+    Adapter::new(
+        name,
+        cfg.lora(),
+        &model.modules(),
+        derive_seed(cfg.seed, &["lora-init"]),
+        model.dtype,
+        &model.device,
+    )
+}
+
+fn adam_params(cfg: &TrainConfig) -> AdamParams {
+    AdamParams {
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        weight_decay: cfg.weight_decay,
+    }
+}
+
+/// The batches of the shared LoRA loop over the examples of `units[us]`: epochs of seeded
+/// shuffles, length-bucketed (groups of 8 batches sorted by length, cut, then the epoch's batches
+/// shuffled), until `passes` x examples have been scheduled. Items are `(unit, example)`.
+pub fn plan_batches(
+    units: &[TaskUnit],
+    us: &[usize],
+    cfg: &TrainConfig,
+    scope: &str,
+) -> Vec<Vec<(usize, usize)>> {
+    let items: Vec<(usize, usize)> = us
+        .iter()
+        .flat_map(|&u| (0..units[u].seqs.len()).map(move |i| (u, i)))
+        .collect();
+    if items.is_empty() {
+        return vec![];
+    }
+    let target = (cfg.passes * items.len() as f64).ceil() as usize;
+    let steps = target.div_ceil(cfg.batch_size);
+    let mut plan: Vec<Vec<(usize, usize)>> = Vec::with_capacity(steps);
+    let mut epoch = 0u64;
+    while plan.len() < steps {
+        let mut rng = Rng::new(derive_seed(cfg.seed, &["epoch", scope, &epoch.to_string()]));
+        let mut order = items.clone();
+        rng.shuffle(&mut order);
+        let mut batches: Vec<Vec<(usize, usize)>> = Vec::new();
+        for group in order.chunks(cfg.batch_size * 8) {
+            let mut g = group.to_vec();
+            g.sort_by_key(|&(u, i)| units[u].seqs[i].ids.len());
+            batches.extend(g.chunks(cfg.batch_size).map(<[_]>::to_vec));
+        }
+        rng.shuffle(&mut batches);
+        plan.extend(batches);
+        epoch += 1;
+    }
+    plan.truncate(steps);
+    plan
+}
+
+/// Meta-iterations of a run: `meta_iterations`, or enough for every pool example to appear
+/// about `passes` times in a support or query set.
+pub fn meta_iterations(cfg: &TrainConfig, units: &[TaskUnit]) -> usize {
+    if let Some(m) = cfg.meta_iterations {
+        return m;
+    }
+    let pool: usize = units.iter().map(|u| u.seqs.len()).sum();
+    let n = tasks_per_batch(cfg, units.len());
+    let per_iter = n * (cfg.n_support + cfg.n_query);
+    ((cfg.passes * pool as f64) / per_iter.max(1) as f64).ceil().max(1.0) as usize
+}
+
+/// Tasks per meta-batch: `tasks_per_batch`, default min(N, 8), never more than N.
+pub fn tasks_per_batch(cfg: &TrainConfig, n_units: usize) -> usize {
+    cfg.tasks_per_batch.unwrap_or(8).min(n_units).max(1)
+}
+
+fn sorted_by_len<'s>(mut v: Vec<&'s Seq>) -> Vec<&'s Seq> {
+    v.sort_by_key(|s| s.ids.len());
+    v
+}
+
+fn check_finite(g: &Grads, step: usize, unit: &str, stage: &str) -> Result<()> {
+    if !g.loss.is_finite() {
+        return Err(Error::NonFinite {
+            what: "the loss",
+            value: g.loss,
+            step,
+            unit: unit.to_string(),
+            stage: stage.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// `s` stage-1 steps from a copy of `start` on `seqs` (all of them each step): SGD with
+/// `inner_lr`, or Adam (fresh moments, no weight decay). Returns the adapted copy.
+#[allow(clippy::too_many_arguments)]
+pub fn adapt(
+    model: &Model,
+    start: &Adapter,
+    seqs: &[&Seq],
+    steps: usize,
+    cfg: &TrainConfig,
+    seed_key: &[&str],
+    mut on_inner: impl FnMut(usize, &Grads, f64) -> Result<()>,
+) -> Result<Adapter> {
+    let a = copy_adapter(start)?;
+    if steps == 0 {
+        return Ok(a);
+    }
+    let vars = a.vars();
+    let mut adam = match cfg.inner_optimizer {
+        InnerOptimizer::Sgd => None,
+        InnerOptimizer::Adam => Some(AdamW::new(
+            &vars,
+            AdamParams {
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.eps,
+                weight_decay: 0.0,
+            },
+        )?),
+    };
+    for j in 0..steps {
+        let mut key: Vec<&str> = seed_key.to_vec();
+        let js = j.to_string();
+        key.extend(["inner", &js]);
+        let t0 = Instant::now();
+        let g = grads(model, &a, seqs, cfg.micro_batch, derive_seed(cfg.seed, &key))?;
+        match adam.as_mut() {
+            None => sgd_step(&vars, &g.grads, cfg.inner_lr)?,
+            Some(o) => o.step(&vars, &g.grads, cfg.inner_lr)?,
+        }
+        on_inner(j, &g, t0.elapsed().as_secs_f64())?;
+    }
+    Ok(a)
+}
+
+/// One task of a meta-batch: its unit index and support and query sequences.
+pub struct MetaTask<'s> {
+    pub unit: usize,
+    pub support: Vec<&'s Seq>,
+    pub query: Vec<&'s Seq>,
+}
+
+/// The result of one meta-batch: the aggregated query gradient and what was seen.
+pub struct MetaGrad {
+    pub grads: Vec<Tensor>,
+    /// Mean query loss over the tasks.
+    pub query_loss: f64,
+    pub rows: Vec<LogRow>,
+    /// `(unit, input tokens, answer tokens, examples)` per task.
+    pub counts: Vec<(usize, u64, u64, u64)>,
+}
+
+/// Stage 1 and stage 2 for one meta-batch at shared weights `theta`: each task adapts a copy of
+/// `theta` with `inner_steps` steps on its support set, then contributes the query-set gradient
+/// at its adapted weights; the gradients are averaged (or summed). First-order: nothing flows
+/// through the inner steps.
+pub fn meta_gradient(
+    model: &Model,
+    theta: &Adapter,
+    tasks: &[MetaTask],
+    units: &[TaskUnit],
+    cfg: &TrainConfig,
+    step: usize,
+) -> Result<MetaGrad> {
+    let s = cfg.effective_inner_steps();
+    let st = step.to_string();
+    let mut acc: Option<Vec<Tensor>> = None;
+    let mut rows = Vec::new();
+    let mut counts = Vec::new();
+    let mut qloss = 0f64;
+    for t in tasks {
+        let name = units[t.unit].name.as_str();
+        let mut support_tokens = 0u64;
+        let mut support_answer = 0u64;
+        let adapted;
+        let at: &Adapter = if s == 0 {
+            theta
+        } else {
+            let sup = sorted_by_len(t.support.clone());
+            adapted = adapt(model, theta, &sup, s, cfg, &["meta", &st, name], |j, g, secs| {
+                check_finite(g, step, name, "support")?;
+                support_tokens += g.input_tokens as u64;
+                support_answer += g.tokens as u64;
+                rows.push(LogRow {
+                    step: step as u64,
+                    task: name.to_string(),
+                    stage: "support".into(),
+                    inner: j as u32,
+                    loss: g.loss,
+                    lr: Some(cfg.inner_lr),
+                    grad_norm: None,
+                    tokens: g.input_tokens as u64,
+                    seconds: secs,
+                });
+                Ok(())
+            })?;
+            &adapted
+        };
+        let t1 = Instant::now();
+        let q = sorted_by_len(t.query.clone());
+        let g = grads(
+            model,
+            at,
+            &q,
+            cfg.micro_batch,
+            derive_seed(cfg.seed, &["meta", &st, name, "query"]),
+        )?;
+        check_finite(&g, step, name, "query")?;
+        qloss += g.loss;
+        rows.push(LogRow {
+            step: step as u64,
+            task: name.to_string(),
+            stage: "query".into(),
+            inner: 0,
+            loss: g.loss,
+            lr: None,
+            grad_norm: None,
+            tokens: g.input_tokens as u64,
+            seconds: t1.elapsed().as_secs_f64(),
+        });
+        counts.push((
+            t.unit,
+            support_tokens + g.input_tokens as u64,
+            support_answer + g.tokens as u64,
+            (t.support.len() * usize::from(s > 0) + t.query.len()) as u64,
+        ));
+        acc = Some(match acc {
+            None => g.grads,
+            Some(a) => a
+                .iter()
+                .zip(&g.grads)
+                .map(|(x, y)| x + y)
+                .collect::<candle_core::Result<_>>()?,
+        });
+    }
+    let n = tasks.len().max(1) as f64;
+    let mut grads = acc.ok_or_else(|| Error::Invalid("a meta-batch needs a task".into()))?;
+    if cfg.aggregate == Aggregate::Mean {
+        grads = grads
+            .iter()
+            .map(|g| g / n)
+            .collect::<candle_core::Result<_>>()?;
+    }
+    Ok(MetaGrad {
+        grads,
+        query_loss: qloss / n,
+        rows,
+        counts,
+    })
+}
+
+/// The tasks of meta-iteration `m`: `n` units drawn without replacement, each with its
+/// support/query split of that iteration.
+pub fn meta_batch<'u>(units: &'u [TaskUnit], cfg: &TrainConfig, m: usize) -> Result<Vec<MetaTask<'u>>> {
+    let n = tasks_per_batch(cfg, units.len());
+    let mut order: Vec<usize> = (0..units.len()).collect();
+    Rng::new(derive_seed(cfg.seed, &["meta-tasks", &m.to_string()])).shuffle(&mut order);
+    order
+        .into_iter()
+        .take(n)
+        .map(|u| {
+            let seqs: Vec<&Seq> = units[u].seqs.iter().collect();
+            let (support, query) = support_query(
+                &seqs,
+                cfg.n_support * usize::from(cfg.effective_inner_steps() > 0),
+                cfg.n_query,
+                cfg.seed,
+                &[&units[u].name],
+                m as u64,
+            )?;
+            Ok(MetaTask {
+                unit: u,
+                support,
+                query,
+            })
+        })
+        .collect()
+}
+
+/// Runs a whole method, writing adapters and checkpoints under `out`.
+pub struct Trainer<'a> {
+    pub model: &'a Model,
+    pub cfg: &'a TrainConfig,
+    pub units: &'a [TaskUnit],
+    pub out: &'a Path,
+    /// Set by a Ctrl-C handler: the loop checkpoints after the current step and stops.
+    pub stop: &'a AtomicBool,
+    pub progress: &'a mut dyn FnMut(&Progress),
+    pub config_hash: String,
+}
+
+/// Wall time of a run across resumptions.
+struct Clock {
+    started: Instant,
+    /// Seconds spent before this process (from the checkpoint).
+    before: f64,
+}
+
+impl Clock {
+    fn total(&self) -> f64 {
+        self.before + self.started.elapsed().as_secs_f64()
+    }
+}
+
+struct PhaseState {
+    start_step: usize,
+    adapter: Adapter,
+    opt: Option<AdamW>,
+}
+
+impl Trainer<'_> {
+    /// Trains; with `resume`, continues from the run folder's checkpoint.
+    pub fn run(&mut self, resume: bool) -> Result<Summary> {
+        let method = self.cfg.method()?;
+        let mut clock = Clock {
+            started: Instant::now(),
+            before: 0.0,
+        };
+        let mut meta = Meta {
+            config_hash: self.config_hash.clone(),
+            phase: 0,
+            step: 0,
+            adam_t: 0,
+            seen: BTreeMap::new(),
+            log: Vec::new(),
+            elapsed: 0.0,
+        };
+        let mut resume_from = None;
+        if resume {
+            if let Some(ck) = checkpoint::find(self.out) {
+                let text = std::fs::read_to_string(ck.join("state.json"))
+                    .map_err(|e| Error::io("read", ck.join("state.json"), e))?;
+                let m: Meta = serde_json::from_str(&text)?;
+                if m.config_hash != self.config_hash {
+                    return Err(Error::Invalid(format!(
+                        "--resume: the checkpoint in {} was written with another configuration",
+                        ck.display()
+                    )));
+                }
+                meta.phase = m.phase;
+                clock.before = m.elapsed;
+                resume_from = Some(ck);
+            }
+        }
+        let n_phases = match method {
+            Method::LoraFull | Method::LoraK | Method::MetaLora | Method::Stage2Only => 1,
+            Method::LoraPerTaskK | Method::Stage1Only => self.units.len(),
+            Method::MetaLoraTta => 1 + self.units.len(),
+        };
+        let mut steps_main = 0;
+        for phase in meta.phase..n_phases {
+            // Fresh (or, for tta phases, the shared result) adapter, optimizer and counters.
+            let mut st = self.phase_start(method, phase)?;
+            if let Some(ck) = resume_from.take() {
+                let adam = st.opt.as_ref().map(|o| o.params);
+                let (opt, m) = checkpoint::load(&ck, &st.adapter, adam, &self.model.device)?;
+                st.opt = opt;
+                st.start_step = m.step;
+                meta = m;
+                tracing::info!(phase, step = meta.step, "resuming from {}", ck.display());
+            }
+            meta.phase = phase;
+            let steps = self.run_phase(method, phase, &mut st, &mut meta, &clock)?;
+            steps_main = steps_main.max(steps);
+            // Phase done: its adapter is final.
+            let (dir, _) = self.phase_output(method, phase);
+            st.adapter.save_peft(&self.out.join(dir))?;
+            meta.phase = phase + 1;
+            meta.step = 0;
+            meta.adam_t = 0;
+            if phase + 1 < n_phases {
+                let next = self.phase_start(method, phase + 1)?;
+                meta.elapsed = clock.total();
+                checkpoint::save(self.out, &next.adapter, next.opt.as_ref(), &meta)?;
+            }
+        }
+        let ck = checkpoint::dir(self.out);
+        if ck.exists() {
+            std::fs::remove_dir_all(&ck).map_err(|e| Error::io("remove", &ck, e))?;
+        }
+        Ok(Summary {
+            steps: steps_main,
+            seen: meta.seen,
+            log: meta.log,
+            elapsed: clock.total(),
+        })
+    }
+
+    /// The folder a phase's adapter goes to, and the unit it belongs to.
+    fn phase_output(&self, method: Method, phase: usize) -> (String, Option<usize>) {
+        match method {
+            Method::LoraPerTaskK | Method::Stage1Only => (
+                format!("adapters/{}", self.units[phase].dir_name()),
+                Some(phase),
+            ),
+            Method::MetaLoraTta if phase > 0 => (
+                format!("adapters/{}", self.units[phase - 1].dir_name()),
+                Some(phase - 1),
+            ),
+            _ => ("adapter".into(), None),
+        }
+    }
+
+    fn phase_start(&self, method: Method, phase: usize) -> Result<PhaseState> {
+        let (dir, _) = self.phase_output(method, phase);
+        let name = dir.rsplit('/').next().unwrap_or("adapter").to_string();
+        let adapter = if method == Method::MetaLoraTta && phase > 0 {
+            // The shared adapter of phase 0, as saved.
+            let mut a = Adapter::load_peft(
+                &self.out.join("adapter"),
+                &name,
+                &self.model.modules(),
+                self.model.dtype,
+                &self.model.device,
+            )?;
+            a.config.base_model_name_or_path = Some(self.cfg.model.clone());
+            a
+        } else {
+            init_adapter(self.model, self.cfg, &name)?
+        };
+        let opt = match method {
+            Method::Stage1Only => None,
+            Method::MetaLoraTta if phase > 0 => None,
+            _ => Some(AdamW::new(&adapter.vars(), adam_params(self.cfg))?),
+        };
+        Ok(PhaseState {
+            start_step: 0,
+            adapter,
+            opt,
+        })
+    }
+
+    fn run_phase(
+        &mut self,
+        method: Method,
+        phase: usize,
+        st: &mut PhaseState,
+        meta: &mut Meta,
+        clock: &Clock,
+    ) -> Result<usize> {
+        let cfg = self.cfg;
+        let (_, unit) = self.phase_output(method, phase);
+        let adapting = matches!(method, Method::Stage1Only)
+            || (method == Method::MetaLoraTta && phase > 0);
+        if adapting {
+            let u = unit.expect("adaptation phases belong to a unit");
+            let name = self.units[u].name.clone();
+            let seqs = sorted_by_len(self.units[u].seqs.iter().collect());
+            let mut rows = Vec::new();
+            let mut seen = Seen::default();
+            let adapted = adapt(
+                self.model,
+                &st.adapter,
+                &seqs,
+                cfg.inner_steps,
+                cfg,
+                &["adapt", &name],
+                |j, g, secs| {
+                    check_finite(g, j, &name, "adapt")?;
+                    seen.examples += seqs.len() as u64;
+                    seen.tokens += g.input_tokens as u64;
+                    seen.answer_tokens += g.tokens as u64;
+                    rows.push(LogRow {
+                        step: j as u64,
+                        task: name.clone(),
+                        stage: "adapt".into(),
+                        inner: j as u32,
+                        loss: g.loss,
+                        lr: Some(cfg.inner_lr),
+                        grad_norm: None,
+                        tokens: g.input_tokens as u64,
+                        seconds: secs,
+                    });
+                    (self.progress)(&Progress {
+                        phase: format!("adapt {name}"),
+                        step: j + 1,
+                        total: cfg.inner_steps,
+                        loss: g.loss,
+                        tokens_per_s: g.input_tokens as f64 / secs.max(1e-9),
+                    });
+                    Ok(())
+                },
+            )?;
+            let mut adapted = adapted;
+            adapted.name = st.adapter.name.clone();
+            st.adapter = adapted;
+            add_seen(meta, &name, &seen);
+            meta.log.extend(rows);
+            return Ok(cfg.inner_steps);
+        }
+        let is_meta = method.is_meta();
+        let (plan, total) = if is_meta {
+            (vec![], meta_iterations(cfg, self.units))
+        } else {
+            let us: Vec<usize> = match unit {
+                Some(u) => vec![u],
+                None => (0..self.units.len()).collect(),
+            };
+            let scope = unit.map(|u| self.units[u].name.clone()).unwrap_or_default();
+            let p = plan_batches(self.units, &us, cfg, &scope);
+            let n = p.len();
+            (p, n)
+        };
+        let phase_name = match (is_meta, unit) {
+            (true, _) => "meta".to_string(),
+            (false, Some(u)) => self.units[u].name.clone(),
+            (false, None) => "lora".to_string(),
+        };
+        let vars = st.adapter.vars();
+        for step in st.start_step..total {
+            let t0 = Instant::now();
+            let (mut g, loss, tokens, rows) = if is_meta {
+                let tasks = meta_batch(self.units, cfg, step)?;
+                let mg = meta_gradient(self.model, &st.adapter, &tasks, self.units, cfg, step)?;
+                for &(u, tok, ans, ex) in &mg.counts {
+                    add_seen(
+                        meta,
+                        &self.units[u].name,
+                        &Seen {
+                            examples: ex,
+                            tokens: tok,
+                            answer_tokens: ans,
+                        },
+                    );
+                }
+                let tokens: u64 = mg.counts.iter().map(|c| c.1).sum();
+                (mg.grads, mg.query_loss, tokens, mg.rows)
+            } else {
+                let items = &plan[step];
+                let seqs = sorted_by_len(
+                    items
+                        .iter()
+                        .map(|&(u, i)| &self.units[u].seqs[i])
+                        .collect(),
+                );
+                let g = grads(
+                    self.model,
+                    &st.adapter,
+                    &seqs,
+                    cfg.micro_batch,
+                    derive_seed(cfg.seed, &["lora", &phase_name, &step.to_string()]),
+                )?;
+                check_finite(&g, step, &phase_name, "train")?;
+                for &(u, i) in items {
+                    let s = &self.units[u].seqs[i];
+                    add_seen(
+                        meta,
+                        &self.units[u].name,
+                        &Seen {
+                            examples: 1,
+                            tokens: s.ids.len() as u64,
+                            answer_tokens: s.answer_tokens() as u64,
+                        },
+                    );
+                }
+                (g.grads, g.loss, g.input_tokens as u64, vec![])
+            };
+            let norm = clip(&mut g, cfg.clip)?;
+            if !norm.is_finite() {
+                return Err(Error::NonFinite {
+                    what: "the gradient norm",
+                    value: norm,
+                    step,
+                    unit: phase_name.clone(),
+                    stage: if is_meta { "outer" } else { "train" }.into(),
+                });
+            }
+            let lr = lr_at(step, total, cfg.warmup, cfg.lr);
+            st.opt
+                .as_mut()
+                .expect("training phases have an optimizer")
+                .step(&vars, &g, lr)?;
+            let secs = t0.elapsed().as_secs_f64();
+            meta.log.extend(rows);
+            meta.log.push(LogRow {
+                step: step as u64,
+                task: match unit {
+                    Some(u) => self.units[u].name.clone(),
+                    None => String::new(),
+                },
+                stage: if is_meta { "outer" } else { "train" }.into(),
+                inner: 0,
+                loss,
+                lr: Some(lr),
+                grad_norm: Some(norm),
+                tokens,
+                seconds: secs,
+            });
+            (self.progress)(&Progress {
+                phase: phase_name.clone(),
+                step: step + 1,
+                total,
+                loss,
+                tokens_per_s: tokens as f64 / secs.max(1e-9),
+            });
+            let done = step + 1;
+            let interrupted = self.stop.load(Ordering::SeqCst);
+            let periodic = cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0;
+            if done < total && (interrupted || periodic) {
+                meta.step = done;
+                meta.adam_t = st.opt.as_ref().map(|o| o.t).unwrap_or(0);
+                meta.elapsed = clock.total();
+                checkpoint::save(self.out, &st.adapter, st.opt.as_ref(), meta)?;
+                super::run::write_log(self.out, &meta.log)?;
+                if interrupted {
+                    return Err(Error::Interrupted {
+                        step: done,
+                        path: checkpoint::dir(self.out),
+                    });
+                }
+            }
+        }
+        Ok(total)
+    }
+}
+
+fn add_seen(meta: &mut Meta, unit: &str, s: &Seen) {
+    let e = meta.seen.entry(unit.to_string()).or_default();
+    e.examples += s.examples;
+    e.tokens += s.tokens;
+    e.answer_tokens += s.answer_tokens;
+}

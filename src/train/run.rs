@@ -1,0 +1,265 @@
+//! A training run end to end: configuration + data folder in; under the run folder
+//! `config.json` (the resolved configuration, written first), the adapter folder(s),
+//! `log.parquet` (one row per step, stage and task) and `manifest.json` (what was trained on
+//! what, with which code, how long, and how many examples and tokens each task contributed).
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+use polars::prelude::*;
+
+use super::checkpoint::{self, LogRow};
+use super::config::{Method, TrainConfig};
+use super::data::{load_units, TaskUnit};
+use super::loops::{meta_iterations, plan_batches, tasks_per_batch, Progress, Summary, Trainer};
+use crate::error::{Error, Result};
+use crate::util::{derive_seed, sha256_hex, write_bytes_atomic};
+
+/// Fingerprint of the settings a checkpoint depends on (everything except `checkpoint_every`
+/// and `device`, which may change between a run and its resumption).
+pub fn config_hash(cfg: &TrainConfig) -> Result<String> {
+    let mut c = cfg.clone();
+    c.checkpoint_every = 0;
+    c.device = String::new();
+    Ok(sha256_hex(&serde_json::to_vec(&c)?))
+}
+
+/// Writes the step log as Parquet, atomically.
+pub fn write_log(out: &Path, rows: &[LogRow]) -> Result<()> {
+    let mut df = DataFrame::new_infer_height(vec![
+        Column::new("step".into(), rows.iter().map(|r| r.step).collect::<Vec<u64>>()),
+        Column::new(
+            "task".into(),
+            rows.iter().map(|r| r.task.as_str()).collect::<Vec<&str>>(),
+        ),
+        Column::new(
+            "stage".into(),
+            rows.iter().map(|r| r.stage.as_str()).collect::<Vec<&str>>(),
+        ),
+        Column::new("inner".into(), rows.iter().map(|r| r.inner).collect::<Vec<u32>>()),
+        Column::new("loss".into(), rows.iter().map(|r| r.loss).collect::<Vec<f64>>()),
+        Column::new("lr".into(), rows.iter().map(|r| r.lr).collect::<Vec<Option<f64>>>()),
+        Column::new(
+            "grad_norm".into(),
+            rows.iter().map(|r| r.grad_norm).collect::<Vec<Option<f64>>>(),
+        ),
+        Column::new("tokens".into(), rows.iter().map(|r| r.tokens).collect::<Vec<u64>>()),
+        Column::new(
+            "seconds".into(),
+            rows.iter().map(|r| r.seconds).collect::<Vec<f64>>(),
+        ),
+        Column::new(
+            "tokens_per_s".into(),
+            rows.iter()
+                .map(|r| r.tokens as f64 / r.seconds.max(1e-9))
+                .collect::<Vec<f64>>(),
+        ),
+    ])?;
+    crate::data::schema::write_parquet(&mut df, &out.join("log.parquet"))
+}
+
+/// What a finished run produced.
+#[derive(Debug)]
+pub struct Report {
+    pub summary: Summary,
+    pub units: Vec<TaskUnit>,
+    pub manifest: serde_json::Value,
+}
+
+/// The keys whose values differ between two configurations.
+fn differing_keys(a: &TrainConfig, b: &TrainConfig) -> Result<Vec<String>> {
+    let (a, b) = (serde_json::to_value(a)?, serde_json::to_value(b)?);
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return Ok(vec![]);
+    };
+    Ok(a.iter()
+        .filter(|(k, v)| b.get(*k) != Some(*v) && *k != "checkpoint_every" && *k != "device")
+        .map(|(k, v)| format!("{k}: {} in the run, {} now", v, b.get(k).unwrap_or(&serde_json::Value::Null)))
+        .collect())
+}
+
+/// Checks, loads and trains; see the module doc for the outputs.
+pub fn train(
+    data_dir: &Path,
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
+    stop: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Report> {
+    let mut problems = cfg.problems();
+    let cfg_path = out.join("config.json");
+    if resume {
+        match std::fs::read_to_string(&cfg_path) {
+            Err(_) => problems.push(format!(
+                "--resume: {} has no run to resume (no config.json)",
+                out.display()
+            )),
+            Ok(text) => match serde_json::from_str::<TrainConfig>(&text) {
+                Err(e) => problems.push(format!("{}: {e}", cfg_path.display())),
+                Ok(before) => {
+                    for d in differing_keys(&before, cfg)? {
+                        problems.push(format!("--resume: the configuration differs: {d}"));
+                    }
+                    if checkpoint::find(out).is_none() && out.join("manifest.json").exists() {
+                        problems.push(format!(
+                            "--resume: the run in {} is already complete",
+                            out.display()
+                        ));
+                    }
+                }
+            },
+        }
+    } else if cfg_path.exists() || out.join("manifest.json").exists() {
+        problems.push(format!(
+            "{} already holds a run: pass --resume to continue it, or choose another --out",
+            out.display()
+        ));
+    }
+    let method = match cfg.method() {
+        Ok(m) => m,
+        Err(_) => {
+            return Err(Error::Problems {
+                context: "the training configuration".into(),
+                problems,
+            })
+        }
+    };
+    if !problems.is_empty() {
+        return Err(Error::Problems {
+            context: "the training configuration".into(),
+            problems,
+        });
+    }
+    let device = crate::model::parse_device(&cfg.device)?;
+    let dtype = crate::model::parse_dtype(&cfg.dtype)?;
+    let loaded = crate::model::load(&cfg.model, dtype, &device)?;
+    let units = load_units(data_dir, cfg, &loaded.tok)?;
+    let mut late = Vec::new();
+    if method.is_meta() {
+        if let Some(n) = cfg.tasks_per_batch {
+            if n > units.len() {
+                late.push(format!(
+                    "tasks_per_batch = {n} but the run has {} task(s)",
+                    units.len()
+                ));
+            }
+        }
+    }
+    // The LoRA targets must match the model.
+    if let Err(e) = crate::model::lora::Adapter::new(
+        "check",
+        cfg.lora(),
+        &loaded.model.modules(),
+        0,
+        dtype,
+        &device,
+    ) {
+        late.push(e.to_string());
+    }
+    if !late.is_empty() {
+        return Err(Error::Problems {
+            context: "the training configuration".into(),
+            problems: late,
+        });
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io("create directory", out, e))?;
+    if !resume {
+        write_bytes_atomic(&cfg_path, &serde_json::to_vec_pretty(cfg)?)?;
+    }
+    let started_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut trainer = Trainer {
+        model: &loaded.model,
+        cfg,
+        units: &units,
+        out,
+        stop,
+        progress,
+        config_hash: config_hash(cfg)?,
+    };
+    let summary = trainer.run(resume)?;
+    write_log(out, &summary.log)?;
+    let steps_planned = if method.is_meta() {
+        meta_iterations(cfg, &units)
+    } else if method == Method::LoraPerTaskK {
+        (0..units.len())
+            .map(|u| plan_batches(&units, &[u], cfg, &units[u].name).len())
+            .sum()
+    } else if method == Method::Stage1Only {
+        0
+    } else {
+        plan_batches(&units, &(0..units.len()).collect::<Vec<_>>(), cfg, "").len()
+    };
+    let outputs: Vec<String> = {
+        let mut v = Vec::new();
+        if !matches!(method, Method::LoraPerTaskK | Method::Stage1Only) {
+            v.push("adapter".to_string());
+        }
+        if method.per_task() {
+            v.extend(units.iter().map(|u| format!("adapters/{}", u.dir_name())));
+        }
+        v
+    };
+    let model_cfg = std::fs::read(loaded.dir.join("config.json")).unwrap_or_default();
+    let unit_json: Vec<serde_json::Value> = units
+        .iter()
+        .map(|u| {
+            let ids: Vec<&str> = u.examples.iter().map(|x| x.id.as_str()).collect();
+            let seen = summary.seen.get(&u.name).cloned().unwrap_or_default();
+            serde_json::json!({
+                "name": u.name,
+                "task": u.task,
+                "langs": u.langs,
+                "examples": u.examples.len(),
+                "ids": ids,
+                "ids_sha256": sha256_hex(ids.join("\n").as_bytes()),
+                "truncated": u.truncated,
+                "seen": seen,
+            })
+        })
+        .collect();
+    let adapter = super::loops::init_adapter(&loaded.model, cfg, "adapter")?;
+    let manifest = serde_json::json!({
+        "kind": "mlbench-train-run",
+        "code_version": crate::util::code_version(),
+        "method": method.name(),
+        "config": cfg,
+        "resolved": {
+            "inner_steps": cfg.effective_inner_steps(),
+            "tasks_per_batch": method.is_meta().then(|| tasks_per_batch(cfg, units.len())),
+            "meta_iterations": method.is_meta().then(|| meta_iterations(cfg, &units)),
+            "optimizer_steps": steps_planned,
+            "grad_accumulation": cfg.batch_size.div_ceil(cfg.micro_batch),
+            "lora_scaling": cfg.lora().scaling(),
+            "trainable_parameters": adapter.num_params(),
+            "k_counts_per": "task and language",
+        },
+        "seeds": {
+            "seed": cfg.seed,
+            "lora_init": derive_seed(cfg.seed, &["lora-init"]),
+            "pools": "sampler streams (seed, task, language)",
+        },
+        "model": {
+            "source": cfg.model,
+            "dir": loaded.dir.display().to_string(),
+            "arch": format!("{:?}", loaded.model.config.arch),
+            "config_sha256": sha256_hex(&model_cfg),
+        },
+        "data_dir": data_dir.display().to_string(),
+        "units": unit_json,
+        "device": cfg.device,
+        "dtype": cfg.dtype,
+        "started_at_unix": started_at,
+        "wall_seconds": summary.elapsed,
+        "outputs": outputs,
+    });
+    write_bytes_atomic(&out.join("manifest.json"), &serde_json::to_vec_pretty(&manifest)?)?;
+    Ok(Report {
+        summary,
+        units,
+        manifest,
+    })
+}
