@@ -8,7 +8,7 @@
 #      and Gemma 3 270M with the real configs and tokenizers but RANDOM weights made here (the
 #      real f32 folders are far over the 64 MiB carry limit; speed does not depend on the values).
 # Env: STEPS (default 5), DTYPES (default "f32 bf16"), MODELS (default "smollm2-135m gemma-3-270m"),
-#      SKIP_TESTS=1 / SKIP_BENCH=1, TEST_TIMEOUT (s per test binary, default 150), PY (python3).
+#      SKIP_TESTS=1 / SKIP_BENCH=1, TEST_DEVICE / BENCH_DEVICE (default cuda), TEST_TIMEOUT (s per test binary, default 150), PY (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -16,6 +16,7 @@ OUT=${OUT:-/tmp/gpu-check-out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 STEPS=${STEPS:-5}
+TEST_DEVICE=${TEST_DEVICE:-cuda} BENCH_DEVICE=${BENCH_DEVICE:-cuda}  # cpu: dry run on a machine without a GPU
 t_start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t_start )) s] $*"; }
 
@@ -80,9 +81,9 @@ declare -A verdict
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   for t in "$W"/tests/*; do
     n=$(basename "$t")
-    stamp "== test binary $n (MLBENCH_TEST_DEVICE=cuda)"
+    stamp "== test binary $n (MLBENCH_TEST_DEVICE=$TEST_DEVICE)"
     # cargo runs test binaries from the package root; so do we.
-    (cd "$repo" && MLBENCH_TEST_DEVICE=cuda RUST_BACKTRACE=1 timeout "${TEST_TIMEOUT:-150}" "$t" --test-threads=4 2>&1)
+    (cd "$repo" && MLBENCH_TEST_DEVICE=$TEST_DEVICE RUST_BACKTRACE=1 timeout "${TEST_TIMEOUT:-150}" "$t" --test-threads=4 2>&1)
     rc=$?
     case $rc in 0) verdict[$n]=PASS ;; 124) verdict[$n]="TIMEOUT" ;; *) verdict[$n]="FAIL(rc=$rc)" ;; esac
   done
@@ -127,18 +128,18 @@ PY
   for dt in ${DTYPES:-f32 bf16}; do
     for name in ${MODELS:-smollm2-135m gemma-3-270m}; do
       [ -f "$M/$name/model.safetensors" ] || continue
-      stamp "== bench $name $dt: mlbench (cuda)"
-      MLBENCH_DEVICE=cuda MLBENCH_DTYPE=$dt gpu_peak timeout 240 "$W/model_bench" "$M/$name" "$STEPS" \
+      stamp "== bench $name $dt: mlbench ($BENCH_DEVICE)"
+      MLBENCH_DEVICE=$BENCH_DEVICE MLBENCH_DTYPE=$dt gpu_peak timeout 240 "$W/model_bench" "$M/$name" "$STEPS" \
         || verdict["bench-mlbench-$name-$dt"]=FAIL
-      stamp "== bench $name $dt: pytorch+peft (cuda, eager attention)"
-      MLBENCH_DEVICE=cuda MLBENCH_DTYPE=$dt ATTN=eager gpu_peak timeout 240 "$PY" benchmarks/perf/model_bench_torch.py "$M/$name" "$STEPS" \
+      stamp "== bench $name $dt: pytorch+peft ($BENCH_DEVICE, eager attention)"
+      MLBENCH_DEVICE=$BENCH_DEVICE MLBENCH_DTYPE=$dt ATTN=eager gpu_peak timeout 240 "$PY" benchmarks/perf/model_bench_torch.py "$M/$name" "$STEPS" \
         || verdict["bench-torch-$name-$dt"]=FAIL
     done
   done
   if [ -n "${TORCH_SDPA:-}" ]; then
     for name in ${MODELS:-smollm2-135m gemma-3-270m}; do
-      stamp "== bench $name bf16: pytorch+peft (cuda, sdpa attention)"
-      MLBENCH_DEVICE=cuda MLBENCH_DTYPE=bf16 ATTN=sdpa timeout 240 "$PY" benchmarks/perf/model_bench_torch.py "$M/$name" "$STEPS"
+      stamp "== bench $name bf16: pytorch+peft ($BENCH_DEVICE, sdpa attention)"
+      MLBENCH_DEVICE=$BENCH_DEVICE MLBENCH_DTYPE=bf16 ATTN=sdpa timeout 240 "$PY" benchmarks/perf/model_bench_torch.py "$M/$name" "$STEPS"
     done
   fi
 fi

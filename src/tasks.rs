@@ -460,10 +460,7 @@ impl TaskSpec {
             words
                 .iter()
                 .map(|w| {
-                    let f = with(&[
-                        ("answer", answer_word.clone()),
-                        ("choice", Some(w.clone())),
-                    ]);
+                    let f = with(&[("answer", answer_word.clone()), ("choice", Some(w.clone()))]);
                     self.render(&self.prompt.choice, &f)
                 })
                 .collect::<Result<Vec<_>>>()?

@@ -212,6 +212,16 @@ pub fn suggestions<'a>(code: &str, known: impl IntoIterator<Item = &'a str>) -> 
     scored.into_iter().take(3).map(|(_, k)| k).collect()
 }
 
+/// `mlbench <version>` plus the git commit it was built from, when known.
+pub fn code_version() -> String {
+    let commit = env!("MLBENCH_GIT_COMMIT");
+    if commit.is_empty() {
+        format!("mlbench {}", env!("CARGO_PKG_VERSION"))
+    } else {
+        format!("mlbench {} (git {commit})", env!("CARGO_PKG_VERSION"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,15 +282,5 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         write_bytes_atomic(&p, b"ok").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"ok");
-    }
-}
-
-/// `mlbench <version>` plus the git commit it was built from, when known.
-pub fn code_version() -> String {
-    let commit = env!("MLBENCH_GIT_COMMIT");
-    if commit.is_empty() {
-        format!("mlbench {}", env!("CARGO_PKG_VERSION"))
-    } else {
-        format!("mlbench {} (git {commit})", env!("CARGO_PKG_VERSION"))
     }
 }

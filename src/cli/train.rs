@@ -101,7 +101,11 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     if let Some(s) = a.seed {
         put("seed", s.into());
     }
-    for (key, val) in [("unit", &a.unit), ("device", &a.device), ("dtype", &a.dtype)] {
+    for (key, val) in [
+        ("unit", &a.unit),
+        ("device", &a.device),
+        ("dtype", &a.dtype),
+    ] {
         if let Some(x) = val {
             put(key, x.clone().into());
         }
@@ -158,7 +162,8 @@ pub fn run(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
         pb.set_message(format!("loss {:.4} · {:.0} tok/s", p.loss, p.tokens_per_s));
     };
     let t0 = std::time::Instant::now();
-    let report = mlbench::train::run::train(&g.data_dir, &cfg, &a.out, a.resume, &STOP, &mut progress);
+    let report =
+        mlbench::train::run::train(&g.data_dir, &cfg, &a.out, a.resume, &STOP, &mut progress);
     pb.finish_and_clear();
     let report = report?;
     let tokens: u64 = report.summary.seen.values().map(|s| s.tokens).sum();
@@ -183,7 +188,8 @@ pub fn run(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
             report.units.len(),
             report.summary.steps,
             tokens,
-            last.map(|r| format!("{:.4}", r.loss)).unwrap_or_else(|| "-".into()),
+            last.map(|r| format!("{:.4}", r.loss))
+                .unwrap_or_else(|| "-".into()),
             report.summary.elapsed,
             a.out.display()
         );

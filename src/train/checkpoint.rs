@@ -115,8 +115,8 @@ pub fn load(
     device: &Device,
 ) -> Result<(Option<AdamW>, Meta)> {
     let jp = ckpt.join("state.json");
-    let text =
-        std::fs::read_to_string(&jp).map_err(|e| Error::missing_or_io("checkpoint", "read", &jp, e))?;
+    let text = std::fs::read_to_string(&jp)
+        .map_err(|e| Error::missing_or_io("checkpoint", "read", &jp, e))?;
     let meta: Meta = serde_json::from_str(&text).map_err(|e| Error::Config {
         path: jp.clone(),
         message: format!("not a checkpoint state: {e}"),

@@ -63,7 +63,11 @@ impl Method {
                 code: s.to_string(),
                 scope: format!(
                     " (known: {})",
-                    METHODS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                    METHODS
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
                 suggestions: crate::util::suggestions(s, METHODS.iter().map(|(n, _)| *n)),
             })

@@ -42,8 +42,28 @@ impl TaskUnit {
     }
 }
 
+/// The training examples of a configuration after checking: per (task, language) the train
+/// split's rows, and the task specs.
+pub struct Checked {
+    per_lang: Vec<(String, String, Vec<Example>)>,
+    specs: HashMap<String, TaskSpec>,
+}
+
 /// Loads, checks, samples and tokenises the training data of `cfg`.
 pub fn load_units(data_dir: &Path, cfg: &TrainConfig, tok: &Tok) -> Result<Vec<TaskUnit>> {
+    let (checked, problems) = check_data(data_dir, cfg)?;
+    if !problems.is_empty() {
+        return Err(Error::Problems {
+            context: "the training data".into(),
+            problems,
+        });
+    }
+    build_units(data_dir, cfg, checked, tok)
+}
+
+/// Reads the train splits `cfg` asks for and lists every problem with them (unknown tasks or
+/// languages, missing splits, K larger than a split, examples that cannot be rendered).
+pub fn check_data(data_dir: &Path, cfg: &TrainConfig) -> Result<(Checked, Vec<String>)> {
     let method = cfg.method()?;
     let mut problems: Vec<String> = Vec::new();
     // (task, lang_code, examples of the train split)
@@ -70,13 +90,20 @@ pub fn load_units(data_dir: &Path, cfg: &TrainConfig, tok: &Tok) -> Result<Vec<T
             problems.push(format!("no language given for task `{task}`"));
             continue;
         }
-        let chosen = match lang::resolve_list(task, &codes, &entries) {
-            Ok(c) => c,
-            Err(e) => {
-                problems.push(e.to_string());
-                continue;
+        // Resolve each code on its own so that every bad one is reported.
+        let mut chosen = Vec::new();
+        for c in &codes {
+            match lang::resolve_list(task, std::slice::from_ref(c), &entries) {
+                Ok(found) => {
+                    for e in found {
+                        if !chosen.iter().any(|x: &&lang::LangEntry| x.lang == e.lang) {
+                            chosen.push(e);
+                        }
+                    }
+                }
+                Err(e) => problems.push(e.to_string()),
             }
-        };
+        }
         let df = schema::load(&path, None)?;
         let split = spec.train_split.clone();
         let mask = df.column("split")?.str()?.equal(split.as_str());
@@ -115,10 +142,7 @@ pub fn load_units(data_dir: &Path, cfg: &TrainConfig, tok: &Tok) -> Result<Vec<T
                 problems.push(format!("{bad} (split `{split}`)"));
                 continue;
             }
-            if let Some(x) = ex
-                .iter()
-                .find(|x| x.label.is_none() && x.target.is_none())
-            {
+            if let Some(x) = ex.iter().find(|x| x.label.is_none() && x.target.is_none()) {
                 problems.push(format!(
                     "task `{task}`: example `{}` ({}) has neither a label nor a target to train on",
                     x.id, e.lang_code
@@ -129,12 +153,21 @@ pub fn load_units(data_dir: &Path, cfg: &TrainConfig, tok: &Tok) -> Result<Vec<T
         }
         specs.insert(task.clone(), spec);
     }
-    if !problems.is_empty() {
-        return Err(Error::Problems {
-            context: "the training data".into(),
-            problems,
-        });
-    }
+    Ok((Checked { per_lang, specs }, problems))
+}
+
+/// Draws the pools (methods with a budget) and tokenises every example into a [`TaskUnit`].
+pub fn build_units(
+    data_dir: &Path,
+    cfg: &TrainConfig,
+    checked: Checked,
+    tok: &Tok,
+) -> Result<Vec<TaskUnit>> {
+    let method = cfg.method()?;
+    let Checked {
+        mut per_lang,
+        specs,
+    } = checked;
     // Pools: the sampler's draw order, first K.
     if let (true, Some(k)) = (method.uses_pools(), cfg.k) {
         for (task, code, ex) in per_lang.iter_mut() {
@@ -153,9 +186,15 @@ pub fn load_units(data_dir: &Path, cfg: &TrainConfig, tok: &Tok) -> Result<Vec<T
             let picked: Vec<Example> = pool
                 .iter()
                 .map(|r| {
-                    by_id.get(r.id.as_str()).map(|x| (*x).clone()).ok_or_else(|| {
-                        Error::Invalid(format!("pool id `{}` of {task}/{code} not in the data", r.id))
-                    })
+                    by_id
+                        .get(r.id.as_str())
+                        .map(|x| (*x).clone())
+                        .ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "pool id `{}` of {task}/{code} not in the data",
+                                r.id
+                            ))
+                        })
                 })
                 .collect::<Result<_>>()?;
             *ex = picked;

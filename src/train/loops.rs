@@ -125,7 +125,9 @@ pub fn meta_iterations(cfg: &TrainConfig, units: &[TaskUnit]) -> usize {
     let pool: usize = units.iter().map(|u| u.seqs.len()).sum();
     let n = tasks_per_batch(cfg, units.len());
     let per_iter = n * (cfg.n_support + cfg.n_query);
-    ((cfg.passes * pool as f64) / per_iter.max(1) as f64).ceil().max(1.0) as usize
+    ((cfg.passes * pool as f64) / per_iter.max(1) as f64)
+        .ceil()
+        .max(1.0) as usize
 }
 
 /// Tasks per meta-batch: `tasks_per_batch`, default min(N, 8), never more than N.
@@ -133,7 +135,7 @@ pub fn tasks_per_batch(cfg: &TrainConfig, n_units: usize) -> usize {
     cfg.tasks_per_batch.unwrap_or(8).min(n_units).max(1)
 }
 
-fn sorted_by_len<'s>(mut v: Vec<&'s Seq>) -> Vec<&'s Seq> {
+fn sorted_by_len(mut v: Vec<&Seq>) -> Vec<&Seq> {
     v.sort_by_key(|s| s.ids.len());
     v
 }
@@ -185,7 +187,13 @@ pub fn adapt(
         let js = j.to_string();
         key.extend(["inner", &js]);
         let t0 = Instant::now();
-        let g = grads(model, &a, seqs, cfg.micro_batch, derive_seed(cfg.seed, &key))?;
+        let g = grads(
+            model,
+            &a,
+            seqs,
+            cfg.micro_batch,
+            derive_seed(cfg.seed, &key),
+        )?;
         match adam.as_mut() {
             None => sgd_step(&vars, &g.grads, cfg.inner_lr)?,
             Some(o) => o.step(&vars, &g.grads, cfg.inner_lr)?,
@@ -239,23 +247,31 @@ pub fn meta_gradient(
             theta
         } else {
             let sup = sorted_by_len(t.support.clone());
-            adapted = adapt(model, theta, &sup, s, cfg, &["meta", &st, name], |j, g, secs| {
-                check_finite(g, step, name, "support")?;
-                support_tokens += g.input_tokens as u64;
-                support_answer += g.tokens as u64;
-                rows.push(LogRow {
-                    step: step as u64,
-                    task: name.to_string(),
-                    stage: "support".into(),
-                    inner: j as u32,
-                    loss: g.loss,
-                    lr: Some(cfg.inner_lr),
-                    grad_norm: None,
-                    tokens: g.input_tokens as u64,
-                    seconds: secs,
-                });
-                Ok(())
-            })?;
+            adapted = adapt(
+                model,
+                theta,
+                &sup,
+                s,
+                cfg,
+                &["meta", &st, name],
+                |j, g, secs| {
+                    check_finite(g, step, name, "support")?;
+                    support_tokens += g.input_tokens as u64;
+                    support_answer += g.tokens as u64;
+                    rows.push(LogRow {
+                        step: step as u64,
+                        task: name.to_string(),
+                        stage: "support".into(),
+                        inner: j as u32,
+                        loss: g.loss,
+                        lr: Some(cfg.inner_lr),
+                        grad_norm: None,
+                        tokens: g.input_tokens as u64,
+                        seconds: secs,
+                    });
+                    Ok(())
+                },
+            )?;
             &adapted
         };
         let t1 = Instant::now();
@@ -313,7 +329,11 @@ pub fn meta_gradient(
 
 /// The tasks of meta-iteration `m`: `n` units drawn without replacement, each with its
 /// support/query split of that iteration.
-pub fn meta_batch<'u>(units: &'u [TaskUnit], cfg: &TrainConfig, m: usize) -> Result<Vec<MetaTask<'u>>> {
+pub fn meta_batch<'u>(
+    units: &'u [TaskUnit],
+    cfg: &TrainConfig,
+    m: usize,
+) -> Result<Vec<MetaTask<'u>>> {
     let n = tasks_per_batch(cfg, units.len());
     let mut order: Vec<usize> = (0..units.len()).collect();
     Rng::new(derive_seed(cfg.seed, &["meta-tasks", &m.to_string()])).shuffle(&mut order);
@@ -502,8 +522,8 @@ impl Trainer<'_> {
     ) -> Result<usize> {
         let cfg = self.cfg;
         let (_, unit) = self.phase_output(method, phase);
-        let adapting = matches!(method, Method::Stage1Only)
-            || (method == Method::MetaLoraTta && phase > 0);
+        let adapting =
+            matches!(method, Method::Stage1Only) || (method == Method::MetaLoraTta && phase > 0);
         if adapting {
             let u = unit.expect("adaptation phases belong to a unit");
             let name = self.units[u].name.clone();
@@ -588,13 +608,9 @@ impl Trainer<'_> {
                 let tokens: u64 = mg.counts.iter().map(|c| c.1).sum();
                 (mg.grads, mg.query_loss, tokens, mg.rows)
             } else {
-                let items = &plan[step];
-                let seqs = sorted_by_len(
-                    items
-                        .iter()
-                        .map(|&(u, i)| &self.units[u].seqs[i])
-                        .collect(),
-                );
+                let items = plan.get(step).expect("the plan has a batch per step");
+                let seqs =
+                    sorted_by_len(items.iter().map(|&(u, i)| &self.units[u].seqs[i]).collect());
                 let g = grads(
                     self.model,
                     &st.adapter,

@@ -134,16 +134,16 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.1,
         };
-        let mut opt = AdamW::new(&[var.clone()], p).unwrap();
+        let mut opt = AdamW::new(std::slice::from_ref(&var), p).unwrap();
         let g1 = Tensor::new(&[0.5f32], &Device::Cpu).unwrap();
-        opt.step(&[var.clone()], &[g1], 0.01).unwrap();
+        opt.step(std::slice::from_ref(&var), &[g1], 0.01).unwrap();
         // Step 1: decay 1 * (1 - 0.001) = 0.999; m^ = 0.5, v^ = 0.25 -> update 1.0 (up to eps).
         let want1 = 0.999 - 0.01 * 0.5 / (0.5 + 1e-8);
         let got1 = var.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
         assert!((got1 - want1).abs() < 1e-6, "{got1} vs {want1}");
         let g2 = Tensor::new(&[-1.0f32], &Device::Cpu).unwrap();
-        opt.step(&[var.clone()], &[g2], 0.01).unwrap();
-        let m = 0.9 * 0.05 + 0.1 * -1.0;
+        opt.step(std::slice::from_ref(&var), &[g2], 0.01).unwrap();
+        let m = 0.9 * 0.05 - 0.1;
         let v = 0.999 * 0.00025 + 0.001 * 1.0;
         let (mh, vh) = (m / (1.0 - 0.81), v / (1.0 - 0.999f64.powi(2)));
         let want2 = want1 * (1.0 - 0.001) - 0.01 * mh / (vh.sqrt() + 1e-8);
@@ -171,6 +171,9 @@ mod tests {
         assert_eq!(lrs[1], 1.0);
         assert!(lrs.windows(2).skip(1).all(|w| w[1] <= w[0]));
         assert!(lrs[19] > 0.0 && lrs[19] < 0.02, "{}", lrs[19]);
-        assert_eq!(lr_at(0, 10, 0.0, 2.0), 2.0 * 0.5 * (1.0 + (std::f64::consts::PI / 11.0).cos()));
+        assert_eq!(
+            lr_at(0, 10, 0.0, 2.0),
+            2.0 * 0.5 * (1.0 + (std::f64::consts::PI / 11.0).cos())
+        );
     }
 }

@@ -10,7 +10,7 @@ use polars::prelude::*;
 
 use super::checkpoint::{self, LogRow};
 use super::config::{Method, TrainConfig};
-use super::data::{load_units, TaskUnit};
+use super::data::{build_units, check_data, TaskUnit};
 use super::loops::{meta_iterations, plan_batches, tasks_per_batch, Progress, Summary, Trainer};
 use crate::error::{Error, Result};
 use crate::util::{derive_seed, sha256_hex, write_bytes_atomic};
@@ -27,7 +27,10 @@ pub fn config_hash(cfg: &TrainConfig) -> Result<String> {
 /// Writes the step log as Parquet, atomically.
 pub fn write_log(out: &Path, rows: &[LogRow]) -> Result<()> {
     let mut df = DataFrame::new_infer_height(vec![
-        Column::new("step".into(), rows.iter().map(|r| r.step).collect::<Vec<u64>>()),
+        Column::new(
+            "step".into(),
+            rows.iter().map(|r| r.step).collect::<Vec<u64>>(),
+        ),
         Column::new(
             "task".into(),
             rows.iter().map(|r| r.task.as_str()).collect::<Vec<&str>>(),
@@ -36,14 +39,28 @@ pub fn write_log(out: &Path, rows: &[LogRow]) -> Result<()> {
             "stage".into(),
             rows.iter().map(|r| r.stage.as_str()).collect::<Vec<&str>>(),
         ),
-        Column::new("inner".into(), rows.iter().map(|r| r.inner).collect::<Vec<u32>>()),
-        Column::new("loss".into(), rows.iter().map(|r| r.loss).collect::<Vec<f64>>()),
-        Column::new("lr".into(), rows.iter().map(|r| r.lr).collect::<Vec<Option<f64>>>()),
+        Column::new(
+            "inner".into(),
+            rows.iter().map(|r| r.inner).collect::<Vec<u32>>(),
+        ),
+        Column::new(
+            "loss".into(),
+            rows.iter().map(|r| r.loss).collect::<Vec<f64>>(),
+        ),
+        Column::new(
+            "lr".into(),
+            rows.iter().map(|r| r.lr).collect::<Vec<Option<f64>>>(),
+        ),
         Column::new(
             "grad_norm".into(),
-            rows.iter().map(|r| r.grad_norm).collect::<Vec<Option<f64>>>(),
+            rows.iter()
+                .map(|r| r.grad_norm)
+                .collect::<Vec<Option<f64>>>(),
         ),
-        Column::new("tokens".into(), rows.iter().map(|r| r.tokens).collect::<Vec<u64>>()),
+        Column::new(
+            "tokens".into(),
+            rows.iter().map(|r| r.tokens).collect::<Vec<u64>>(),
+        ),
         Column::new(
             "seconds".into(),
             rows.iter().map(|r| r.seconds).collect::<Vec<f64>>(),
@@ -74,7 +91,13 @@ fn differing_keys(a: &TrainConfig, b: &TrainConfig) -> Result<Vec<String>> {
     };
     Ok(a.iter()
         .filter(|(k, v)| b.get(*k) != Some(*v) && *k != "checkpoint_every" && *k != "device")
-        .map(|(k, v)| format!("{k}: {} in the run, {} now", v, b.get(k).unwrap_or(&serde_json::Value::Null)))
+        .map(|(k, v)| {
+            format!(
+                "{k}: {} in the run, {} now",
+                v,
+                b.get(k).unwrap_or(&serde_json::Value::Null)
+            )
+        })
         .collect())
 }
 
@@ -125,6 +148,8 @@ pub fn train(
             })
         }
     };
+    let (checked, data_problems) = check_data(data_dir, cfg)?;
+    problems.extend(data_problems);
     if !problems.is_empty() {
         return Err(Error::Problems {
             context: "the training configuration".into(),
@@ -134,7 +159,7 @@ pub fn train(
     let device = crate::model::parse_device(&cfg.device)?;
     let dtype = crate::model::parse_dtype(&cfg.dtype)?;
     let loaded = crate::model::load(&cfg.model, dtype, &device)?;
-    let units = load_units(data_dir, cfg, &loaded.tok)?;
+    let units = build_units(data_dir, cfg, checked, &loaded.tok)?;
     let mut late = Vec::new();
     if method.is_meta() {
         if let Some(n) = cfg.tasks_per_batch {
@@ -256,7 +281,10 @@ pub fn train(
         "wall_seconds": summary.elapsed,
         "outputs": outputs,
     });
-    write_bytes_atomic(&out.join("manifest.json"), &serde_json::to_vec_pretty(&manifest)?)?;
+    write_bytes_atomic(
+        &out.join("manifest.json"),
+        &serde_json::to_vec_pretty(&manifest)?,
+    )?;
     Ok(Report {
         summary,
         units,

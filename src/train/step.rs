@@ -89,7 +89,9 @@ pub fn grads(
     dropout_seed: u64,
 ) -> Result<Grads> {
     if seqs.is_empty() {
-        return Err(Error::Invalid("a gradient step needs at least one sequence".into()));
+        return Err(Error::Invalid(
+            "a gradient step needs at least one sequence".into(),
+        ));
     }
     let total: usize = seqs.iter().map(|s| s.answer_tokens()).sum();
     if total == 0 {
