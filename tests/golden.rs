@@ -4,9 +4,11 @@
 
 mod common;
 
+use common::test_device;
+
 use std::path::PathBuf;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use mlbench::model::config::Arch;
 use mlbench::model::lora::Adapter;
 use mlbench::model::score::{score_requests, Request};
@@ -47,7 +49,7 @@ fn tiny_models_match_transformers_and_peft() {
             g["model_sha256"].as_str().unwrap(),
             "{name}: the tiny model changed; rerun scripts/reference/golden.py"
         );
-        let m = load_dir(tmp.path(), DType::F32, &Device::Cpu).unwrap();
+        let m = load_dir(tmp.path(), DType::F32, &test_device()).unwrap();
         let ids = m.tok.encode(g["text"].as_str().unwrap()).unwrap();
         assert_eq!(
             ids,
@@ -59,7 +61,7 @@ fn tiny_models_match_transformers_and_peft() {
             "peft",
             &m.model.modules(),
             DType::F32,
-            &Device::Cpu,
+            &test_device(),
         )
         .unwrap();
         assert_eq!(adapter.pairs.len(), 2 * 7);

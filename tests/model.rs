@@ -23,7 +23,7 @@ const ARCHS: [Arch; 3] = [Arch::Gemma3, Arch::Llama, Arch::Qwen2];
 fn tiny_model(arch: Arch, dtype: DType) -> (tempfile::TempDir, LoadedModel) {
     let dir = tempfile::tempdir().unwrap();
     tiny::write_tiny(arch, dir.path(), 0).unwrap();
-    let m = load_dir(dir.path(), dtype, &Device::Cpu).unwrap();
+    let m = load_dir(dir.path(), dtype, &test_device()).unwrap();
     (dir, m)
 }
 
@@ -134,7 +134,7 @@ fn fresh_adapter_is_exactly_the_base_model() {
             &m.model.modules(),
             3,
             DType::F32,
-            &Device::Cpu,
+            &test_device(),
         )
         .unwrap();
         assert_eq!(
@@ -188,14 +188,14 @@ fn lora_gradients_match_finite_differences() {
                     let eval = |delta: f64| -> f64 {
                         let mut v = base.clone();
                         v[i] += delta;
-                        var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                        var.set(&Tensor::from_vec(v, var.dims(), &test_device()).unwrap())
                             .unwrap();
                         nll(&m.model, &ids, &Ctx::eval(Some(&ad)))
                             .to_scalar::<f64>()
                             .unwrap()
                     };
                     let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
-                    var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
+                    var.set(&Tensor::from_vec(base.clone(), var.dims(), &test_device()).unwrap())
                         .unwrap();
                     let err = (fd - g[i]).abs() / fd.abs().max(g[i].abs()).max(1e-4);
                     assert!(
@@ -251,7 +251,7 @@ fn peft_round_trip_is_exact() {
         "back",
         &m.model.modules(),
         DType::F32,
-        &Device::Cpu,
+        &test_device(),
     )
     .unwrap();
     assert_eq!(back.config, ad.config);
@@ -300,7 +300,7 @@ fn strict_peft_loading_names_the_problem() {
     let (_d, m) = tiny_model(Arch::Llama, DType::F32);
     let ad = random_adapter(&m.model, 7);
     let load = |dir: &Path| {
-        Adapter::load_peft(dir, "x", &m.model.modules(), DType::F32, &Device::Cpu)
+        Adapter::load_peft(dir, "x", &m.model.modules(), DType::F32, &test_device())
             .unwrap_err()
             .to_string()
     };

@@ -4,10 +4,12 @@
 
 mod common;
 
+use common::test_device;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use mlbench::model::config::Arch;
 use mlbench::model::lora::Adapter;
 use mlbench::model::transformer::{Ctx, Model};
@@ -25,7 +27,7 @@ use mlbench::Error;
 fn tiny_model(arch: Arch) -> (tempfile::TempDir, LoadedModel) {
     let dir = tempfile::tempdir().unwrap();
     tiny::write_tiny(arch, dir.path(), 0).unwrap();
-    let m = mlbench::model::load_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let m = mlbench::model::load_dir(dir.path(), DType::F32, &test_device()).unwrap();
     (dir, m)
 }
 
@@ -100,7 +102,7 @@ fn trained_like(m: &Model, cfg: &TrainConfig) -> Adapter {
         let v: Vec<f32> = (0..n)
             .map(|_| (rng.next_f64() as f32 - 0.5) * 0.2)
             .collect();
-        p.b.set(&Tensor::from_vec(v, p.b.dims(), &Device::Cpu).unwrap())
+        p.b.set(&Tensor::from_vec(v, p.b.dims(), &test_device()).unwrap())
             .unwrap();
     }
     a
@@ -293,7 +295,7 @@ fn stage2_only_equals_multitask_lora_on_the_same_query_batches() {
         "got",
         &m.modules(),
         DType::F32,
-        &Device::Cpu,
+        &test_device(),
     )
     .unwrap();
     let g: Vec<Tensor> = got.vars().iter().map(|v| v.as_tensor().clone()).collect();
@@ -413,7 +415,7 @@ fn per_task_methods_write_one_adapter_per_task_from_the_same_init() {
             u,
             &m.modules(),
             DType::F32,
-            &Device::Cpu,
+            &test_device(),
         )
         .unwrap();
         assert_ne!(vals(&a), vals(&init), "{u}: not adapted");

@@ -91,3 +91,10 @@ pub fn files_in(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// The device the model and trainer tests run on: `MLBENCH_TEST_DEVICE` (`cpu` by default;
+/// `cuda` or `cuda:N` with a CUDA build, as `scripts/gpu-check.sh` runs them).
+pub fn test_device() -> candle_core::Device {
+    let d = std::env::var("MLBENCH_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    mlbench::model::parse_device(&d).unwrap_or_else(|e| panic!("MLBENCH_TEST_DEVICE={d}: {e}"))
+}
