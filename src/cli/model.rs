@@ -56,8 +56,12 @@ pub struct ImportArgs {
 
 #[derive(Debug, Args)]
 pub struct TinyArgs {
-    #[arg(long, value_enum)]
-    pub arch: ArchArg,
+    #[arg(long, value_enum, required_unless_present = "like")]
+    pub arch: Option<ArchArg>,
+    /// Instead of a tiny model: the configuration and tokenizer of this HF folder with random
+    /// weights (real shapes and speed, for benchmarks where the weights cannot be copied).
+    #[arg(long, conflicts_with = "arch")]
+    pub like: Option<PathBuf>,
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long, default_value_t = 0)]
@@ -182,9 +186,24 @@ fn load_adapter(m: &model::LoadedModel, dir: &Option<PathBuf>) -> anyhow::Result
 pub fn run_model(g: &Global, cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
         ModelCommand::Tiny(a) => {
-            tiny::write_tiny(a.arch.into(), &a.out, a.seed)?;
-            if !g.quiet {
-                println!("tiny {:?} model written to {}", a.arch, a.out.display());
+            match (&a.like, a.arch) {
+                (Some(like), _) => {
+                    tiny::write_random_like(like, &a.out, a.seed)?;
+                    if !g.quiet {
+                        println!(
+                            "random-weight model shaped like {} written to {}",
+                            like.display(),
+                            a.out.display()
+                        );
+                    }
+                }
+                (None, Some(arch)) => {
+                    tiny::write_tiny(arch.into(), &a.out, a.seed)?;
+                    if !g.quiet {
+                        println!("tiny {arch:?} model written to {}", a.out.display());
+                    }
+                }
+                (None, None) => unreachable!("clap requires --arch or --like"),
             }
             Ok(())
         }

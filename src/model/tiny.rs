@@ -145,3 +145,24 @@ pub fn write_tiny(arch: Arch, dir: &Path, seed: u64) -> Result<()> {
     let tensors = tiny_tensors(&c, seed)?;
     save_hf_folder(dir, &c, &tensors, Some(&tiny_tokenizer(arch)))
 }
+
+/// Writes a model with the configuration of the HF folder `like` (its `config.json` and
+/// tokenizer files are copied) and random weights drawn as for the tiny models: the real shape
+/// and speed without the real weights (for speed checks where the weights cannot travel).
+pub fn write_random_like(like: &Path, dir: &Path, seed: u64) -> Result<()> {
+    let cp = like.join("config.json");
+    let text = std::fs::read_to_string(&cp)
+        .map_err(|e| crate::error::Error::missing_or_io("config.json", "read", &cp, e))?;
+    let c = ModelConfig::from_json(&text, &cp)?;
+    let tensors = tiny_tensors(&c, seed)?;
+    save_hf_folder(dir, &c, &tensors, None)?;
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        let src = like.join(f);
+        if src.exists() {
+            let bytes = std::fs::read(&src).map_err(|e| crate::error::Error::io("read", &src, e))?;
+            crate::util::write_bytes_atomic(&dir.join(f), &bytes)?;
+        }
+    }
+    Ok(())
+}
+

@@ -214,7 +214,7 @@ pub fn train(
             .map(|u| plan_batches(&units, &[u], cfg, &units[u].name).len())
             .sum()
     } else if method == Method::Stage1Only {
-        0
+        cfg.inner_steps * units.len()
     } else {
         plan_batches(&units, &(0..units.len()).collect::<Vec<_>>(), cfg, "").len()
     };
