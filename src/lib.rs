@@ -7,6 +7,7 @@
 
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod model;
 pub mod tasks;
 pub mod train;

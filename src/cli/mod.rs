@@ -2,6 +2,7 @@
 //! bodies. Only this module and `main.rs` use `anyhow`.
 
 mod data;
+mod eval;
 mod model;
 mod table;
 mod tasks;
@@ -56,6 +57,8 @@ pub enum Command {
     Generate(model::GenerateArgs),
     /// Train adapters: the LoRA baselines and MeTA-LoRA (writes a run folder).
     Train(Box<train::TrainArgs>),
+    /// Evaluate the base model and adapters on task test sets (per-example records, metrics).
+    Eval(Box<eval::EvalArgs>),
 }
 
 impl Global {
@@ -87,6 +90,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Score(a) => model::run_score(&cli.global, a),
         Command::Generate(a) => model::run_generate(&cli.global, a),
         Command::Train(a) => train::run(&cli.global, *a),
+        Command::Eval(a) => eval::run(&cli.global, *a),
     }
 }
 

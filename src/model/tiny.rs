@@ -156,13 +156,18 @@ pub fn write_random_like(like: &Path, dir: &Path, seed: u64) -> Result<()> {
     let c = ModelConfig::from_json(&text, &cp)?;
     let tensors = tiny_tensors(&c, seed)?;
     save_hf_folder(dir, &c, &tensors, None)?;
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         let src = like.join(f);
         if src.exists() {
-            let bytes = std::fs::read(&src).map_err(|e| crate::error::Error::io("read", &src, e))?;
+            let bytes =
+                std::fs::read(&src).map_err(|e| crate::error::Error::io("read", &src, e))?;
             crate::util::write_bytes_atomic(&dir.join(f), &bytes)?;
         }
     }
     Ok(())
 }
-

@@ -244,6 +244,9 @@ struct RopeTables {
 
 const NEG: f32 = -1e30;
 
+/// Visibility group of a padding token in [`Model::hidden_packed`] (seen by no query).
+pub const PAD: u16 = u16::MAX;
+
 impl Model {
     /// The linear modules an adapter may target, with their PEFT names and shapes.
     pub fn modules(&self) -> Vec<ModuleInfo> {
@@ -274,12 +277,35 @@ impl Model {
                     .collect()
             })
             .collect();
+        let vis: Vec<Vec<u16>> = mask
+            .iter()
+            .map(|r| r.iter().map(|&m| if m != 0 { 0 } else { PAD }).collect())
+            .collect();
+        self.prepare_layout(pos, vis)
+    }
+
+    /// Masks and rope tables from explicit positions and visibility groups: query `q` sees key
+    /// `k <= q` when `vis[k]` is not [`PAD`] and is 0 (a shared prefix) or equal to `vis[q]`.
+    fn prepare_layout(&self, pos: Vec<Vec<i64>>, vis: Vec<Vec<u16>>) -> Result<Prepared> {
+        let b = pos.len();
+        let t = pos.first().map(|r| r.len()).unwrap_or(0);
+        if b == 0
+            || t == 0
+            || pos.iter().any(|r| r.len() != t)
+            || vis.len() != b
+            || vis.iter().any(|r| r.len() != t)
+        {
+            return Err(Error::Invalid(format!(
+                "positions and groups must be non-empty rectangles of the same shape ({b} rows)"
+            )));
+        }
         let build = |window: Option<usize>| -> Result<Tensor> {
             let mut m = vec![NEG; b * t * t];
             for bi in 0..b {
                 for qi in 0..t {
                     for ki in 0..=qi {
-                        if mask[bi][ki] == 0 {
+                        let g = vis[bi][ki];
+                        if g == PAD || (g != 0 && g != vis[bi][qi]) {
                             continue;
                         }
                         if let Some(w) = window {
@@ -350,6 +376,26 @@ impl Model {
     /// Hidden states after the final norm, `[B, T, hidden]`.
     pub fn hidden(&self, ids: &[Vec<u32>], mask: &[Vec<u8>], ctx: &Ctx) -> Result<Tensor> {
         let p = self.prepare(mask)?;
+        self.hidden_prepared(ids, p, ctx)
+    }
+
+    /// Hidden states of packed rows: token `j` of row `b` sits at rotary position `pos[b][j]`
+    /// and attends to earlier tokens of its own group `vis[b][j]` and of group 0, the shared
+    /// prefix ([`PAD`] marks padding). One row can hold a context followed by several
+    /// continuations that each see the context but not each other, so the context is computed
+    /// once for all of them.
+    pub fn hidden_packed(
+        &self,
+        ids: &[Vec<u32>],
+        pos: Vec<Vec<i64>>,
+        vis: Vec<Vec<u16>>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let p = self.prepare_layout(pos, vis)?;
+        self.hidden_prepared(ids, p, ctx)
+    }
+
+    fn hidden_prepared(&self, ids: &[Vec<u32>], p: Prepared, ctx: &Ctx) -> Result<Tensor> {
         let (b, t) = (p.b, p.t);
         if ids.len() != b || ids.iter().any(|r| r.len() != t) {
             return Err(Error::Invalid("ids and mask shapes differ".into()));

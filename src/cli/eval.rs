@@ -1,0 +1,109 @@
+//! `mlbench eval`: a model and adapters on task test sets (see `mlbench::eval::run`).
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::{split_list, table, Global};
+use mlbench::eval::run::{evaluate, EvalConfig};
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// HF folder or Hub id.
+    #[arg(long)]
+    pub model: String,
+    /// Adapters, comma-separated: PEFT folders or training run folders (`NAME=PATH` names one).
+    #[arg(long)]
+    pub adapters: Vec<String>,
+    /// Skip the base model (evaluate the adapters only).
+    #[arg(long)]
+    pub no_base: bool,
+    /// Task(s), comma-separated.
+    #[arg(long = "task", alias = "tasks", required = true)]
+    pub tasks: Vec<String>,
+    /// Languages, comma-separated (`all`, or `task:code` to scope a code to one task).
+    #[arg(long, required = true)]
+    pub langs: Vec<String>,
+    /// Split (default: each task's eval split, normally `test`).
+    #[arg(long)]
+    pub split: Option<String>,
+    /// In-context examples per prompt, drawn (seeded) from the task's few-shot split.
+    #[arg(long, default_value_t = 0)]
+    pub shots: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Examples per forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Longest input in tokens.
+    #[arg(long, default_value_t = 2048)]
+    pub max_len: usize,
+    /// Only the first N examples of each task x language.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Output folder (samples.parquet, metrics.parquet, metrics.md, results.json).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
+    let cfg = EvalConfig {
+        model: a.model,
+        adapters: split_list(&a.adapters),
+        base: !a.no_base,
+        tasks: split_list(&a.tasks),
+        langs: split_list(&a.langs),
+        split: a.split,
+        shots: a.shots,
+        seed: a.seed,
+        batch_size: a.batch_size,
+        max_len: a.max_len,
+        limit: a.limit,
+        device: a.device,
+        dtype: a.dtype,
+    };
+    let pb = g.bar("eval");
+    let mut progress = |variant: &str, task: &str, lang: &str, done: usize, total: usize| {
+        pb.set_prefix(format!("{variant} {task}/{lang}"));
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    };
+    let report = evaluate(&g.data_dir, &cfg, &a.out, &mut progress);
+    pb.finish_and_clear();
+    let report = report?;
+    tracing::info!(
+        secs = report.seconds,
+        examples_per_s = report.examples_per_s,
+        "evaluated; outputs in {}",
+        a.out.display()
+    );
+    if !g.quiet {
+        let rows: Vec<Vec<String>> = report
+            .metrics
+            .iter()
+            .map(|r| {
+                vec![
+                    r.variant.clone(),
+                    r.task.clone(),
+                    r.lang.clone(),
+                    r.metric.clone(),
+                    r.n.to_string(),
+                    format!("{:.4}", r.value),
+                    format!("[{:.3}, {:.3}]", r.ci_low, r.ci_high),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            table::render(
+                &["variant", "task", "lang", "metric", "n", "value", "95% CI"],
+                &rows
+            )
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! Stage 4 of the data's journey: evaluation. A model, adapters and task specs in; per-example
+//! records, metrics with intervals and a results file out.
+//!
+//! - [`choices`]: multiple-choice log-likelihoods with the context computed once per example;
+//! - [`metrics`]: acc, acc_norm, acc_bytes, exact_match, standard errors, Wilson and bootstrap
+//!   intervals, micro and macro averages;
+//! - [`run`]: prompts (zero- and n-shot), variants (base, adapters, per-task adapter sets),
+//!   scoring of every variant on one loaded base, and the output files.
+
+pub mod choices;
+pub mod metrics;
+pub mod run;

@@ -1,0 +1,840 @@
+//! An evaluation end to end: a model, adapters, tasks and languages in; under the output
+//! folder `samples.parquet` (one row per variant x example), `metrics.parquet` and
+//! `metrics.md` (per variant x task x language, plus micro and macro averages over languages)
+//! and `results.json` (the resolved configuration, task versions, model and adapter identity,
+//! seeds, code version, timing). Everything is checked before the first forward pass; all files
+//! are written atomically.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use polars::prelude::*;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::choices::{score_choices, ChoiceRequest};
+use super::metrics::{self, Estimate};
+use crate::data::schema::{self, Example};
+use crate::data::{lang, sample};
+use crate::error::{Error, Result};
+use crate::model::lora::Adapter;
+use crate::model::LoadedModel;
+use crate::tasks::{Rendered, Scoring, TaskSpec};
+use crate::util::{derive_seed, sha256_hex, write_bytes_atomic, Rng};
+
+/// What to evaluate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalConfig {
+    pub model: String,
+    /// Adapter folders (PEFT) or training run folders; `NAME=PATH` names one.
+    pub adapters: Vec<String>,
+    /// Evaluate the base model too.
+    pub base: bool,
+    pub tasks: Vec<String>,
+    pub langs: Vec<String>,
+    /// Split to evaluate (default: each task's `eval_split`).
+    pub split: Option<String>,
+    /// In-context examples per prompt (from the task's few-shot split).
+    pub shots: usize,
+    pub seed: u64,
+    /// Examples per forward pass.
+    pub batch_size: usize,
+    /// Longest input in tokens (contexts lose tokens from the left beyond it).
+    pub max_len: usize,
+    /// Evaluate only the first N examples of each task x language.
+    pub limit: Option<usize>,
+    pub device: String,
+    pub dtype: String,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            model: String::new(),
+            adapters: vec![],
+            base: true,
+            tasks: vec![],
+            langs: vec![],
+            split: None,
+            shots: 0,
+            seed: 0,
+            batch_size: 16,
+            max_len: 2048,
+            limit: None,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+        }
+    }
+}
+
+/// One example ready to score.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub task: String,
+    pub lang_code: String,
+    pub id: String,
+    /// The full prompt (in-context examples included).
+    pub prompt: String,
+    pub rendered: Rendered,
+    pub target: Option<String>,
+}
+
+/// One variant (the base model or an adapter) and, for per-task adapter sets, which adapter
+/// serves which `task.lang` unit.
+pub enum Variant {
+    Base,
+    Shared(Adapter),
+    PerTask(BTreeMap<String, Adapter>),
+}
+
+/// A named variant with where it came from.
+pub struct NamedVariant {
+    pub name: String,
+    pub source: Option<PathBuf>,
+    pub variant: Variant,
+}
+
+/// One scored example.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub variant: String,
+    pub task: String,
+    pub lang: String,
+    pub id: String,
+    pub prompt_sha: String,
+    pub logprobs: Option<Vec<f64>>,
+    pub pred: Option<i64>,
+    pub pred_norm: Option<i64>,
+    pub pred_bytes: Option<i64>,
+    pub gold: Option<i64>,
+    pub generated: Option<String>,
+    pub extracted: Option<String>,
+    pub target: Option<String>,
+    /// Per metric name: did this example count as correct.
+    pub outcomes: BTreeMap<String, bool>,
+}
+
+/// One metrics row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetricRow {
+    pub variant: String,
+    pub task: String,
+    /// A language code, or `micro` / `macro` for the averages over languages.
+    pub lang: String,
+    pub metric: String,
+    pub higher_is_better: bool,
+    pub n: usize,
+    pub value: f64,
+    pub stderr: f64,
+    pub ci_low: f64,
+    pub ci_high: f64,
+}
+
+/// The examples of the evaluation, checked and prompted. Every problem is listed at once.
+pub fn prepare_items(
+    data_dir: &Path,
+    cfg: &EvalConfig,
+) -> Result<(Vec<Item>, BTreeMap<String, TaskSpec>)> {
+    let mut problems = Vec::new();
+    let mut items = Vec::new();
+    let mut specs = BTreeMap::new();
+    for task in &cfg.tasks {
+        let spec = match TaskSpec::for_task(data_dir, task) {
+            Ok(s) => s,
+            Err(e) => {
+                problems.push(e.to_string());
+                continue;
+            }
+        };
+        let path = match sample::dataset_path(data_dir, spec.dataset()) {
+            Ok(p) => p,
+            Err(e) => {
+                problems.push(e.to_string());
+                continue;
+            }
+        };
+        let entries = sample::task_languages(&path)?;
+        let codes = sample::codes_for(task, &cfg.langs);
+        if codes.is_empty() {
+            problems.push(format!("no language given for task `{task}`"));
+            continue;
+        }
+        let mut chosen: Vec<&lang::LangEntry> = Vec::new();
+        for c in &codes {
+            match lang::resolve_list(task, std::slice::from_ref(c), &entries) {
+                Ok(found) => {
+                    for e in found {
+                        if !chosen.iter().any(|x| x.lang == e.lang) {
+                            chosen.push(e);
+                        }
+                    }
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        let missing: Vec<String> = spec
+            .row_fields_used()
+            .into_iter()
+            .filter(|f| !["text", "lang", "lang_code", "id"].contains(&f.as_str()))
+            .collect();
+        let df = schema::load(&path, None)?;
+        let rows = schema::from_frame(&df)?;
+        let split = cfg.split.clone().unwrap_or_else(|| spec.eval_split.clone());
+        let shot_split = spec
+            .fewshot_split
+            .clone()
+            .unwrap_or_else(|| spec.train_split.clone());
+        if spec.scoring == Scoring::Generate && spec.generation.is_none() {
+            problems.push(format!("task `{task}`: generation settings missing"));
+        }
+        for e in chosen {
+            let in_lang: Vec<&Example> = rows.iter().filter(|r| r.lang == e.lang).collect();
+            let mut eval: Vec<&Example> = in_lang
+                .iter()
+                .copied()
+                .filter(|r| r.split == split)
+                .collect();
+            if eval.is_empty() {
+                let mut available: Vec<String> = in_lang.iter().map(|r| r.split.clone()).collect();
+                available.sort();
+                available.dedup();
+                problems.push(
+                    Error::MissingSplit {
+                        task: task.clone(),
+                        lang: e.lang_code.clone(),
+                        split: split.clone(),
+                        available,
+                    }
+                    .to_string(),
+                );
+                continue;
+            }
+            if let Some(n) = cfg.limit {
+                eval.truncate(n);
+            }
+            // Template fields the data lacks (optional columns that are null here).
+            for f in &missing {
+                if let Some(x) = eval
+                    .iter()
+                    .find(|x| <Example as crate::tasks::Fields>::field(x, f).is_none())
+                {
+                    problems.push(format!(
+                        "task `{task}`: the template uses `{{{f}}}` but example `{}` ({}) has no `{f}` value",
+                        x.id, e.lang_code
+                    ));
+                    break;
+                }
+            }
+            let shots: Vec<&Example> = in_lang
+                .iter()
+                .copied()
+                .filter(|r| r.split == shot_split)
+                .collect();
+            if cfg.shots > 0 && shots.len() < cfg.shots + usize::from(shot_split == split) {
+                problems.push(format!(
+                    "task `{task}`/{}: {} in-context examples asked for but split `{shot_split}` has {}",
+                    e.lang_code,
+                    cfg.shots,
+                    shots.len()
+                ));
+                continue;
+            }
+            let shot_text: Vec<(String, String)> = match shots
+                .iter()
+                .map(|s| {
+                    let r = spec.render_example(s)?;
+                    Ok((
+                        s.id.clone(),
+                        format!("{}{}", r.context, r.answer.unwrap_or_default()),
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()
+            {
+                Ok(v) => v,
+                Err(err) => {
+                    problems.push(format!("{err} (few-shot split `{shot_split}`)"));
+                    continue;
+                }
+            };
+            for x in eval {
+                let r = match spec.render_example(x) {
+                    Ok(r) => r,
+                    Err(err) => {
+                        problems.push(format!("{err} (split `{split}`)"));
+                        break;
+                    }
+                };
+                if spec.scoring == Scoring::MultipleChoice && r.gold.is_none() {
+                    problems.push(format!(
+                        "task `{task}`: example `{}` ({}) has no label to score against",
+                        x.id, e.lang_code
+                    ));
+                    break;
+                }
+                let mut prompt = String::new();
+                if cfg.shots > 0 {
+                    let mut pool: Vec<&(String, String)> =
+                        shot_text.iter().filter(|(id, _)| *id != x.id).collect();
+                    let mut rng = Rng::new(derive_seed(
+                        cfg.seed,
+                        &["fewshot", task, &e.lang_code, &x.id],
+                    ));
+                    rng.shuffle(&mut pool);
+                    for (_, t) in pool.iter().take(cfg.shots) {
+                        prompt.push_str(t);
+                        prompt.push_str(&spec.prompt.fewshot_separator);
+                    }
+                }
+                prompt.push_str(&r.context);
+                items.push(Item {
+                    task: task.clone(),
+                    lang_code: e.lang_code.clone(),
+                    id: x.id.clone(),
+                    prompt,
+                    target: x.target.clone(),
+                    rendered: r,
+                });
+            }
+        }
+        specs.insert(task.clone(), spec);
+    }
+    if !problems.is_empty() {
+        return Err(Error::Problems {
+            context: "the evaluation".into(),
+            problems,
+        });
+    }
+    Ok((items, specs))
+}
+
+/// Resolves `--adapters` entries against the loaded model. A PEFT folder is one shared adapter;
+/// a training run folder gives its shared `adapter/` and, when present, its per-task
+/// `adapters/<task>.<lang>` set (named `<run>:per-task`).
+pub fn load_variants(m: &LoadedModel, cfg: &EvalConfig) -> Result<Vec<NamedVariant>> {
+    let mut out = Vec::new();
+    if cfg.base {
+        out.push(NamedVariant {
+            name: "base".into(),
+            source: None,
+            variant: Variant::Base,
+        });
+    }
+    let mut problems = Vec::new();
+    let load = |dir: &Path, name: &str| {
+        Adapter::load_peft(
+            dir,
+            name,
+            &m.model.modules(),
+            m.model.dtype,
+            &m.model.device,
+        )
+    };
+    for spec in &cfg.adapters {
+        let (name, path) = match spec.split_once('=') {
+            Some((n, p)) => (n.to_string(), PathBuf::from(p)),
+            None => {
+                let p = PathBuf::from(spec);
+                let n = p
+                    .file_name()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| spec.clone());
+                (n, p)
+            }
+        };
+        if path.join("adapter_config.json").exists() {
+            match load(&path, &name) {
+                Ok(a) => out.push(NamedVariant {
+                    name,
+                    source: Some(path),
+                    variant: Variant::Shared(a),
+                }),
+                Err(e) => problems.push(format!("adapter `{name}`: {e}")),
+            }
+            continue;
+        }
+        let shared = path.join("adapter");
+        let per = path.join("adapters");
+        if !shared.exists() && !per.exists() {
+            problems.push(format!(
+                "adapter `{name}`: {} is neither a PEFT folder (adapter_config.json) nor a training run (adapter/ or adapters/)",
+                path.display()
+            ));
+            continue;
+        }
+        if shared.join("adapter_config.json").exists() {
+            match load(&shared, &name) {
+                Ok(a) => out.push(NamedVariant {
+                    name: name.clone(),
+                    source: Some(shared),
+                    variant: Variant::Shared(a),
+                }),
+                Err(e) => problems.push(format!("adapter `{name}`: {e}")),
+            }
+        }
+        if per.is_dir() {
+            let mut set = BTreeMap::new();
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(&per)
+                .map_err(|e| Error::io("read", &per, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.join("adapter_config.json").exists())
+                .collect();
+            entries.sort();
+            for d in entries {
+                let unit = d.file_name().unwrap().to_string_lossy().into_owned();
+                match load(&d, &unit) {
+                    Ok(a) => {
+                        set.insert(unit, a);
+                    }
+                    Err(e) => problems.push(format!("adapter `{name}:per-task` ({unit}): {e}")),
+                }
+            }
+            out.push(NamedVariant {
+                name: format!("{name}:per-task"),
+                source: Some(per),
+                variant: Variant::PerTask(set),
+            });
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Problems {
+            context: "the adapters".into(),
+            problems,
+        });
+    }
+    Ok(out)
+}
+
+/// The adapter a variant uses for one task and language (`None`: the base model).
+fn adapter_for<'a>(
+    v: &'a Variant,
+    task: &str,
+    lang: &str,
+) -> std::result::Result<Option<&'a Adapter>, String> {
+    match v {
+        Variant::Base => Ok(None),
+        Variant::Shared(a) => Ok(Some(a)),
+        Variant::PerTask(set) => set
+            .get(&format!("{task}.{lang}"))
+            .or_else(|| set.get(task))
+            .map(Some)
+            .ok_or_else(|| {
+                format!(
+                    "no adapter for {task}/{lang} (has: {})",
+                    set.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
+            }),
+    }
+}
+
+/// Progress of an evaluation: (variant, task, language, done, total) per group.
+pub type ProgressFn<'a> = dyn FnMut(&str, &str, &str, usize, usize) + 'a;
+
+/// Scores every item with every variant.
+pub fn score_all(
+    m: &LoadedModel,
+    variants: &[NamedVariant],
+    items: &[Item],
+    specs: &BTreeMap<String, TaskSpec>,
+    cfg: &EvalConfig,
+    progress: &mut ProgressFn,
+) -> Result<Vec<Record>> {
+    // Groups of items per (task, lang), in item order.
+    let mut groups: Vec<((String, String), Vec<usize>)> = Vec::new();
+    for (i, it) in items.iter().enumerate() {
+        let key = (it.task.clone(), it.lang_code.clone());
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(i),
+            None => groups.push((key, vec![i])),
+        }
+    }
+    let mut problems = Vec::new();
+    for v in variants {
+        for ((t, l), _) in &groups {
+            if let Err(e) = adapter_for(&v.variant, t, l) {
+                problems.push(format!("variant `{}`: {e}", v.name));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Problems {
+            context: "the adapters".into(),
+            problems,
+        });
+    }
+    // Tokenise once, in parallel.
+    let tok = &m.tok;
+    let requests: Vec<Option<ChoiceRequest>> = items
+        .par_iter()
+        .map(|it| -> Result<Option<ChoiceRequest>> {
+            if specs[&it.task].scoring != Scoring::MultipleChoice {
+                return Ok(None);
+            }
+            let mut context = None;
+            let mut continuations = Vec::with_capacity(it.rendered.choices.len());
+            for c in &it.rendered.choices {
+                let (ctx, cont) = tok.encode_pair(&it.prompt, c)?;
+                if let Some(prev) = &context {
+                    if *prev != ctx {
+                        return Err(Error::Invalid(format!(
+                            "{}/{} `{}`: the context tokenises differently per choice",
+                            it.task, it.lang_code, it.id
+                        )));
+                    }
+                } else {
+                    context = Some(ctx);
+                }
+                continuations.push(cont);
+            }
+            Ok(Some(ChoiceRequest {
+                context: context.unwrap_or_default(),
+                continuations,
+            }))
+        })
+        .collect::<Result<_>>()?;
+    let mut records = Vec::with_capacity(items.len() * variants.len());
+    for v in variants {
+        for ((task, lang), idx) in &groups {
+            let spec = &specs[task];
+            let adapter = adapter_for(&v.variant, task, lang).map_err(Error::Invalid)?;
+            progress(&v.name, task, lang, 0, idx.len());
+            let metric_names: Vec<String> = spec.metrics.iter().map(|m| m.name.clone()).collect();
+            match spec.scoring {
+                Scoring::MultipleChoice => {
+                    let reqs: Vec<ChoiceRequest> = idx
+                        .iter()
+                        .map(|&i| requests[i].clone().expect("mc"))
+                        .collect();
+                    let mut scores = Vec::with_capacity(reqs.len());
+                    for (ci, chunk) in reqs.chunks(cfg.batch_size.max(1) * 8).enumerate() {
+                        scores.extend(score_choices(
+                            &m.model,
+                            adapter,
+                            chunk,
+                            cfg.batch_size,
+                            cfg.max_len,
+                        )?);
+                        progress(
+                            &v.name,
+                            task,
+                            lang,
+                            (ci * cfg.batch_size * 8 + chunk.len()).min(idx.len()),
+                            idx.len(),
+                        );
+                    }
+                    for (&i, sc) in idx.iter().zip(scores) {
+                        let it = &items[i];
+                        let lps: Vec<f64> = sc.iter().map(|s| s.logprob).collect();
+                        let (p, pn, pb) = metrics::mc_predictions(&lps, &it.rendered.choices);
+                        let gold = it.rendered.gold.expect("checked");
+                        let mut outcomes = BTreeMap::new();
+                        for name in &metric_names {
+                            let ok = match name.as_str() {
+                                "acc_norm" => pn == gold,
+                                "acc_bytes" => pb == gold,
+                                _ => p == gold,
+                            };
+                            outcomes.insert(name.clone(), ok);
+                        }
+                        records.push(Record {
+                            variant: v.name.clone(),
+                            task: task.clone(),
+                            lang: lang.clone(),
+                            id: it.id.clone(),
+                            prompt_sha: sha256_hex(it.prompt.as_bytes())[..16].to_string(),
+                            logprobs: Some(lps),
+                            pred: Some(p as i64),
+                            pred_norm: Some(pn as i64),
+                            pred_bytes: Some(pb as i64),
+                            gold: Some(gold as i64),
+                            generated: None,
+                            extracted: None,
+                            target: it.rendered.answer.clone(),
+                            outcomes,
+                        });
+                    }
+                }
+                Scoring::Generate => {
+                    let g = spec.generation.as_ref().expect("checked");
+                    let re = regex::Regex::new(&g.answer_regex)
+                        .map_err(|e| Error::Invalid(format!("task `{task}`: answer_regex: {e}")))?;
+                    for (n, &i) in idx.iter().enumerate() {
+                        let it = &items[i];
+                        let text = crate::model::score::generate(
+                            &m.model,
+                            tok,
+                            adapter,
+                            &it.prompt,
+                            g.max_tokens,
+                            &g.until,
+                        )?;
+                        let ext = metrics::extract(&re, &text);
+                        let want = it.target.as_deref().map(metrics::normalize_answer);
+                        let ok = match (&ext, &want) {
+                            (Some(x), Some(w)) => metrics::normalize_answer(x) == *w,
+                            _ => false,
+                        };
+                        records.push(Record {
+                            variant: v.name.clone(),
+                            task: task.clone(),
+                            lang: lang.clone(),
+                            id: it.id.clone(),
+                            prompt_sha: sha256_hex(it.prompt.as_bytes())[..16].to_string(),
+                            logprobs: None,
+                            pred: None,
+                            pred_norm: None,
+                            pred_bytes: None,
+                            gold: None,
+                            generated: Some(text),
+                            extracted: ext,
+                            target: it.target.clone(),
+                            outcomes: metric_names.iter().map(|m| (m.clone(), ok)).collect(),
+                        });
+                        progress(&v.name, task, lang, n + 1, idx.len());
+                    }
+                }
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// Metrics per variant x task x language, then micro (all examples pooled) and macro (mean
+/// over languages, bootstrap interval) averages per variant x task.
+pub fn summarize(
+    records: &[Record],
+    specs: &BTreeMap<String, TaskSpec>,
+    seed: u64,
+) -> Vec<MetricRow> {
+    let mut out = Vec::new();
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for r in records {
+        let k = (r.variant.clone(), r.task.clone());
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    for (variant, task) in keys {
+        let spec = &specs[&task];
+        let mut langs: Vec<String> = Vec::new();
+        for r in records
+            .iter()
+            .filter(|r| r.variant == variant && r.task == task)
+        {
+            if !langs.contains(&r.lang) {
+                langs.push(r.lang.clone());
+            }
+        }
+        for m in &spec.metrics {
+            let mut per_lang: Vec<Vec<f64>> = Vec::new();
+            let mut pooled: Vec<bool> = Vec::new();
+            let row = |lang: &str, e: Estimate| MetricRow {
+                variant: variant.clone(),
+                task: task.clone(),
+                lang: lang.to_string(),
+                metric: m.name.clone(),
+                higher_is_better: m.higher_is_better,
+                n: e.n,
+                value: e.value,
+                stderr: e.stderr,
+                ci_low: e.ci_low,
+                ci_high: e.ci_high,
+            };
+            for l in &langs {
+                let o: Vec<bool> = records
+                    .iter()
+                    .filter(|r| r.variant == variant && r.task == task && &r.lang == l)
+                    .map(|r| r.outcomes.get(&m.name).copied().unwrap_or(false))
+                    .collect();
+                out.push(row(l, metrics::proportion(&o)));
+                per_lang.push(o.iter().map(|&x| f64::from(u8::from(x))).collect());
+                pooled.extend(o);
+            }
+            if langs.len() > 1 {
+                out.push(row("micro", metrics::proportion(&pooled)));
+                out.push(row(
+                    "macro",
+                    metrics::macro_average(
+                        &per_lang,
+                        1000,
+                        derive_seed(seed, &[&variant, &task, &m.name]),
+                    ),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Writes the per-example records as Parquet.
+pub fn write_samples(records: &[Record], path: &Path) -> Result<()> {
+    let s = |name: &str, f: &dyn Fn(&Record) -> &str| {
+        Column::new(name.into(), records.iter().map(f).collect::<Vec<&str>>())
+    };
+    let o = |name: &str, f: &dyn Fn(&Record) -> Option<&str>| {
+        Column::new(
+            name.into(),
+            records.iter().map(f).collect::<Vec<Option<&str>>>(),
+        )
+    };
+    let i = |name: &str, f: &dyn Fn(&Record) -> Option<i64>| {
+        Column::new(
+            name.into(),
+            records.iter().map(f).collect::<Vec<Option<i64>>>(),
+        )
+    };
+    let lps: ListChunked = records
+        .iter()
+        .map(|r| {
+            r.logprobs
+                .as_ref()
+                .map(|v| Series::new(PlSmallStr::EMPTY, v.as_slice()))
+        })
+        .collect();
+    let mut lps = lps.into_series();
+    lps.rename("logprobs".into());
+    let primary = |r: &Record| r.outcomes.values().next().copied().unwrap_or(false);
+    let mut df = DataFrame::new_infer_height(vec![
+        s("variant", &|r| &r.variant),
+        s("task", &|r| &r.task),
+        s("lang", &|r| &r.lang),
+        s("id", &|r| &r.id),
+        s("prompt_sha", &|r| &r.prompt_sha),
+        lps.into_column(),
+        i("pred", &|r| r.pred),
+        i("pred_norm", &|r| r.pred_norm),
+        i("pred_bytes", &|r| r.pred_bytes),
+        i("gold", &|r| r.gold),
+        o("generated", &|r| r.generated.as_deref()),
+        o("extracted", &|r| r.extracted.as_deref()),
+        o("target", &|r| r.target.as_deref()),
+        Column::new(
+            "correct".into(),
+            records.iter().map(primary).collect::<Vec<bool>>(),
+        ),
+    ])?;
+    schema::write_parquet(&mut df, path)
+}
+
+/// Writes the metrics as Parquet and as a Markdown table.
+pub fn write_metrics(rows: &[MetricRow], dir: &Path) -> Result<()> {
+    let s = |name: &str, f: &dyn Fn(&MetricRow) -> &str| {
+        Column::new(name.into(), rows.iter().map(f).collect::<Vec<&str>>())
+    };
+    let fl = |name: &str, f: &dyn Fn(&MetricRow) -> f64| {
+        Column::new(name.into(), rows.iter().map(f).collect::<Vec<f64>>())
+    };
+    let mut df = DataFrame::new_infer_height(vec![
+        s("variant", &|r| &r.variant),
+        s("task", &|r| &r.task),
+        s("lang", &|r| &r.lang),
+        s("metric", &|r| &r.metric),
+        Column::new(
+            "higher_is_better".into(),
+            rows.iter()
+                .map(|r| r.higher_is_better)
+                .collect::<Vec<bool>>(),
+        ),
+        Column::new(
+            "n".into(),
+            rows.iter().map(|r| r.n as u64).collect::<Vec<u64>>(),
+        ),
+        fl("value", &|r| r.value),
+        fl("stderr", &|r| r.stderr),
+        fl("ci_low", &|r| r.ci_low),
+        fl("ci_high", &|r| r.ci_high),
+    ])?;
+    schema::write_parquet(&mut df, &dir.join("metrics.parquet"))?;
+    let mut md = String::from(
+        "| variant | task | lang | metric | n | value | stderr | 95% interval |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.4} | {:.4} | [{:.4}, {:.4}] |\n",
+            r.variant, r.task, r.lang, r.metric, r.n, r.value, r.stderr, r.ci_low, r.ci_high
+        ));
+    }
+    write_bytes_atomic(&dir.join("metrics.md"), md.as_bytes())
+}
+
+/// sha256 of an adapter folder's weights and config, for the results file.
+fn adapter_identity(dir: &Path) -> serde_json::Value {
+    let h = |f: &str| crate::util::sha256_file(&dir.join(f)).unwrap_or_default();
+    serde_json::json!({
+        "path": dir.display().to_string(),
+        "adapter_model_sha256": h("adapter_model.safetensors"),
+        "adapter_config_sha256": h("adapter_config.json"),
+    })
+}
+
+/// What an evaluation produced.
+pub struct EvalReport {
+    pub records: Vec<Record>,
+    pub metrics: Vec<MetricRow>,
+    pub seconds: f64,
+    pub examples_per_s: f64,
+}
+
+/// Checks, loads, scores and writes; see the module doc.
+pub fn evaluate(
+    data_dir: &Path,
+    cfg: &EvalConfig,
+    out: &Path,
+    progress: &mut ProgressFn,
+) -> Result<EvalReport> {
+    if cfg.batch_size == 0 {
+        return Err(Error::Invalid("--batch-size must be at least 1".into()));
+    }
+    if !cfg.base && cfg.adapters.is_empty() {
+        return Err(Error::Invalid(
+            "nothing to evaluate: give --adapters or keep the base model".into(),
+        ));
+    }
+    let (items, specs) = prepare_items(data_dir, cfg)?;
+    let device = crate::model::parse_device(&cfg.device)?;
+    let dtype = crate::model::parse_dtype(&cfg.dtype)?;
+    let m = crate::model::load(&cfg.model, dtype, &device)?;
+    let variants = load_variants(&m, cfg)?;
+    let t0 = std::time::Instant::now();
+    let records = score_all(&m, &variants, &items, &specs, cfg, progress)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let metrics_rows = summarize(&records, &specs, cfg.seed);
+    std::fs::create_dir_all(out).map_err(|e| Error::io("create directory", out, e))?;
+    write_samples(&records, &out.join("samples.parquet"))?;
+    write_metrics(&metrics_rows, out)?;
+    let model_cfg = std::fs::read(m.dir.join("config.json")).unwrap_or_default();
+    let results = serde_json::json!({
+        "kind": "mlbench-eval",
+        "code_version": crate::util::code_version(),
+        "config": cfg,
+        "tasks": specs.values().map(|s| serde_json::json!({
+            "name": s.name, "version": s.version, "scoring": s.scoring,
+            "split": cfg.split.clone().unwrap_or_else(|| s.eval_split.clone()),
+        })).collect::<Vec<_>>(),
+        "model": {
+            "source": cfg.model,
+            "dir": m.dir.display().to_string(),
+            "arch": format!("{:?}", m.model.config.arch),
+            "config_sha256": sha256_hex(&model_cfg),
+        },
+        "variants": variants.iter().map(|v| serde_json::json!({
+            "name": v.name,
+            "kind": match v.variant { Variant::Base => "base", Variant::Shared(_) => "adapter", Variant::PerTask(_) => "per-task adapters" },
+            "source": v.source.as_deref().map(adapter_identity),
+        })).collect::<Vec<_>>(),
+        "seeds": { "seed": cfg.seed, "fewshot": "derive_seed(seed, fewshot, task, lang, id)", "bootstrap": "derive_seed(seed, variant, task, metric)" },
+        "examples": items.len(),
+        "seconds": seconds,
+        "examples_per_s": (items.len() * variants.len()) as f64 / seconds.max(1e-9),
+        "metrics": metrics_rows,
+    });
+    write_bytes_atomic(
+        &out.join("results.json"),
+        &serde_json::to_vec_pretty(&results)?,
+    )?;
+    Ok(EvalReport {
+        examples_per_s: (items.len() * variants.len()) as f64 / seconds.max(1e-9),
+        records,
+        metrics: metrics_rows,
+        seconds,
+    })
+}

@@ -1,0 +1,417 @@
+//! The batch evaluator on tiny models: shared-prefix scoring against the plain per-request
+//! scorer (lm-evaluation-harness semantics), batch invariance, metrics recomputed by hand from
+//! the per-example records, records joining back to the dataset, in-context examples never
+//! including the evaluated example, and bad input refused before scoring.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+use common::*;
+use mlbench::eval::choices::{score_choices, ChoiceRequest};
+use mlbench::eval::run::{prepare_items, EvalConfig};
+use mlbench::model::config::Arch;
+use mlbench::model::score::{score_ids, Pad};
+use mlbench::model::{tiny, LoadedModel};
+
+fn tiny_model(arch: Arch) -> (tempfile::TempDir, LoadedModel) {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_tiny(arch, dir.path(), 0).unwrap();
+    let m = mlbench::model::load_dir(dir.path(), DType::F32, &test_device()).unwrap();
+    (dir, m)
+}
+
+/// Requests with contexts longer than Gemma's tiny sliding window (4) and continuations of
+/// 1 to 4 tokens, some sharing their first token.
+fn requests(seed: u64, n: usize, vocab: u32) -> Vec<ChoiceRequest> {
+    let mut rng = mlbench::util::Rng::new(seed);
+    (0..n)
+        .map(|_| {
+            let lc = 1 + rng.below(12) as usize;
+            let context: Vec<u32> = (0..lc)
+                .map(|_| 3 + rng.below(vocab as u64 - 3) as u32)
+                .collect();
+            let nc = 1 + rng.below(5) as usize;
+            let first = 3 + rng.below(vocab as u64 - 3) as u32;
+            let continuations = (0..nc)
+                .map(|j| {
+                    let len = 1 + rng.below(4) as usize;
+                    let mut c: Vec<u32> = (0..len)
+                        .map(|_| 3 + rng.below(vocab as u64 - 3) as u32)
+                        .collect();
+                    if j % 2 == 1 {
+                        c[0] = first;
+                    }
+                    c
+                })
+                .collect();
+            ChoiceRequest {
+                context,
+                continuations,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn shared_prefix_scores_equal_per_request_scores_and_do_not_depend_on_the_batch() {
+    for arch in [Arch::Gemma3, Arch::Llama, Arch::Qwen2] {
+        let (_d, m) = tiny_model(arch);
+        let vocab = m.model.config.vocab_size.min(300) as u32;
+        let reqs = requests(1, 40, vocab);
+        let packed1 = score_choices(&m.model, None, &reqs, 1, 2048).unwrap();
+        let packed32 = score_choices(&m.model, None, &reqs, 32, 2048).unwrap();
+        let flat: Vec<(Vec<u32>, Vec<u32>)> = reqs
+            .iter()
+            .flat_map(|r| {
+                r.continuations
+                    .iter()
+                    .map(|c| (r.context.clone(), c.clone()))
+            })
+            .collect();
+        let plain = score_ids(&m.model, None, &flat, 8, Pad::Right, 2048).unwrap();
+        let mut k = 0;
+        let mut worst = 0f64;
+        for (i, r) in reqs.iter().enumerate() {
+            for j in 0..r.continuations.len() {
+                let (a, b, c) = (&packed1[i][j], &packed32[i][j], &plain[k]);
+                worst = worst
+                    .max((a.logprob - c.logprob).abs())
+                    .max((b.logprob - c.logprob).abs());
+                assert_eq!(a.tokens, c.tokens);
+                assert_eq!(a.greedy, c.greedy, "{arch:?} request {i} choice {j}");
+                assert_eq!(b.greedy, c.greedy, "{arch:?} request {i} choice {j}");
+                k += 1;
+            }
+        }
+        assert!(
+            worst <= 1e-4,
+            "{arch:?}: packed vs per-request differ by {worst}"
+        );
+    }
+}
+
+#[test]
+fn long_contexts_are_cut_from_the_left_like_the_per_request_scorer() {
+    let (_d, m) = tiny_model(Arch::Llama);
+    // One continuation, so the cut is the same for both scorers.
+    let mut reqs = requests(2, 10, 200);
+    for r in reqs.iter_mut() {
+        r.continuations.truncate(1);
+        r.context = r.context.iter().cycle().take(30).copied().collect();
+    }
+    let packed = score_choices(&m.model, None, &reqs, 4, 12).unwrap();
+    let flat: Vec<(Vec<u32>, Vec<u32>)> = reqs
+        .iter()
+        .map(|r| (r.context.clone(), r.continuations[0].clone()))
+        .collect();
+    let plain = score_ids(&m.model, None, &flat, 4, Pad::Right, 12).unwrap();
+    for (p, q) in packed.iter().zip(&plain) {
+        assert!((p[0].logprob - q.logprob).abs() < 1e-4);
+    }
+}
+
+const SPEC: &str = r#"
+name = "toy"
+version = 3
+scoring = "multiple_choice"
+fewshot_split = "dev"
+[prompt]
+template = "Q: {text}\nA:"
+[[metrics]]
+name = "acc"
+higher_is_better = true
+[[metrics]]
+name = "acc_norm"
+higher_is_better = true
+[[metrics]]
+name = "acc_bytes"
+higher_is_better = true
+"#;
+
+struct Data {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    model: PathBuf,
+}
+
+fn data() -> Data {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    std::fs::create_dir_all(dir.join("tasks")).unwrap();
+    let mut rows = toy_examples("toy", &["eng_Latn", "fra_Latn"], 3, 4, "test");
+    let mut dev = toy_examples("toy", &["eng_Latn", "fra_Latn"], 3, 2, "dev");
+    for r in dev.iter_mut() {
+        r.id = format!("d{}", r.id);
+    }
+    rows.extend(dev);
+    // Choices of different lengths in characters and bytes.
+    for r in rows.iter_mut() {
+        r.choices = Some(vec!["yes".into(), "no".into(), "àé".into()]);
+    }
+    write_dataset(&dir, "toy", &rows);
+    std::fs::write(dir.join("tasks/toy.toml"), SPEC).unwrap();
+    let model = tmp.path().join("tiny");
+    tiny::write_tiny(Arch::Gemma3, &model, 0).unwrap();
+    Data {
+        _tmp: tmp,
+        dir,
+        model,
+    }
+}
+
+fn cfg(d: &Data) -> EvalConfig {
+    EvalConfig {
+        model: d.model.to_str().unwrap().into(),
+        tasks: vec!["toy".into()],
+        langs: vec!["en".into(), "fr".into()],
+        ..EvalConfig::default()
+    }
+}
+
+fn eval_cli(d: &Data, extra: &[&str], out: &Path) -> std::process::Output {
+    let mut args = vec![
+        "--data-dir",
+        d.dir.to_str().unwrap(),
+        "-q",
+        "eval",
+        "--model",
+        d.model.to_str().unwrap(),
+        "--task",
+        "toy",
+        "--langs",
+        "en,fr",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    mlbench(&args)
+}
+
+#[test]
+fn records_join_the_dataset_and_metrics_recompute_from_them() {
+    let d = data();
+    let out = d._tmp.path().join("ev");
+    // An adapter with non-zero B, so the variants differ.
+    let m = mlbench::model::load_dir(&d.model, DType::F32, &candle_core::Device::Cpu).unwrap();
+    let ad = mlbench::model::lora::Adapter::new(
+        "a",
+        mlbench::model::lora::LoraConfig::default(),
+        &m.model.modules(),
+        3,
+        DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    for p in ad.pairs.values() {
+        let ones = candle_core::Tensor::ones(p.b.dims(), DType::F32, &candle_core::Device::Cpu);
+        p.b.set(&ones.unwrap().affine(0.05, 0.0).unwrap()).unwrap();
+    }
+    let adir = d._tmp.path().join("ad");
+    ad.save_peft(&adir).unwrap();
+    let o = eval_cli(&d, &["--adapters", adir.to_str().unwrap()], &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = mlbench::data::schema::read_parquet(&out.join("samples.parquet")).unwrap();
+    assert_eq!(s.height(), 2 * 24, "base + adapter x 24 test examples");
+    // Join back to the dataset ids.
+    let ds = mlbench::data::schema::load(&d.dir.join("toy.parquet"), None).unwrap();
+    let test_ids: std::collections::BTreeSet<(String, String)> = ds
+        .column("lang_code")
+        .unwrap()
+        .str()
+        .unwrap()
+        .iter()
+        .zip(ds.column("id").unwrap().str().unwrap().iter())
+        .zip(ds.column("split").unwrap().str().unwrap().iter())
+        .filter(|(_, s)| *s == Some("test"))
+        .map(|((l, i), _)| (l.unwrap().to_string(), i.unwrap().to_string()))
+        .collect();
+    let langs = s.column("lang").unwrap().str().unwrap().clone();
+    let ids = s.column("id").unwrap().str().unwrap().clone();
+    let variants = s.column("variant").unwrap().str().unwrap().clone();
+    for v in ["base", "ad"] {
+        let got: std::collections::BTreeSet<(String, String)> = (0..s.height())
+            .filter(|&i| variants.get(i) == Some(v))
+            .map(|i| {
+                (
+                    langs.get(i).unwrap().to_string(),
+                    ids.get(i).unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(got, test_ids, "{v}");
+    }
+    // Recompute every metric by hand from the stored log-probabilities.
+    let choices = [" yes", " no", " àé"];
+    let lps = s.column("logprobs").unwrap().list().unwrap().clone();
+    let gold = s.column("gold").unwrap().i64().unwrap().clone();
+    let mut hand: BTreeMap<(String, String, &str), (usize, usize)> = BTreeMap::new();
+    for (i, lp) in lps.amortized_iter().enumerate() {
+        let lp: Vec<f64> = lp
+            .unwrap()
+            .as_ref()
+            .f64()
+            .unwrap()
+            .into_no_null_iter()
+            .collect();
+        assert_eq!(lp.len(), 3);
+        let best = |score: &dyn Fn(usize) -> f64| {
+            (0..3).fold(0, |b, j| if score(j) > score(b) { j } else { b })
+        };
+        let g = gold.get(i).unwrap() as usize;
+        for (name, p) in [
+            ("acc", best(&|j| lp[j])),
+            (
+                "acc_norm",
+                best(&|j| lp[j] / choices[j].chars().count() as f64),
+            ),
+            ("acc_bytes", best(&|j| lp[j] / choices[j].len() as f64)),
+        ] {
+            let e = hand
+                .entry((
+                    variants.get(i).unwrap().into(),
+                    langs.get(i).unwrap().into(),
+                    name,
+                ))
+                .or_default();
+            e.0 += usize::from(p == g);
+            e.1 += 1;
+        }
+    }
+    let mt = mlbench::data::schema::read_parquet(&out.join("metrics.parquet")).unwrap();
+    let col = |c: &str| mt.column(c).unwrap().str().unwrap().clone();
+    let (mv, ml, mm) = (col("variant"), col("lang"), col("metric"));
+    let val = mt.column("value").unwrap().f64().unwrap().clone();
+    let n = mt.column("n").unwrap().u64().unwrap().clone();
+    let mut checked = 0;
+    for i in 0..mt.height() {
+        let key = (
+            mv.get(i).unwrap().to_string(),
+            ml.get(i).unwrap().to_string(),
+            mm.get(i).unwrap(),
+        );
+        if let Some(&(k, total)) = hand.get(&(key.0.clone(), key.1.clone(), key.2)) {
+            assert_eq!(n.get(i).unwrap() as usize, total);
+            assert!(
+                (val.get(i).unwrap() - k as f64 / total as f64).abs() < 1e-12,
+                "{key:?}"
+            );
+            checked += 1;
+        }
+        if key.1 == "micro" {
+            let (k, t) = hand
+                .iter()
+                .filter(|((v, _, m), _)| *v == key.0 && *m == key.2)
+                .fold((0, 0), |a, (_, &(k, t))| (a.0 + k, a.1 + t));
+            assert!((val.get(i).unwrap() - k as f64 / t as f64).abs() < 1e-12);
+        }
+    }
+    assert_eq!(checked, 2 * 2 * 3, "variant x lang x metric rows");
+    let res: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(res["tasks"][0]["version"], 3);
+    assert_eq!(res["variants"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        res["variants"][1]["source"]["adapter_model_sha256"]
+            .as_str()
+            .unwrap()
+            .len(),
+        64
+    );
+    // The adapter changed the scores.
+    let base_lp: Vec<f64> = (0..s.height())
+        .filter(|&i| variants.get(i) == Some("base"))
+        .map(|i| lps.get_as_series(i).unwrap().f64().unwrap().get(0).unwrap())
+        .collect();
+    let ad_lp: Vec<f64> = (0..s.height())
+        .filter(|&i| variants.get(i) == Some("ad"))
+        .map(|i| lps.get_as_series(i).unwrap().f64().unwrap().get(0).unwrap())
+        .collect();
+    assert_ne!(base_lp, ad_lp);
+}
+
+#[test]
+fn in_context_examples_are_seeded_and_never_the_evaluated_example() {
+    let d = data();
+    let mut c = cfg(&d);
+    c.shots = 3;
+    c.split = Some("dev".into()); // few-shot split = evaluated split: exclusion matters
+    let (items, _) = prepare_items(&d.dir, &c).unwrap();
+    assert_eq!(items.len(), 12);
+    for it in &items {
+        // Each dev example's text is "text <lang> <class> <j>": its own text must not appear
+        // among the shots (only as the final question).
+        let own = format!("Q: text {} ", it.lang_code);
+        let (shots, last) = it.prompt.rsplit_once("\n\n").unwrap();
+        assert_eq!(shots.matches("Q: ").count(), 3, "{}", it.prompt);
+        assert!(last.starts_with(&own));
+        let own_line = last.lines().next().unwrap();
+        assert!(
+            !shots.contains(&format!("{own_line}\n")),
+            "{} shows itself:\n{}",
+            it.id,
+            it.prompt
+        );
+    }
+    let (again, _) = prepare_items(&d.dir, &c).unwrap();
+    assert_eq!(
+        items.iter().map(|i| &i.prompt).collect::<Vec<_>>(),
+        again.iter().map(|i| &i.prompt).collect::<Vec<_>>()
+    );
+    c.seed = 1;
+    let (other, _) = prepare_items(&d.dir, &c).unwrap();
+    assert_ne!(
+        items.iter().map(|i| &i.prompt).collect::<Vec<_>>(),
+        other.iter().map(|i| &i.prompt).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn bad_input_is_refused_before_scoring() {
+    let d = data();
+    let out = d._tmp.path().join("bad");
+    // A template field the data lacks, and an empty split.
+    std::fs::write(
+        d.dir.join("tasks/toy.toml"),
+        SPEC.replace("Q: {text}", "Q: {question} {text}"),
+    )
+    .unwrap();
+    let o = eval_cli(&d, &["--split", "train"], &out);
+    assert_user_error(&o, &["has no `train` split", "(it has: dev, test)"]);
+    let o = eval_cli(&d, &[], &out);
+    assert_user_error(&o, &["uses `{question}`", "no `question` value"]);
+    std::fs::write(d.dir.join("tasks/toy.toml"), SPEC).unwrap();
+    // A label outside the choices.
+    let mut rows = toy_examples("toy", &["eng_Latn", "fra_Latn"], 3, 2, "test");
+    rows[1].label = Some(7);
+    write_dataset(&d.dir, "toy", &rows);
+    let o = eval_cli(&d, &[], &out);
+    assert_user_error(&o, &["label 7"]);
+    // An adapter that does not fit the model.
+    write_dataset(
+        &d.dir,
+        "toy",
+        &toy_examples("toy", &["eng_Latn", "fra_Latn"], 3, 2, "test"),
+    );
+    // An adapter made for another model: q_proj of shape 7 x 5.
+    let ad = mlbench::model::lora::Adapter::new(
+        "x",
+        mlbench::model::lora::LoraConfig::default(),
+        &[mlbench::model::lora::ModuleInfo {
+            name: "model.layers.0.self_attn.q_proj".into(),
+            out_features: 7,
+            in_features: 5,
+        }],
+        0,
+        DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let adir = d._tmp.path().join("llama-adapter");
+    ad.save_peft(&adir).unwrap();
+    let o = eval_cli(&d, &["--adapters", adir.to_str().unwrap()], &out);
+    assert_user_error(&o, &["adapter `llama-adapter`"]);
+    assert!(!out.exists(), "nothing written for refused runs");
+}
