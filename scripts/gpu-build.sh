@@ -26,7 +26,8 @@ PKGS=(nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88
   nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88
   nvidia-curand==10.4.0.35 nvidia-cublas==13.0.2.14)
 
-if ! "$VENV/bin/python" -m pip show nvidia-cuda-nvcc 2>/dev/null | grep -q '^Version: 13\.0\.88$'; then
+have=$("$VENV/bin/python" -m pip show nvidia-cuda-nvcc 2>/dev/null || true)
+if ! grep -q '^Version: 13\.0\.88$' <<<"$have"; then
   echo "== installing CUDA 13.0 build tools from PyPI into $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q "${PKGS[@]}"

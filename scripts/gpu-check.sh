@@ -105,9 +105,13 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     src=$W/models/$name
     [ -d "$src" ] || { echo "no carried config for $name"; continue; }
     stamp "== random-weight $name (real config.json + tokenizer.json)"
-    mkdir -p "$M/$name"
-    cp "$src/config.json" "$M/$name/"
-    if [ -f "$src/tokenizer.json.xz" ]; then xz -dc "$src/tokenizer.json.xz" >"$M/$name/tokenizer.json"; else cp "$src/tokenizer.json" "$M/$name/"; fi
+    mkdir -p "$M/like-$name"
+    cp "$src/config.json" "$M/like-$name/"
+    if [ -f "$src/tokenizer.json.xz" ]; then xz -dc "$src/tokenizer.json.xz" >"$M/like-$name/tokenizer.json"; else cp "$src/tokenizer.json" "$M/like-$name/"; fi
+    # mlbench's own writer (`model tiny --like`, seed 0); transformers' init as a fallback.
+    "$W/mlbench" model tiny --like "$M/like-$name" --out "$M/$name" --seed 0 && continue
+    echo "mlbench model tiny --like failed: random weights from transformers instead"
+    rm -rf "$M/$name" && cp -r "$M/like-$name" "$M/$name"
     "$PY" - "$M/$name" <<'PY' || { echo "could not make random weights for $name"; continue; }
 import json, os, shutil, sys, tempfile
 import torch

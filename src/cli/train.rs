@@ -16,8 +16,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Run folder (adapters, manifest.json, log.parquet, checkpoint/).
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required_unless_present = "print_config")]
+    pub out: Option<PathBuf>,
     /// Continue the interrupted run in --out from its checkpoint.
     #[arg(long)]
     pub resume: bool,
@@ -139,6 +139,7 @@ pub fn run(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
         print!("{}", toml::to_string(&cfg)?);
         return Ok(());
     }
+    let out = a.out.clone().expect("clap requires --out");
     unsafe {
         libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
     }
@@ -163,7 +164,7 @@ pub fn run(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
     };
     let t0 = std::time::Instant::now();
     let report =
-        mlbench::train::run::train(&g.data_dir, &cfg, &a.out, a.resume, &STOP, &mut progress);
+        mlbench::train::run::train(&g.data_dir, &cfg, &out, a.resume, &STOP, &mut progress);
     pb.finish_and_clear();
     let report = report?;
     let tokens: u64 = report.summary.seen.values().map(|s| s.tokens).sum();
@@ -173,7 +174,7 @@ pub fn run(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
         tokens,
         secs = t0.elapsed().as_secs_f64(),
         "trained; outputs in {}",
-        a.out.display()
+        out.display()
     );
     if !g.quiet {
         let last = report
@@ -191,7 +192,7 @@ pub fn run(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
             last.map(|r| format!("{:.4}", r.loss))
                 .unwrap_or_else(|| "-".into()),
             report.summary.elapsed,
-            a.out.display()
+            out.display()
         );
     }
     Ok(())

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Evaluation speed: `mlbench eval` vs lm-evaluation-harness's HF backend on the same model,
+# examples and prompts (the mlbench_* task files in lm_eval_tasks/), 2 threads each, one after
+# the other in the same run. Reports wall time, examples/s and peak RSS per process
+# (/usr/bin/time), and the scoring time alone (mlbench: results.json `seconds`; lm-eval: its
+# "Running loglikelihood requests" progress bar), then the ratios.
+#
+#   benchmarks/perf/eval_speed.sh                               # SmolLM2-135M
+#   MODEL=models/gemma-3-270m benchmarks/perf/eval_speed.sh
+#
+# Environment: MODEL, PY, MLBENCH, THREADS (2), UNITS ("sib200:eng_Latn,swh_Latn xcopa:sw"),
+# XCOPA_LIMIT (500), SIB_LIMIT (all = 204 per language), LM_BATCH (8), MB_BATCHES ("16 32"),
+# WORK (a fresh temp folder), SKIP_LM_EVAL=1 (mlbench only).
+# Nothing is timed while a cargo/rustc/nvcc/ptxas process runs: the script waits for quiet.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+REPO=$PWD
+MODEL=${MODEL:-$REPO/models/smollm2-135m}
+MODEL=$(cd "$MODEL" && pwd)
+PY=${PY:-/work/venv-peers/bin/python}
+MLBENCH=${MLBENCH:-$REPO/target/release/mlbench}
+THREADS=${THREADS:-2}
+UNITS=${UNITS:-sib200:eng_Latn,swh_Latn xcopa:sw}
+XCOPA_LIMIT=${XCOPA_LIMIT:-500}
+SIB_LIMIT=${SIB_LIMIT:-}
+LM_BATCH=${LM_BATCH:-8}
+MB_BATCHES=${MB_BATCHES:-16 32}
+WORK=${WORK:-$(mktemp -d /tmp/mlbench-eval-speed.XXXXXX)}
+mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)
+CMP="$PY $REPO/benchmarks/perf/eval_compare.py"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_DATASETS_CACHE="$WORK/hf_datasets"
+export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS
+TIMES=$WORK/times
+mkdir -p "$TIMES"
+echo "model=$MODEL threads=$THREADS work=$WORK"
+
+wait_quiet() {
+  while pgrep -x 'cargo|rustc|nvcc|ptxas' >/dev/null; do
+    echo "  (a build is running: waiting 30 s before timing)"
+    sleep 30
+  done
+}
+
+$CMP hf-folder --model "$MODEL" --out "$WORK/hf_model" --check
+TASKDIR=$WORK/lm_eval_tasks
+rm -rf "$TASKDIR" "$WORK/mlbench_export" && mkdir -p "$TASKDIR"
+
+for spec in $UNITS; do
+  task=${spec%%:*}
+  langs=${spec#*:}
+  limit=
+  [[ $task == xcopa ]] && limit=$XCOPA_LIMIT
+  [[ $task == sib200 ]] && limit=$SIB_LIMIT
+  $CMP export --out "$WORK/mlbench_export" --task "$task" --langs "$langs" ${limit:+--limit "$limit"} >/dev/null
+  lm_tasks=()
+  n=0
+  IFS=, read -ra ls_ <<<"$langs"
+  for l in "${ls_[@]}"; do
+    u=${task}_$l
+    if [[ -f "$REPO/benchmarks/perf/lm_eval_tasks/mlbench_$u.yaml" ]]; then
+      cp "$REPO/benchmarks/perf/lm_eval_tasks/mlbench_$u.yaml" "$TASKDIR/"
+    else
+      sed "s/xcopa_sw/$u/g" "$REPO/benchmarks/perf/lm_eval_tasks/mlbench_xcopa_sw.yaml" >"$TASKDIR/mlbench_$u.yaml"
+    fi
+    lm_tasks+=("mlbench_$u")
+    n=$((n + $(wc -l <"$WORK/mlbench_export/$u.jsonl")))
+  done
+  unit="${task}_$(echo "$langs" | tr , +)"
+  echo "== $unit: $n examples"
+
+  if [[ -z "${SKIP_LM_EVAL:-}" ]]; then
+    name="lm_eval_${unit}_bs$LM_BATCH"
+    wait_quiet
+    (cd "$WORK" && /usr/bin/time -f "wall=%e\nmaxrss_kb=%M" -o "$TIMES/$name.time" \
+      "$PY" -c "import torch, sys; torch.set_num_threads($THREADS); sys.argv=['lm_eval']+sys.argv[1:]; from lm_eval.__main__ import cli_evaluate; cli_evaluate()" \
+        run --model hf --model_args "pretrained=$WORK/hf_model,dtype=float32" --device cpu \
+        --batch_size "$LM_BATCH" --include_path "$TASKDIR" --tasks "$(IFS=,; echo "${lm_tasks[*]}")" \
+        --output_path "$WORK/out_$name" >"$TIMES/$name.log" 2>&1) || { tail -n 30 "$TIMES/$name.log"; exit 1; }
+    printf '{"tool":"lm_eval","unit":"%s","examples":%d,"log":"%s","batch_size":%d}\n' \
+      "$unit" "$n" "$TIMES/$name.log" "$LM_BATCH" >"$TIMES/$name.meta.json"
+    echo "  $name: $(tr '\n' ' ' <"$TIMES/$name.time")"
+  fi
+
+  for bs in $MB_BATCHES; do
+    name="mlbench_${unit}_bs$bs"
+    wait_quiet
+    /usr/bin/time -f "wall=%e\nmaxrss_kb=%M" -o "$TIMES/$name.time" \
+      "$MLBENCH" --quiet eval --model "$MODEL" --task "$task" --langs "$langs" ${limit:+--limit "$limit"} \
+        --batch-size "$bs" --out "$WORK/out_$name" >"$TIMES/$name.log" 2>&1 || { tail -n 30 "$TIMES/$name.log"; exit 1; }
+    printf '{"tool":"mlbench","unit":"%s","examples":%d,"out":"%s","batch_size":%d}\n' \
+      "$unit" "$n" "$WORK/out_$name" "$bs" >"$TIMES/$name.meta.json"
+    echo "  $name: $(tr '\n' ' ' <"$TIMES/$name.time")"
+  done
+done
+
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+$CMP speed --dir "$TIMES" --json "$WORK/speed.json"
