@@ -8,6 +8,10 @@ use tracing_subscriber::EnvFilter;
 
 fn main() {
     mlbench::util::tune_allocator();
+    // `mlbench ... | head` ends quietly instead of panicking on a closed pipe.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = cli::Cli::parse();
     let level = match (cli.global.quiet, cli.global.verbose) {
         (true, _) => "warn",

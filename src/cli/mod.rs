@@ -4,6 +4,7 @@
 mod data;
 mod eval;
 mod model;
+mod run;
 mod table;
 mod tasks;
 mod train;
@@ -59,6 +60,10 @@ pub enum Command {
     Train(Box<train::TrainArgs>),
     /// Evaluate the base model and adapters on task test sets (per-example records, metrics).
     Eval(Box<eval::EvalArgs>),
+    /// Run an experiment file's grid (method x K x seed) into a results store.
+    Run(run::RunArgs),
+    /// Compare methods from a results store: tables with intervals and paired tests.
+    Compare(run::CompareArgs),
 }
 
 impl Global {
@@ -91,6 +96,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => model::run_generate(&cli.global, a),
         Command::Train(a) => train::run(&cli.global, *a),
         Command::Eval(a) => eval::run(&cli.global, *a),
+        Command::Run(a) => run::run(&cli.global, a),
+        Command::Compare(a) => run::compare(&cli.global, a),
     }
 }
 

@@ -667,6 +667,11 @@ pub fn summarize(
 
 /// Writes the per-example records as Parquet.
 pub fn write_samples(records: &[Record], path: &Path) -> Result<()> {
+    schema::write_parquet(&mut samples_frame(records)?, path)
+}
+
+/// The per-example records as a frame (the `samples.parquet` layout).
+pub fn samples_frame(records: &[Record]) -> Result<DataFrame> {
     let s = |name: &str, f: &dyn Fn(&Record) -> &str| {
         Column::new(name.into(), records.iter().map(f).collect::<Vec<&str>>())
     };
@@ -693,7 +698,7 @@ pub fn write_samples(records: &[Record], path: &Path) -> Result<()> {
     let mut lps = lps.into_series();
     lps.rename("logprobs".into());
     let primary = |r: &Record| r.outcomes.values().next().copied().unwrap_or(false);
-    let mut df = DataFrame::new_infer_height(vec![
+    Ok(DataFrame::new_infer_height(vec![
         s("variant", &|r| &r.variant),
         s("task", &|r| &r.task),
         s("lang", &|r| &r.lang),
@@ -711,19 +716,33 @@ pub fn write_samples(records: &[Record], path: &Path) -> Result<()> {
             "correct".into(),
             records.iter().map(primary).collect::<Vec<bool>>(),
         ),
-    ])?;
-    schema::write_parquet(&mut df, path)
+    ])?)
 }
 
 /// Writes the metrics as Parquet and as a Markdown table.
 pub fn write_metrics(rows: &[MetricRow], dir: &Path) -> Result<()> {
+    schema::write_parquet(&mut metrics_frame(rows)?, &dir.join("metrics.parquet"))?;
+    let mut md = String::from(
+        "| variant | task | lang | metric | n | value | stderr | 95% interval |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.4} | {:.4} | [{:.4}, {:.4}] |\n",
+            r.variant, r.task, r.lang, r.metric, r.n, r.value, r.stderr, r.ci_low, r.ci_high
+        ));
+    }
+    write_bytes_atomic(&dir.join("metrics.md"), md.as_bytes())
+}
+
+/// The metric rows as a frame (the `metrics.parquet` layout).
+pub fn metrics_frame(rows: &[MetricRow]) -> Result<DataFrame> {
     let s = |name: &str, f: &dyn Fn(&MetricRow) -> &str| {
         Column::new(name.into(), rows.iter().map(f).collect::<Vec<&str>>())
     };
     let fl = |name: &str, f: &dyn Fn(&MetricRow) -> f64| {
         Column::new(name.into(), rows.iter().map(f).collect::<Vec<f64>>())
     };
-    let mut df = DataFrame::new_infer_height(vec![
+    Ok(DataFrame::new_infer_height(vec![
         s("variant", &|r| &r.variant),
         s("task", &|r| &r.task),
         s("lang", &|r| &r.lang),
@@ -742,18 +761,7 @@ pub fn write_metrics(rows: &[MetricRow], dir: &Path) -> Result<()> {
         fl("stderr", &|r| r.stderr),
         fl("ci_low", &|r| r.ci_low),
         fl("ci_high", &|r| r.ci_high),
-    ])?;
-    schema::write_parquet(&mut df, &dir.join("metrics.parquet"))?;
-    let mut md = String::from(
-        "| variant | task | lang | metric | n | value | stderr | 95% interval |\n|---|---|---|---|---|---|---|---|\n",
-    );
-    for r in rows {
-        md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.4} | {:.4} | [{:.4}, {:.4}] |\n",
-            r.variant, r.task, r.lang, r.metric, r.n, r.value, r.stderr, r.ci_low, r.ci_high
-        ));
-    }
-    write_bytes_atomic(&dir.join("metrics.md"), md.as_bytes())
+    ])?)
 }
 
 /// sha256 of an adapter folder's weights and config, for the results file.

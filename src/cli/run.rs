@@ -1,0 +1,177 @@
+//! `mlbench run` (an experiment grid into a results store) and `mlbench compare` (tables from
+//! a store). See `mlbench::runner`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::Args;
+
+use super::{split_list, Global};
+use mlbench::data::lang::{self, LangEntry};
+use mlbench::runner::compare::{table, Query};
+use mlbench::runner::experiment::{parse_shard, shard, Experiment};
+use mlbench::runner::grid::{run_cell, Outcome};
+use mlbench::runner::store::Store;
+use mlbench::Error;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Experiment file (`benchmarks/*.toml`).
+    pub experiment: PathBuf,
+    /// Results store folder.
+    #[arg(long, default_value = "results")]
+    pub store: PathBuf,
+    /// Run only shard i of N (0-based), e.g. `--shard 3/8` for array jobs sharing the store.
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// List the cells (and whether they are finished) without running anything.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Results store folder.
+    #[arg(long, default_value = "results")]
+    pub store: PathBuf,
+    /// Only this experiment (its `name`).
+    #[arg(long)]
+    pub experiment: Option<String>,
+    /// Languages (any code form), comma-separated; default all.
+    #[arg(long)]
+    pub langs: Vec<String>,
+    #[arg(long = "tasks", alias = "task")]
+    pub tasks: Vec<String>,
+    #[arg(long)]
+    pub methods: Vec<String>,
+    #[arg(long, default_value = "acc")]
+    pub metric: String,
+    /// Method the paired test compares against.
+    #[arg(long)]
+    pub baseline: Option<String>,
+    /// Also write table.md, table.csv and table.tex here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+    }
+}
+
+pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
+    let exp = Experiment::load(&a.experiment)?;
+    let mut cells = exp.cells()?;
+    if let Some(s) = &a.shard {
+        let (i, n) = parse_shard(s)?;
+        cells = shard(&cells, i, n);
+    }
+    mlbench::runner::grid::check_data(&g.data_dir, &cells)?;
+    let store = Store::new(&a.store);
+    if a.dry_run {
+        for c in &cells {
+            println!(
+                "{}  {:<28} {}",
+                c.key,
+                c.label(),
+                if store.is_done(&c.key) {
+                    "done"
+                } else {
+                    "to run"
+                }
+            );
+        }
+        return Ok(());
+    }
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
+    let pb = g.bar("cells");
+    pb.set_length(cells.len() as u64);
+    let t0 = std::time::Instant::now();
+    let (mut done, mut skipped) = (0, 0);
+    for c in &cells {
+        let mut say = |m: &str| pb.set_message(m.to_string());
+        match run_cell(&g.data_dir, &store, c, &STOP, &mut say)? {
+            Outcome::Skipped => skipped += 1,
+            Outcome::Done { train_s, eval_s } => {
+                done += 1;
+                tracing::info!(cell = %c.label(), key = %c.key, train_s, eval_s, "cell finished");
+            }
+        }
+        pb.inc(1);
+        if STOP.load(Ordering::SeqCst) {
+            return Err(Error::Interrupted {
+                step: done,
+                path: store.dir.clone(),
+            }
+            .into());
+        }
+    }
+    pb.finish_and_clear();
+    if !g.quiet {
+        println!(
+            "{}: {done} cells run, {skipped} already in {} ({:.1} s)",
+            exp.name,
+            a.store.display(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
+    let store = Store::new(&a.store);
+    let metrics = store.read("metrics.parquet")?;
+    let samples = if a.baseline.is_some() {
+        store.read("samples.parquet")?
+    } else {
+        polars::prelude::DataFrame::empty()
+    };
+    // Resolve language codes against the languages in the store.
+    let mut codes: Vec<String> = metrics
+        .column("lang")?
+        .str()?
+        .iter()
+        .flatten()
+        .filter(|l| *l != "micro" && *l != "macro")
+        .map(str::to_string)
+        .collect();
+    codes.sort();
+    codes.dedup();
+    let entries: Vec<LangEntry> = codes
+        .iter()
+        .map(|c| LangEntry {
+            lang: c.clone(),
+            lang_code: c.clone(),
+        })
+        .collect();
+    let mut langs = Vec::new();
+    for c in split_list(&a.langs) {
+        langs.push(lang::resolve("the store", &c, &entries)?.lang_code.clone());
+    }
+    let q = Query {
+        experiment: a.experiment,
+        tasks: split_list(&a.tasks),
+        langs,
+        methods: split_list(&a.methods),
+        metric: a.metric,
+        baseline: a.baseline,
+    };
+    let t = table(&metrics, &samples, &q)?;
+    print!("{}", t.text());
+    if let Some(out) = &a.out {
+        std::fs::create_dir_all(out)?;
+        mlbench::util::write_bytes_atomic(&out.join("table.md"), t.markdown().as_bytes())?;
+        mlbench::util::write_bytes_atomic(&out.join("table.csv"), t.csv().as_bytes())?;
+        mlbench::util::write_bytes_atomic(&out.join("table.tex"), t.latex().as_bytes())?;
+        if !g.quiet {
+            eprintln!("tables written to {}", out.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,497 @@
+//! Comparison tables over a results store: metric rows and per-example records in; a table with
+//! one row per method x K and one column per task x language (plus micro and macro averages)
+//! out, as text, Markdown, CSV and LaTeX (booktabs).
+//!
+//! A cell of the table is the mean over seeds of the metric, with a 95% interval: Student's t
+//! over the seeds when there are two or more, else the single run's own interval (Wilson, or
+//! bootstrap for macro averages). A `*` marks a significant difference from the baseline method
+//! in an exact McNemar test on paired examples (same example id, same seed where the baseline
+//! has it), p < 0.05; pairs are pooled over seeds, and over languages for the micro column.
+
+use std::collections::BTreeMap;
+
+use polars::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// What to compare.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    pub experiment: Option<String>,
+    pub tasks: Vec<String>,
+    /// Normalised language codes (`eng_Latn`); empty for all.
+    pub langs: Vec<String>,
+    pub methods: Vec<String>,
+    pub metric: String,
+    pub baseline: Option<String>,
+}
+
+/// One table entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub mean: f64,
+    pub low: f64,
+    pub high: f64,
+    pub seeds: usize,
+    /// p-value of the paired test against the baseline (None for the baseline itself or when
+    /// no pairs exist).
+    pub p: Option<f64>,
+}
+
+/// One table row: (method, K) and one entry per column.
+pub type Row = ((String, Option<i64>), Vec<Option<Entry>>);
+
+/// A comparison table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Table {
+    pub metric: String,
+    pub baseline: Option<String>,
+    /// `task/lang`, `task/micro`, `task/macro`.
+    pub columns: Vec<String>,
+    /// (method, K) and one entry per column.
+    pub rows: Vec<Row>,
+}
+
+fn strs(df: &DataFrame, c: &str) -> Result<Vec<String>> {
+    Ok(df
+        .column(c)?
+        .str()?
+        .iter()
+        .map(|x| x.unwrap_or("").to_string())
+        .collect())
+}
+
+fn t975(df: usize) -> f64 {
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    if df == 0 {
+        f64::NAN
+    } else if df <= 30 {
+        T[df - 1]
+    } else {
+        1.96
+    }
+}
+
+/// Two-sided exact McNemar test: `b` and `c` discordant pairs.
+pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
+    let n = b + c;
+    if n == 0 {
+        return 1.0;
+    }
+    let k = b.min(c);
+    // P(X <= k), X ~ Bin(n, 1/2), in log space.
+    let mut lp = -(n as f64) * std::f64::consts::LN_2; // log C(n,0) / 2^n
+    let mut cdf = 0.0;
+    for i in 0..=k {
+        if i > 0 {
+            lp += ((n - i + 1) as f64).ln() - (i as f64).ln();
+        }
+        cdf += lp.exp();
+    }
+    (2.0 * cdf).min(1.0)
+}
+
+/// Builds the table from a store's metric rows and per-example records.
+pub fn table(metrics: &DataFrame, samples: &DataFrame, q: &Query) -> Result<Table> {
+    let (exp, method, task, lang, metric) = (
+        strs(metrics, "experiment")?,
+        strs(metrics, "method")?,
+        strs(metrics, "task")?,
+        strs(metrics, "lang")?,
+        strs(metrics, "metric")?,
+    );
+    let k: Vec<Option<i64>> = metrics.column("k")?.i64()?.iter().collect();
+    let seed: Vec<u64> = metrics
+        .column("seed")?
+        .u64()?
+        .iter()
+        .map(|x| x.unwrap_or(0))
+        .collect();
+    let value: Vec<f64> = metrics
+        .column("value")?
+        .f64()?
+        .iter()
+        .map(|x| x.unwrap_or(f64::NAN))
+        .collect();
+    let lo: Vec<f64> = metrics
+        .column("ci_low")?
+        .f64()?
+        .iter()
+        .map(|x| x.unwrap_or(f64::NAN))
+        .collect();
+    let hi: Vec<f64> = metrics
+        .column("ci_high")?
+        .f64()?
+        .iter()
+        .map(|x| x.unwrap_or(f64::NAN))
+        .collect();
+    let keep = |i: usize| -> bool {
+        q.experiment.as_ref().is_none_or(|e| &exp[i] == e)
+            && (q.tasks.is_empty() || q.tasks.contains(&task[i]))
+            && (q.methods.is_empty() || q.methods.contains(&method[i]))
+            && metric[i] == q.metric
+            && (q.langs.is_empty()
+                || q.langs.contains(&lang[i])
+                || lang[i] == "micro"
+                || lang[i] == "macro")
+    };
+    // (method, k) -> column -> seed -> (value, lo, hi)
+    type Runs = BTreeMap<u64, (f64, f64, f64)>;
+    let mut grid: BTreeMap<(String, Option<i64>), BTreeMap<String, Runs>> = BTreeMap::new();
+    let mut columns: Vec<String> = Vec::new();
+    for i in 0..metrics.height() {
+        if !keep(i) {
+            continue;
+        }
+        let col = format!("{}/{}", task[i], lang[i]);
+        if !columns.contains(&col) {
+            columns.push(col.clone());
+        }
+        grid.entry((method[i].clone(), k[i]))
+            .or_default()
+            .entry(col)
+            .or_default()
+            .insert(seed[i], (value[i], lo[i], hi[i]));
+    }
+    if grid.is_empty() {
+        return Err(Error::Invalid(format!(
+            "no results match (metric `{}`{}{})",
+            q.metric,
+            if q.tasks.is_empty() {
+                String::new()
+            } else {
+                format!(", tasks {}", q.tasks.join(","))
+            },
+            if q.methods.is_empty() {
+                String::new()
+            } else {
+                format!(", methods {}", q.methods.join(","))
+            },
+        )));
+    }
+    // Languages first, then micro and macro, per task.
+    columns.sort_by_key(|c| {
+        let (t, l) = c.split_once('/').unwrap_or((c, ""));
+        (
+            t.to_string(),
+            matches!(l, "micro" | "macro"),
+            l == "macro",
+            l.to_string(),
+        )
+    });
+    // Paired outcomes: (method, k, task, lang, seed, id) -> correct.
+    let paired = paired_outcomes(samples, q)?;
+    let mut rows = Vec::new();
+    for ((m, kk), cols) in &grid {
+        let mut entries = Vec::with_capacity(columns.len());
+        for c in &columns {
+            let Some(runs) = cols.get(c) else {
+                entries.push(None);
+                continue;
+            };
+            let vals: Vec<f64> = runs.values().map(|r| r.0).collect();
+            let n = vals.len();
+            let mean = vals.iter().sum::<f64>() / n as f64;
+            let (low, high) = if n >= 2 {
+                let sd =
+                    (vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+                let h = t975(n - 1) * sd / (n as f64).sqrt();
+                (mean - h, mean + h)
+            } else {
+                let r = runs.values().next().expect("one run");
+                (r.1, r.2)
+            };
+            let p = match &q.baseline {
+                Some(b) if b != m => {
+                    let (t, l) = c.split_once('/').unwrap_or((c, ""));
+                    mcnemar_for(&paired, m, *kk, b, t, l)
+                }
+                _ => None,
+            };
+            entries.push(Some(Entry {
+                mean,
+                low,
+                high,
+                seeds: n,
+                p,
+            }));
+        }
+        rows.push(((m.clone(), *kk), entries));
+    }
+    // Methods in the order asked for (or base, baselines, then the rest), K ascending.
+    let order = |m: &str| -> usize {
+        q.methods.iter().position(|x| x == m).unwrap_or(match m {
+            "base" => 0,
+            "lora-full" => 1,
+            _ => 2,
+        })
+    };
+    rows.sort_by(|a, b| (order(&a.0 .0), &a.0 .0, a.0 .1).cmp(&(order(&b.0 .0), &b.0 .0, b.0 .1)));
+    Ok(Table {
+        metric: q.metric.clone(),
+        baseline: q.baseline.clone(),
+        columns,
+        rows,
+    })
+}
+
+type Outcomes = BTreeMap<(String, Option<i64>, String, String), BTreeMap<(u64, String), bool>>;
+
+fn paired_outcomes(samples: &DataFrame, q: &Query) -> Result<Outcomes> {
+    let mut out: Outcomes = BTreeMap::new();
+    if q.baseline.is_none() || samples.height() == 0 {
+        return Ok(out);
+    }
+    let (method, task, lang, id) = (
+        strs(samples, "method")?,
+        strs(samples, "task")?,
+        strs(samples, "lang")?,
+        strs(samples, "id")?,
+    );
+    let exp = strs(samples, "experiment")?;
+    let k: Vec<Option<i64>> = samples.column("k")?.i64()?.iter().collect();
+    let seed: Vec<u64> = samples
+        .column("seed")?
+        .u64()?
+        .iter()
+        .map(|x| x.unwrap_or(0))
+        .collect();
+    let correct: Vec<bool> = samples
+        .column("correct")?
+        .bool()?
+        .iter()
+        .map(|x| x.unwrap_or(false))
+        .collect();
+    for i in 0..samples.height() {
+        if q.experiment.as_ref().is_some_and(|e| &exp[i] != e) {
+            continue;
+        }
+        out.entry((method[i].clone(), k[i], task[i].clone(), lang[i].clone()))
+            .or_default()
+            .insert((seed[i], id[i].clone()), correct[i]);
+    }
+    Ok(out)
+}
+
+fn mcnemar_for(
+    p: &Outcomes,
+    m: &str,
+    k: Option<i64>,
+    base: &str,
+    task: &str,
+    lang: &str,
+) -> Option<f64> {
+    let langs: Vec<String> = if lang == "micro" || lang == "macro" {
+        p.keys()
+            .filter(|(mm, kk, t, _)| mm == m && *kk == k && t == task)
+            .map(|(_, _, _, l)| l.clone())
+            .collect()
+    } else {
+        vec![lang.to_string()]
+    };
+    let (mut b, mut c, mut pairs) = (0usize, 0usize, 0usize);
+    for l in &langs {
+        let Some(mine) = p.get(&(m.to_string(), k, task.to_string(), l.clone())) else {
+            continue;
+        };
+        // The baseline's cells for this task/lang (any K: lora-full and base have none).
+        let Some(theirs) = p
+            .iter()
+            .find(|((mm, _, t, ll), _)| mm == base && t == task && ll == l)
+            .map(|(_, v)| v)
+        else {
+            continue;
+        };
+        let first_seed = theirs.keys().next().map(|(s, _)| *s);
+        for ((s, id), &x) in mine {
+            let y = theirs
+                .get(&(*s, id.clone()))
+                .or_else(|| first_seed.and_then(|fs| theirs.get(&(fs, id.clone()))));
+            if let Some(&y) = y {
+                pairs += 1;
+                if x && !y {
+                    b += 1;
+                } else if !x && y {
+                    c += 1;
+                }
+            }
+        }
+    }
+    (pairs > 0).then(|| mcnemar_exact(b, c))
+}
+
+fn fmt_entry(e: &Option<Entry>) -> String {
+    match e {
+        None => "-".into(),
+        Some(e) => format!(
+            "{:.1} ±{:.1}{}",
+            100.0 * e.mean,
+            100.0 * (e.high - e.low) / 2.0,
+            if e.p.is_some_and(|p| p < 0.05) {
+                "*"
+            } else {
+                ""
+            }
+        ),
+    }
+}
+
+fn row_label(m: &str, k: Option<i64>) -> (String, String) {
+    (
+        m.to_string(),
+        k.map(|k| k.to_string()).unwrap_or_else(|| "full".into()),
+    )
+}
+
+impl Table {
+    fn footnote(&self) -> String {
+        let mut s = format!(
+            "{} x 100, mean over seeds ± half the 95% interval (t over seeds; one seed: the run's own Wilson/bootstrap interval).",
+            self.metric
+        );
+        if let Some(b) = &self.baseline {
+            s.push_str(&format!(
+                " * differs from `{b}` in an exact McNemar test on paired examples, p < 0.05."
+            ));
+        }
+        s
+    }
+
+    /// Plain-text table for the terminal.
+    pub fn text(&self) -> String {
+        let mut header = vec!["method".to_string(), "K".to_string()];
+        header.extend(self.columns.iter().cloned());
+        let mut rows: Vec<Vec<String>> = vec![header];
+        for ((m, k), es) in &self.rows {
+            let (a, b) = row_label(m, *k);
+            let mut r = vec![a, b];
+            r.extend(es.iter().map(fmt_entry));
+            rows.push(r);
+        }
+        let widths: Vec<usize> = (0..rows[0].len())
+            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+            .collect();
+        let mut out = String::new();
+        for (i, r) in rows.iter().enumerate() {
+            let line: Vec<String> = r
+                .iter()
+                .zip(&widths)
+                .map(|(x, w)| format!("{x:<w$}"))
+                .collect();
+            out.push_str(line.join("  ").trim_end());
+            out.push('\n');
+            if i == 0 {
+                out.push_str(
+                    &widths
+                        .iter()
+                        .map(|w| "-".repeat(*w))
+                        .collect::<Vec<_>>()
+                        .join("  "),
+                );
+                out.push('\n');
+            }
+        }
+        out.push_str(&self.footnote());
+        out.push('\n');
+        out
+    }
+
+    /// Markdown table.
+    pub fn markdown(&self) -> String {
+        let mut s = format!("| method | K | {} |\n", self.columns.join(" | "));
+        s.push_str(&format!("|---|---|{}\n", "---|".repeat(self.columns.len())));
+        for ((m, k), es) in &self.rows {
+            let (a, b) = row_label(m, *k);
+            s.push_str(&format!(
+                "| {a} | {b} | {} |\n",
+                es.iter().map(fmt_entry).collect::<Vec<_>>().join(" | ")
+            ));
+        }
+        s.push_str(&format!("\n{}\n", self.footnote()));
+        s
+    }
+
+    /// CSV: one line per method x K x column with mean, interval, seeds and p-value.
+    pub fn csv(&self) -> String {
+        let mut s = String::from("method,k,column,mean,ci_low,ci_high,seeds,p_vs_baseline\n");
+        for ((m, k), es) in &self.rows {
+            for (c, e) in self.columns.iter().zip(es) {
+                if let Some(e) = e {
+                    s.push_str(&format!(
+                        "{m},{},{c},{:.6},{:.6},{:.6},{},{}\n",
+                        k.map(|k| k.to_string()).unwrap_or_else(|| "full".into()),
+                        e.mean,
+                        e.low,
+                        e.high,
+                        e.seeds,
+                        e.p.map(|p| format!("{p:.6}")).unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        s
+    }
+
+    /// LaTeX (booktabs) table body.
+    pub fn latex(&self) -> String {
+        let esc = |x: &str| {
+            x.replace('_', "\\_")
+                .replace('%', "\\%")
+                .replace('&', "\\&")
+        };
+        let mut s = format!(
+            "\\begin{{tabular}}{{ll{}}}\n\\toprule\n",
+            "r".repeat(self.columns.len())
+        );
+        s.push_str(&format!(
+            "method & $K$ & {} \\\\\n\\midrule\n",
+            self.columns
+                .iter()
+                .map(|c| esc(c))
+                .collect::<Vec<_>>()
+                .join(" & ")
+        ));
+        for ((m, k), es) in &self.rows {
+            let (a, b) = row_label(m, *k);
+            let cells: Vec<String> = es
+                .iter()
+                .map(|e| match e {
+                    None => "--".into(),
+                    Some(e) => format!(
+                        "{:.1}$\\pm${:.1}{}",
+                        100.0 * e.mean,
+                        100.0 * (e.high - e.low) / 2.0,
+                        if e.p.is_some_and(|p| p < 0.05) {
+                            "$^*$"
+                        } else {
+                            ""
+                        }
+                    ),
+                })
+                .collect();
+            s.push_str(&format!("{} & {b} & {} \\\\\n", esc(&a), cells.join(" & ")));
+        }
+        s.push_str("\\bottomrule\n\\end{tabular}\n");
+        s.push_str(&format!("% {}\n", self.footnote()));
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mcnemar_exact_matches_hand_values() {
+        // b=0, c=6: p = 2 * 0.5^6 = 0.03125.
+        assert!((mcnemar_exact(0, 6) - 0.03125).abs() < 1e-12);
+        // b=1, c=5: 2 * (1 + 6) / 64 = 0.21875.
+        assert!((mcnemar_exact(1, 5) - 0.21875).abs() < 1e-12);
+        assert_eq!(mcnemar_exact(3, 3), 1.0);
+        assert_eq!(mcnemar_exact(0, 0), 1.0);
+    }
+}

@@ -1,0 +1,12 @@
+//! Stage 5 of the data's journey: experiments. An experiment file in; trained and evaluated
+//! cells in a resumable, shardable Parquet results store out; comparison tables from the store.
+//!
+//! - [`experiment`]: experiment files and their grid of cells (method x K x seed), sharding;
+//! - [`store`]: the results store (one folder per finished cell, committed by a rename);
+//! - [`grid`]: running one cell (train, evaluate, commit);
+//! - [`compare`]: tables over the store (mean over seeds with intervals, paired tests).
+
+pub mod compare;
+pub mod experiment;
+pub mod grid;
+pub mod store;
