@@ -8,6 +8,7 @@
 #      and Gemma 3 270M with the real configs and tokenizers but RANDOM weights made here (the
 #      real f32 folders are far over the 64 MiB carry limit; speed does not depend on the values).
 # Env: STEPS (default 5), DTYPES (default "f32 bf16"), MODELS (default "smollm2-135m gemma-3-270m"),
+#      TESTS (carried test binaries to run, default all carried: model golden train eval model_cli),
 #      SKIP_TESTS=1 / SKIP_BENCH=1, TEST_DEVICE / BENCH_DEVICE (default cuda), TEST_TIMEOUT (s per test binary, default 150), PY (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,11 @@ B=$repo/gpu-bundle
 [ -d "$B" ] || { echo "no gpu-bundle/ here: carry it (scripts/gpu-build.sh makes it)"; return 2; }
 W=/tmp/gpu-bundle
 rm -rf "$W" && mkdir -p "$W"
-if [ -f "$B/bin.tar.xz" ]; then tar -C "$W" -xJf "$B/bin.tar.xz"; else cp -r "$B"/. "$W"/; fi
+unpack_xz() { # file.xz -> stdout; Python's lzma where there is no xz
+  if command -v xz >/dev/null; then xz -dc "$1"
+  else "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$1"; fi
+}
+if [ -f "$B/bin.tar.xz" ]; then unpack_xz "$B/bin.tar.xz" | tar -C "$W" -xf -; else cp -r "$B"/. "$W"/; fi
 chmod +x "$W"/mlbench "$W"/model_bench "$W"/tests/* 2>/dev/null
 # Test binaries have compile-time paths baked in (CARGO_MANIFEST_DIR for data/fixtures,
 # CARGO_BIN_EXE_mlbench for the CLI tests): recreate them here.
@@ -55,15 +60,22 @@ try:
     roots = list(nvidia.__path__)
 except Exception:
     roots = []
+seen = set()
 for r in roots:
     for d in [os.path.join(r, "cu13", "lib")] + sorted(glob.glob(os.path.join(r, "*", "lib"))):
-        if os.path.isdir(d) and glob.glob(os.path.join(d, "lib*.so*")):
+        if d not in seen and os.path.isdir(d) and glob.glob(os.path.join(d, "lib*.so*")):
+            seen.add(d)
             print(d)
 PY
 )
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do [ -d "$d" ] && libdirs+=("$d"); done
 LD_LIBRARY_PATH=$(IFS=:; echo "${libdirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export LD_LIBRARY_PATH
+# Anything still missing (say a PyTorch without nvidia-curand): the first copy under /usr or /opt.
+for lib in $(ldd "$W/mlbench" "$W/model_bench" | awk '/not found/ {print $1}' | sort -u); do
+  f=$(find /usr /opt /root -name "$lib" -print -quit 2>/dev/null)
+  [ -n "$f" ] && { echo "found $lib at $f"; LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$(dirname "$f"); }
+done
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 for b in "$W/mlbench" "$W/model_bench"; do
   echo "ldd $(basename "$b"):"; ldd "$b" | grep -E 'cuda|cublas|curand|nvrtc|not found' | sed 's/^/  /'
@@ -81,6 +93,7 @@ declare -A verdict
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   for t in "$W"/tests/*; do
     n=$(basename "$t")
+    [ -z "${TESTS:-}" ] || [[ " $TESTS " == *" $n "* ]] || continue
     stamp "== test binary $n (MLBENCH_TEST_DEVICE=$TEST_DEVICE)"
     # cargo runs test binaries from the package root; so do we.
     (cd "$repo" && MLBENCH_TEST_DEVICE=$TEST_DEVICE RUST_BACKTRACE=1 timeout "${TEST_TIMEOUT:-150}" "$t" --test-threads=4 2>&1)
@@ -102,12 +115,12 @@ gpu_peak() { # runs "$@" while sampling the card's used memory; prints the peak 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   M=/tmp/gpu-models
   for name in ${MODELS:-smollm2-135m gemma-3-270m}; do
-    src=$W/models/$name
+    src=$B/models/$name
     [ -d "$src" ] || { echo "no carried config for $name"; continue; }
     stamp "== random-weight $name (real config.json + tokenizer.json)"
     mkdir -p "$M/like-$name"
     cp "$src/config.json" "$M/like-$name/"
-    if [ -f "$src/tokenizer.json.xz" ]; then xz -dc "$src/tokenizer.json.xz" >"$M/like-$name/tokenizer.json"; else cp "$src/tokenizer.json" "$M/like-$name/"; fi
+    if [ -f "$src/tokenizer.json.xz" ]; then unpack_xz "$src/tokenizer.json.xz" >"$M/like-$name/tokenizer.json"; else cp "$src/tokenizer.json" "$M/like-$name/"; fi
     # mlbench's own writer (`model tiny --like`, seed 0); transformers' init as a fallback.
     "$W/mlbench" model tiny --like "$M/like-$name" --out "$M/$name" --seed 0 && continue
     echo "mlbench model tiny --like failed: random weights from transformers instead"

@@ -506,11 +506,13 @@ def cmd_speed(a):
             "ex_per_s_wall": n / wall, "scoring_s": scoring,
             "ex_per_s_scoring": (n / scoring) if scoring else None, "peak_rss_gib": rss,
             "batch_size": meta.get("batch_size"),
+            "build_during_run": os.path.exists(p[: -len(".time")] + ".busy"),
         })
     print(f"{'run':34} {'ex':>5} {'wall s':>8} {'ex/s':>7} {'score s':>8} {'ex/s':>7} {'RSS GiB':>7}")
     for r in rows:
         sc = f"{r['scoring_s']:8.1f} {r['ex_per_s_scoring']:7.2f}" if r["scoring_s"] else f"{'n/a':>8} {'n/a':>7}"
-        print(f"{r['run']:34} {r['examples']:5d} {r['wall_s']:8.1f} {r['ex_per_s_wall']:7.2f} {sc} {r['peak_rss_gib']:7.2f}")
+        print(f"{r['run']:34} {r['examples']:5d} {r['wall_s']:8.1f} {r['ex_per_s_wall']:7.2f} {sc} {r['peak_rss_gib']:7.2f}"
+              + ("  (a build ran during this run: not a clean timing)" if r["build_during_run"] else ""))
     units = sorted({r["unit"] for r in rows})
     for u in units:
         lm = [r for r in rows if r["unit"] == u and r["tool"] == "lm_eval"]
@@ -520,6 +522,18 @@ def cmd_speed(a):
                 ratio_s = (mb["ex_per_s_scoring"] / l["ex_per_s_scoring"]) if l["ex_per_s_scoring"] and mb["ex_per_s_scoring"] else None
                 print(f"ratio {u} mlbench(bs={mb['batch_size']}) / lm_eval(bs={l['batch_size']}): whole process {ratio_w:.2f}x"
                       + (f", scoring only {ratio_s:.2f}x" if ratio_s else ""))
+    # Batch-size independence of mlbench's scores (lm-eval #704, #1645: theirs are not).
+    import pandas as pd
+
+    for u in units:
+        mbs = [r for r in rows if r["unit"] == u and r["tool"] == "mlbench"]
+        for x, y in zip(mbs, mbs[1:]):
+            dx = pd.read_parquet(os.path.join(json.load(open(os.path.join(a.dir, x["run"] + ".meta.json")))["out"], "samples.parquet"))
+            dy = pd.read_parquet(os.path.join(json.load(open(os.path.join(a.dir, y["run"] + ".meta.json")))["out"], "samples.parquet"))
+            m = dx.merge(dy, on=["task", "lang", "id"])
+            d = max((abs(p - q) for lx, ly in zip(m["logprobs_x"], m["logprobs_y"]) for p, q in zip(lx, ly)), default=0.0)
+            print(f"mlbench {u}: bs={x['batch_size']} vs bs={y['batch_size']}: max |logprob diff| {d:.2e}, "
+                  f"{int((m['pred_x'] != m['pred_y']).sum())} of {len(m)} predictions differ")
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1)
 
@@ -533,6 +547,49 @@ def lm_eval_scoring_seconds(log: str):
         s = h * 3600 + int(m.group(4)) * 60 + int(m.group(5))
         best = s if best is None else max(best, s)
     return float(best) if best is not None else None
+
+
+def _cpu_ticks():
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            raw = open(f"/proc/{d}/stat").read()
+            comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+            f = raw[raw.rindex(")") + 2 :].split()
+            # fields after comm: state ppid pgrp session ... utime(14th overall) stime(15th)
+            out[int(d)] = (comm, int(f[2]), int(f[11]) + int(f[12]))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def cmd_busy(a):
+    """Exit 0 when the machine is quiet: no build process and, over `--seconds`, under
+    `--max-cpu` percent of one core used by processes outside process group `--pgid` (ours)."""
+    import time
+
+    builds = {"cargo", "rustc", "nvcc", "ptxas"}
+    t0 = _cpu_ticks()
+    time.sleep(a.seconds)
+    t1 = _cpu_ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = []
+    for pid, (comm, pgrp, ticks) in t1.items():
+        if comm in builds:
+            busy.append(f"{comm}[{pid}] (build)")
+            continue
+        if pgrp == a.pgid or pid == os.getpid():
+            continue
+        prev = t0.get(pid, (comm, pgrp, ticks))[2]
+        pct = 100.0 * (ticks - prev) / hz / a.seconds
+        if pct > a.max_cpu:
+            busy.append(f"{comm}[{pid}] {pct:.0f}%")
+    if busy:
+        print(" ".join(busy))
+        return 1
+    return 0
 
 
 def main():
@@ -564,8 +621,12 @@ def main():
     s = sp.add_parser("speed")
     s.add_argument("--dir", required=True)
     s.add_argument("--json")
+    b = sp.add_parser("busy")
+    b.add_argument("--pgid", type=int, default=-1, help="our process group (not counted)")
+    b.add_argument("--seconds", type=float, default=3.0)
+    b.add_argument("--max-cpu", type=float, default=15.0, help="percent of one core per process")
     a = ap.parse_args()
-    f = {"export": cmd_export, "hf-folder": cmd_hf_folder, "check-render": cmd_check_render, "compare": cmd_compare, "speed": cmd_speed}[a.cmd]
+    f = {"export": cmd_export, "hf-folder": cmd_hf_folder, "busy": cmd_busy, "check-render": cmd_check_render, "compare": cmd_compare, "speed": cmd_speed}[a.cmd]
     sys.exit(f(a) or 0)
 
 

@@ -33,14 +33,28 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_DATASETS
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS
 TIMES=$WORK/times
 mkdir -p "$TIMES"
-echo "model=$MODEL threads=$THREADS work=$WORK"
+# A private copy: a rebuild during the run must not swap the binary under the timings.
+cp "$MLBENCH" "$WORK/mlbench" && MLBENCH=$WORK/mlbench
+echo "model=$MODEL threads=$THREADS work=$WORK mlbench=$("$MLBENCH" --version)"
 
+# Quiet = no cargo/rustc/nvcc/ptxas process and no other process (outside this script's process
+# group) above 15% of a core (eval_compare.py busy). Before each timed run we wait for quiet;
+# during it a monitor notes every busy sample in $TIMES/<name>.busy (reported as not clean).
+PGID=$(ps -o pgid= $$ | tr -d ' ')
 wait_quiet() {
-  while pgrep -x 'cargo|rustc|nvcc|ptxas' >/dev/null; do
-    echo "  (a build is running: waiting 30 s before timing)"
-    sleep 30
+  local why
+  while ! why=$($CMP busy --pgid "$PGID"); do
+    echo "  (machine busy: $why; waiting 30 s before timing)"
+    sleep 27
   done
 }
+MON=
+monitor_start() {
+  (while sleep 5; do w=$($CMP busy --pgid "$PGID" --seconds 2 --max-cpu 25) || echo "$(date +%T) $w" >>"$TIMES/$1.busy"; done) &
+  MON=$!
+}
+monitor_stop() { [[ -n $MON ]] && { kill "$MON" 2>/dev/null || true; wait "$MON" 2>/dev/null || true; }; MON=; }
+trap monitor_stop EXIT
 
 $CMP hf-folder --model "$MODEL" --out "$WORK/hf_model" --check
 TASKDIR=$WORK/lm_eval_tasks
@@ -72,11 +86,13 @@ for spec in $UNITS; do
   if [[ -z "${SKIP_LM_EVAL:-}" ]]; then
     name="lm_eval_${unit}_bs$LM_BATCH"
     wait_quiet
+    monitor_start "$name"
     (cd "$WORK" && /usr/bin/time -f "wall=%e\nmaxrss_kb=%M" -o "$TIMES/$name.time" \
       "$PY" -c "import torch, sys; torch.set_num_threads($THREADS); sys.argv=['lm_eval']+sys.argv[1:]; from lm_eval.__main__ import cli_evaluate; cli_evaluate()" \
         run --model hf --model_args "pretrained=$WORK/hf_model,dtype=float32" --device cpu \
         --batch_size "$LM_BATCH" --include_path "$TASKDIR" --tasks "$(IFS=,; echo "${lm_tasks[*]}")" \
         --output_path "$WORK/out_$name" >"$TIMES/$name.log" 2>&1) || { tail -n 30 "$TIMES/$name.log"; exit 1; }
+    monitor_stop
     printf '{"tool":"lm_eval","unit":"%s","examples":%d,"log":"%s","batch_size":%d}\n' \
       "$unit" "$n" "$TIMES/$name.log" "$LM_BATCH" >"$TIMES/$name.meta.json"
     echo "  $name: $(tr '\n' ' ' <"$TIMES/$name.time")"
@@ -85,9 +101,11 @@ for spec in $UNITS; do
   for bs in $MB_BATCHES; do
     name="mlbench_${unit}_bs$bs"
     wait_quiet
+    monitor_start "$name"
     /usr/bin/time -f "wall=%e\nmaxrss_kb=%M" -o "$TIMES/$name.time" \
       "$MLBENCH" --quiet eval --model "$MODEL" --task "$task" --langs "$langs" ${limit:+--limit "$limit"} \
         --batch-size "$bs" --out "$WORK/out_$name" >"$TIMES/$name.log" 2>&1 || { tail -n 30 "$TIMES/$name.log"; exit 1; }
+    monitor_stop
     printf '{"tool":"mlbench","unit":"%s","examples":%d,"out":"%s","batch_size":%d}\n' \
       "$unit" "$n" "$WORK/out_$name" "$bs" >"$TIMES/$name.meta.json"
     echo "  $name: $(tr '\n' ' ' <"$TIMES/$name.time")"
