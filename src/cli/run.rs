@@ -165,12 +165,37 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
     let t = table(&metrics, &samples, &q)?;
     print!("{}", t.text());
     if let Some(out) = &a.out {
-        std::fs::create_dir_all(out)?;
-        mlbench::util::write_bytes_atomic(&out.join("table.md"), t.markdown().as_bytes())?;
-        mlbench::util::write_bytes_atomic(&out.join("table.csv"), t.csv().as_bytes())?;
-        mlbench::util::write_bytes_atomic(&out.join("table.tex"), t.latex().as_bytes())?;
+        let title = format!(
+            "mlbench: {}{}",
+            q.experiment.clone().unwrap_or_else(|| "comparison".into()),
+            q.baseline
+                .as_ref()
+                .map(|b| format!(" (baseline {b})"))
+                .unwrap_or_default()
+        );
+        let about = format!(
+            "Store {}; metric {}; tasks {}; languages {}; methods {}.",
+            a.store.display(),
+            q.metric,
+            if q.tasks.is_empty() {
+                "all".into()
+            } else {
+                q.tasks.join(", ")
+            },
+            if q.langs.is_empty() {
+                "all".into()
+            } else {
+                q.langs.join(", ")
+            },
+            if q.methods.is_empty() {
+                "all".into()
+            } else {
+                q.methods.join(", ")
+            },
+        );
+        mlbench::report::write_report(&t, out, &title, &about)?;
         if !g.quiet {
-            eprintln!("tables written to {}", out.display());
+            eprintln!("report written to {}", out.join("index.html").display());
         }
     }
     Ok(())

@@ -348,7 +348,7 @@ fn row_label(m: &str, k: Option<i64>) -> (String, String) {
 }
 
 impl Table {
-    fn footnote(&self) -> String {
+    pub fn footnote(&self) -> String {
         let mut s = format!(
             "{} x 100, mean over seeds ± half the 95% interval (t over seeds; one seed: the run's own Wilson/bootstrap interval).",
             self.metric

@@ -1,0 +1,274 @@
+//! Plots of a comparison table, as PNG and SVG with a bundled font (no system fonts needed):
+//! the data-efficiency plot (metric against examples per task, log x; one line per method with
+//! its interval as a band; `lora-full` and `base` as horizontal references; one panel per
+//! column of the table) and a per-language chart (each method at its largest budget).
+
+use std::path::Path;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::runner::compare::Table;
+
+static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+
+fn register_font() -> Result<()> {
+    static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *ONCE.get_or_init(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok()
+            && plotters::style::register_font("sans-serif", FontStyle::Bold, FONT).is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(
+            "the bundled font could not be registered".into(),
+        ))
+    }
+}
+
+const COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+];
+
+fn plot_err<E: std::fmt::Debug>(e: E) -> Error {
+    Error::Invalid(format!("drawing a plot: {e:?}"))
+}
+
+/// Methods of a table in row order, each with its colour.
+fn methods(t: &Table) -> Vec<(String, RGBColor)> {
+    let mut v: Vec<String> = Vec::new();
+    for ((m, _), _) in &t.rows {
+        if !v.contains(m) {
+            v.push(m.clone());
+        }
+    }
+    v.into_iter()
+        .enumerate()
+        .map(|(i, m)| (m, COLORS[i % COLORS.len()]))
+        .collect()
+}
+
+fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Result<()> {
+    root.fill(&WHITE).map_err(plot_err)?;
+    let cols = t.columns.len().max(1);
+    let ncols = cols.min(3);
+    let nrows = cols.div_ceil(ncols);
+    let (title, body) = root.split_vertically(40);
+    title
+        .titled(
+            &format!("{} against examples per task", t.metric),
+            ("sans-serif", 22).into_font(),
+        )
+        .map_err(plot_err)?;
+    let panels = body.split_evenly((nrows, ncols));
+    let ms = methods(t);
+    let ks: Vec<f64> = t
+        .rows
+        .iter()
+        .filter_map(|((_, k), _)| k.map(|k| k as f64))
+        .collect();
+    let (kmin, kmax) = ks
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &k| (a.min(k), b.max(k)));
+    let (kmin, kmax) = if ks.is_empty() {
+        (1.0, 100.0)
+    } else if kmin == kmax {
+        (kmin / 2.0, kmax * 2.0)
+    } else {
+        (kmin / 1.3, kmax * 1.3)
+    };
+    for (ci, (col, area)) in t.columns.iter().zip(panels.iter()).enumerate() {
+        let mut chart = ChartBuilder::on(area)
+            .caption(col, ("sans-serif", 16))
+            .margin(8)
+            .x_label_area_size(35)
+            .y_label_area_size(45)
+            .build_cartesian_2d((kmin..kmax).log_scale(), 0f64..1f64)
+            .map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .x_desc("examples per task (K)")
+            .y_desc(t.metric.as_str())
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .draw()
+            .map_err(plot_err)?;
+        for (m, color) in &ms {
+            let pts: Vec<(f64, f64, f64, f64)> = t
+                .rows
+                .iter()
+                .filter(|((mm, k), _)| mm == m && k.is_some())
+                .filter_map(|((_, k), es)| {
+                    es[ci]
+                        .as_ref()
+                        .map(|e| (k.unwrap() as f64, e.mean, e.low.max(0.0), e.high.min(1.0)))
+                })
+                .collect();
+            let reference = t
+                .rows
+                .iter()
+                .find(|((mm, k), _)| mm == m && k.is_none())
+                .and_then(|(_, es)| es[ci].as_ref());
+            let style = ShapeStyle::from(color).stroke_width(2);
+            if let Some(e) = reference {
+                chart
+                    .draw_series(LineSeries::new(vec![(kmin, e.mean), (kmax, e.mean)], style))
+                    .map_err(plot_err)?
+                    .label(m.as_str())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+                continue;
+            }
+            if pts.is_empty() {
+                continue;
+            }
+            if pts.len() > 1 {
+                let mut band: Vec<(f64, f64)> = pts.iter().map(|p| (p.0, p.3)).collect();
+                band.extend(pts.iter().rev().map(|p| (p.0, p.2)));
+                chart
+                    .draw_series(std::iter::once(Polygon::new(band, color.mix(0.18))))
+                    .map_err(plot_err)?;
+            }
+            chart
+                .draw_series(LineSeries::new(pts.iter().map(|p| (p.0, p.1)), style))
+                .map_err(plot_err)?
+                .label(m.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+            chart
+                .draw_series(
+                    pts.iter()
+                        .map(|p| Circle::new((p.0, p.1), 3, color.filled())),
+                )
+                .map_err(plot_err)?;
+        }
+        if ci == 0 {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .label_font(("sans-serif", 12))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()
+                .map_err(plot_err)?;
+        }
+    }
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+fn by_language<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Result<()> {
+    root.fill(&WHITE).map_err(plot_err)?;
+    let ms = methods(t);
+    let n = t.columns.len();
+    // Each method at its largest budget (or its only row).
+    let rows: Vec<(
+        &String,
+        &RGBColor,
+        &Vec<Option<crate::runner::compare::Entry>>,
+    )> = ms
+        .iter()
+        .filter_map(|(m, c)| {
+            t.rows
+                .iter()
+                .filter(|((mm, _), _)| mm == m)
+                .max_by_key(|((_, k), _)| k.unwrap_or(i64::MAX))
+                .map(|(_, es)| (m, c, es))
+        })
+        .collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{} per language (each method at its largest K)", t.metric),
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(50)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..1f64)
+        .map_err(plot_err)?;
+    let labels: Vec<String> = t.columns.clone();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n.max(1))
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 {
+                labels.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(t.metric.as_str())
+        .draw()
+        .map_err(plot_err)?;
+    let w = 0.8 / rows.len().max(1) as f64;
+    for (j, (m, color, es)) in rows.iter().enumerate() {
+        let bars: Vec<Rectangle<(f64, f64)>> = es
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| {
+                e.as_ref().map(|e| {
+                    let x0 = i as f64 - 0.4 + j as f64 * w;
+                    Rectangle::new([(x0, 0.0), (x0 + w * 0.95, e.mean)], color.filled())
+                })
+            })
+            .collect();
+        let c = **color;
+        chart
+            .draw_series(bars)
+            .map_err(plot_err)?
+            .label(m.as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font(("sans-serif", 12))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// Writes `efficiency.{png,svg}` and `languages.{png,svg}` into `dir`.
+pub fn write_plots(t: &Table, dir: &Path) -> Result<Vec<String>> {
+    register_font()?;
+    let n = t.columns.len().max(1);
+    let ncols = n.min(3);
+    let size = (420 * ncols as u32, 40 + 320 * n.div_ceil(ncols) as u32);
+    let lang_size = ((160 * n as u32).clamp(640, 2400), 420);
+    let path = |f: &str| dir.join(f);
+    efficiency(
+        BitMapBackend::new(&path("efficiency.png"), size).into_drawing_area(),
+        t,
+    )?;
+    efficiency(
+        SVGBackend::new(&path("efficiency.svg"), size).into_drawing_area(),
+        t,
+    )?;
+    by_language(
+        BitMapBackend::new(&path("languages.png"), lang_size).into_drawing_area(),
+        t,
+    )?;
+    by_language(
+        SVGBackend::new(&path("languages.svg"), lang_size).into_drawing_area(),
+        t,
+    )?;
+    Ok([
+        "efficiency.png",
+        "efficiency.svg",
+        "languages.png",
+        "languages.svg",
+    ]
+    .map(String::from)
+    .to_vec())
+}
