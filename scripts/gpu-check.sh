@@ -169,6 +169,6 @@ stamp "done"
 
 main 2>&1 | tee "$OUT/gpu-check.log"
 rc=$?
-grep -h -E '^(== |test result:|forward_full_logits|train_loss|model=|peak_|[a-z_-]+: (PASS|FAIL|TIMEOUT))' \
+grep -h -E '^(\[[0-9]+ s\] == |test result:|forward_full_logits|train_loss|model=|peak_|[a-z_-]+: (PASS|FAIL|TIMEOUT))' \
   "$OUT/gpu-check.log" >"$OUT/gpu-summary.txt" || true
 exit $rc

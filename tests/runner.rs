@@ -230,3 +230,105 @@ fn bad_experiments_are_refused_with_every_problem_listed() {
     );
     assert!(!s.tmp.path().join("store").exists());
 }
+
+/// Metrics and samples frames of two runs (code versions `a` and `b`) for three cells, 200
+/// examples each: `drop` loses 30 of run a's correct answers, `noise` flips 5 each way plus one,
+/// `small` loses 10 and gains 6 (2 points, not significant).
+fn two_runs() -> (polars::prelude::DataFrame, polars::prelude::DataFrame) {
+    use polars::prelude::*;
+    let mut m_rows: Vec<(String, String, f64)> = Vec::new();
+    let mut s_rows: Vec<(String, String, String, bool)> = Vec::new();
+    for (cell, lose, gain) in [("drop", 30usize, 0usize), ("noise", 6, 5), ("small", 10, 6)] {
+        let a: Vec<bool> = (0..200).map(|i| i < 150).collect();
+        let mut b = a.clone();
+        for x in b.iter_mut().take(lose) {
+            *x = false;
+        }
+        for x in b.iter_mut().skip(150).take(gain) {
+            *x = true;
+        }
+        for (v, o) in [("a", &a), ("b", &b)] {
+            let acc = o.iter().filter(|&&x| x).count() as f64 / 200.0;
+            m_rows.push((cell.into(), v.into(), acc));
+            for (i, &x) in o.iter().enumerate() {
+                s_rows.push((cell.into(), v.into(), format!("{i}"), x));
+            }
+        }
+    }
+    let n = m_rows.len();
+    let metrics = DataFrame::new_infer_height(vec![
+        Column::new(
+            "method".into(),
+            m_rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+        ),
+        Column::new("task".into(), vec!["toy"; n]),
+        Column::new("lang".into(), vec!["eng_Latn"; n]),
+        Column::new("metric".into(), vec!["acc"; n]),
+        Column::new(
+            "code_version".into(),
+            m_rows.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
+        ),
+        Column::new("k".into(), vec![Some(16i64); n]),
+        Column::new(
+            "value".into(),
+            m_rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+        ),
+        Column::new("higher_is_better".into(), vec![true; n]),
+        Column::new(
+            "finished_at_unix".into(),
+            m_rows
+                .iter()
+                .map(|r| if r.1 == "a" { 1u64 } else { 2 })
+                .collect::<Vec<_>>(),
+        ),
+    ])
+    .unwrap();
+    let n = s_rows.len();
+    let samples = DataFrame::new_infer_height(vec![
+        Column::new(
+            "method".into(),
+            s_rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+        ),
+        Column::new("task".into(), vec!["toy"; n]),
+        Column::new("lang".into(), vec!["eng_Latn"; n]),
+        Column::new(
+            "id".into(),
+            s_rows.iter().map(|r| r.2.as_str()).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "code_version".into(),
+            s_rows.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
+        ),
+        Column::new("k".into(), vec![Some(16i64); n]),
+        Column::new("seed".into(), vec![0u64; n]),
+        Column::new(
+            "correct".into(),
+            s_rows.iter().map(|r| r.3).collect::<Vec<_>>(),
+        ),
+    ])
+    .unwrap();
+    (metrics, samples)
+}
+
+#[test]
+fn the_regression_gate_fires_on_a_planted_drop_and_stays_quiet_on_noise() {
+    use mlbench::runner::compare::{regressions, runs};
+    let (m, s) = two_runs();
+    let r = runs(&m).unwrap();
+    assert_eq!(
+        r.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    let regs = regressions(&m, &s, "a", "b", "acc", 1.0).unwrap();
+    assert_eq!(regs.len(), 1, "{regs:?}");
+    assert_eq!(regs[0].method, "drop");
+    assert!((regs[0].before - 0.75).abs() < 1e-12 && (regs[0].after - 0.60).abs() < 1e-12);
+    assert!(regs[0].p < 1e-8);
+    // A looser threshold lets even the planted drop pass; the reverse direction is no drop.
+    assert!(regressions(&m, &s, "a", "b", "acc", 20.0)
+        .unwrap()
+        .is_empty());
+    assert!(regressions(&m, &s, "b", "a", "acc", 1.0)
+        .unwrap()
+        .is_empty());
+}

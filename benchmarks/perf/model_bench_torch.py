@@ -40,7 +40,7 @@ def main(folder, steps):
         torch.set_num_threads(2)
     torch.manual_seed(0)
     t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=dtype, attn_implementation=attn).to(dev)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn).to(dev)
     sync(dev)
     load_s = time.time() - t0
     vocab = model.config.vocab_size

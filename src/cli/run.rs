@@ -27,6 +27,10 @@ pub struct RunArgs {
     /// List the cells (and whether they are finished) without running anything.
     #[arg(long)]
     pub dry_run: bool,
+    /// A few-minutes version of the grid (first seed, smallest K, short training, 20 test
+    /// examples per language), stored as experiment `<name>-smoke`.
+    #[arg(long)]
+    pub smoke: bool,
 }
 
 #[derive(Debug, Args)]
@@ -49,9 +53,20 @@ pub struct CompareArgs {
     /// Method the paired test compares against.
     #[arg(long)]
     pub baseline: Option<String>,
-    /// Also write table.md, table.csv and table.tex here.
+    /// Write a report folder here (index.html, tables, plots).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Regression gate: compare the run `--run` against this one (a code version as stored, or
+    /// `previous`); exit status 3 when a metric fell by more than `--max-drop` points with a
+    /// significant paired test.
+    #[arg(long)]
+    pub against: Option<String>,
+    /// The run checked by `--against` (a code version, default the latest).
+    #[arg(long)]
+    pub run: Option<String>,
+    /// Largest tolerated drop in points (metric x 100).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_drop: f64,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -64,7 +79,10 @@ extern "C" fn on_sigint(_: libc::c_int) {
 }
 
 pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
-    let exp = Experiment::load(&a.experiment)?;
+    let mut exp = Experiment::load(&a.experiment)?;
+    if a.smoke {
+        exp.smoke();
+    }
     let mut cells = exp.cells()?;
     if let Some(s) = &a.shard {
         let (i, n) = parse_shard(s)?;
@@ -127,6 +145,9 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
 pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
     let store = Store::new(&a.store);
     let metrics = store.read("metrics.parquet")?;
+    if let Some(against) = &a.against {
+        return gate(&store, &metrics, against, &a);
+    }
     let samples = if a.baseline.is_some() {
         store.read("samples.parquet")?
     } else {
@@ -199,4 +220,75 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The regression gate of `compare --against`.
+fn gate(
+    store: &Store,
+    metrics: &polars::prelude::DataFrame,
+    against: &str,
+    a: &CompareArgs,
+) -> anyhow::Result<()> {
+    use mlbench::runner::compare::{regressions, runs};
+    let all = runs(metrics)?;
+    let names: Vec<&str> = all.iter().map(|(v, _)| v.as_str()).collect();
+    let current = match &a.run {
+        Some(r) => r.clone(),
+        None => all.last().map(|(v, _)| v.clone()).unwrap_or_default(),
+    };
+    if !names.contains(&current.as_str()) {
+        return Err(Error::Unknown {
+            kind: "run",
+            code: current,
+            scope: format!(" in {} (runs: {})", store.dir.display(), names.join(", ")),
+            suggestions: vec![],
+        }
+        .into());
+    }
+    let before = if against == "previous" {
+        let i = names.iter().position(|n| *n == current).unwrap_or(0);
+        if i == 0 {
+            println!("no run before `{current}`: nothing to compare against");
+            return Ok(());
+        }
+        names[i - 1].to_string()
+    } else if names.contains(&against) {
+        against.to_string()
+    } else {
+        return Err(Error::Unknown {
+            kind: "run",
+            code: against.to_string(),
+            scope: format!(" in {} (runs: {})", store.dir.display(), names.join(", ")),
+            suggestions: vec![],
+        }
+        .into());
+    };
+    let samples = store.read("samples.parquet")?;
+    let regs = regressions(metrics, &samples, &before, &current, &a.metric, a.max_drop)?;
+    if regs.is_empty() {
+        println!(
+            "no {} drop above {} points from `{before}` to `{current}`",
+            a.metric, a.max_drop
+        );
+        return Ok(());
+    }
+    println!(
+        "{} regression(s) of {} from `{before}` to `{current}` (drop > {} points, exact McNemar p < 0.05):",
+        regs.len(),
+        a.metric,
+        a.max_drop
+    );
+    for r in &regs {
+        println!(
+            "  {} K={} {}/{}: {:.1} -> {:.1} (p = {:.2e})",
+            r.method,
+            r.k.map(|k| k.to_string()).unwrap_or_else(|| "full".into()),
+            r.task,
+            r.lang,
+            100.0 * r.before,
+            100.0 * r.after,
+            r.p
+        );
+    }
+    std::process::exit(3);
 }

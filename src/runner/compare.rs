@@ -495,3 +495,169 @@ mod tests {
         assert_eq!(mcnemar_exact(0, 0), 1.0);
     }
 }
+
+/// A metric that fell between two runs of the same cells.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Regression {
+    pub method: String,
+    pub k: Option<i64>,
+    pub task: String,
+    pub lang: String,
+    pub before: f64,
+    pub after: f64,
+    /// Exact McNemar p-value on the paired examples (same id and seed).
+    pub p: f64,
+}
+
+/// The runs in a store, oldest first: each code version with the time its last cell finished.
+pub fn runs(metrics: &DataFrame) -> Result<Vec<(String, u64)>> {
+    let v = strs(metrics, "code_version")?;
+    let t: Vec<u64> = metrics
+        .column("finished_at_unix")?
+        .u64()?
+        .iter()
+        .map(|x| x.unwrap_or(0))
+        .collect();
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    for (v, t) in v.into_iter().zip(t) {
+        let e = last.entry(v).or_insert(0);
+        *e = (*e).max(t);
+    }
+    let mut out: Vec<(String, u64)> = last.into_iter().collect();
+    out.sort_by_key(|(v, t)| (*t, v.clone()));
+    Ok(out)
+}
+
+/// Cells (method x K x task x language, per-language rows only) whose `metric` fell by more than
+/// `max_drop` points (x 100) from run `before` to run `after` (code versions) with a significant
+/// exact McNemar test (p < 0.05) on the examples both runs scored. Metrics where lower is better
+/// count a rise as a drop.
+pub fn regressions(
+    metrics: &DataFrame,
+    samples: &DataFrame,
+    before: &str,
+    after: &str,
+    metric: &str,
+    max_drop: f64,
+) -> Result<Vec<Regression>> {
+    let (method, task, lang, m, ver) = (
+        strs(metrics, "method")?,
+        strs(metrics, "task")?,
+        strs(metrics, "lang")?,
+        strs(metrics, "metric")?,
+        strs(metrics, "code_version")?,
+    );
+    let k: Vec<Option<i64>> = metrics.column("k")?.i64()?.iter().collect();
+    let val: Vec<f64> = metrics
+        .column("value")?
+        .f64()?
+        .iter()
+        .map(|x| x.unwrap_or(f64::NAN))
+        .collect();
+    let hib: Vec<bool> = metrics
+        .column("higher_is_better")?
+        .bool()?
+        .iter()
+        .map(|x| x.unwrap_or(true))
+        .collect();
+    type Key = (String, Option<i64>, String, String);
+    let mut means: BTreeMap<(Key, bool), (Vec<f64>, bool)> = BTreeMap::new();
+    for i in 0..metrics.height() {
+        if m[i] != metric || lang[i] == "micro" || lang[i] == "macro" {
+            continue;
+        }
+        let which = if ver[i] == before {
+            false
+        } else if ver[i] == after {
+            true
+        } else {
+            continue;
+        };
+        let e = means
+            .entry((
+                (method[i].clone(), k[i], task[i].clone(), lang[i].clone()),
+                which,
+            ))
+            .or_insert((Vec::new(), hib[i]));
+        e.0.push(val[i]);
+    }
+    // Paired outcomes per run.
+    let (sm, st, sl, sid, sv) = (
+        strs(samples, "method")?,
+        strs(samples, "task")?,
+        strs(samples, "lang")?,
+        strs(samples, "id")?,
+        strs(samples, "code_version")?,
+    );
+    let sk: Vec<Option<i64>> = samples.column("k")?.i64()?.iter().collect();
+    let ss: Vec<u64> = samples
+        .column("seed")?
+        .u64()?
+        .iter()
+        .map(|x| x.unwrap_or(0))
+        .collect();
+    let sc: Vec<bool> = samples
+        .column("correct")?
+        .bool()?
+        .iter()
+        .map(|x| x.unwrap_or(false))
+        .collect();
+    let mut outcomes: BTreeMap<(Key, bool), BTreeMap<(u64, String), bool>> = BTreeMap::new();
+    for i in 0..samples.height() {
+        let which = if sv[i] == before {
+            false
+        } else if sv[i] == after {
+            true
+        } else {
+            continue;
+        };
+        outcomes
+            .entry(((sm[i].clone(), sk[i], st[i].clone(), sl[i].clone()), which))
+            .or_default()
+            .insert((ss[i], sid[i].clone()), sc[i]);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let mut out = Vec::new();
+    for ((key, which), (vals, higher)) in &means {
+        if *which {
+            continue;
+        }
+        let Some((after_vals, _)) = means.get(&(key.clone(), true)) else {
+            continue;
+        };
+        let (b, a) = (mean(vals), mean(after_vals));
+        let drop = if *higher { b - a } else { a - b };
+        if 100.0 * drop <= max_drop {
+            continue;
+        }
+        let (Some(ob), Some(oa)) = (
+            outcomes.get(&(key.clone(), false)),
+            outcomes.get(&(key.clone(), true)),
+        ) else {
+            continue;
+        };
+        let (mut worse, mut better) = (0usize, 0usize);
+        for (id, &x) in ob {
+            if let Some(&y) = oa.get(id) {
+                if x && !y {
+                    worse += 1;
+                } else if !x && y {
+                    better += 1;
+                }
+            }
+        }
+        let p = mcnemar_exact(worse, better);
+        if p < 0.05 {
+            out.push(Regression {
+                method: key.0.clone(),
+                k: key.1,
+                task: key.2.clone(),
+                lang: key.3.clone(),
+                before: b,
+                after: a,
+                p,
+            });
+        }
+    }
+    Ok(out)
+}

@@ -102,7 +102,8 @@ pub struct Cell {
     /// The training configuration (`None` for `base`).
     pub train: Option<TrainConfig>,
     pub eval: EvalConfig,
-    /// Content key: sha256 of the resolved configurations and the code version.
+    /// Content key: sha256 of the experiment name, the resolved configurations and the code
+    /// version.
     pub key: String,
 }
 
@@ -125,6 +126,25 @@ impl Experiment {
             path: path.to_path_buf(),
             message: e.to_string(),
         })
+    }
+
+    /// Shrinks the grid to a few CPU minutes (nightly `--smoke`): the first seed, the smallest
+    /// budget, two meta-iterations or a fifth of a pass, 20 test examples per language, and the
+    /// experiment named `<name>-smoke` so its cells never mix with the full run's.
+    pub fn smoke(&mut self) {
+        self.name = format!("{}-smoke", self.name);
+        self.seeds.truncate(1);
+        if let Some(&k) = self.ks.iter().min() {
+            self.ks = vec![k];
+        }
+        self.train
+            .insert("meta_iterations".into(), toml::Value::Integer(2));
+        self.train.insert("passes".into(), toml::Value::Float(0.2));
+        for t in self.method.values_mut() {
+            t.remove("passes");
+            t.remove("meta_iterations");
+        }
+        self.eval.limit = Some(self.eval.limit.map_or(20, |l| l.min(20)));
     }
 
     /// The training configuration of one method at one budget and seed.
@@ -240,7 +260,8 @@ impl Experiment {
                     };
                     let eval = self.eval_config(seed);
                     let key = crate::util::sha256_hex(&serde_json::to_vec(&serde_json::json!({
-                        "method": m, "k": k, "seed": seed, "train": train, "eval": eval,
+                        "experiment": self.name, "method": m, "k": k, "seed": seed,
+                        "train": train, "eval": eval,
                         "code": version,
                     }))?)[..16]
                         .to_string();

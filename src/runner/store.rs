@@ -5,7 +5,7 @@
 //! - `cells/<key>/cell.json`: the cell (method, K, seed, resolved configurations), code version,
 //!   finish time and wall times; its presence marks the cell finished;
 //! - `cells/<key>/metrics.parquet`: metric rows (columns of `mlbench eval`'s `metrics.parquet`
-//!   plus `experiment, method, k, seed, key, code_version`);
+//!   plus `experiment, method, k, seed, key, code_version, finished_at_unix`);
 //! - `cells/<key>/samples.parquet`: per-example records, with the same cell columns;
 //! - `work/<key>/`: the training run and evaluation output of a cell in progress (a killed run
 //!   resumes from its checkpoint).
@@ -61,6 +61,10 @@ impl Store {
         }
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io("create directory", &tmp, e))?;
         let version = crate::util::code_version();
+        let finished = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         for df in [&mut metrics, &mut samples] {
             let n = df.height();
             let add = vec![
@@ -70,6 +74,7 @@ impl Store {
                 Column::new("seed".into(), vec![cell.seed; n]),
                 Column::new("key".into(), vec![cell.key.as_str(); n]),
                 Column::new("code_version".into(), vec![version.as_str(); n]),
+                Column::new("finished_at_unix".into(), vec![finished; n]),
             ];
             for c in add {
                 df.with_column(c)?;
