@@ -415,3 +415,70 @@ fn bad_input_is_refused_before_scoring() {
     assert_user_error(&o, &["adapter `llama-adapter`"]);
     assert!(!out.exists(), "nothing written for refused runs");
 }
+
+#[test]
+fn generation_tasks_extract_the_answer_and_score_exact_match() {
+    let d = data();
+    let spec = r#"
+name = "arith"
+version = 1
+scoring = "generate"
+[prompt]
+template = "{text} ="
+answer = " {answer}"
+[generation]
+until = ["\n"]
+max_tokens = 6
+answer_regex = "([0-9]+)"
+[[metrics]]
+name = "exact_match"
+higher_is_better = true
+"#;
+    std::fs::write(d.dir.join("tasks/arith.toml"), spec).unwrap();
+    let mut rows = toy_examples("arith", &["eng_Latn"], 1, 12, "test");
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.choices = None;
+        r.label = None;
+        r.target = Some(format!("{}", i % 3));
+    }
+    write_dataset(&d.dir, "arith", &rows);
+    let out = d._tmp.path().join("gen");
+    let o = mlbench(&[
+        "--data-dir",
+        d.dir.to_str().unwrap(),
+        "-q",
+        "eval",
+        "--model",
+        d.model.to_str().unwrap(),
+        "--task",
+        "arith",
+        "--langs",
+        "en",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = mlbench::data::schema::read_parquet(&out.join("samples.parquet")).unwrap();
+    assert_eq!(s.height(), 12);
+    let col = |c: &str| s.column(c).unwrap().str().unwrap().clone();
+    let (generated, extracted, target) = (col("generated"), col("extracted"), col("target"));
+    let correct = s.column("correct").unwrap().bool().unwrap().clone();
+    let re = regex::Regex::new("([0-9]+)").unwrap();
+    let mut hits = 0;
+    for i in 0..12 {
+        let g = generated.get(i).unwrap();
+        assert!(!g.contains('\n'), "stops at the stop string: {g:?}");
+        let want_ext = re.captures_iter(g).last().map(|c| c[1].to_string());
+        assert_eq!(extracted.get(i).map(str::to_string), want_ext);
+        let ok = want_ext.as_deref() == target.get(i);
+        assert_eq!(correct.get(i), Some(ok));
+        hits += usize::from(ok);
+    }
+    let m = mlbench::data::schema::read_parquet(&out.join("metrics.parquet")).unwrap();
+    let v = m.column("value").unwrap().f64().unwrap().get(0).unwrap();
+    assert!((v - hits as f64 / 12.0).abs() < 1e-12);
+    assert_eq!(
+        m.column("metric").unwrap().str().unwrap().get(0),
+        Some("exact_match")
+    );
+}
