@@ -264,6 +264,30 @@ pub fn resolve<'a>(task: &str, code: &str, langs: &'a [LangEntry]) -> Result<&'a
     })
 }
 
+/// Resolves each code on its own, collecting the languages found (once each, in order) and a
+/// message for every code that fails, so a caller can report all bad codes at once.
+pub fn resolve_each<'a>(
+    task: &str,
+    codes: &[String],
+    langs: &'a [LangEntry],
+    problems: &mut Vec<String>,
+) -> Vec<&'a LangEntry> {
+    let mut chosen: Vec<&LangEntry> = Vec::new();
+    for c in codes {
+        match resolve_list(task, std::slice::from_ref(c), langs) {
+            Ok(found) => {
+                for e in found {
+                    if !chosen.iter().any(|x| x.lang == e.lang) {
+                        chosen.push(e);
+                    }
+                }
+            }
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    chosen
+}
+
 /// Resolves a comma-separated list (or `all`) to distinct entries, in the order given.
 pub fn resolve_list<'a>(
     task: &str,

@@ -159,19 +159,7 @@ pub fn prepare_items(
             problems.push(format!("no language given for task `{task}`"));
             continue;
         }
-        let mut chosen: Vec<&lang::LangEntry> = Vec::new();
-        for c in &codes {
-            match lang::resolve_list(task, std::slice::from_ref(c), &entries) {
-                Ok(found) => {
-                    for e in found {
-                        if !chosen.iter().any(|x| x.lang == e.lang) {
-                            chosen.push(e);
-                        }
-                    }
-                }
-                Err(e) => problems.push(e.to_string()),
-            }
-        }
+        let chosen = lang::resolve_each(task, &codes, &entries, &mut problems);
         let missing: Vec<String> = spec
             .row_fields_used()
             .into_iter()

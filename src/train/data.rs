@@ -90,20 +90,7 @@ pub fn check_data(data_dir: &Path, cfg: &TrainConfig) -> Result<(Checked, Vec<St
             problems.push(format!("no language given for task `{task}`"));
             continue;
         }
-        // Resolve each code on its own so that every bad one is reported.
-        let mut chosen = Vec::new();
-        for c in &codes {
-            match lang::resolve_list(task, std::slice::from_ref(c), &entries) {
-                Ok(found) => {
-                    for e in found {
-                        if !chosen.iter().any(|x: &&lang::LangEntry| x.lang == e.lang) {
-                            chosen.push(e);
-                        }
-                    }
-                }
-                Err(e) => problems.push(e.to_string()),
-            }
-        }
+        let chosen = lang::resolve_each(task, &codes, &entries, &mut problems);
         let df = schema::load(&path, None)?;
         let split = spec.train_split.clone();
         let mask = df.column("split")?.str()?.equal(split.as_str());
