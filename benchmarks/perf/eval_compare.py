@@ -587,7 +587,10 @@ def cmd_busy(a):
         if pct > a.max_cpu:
             busy.append(f"{comm}[{pid}] {pct:.0f}%")
     if busy:
-        print(" ".join(busy))
+        try:
+            print(" ".join(busy), flush=True)
+        except BrokenPipeError:
+            pass
         return 1
     return 0
 
