@@ -482,3 +482,26 @@ higher_is_better = true
         Some("exact_match")
     );
 }
+
+#[test]
+fn a_limit_takes_a_label_stratified_subset_in_file_order() {
+    // The toy test split is sorted by label (4 per class, 3 classes): the first 3 would all be
+    // class 0; the limit takes one of each.
+    let d = data();
+    let mut c = cfg(&d);
+    c.limit = Some(3);
+    let (items, _) = prepare_items(&d.dir, &c).unwrap();
+    for lang in ["eng_Latn", "fra_Latn"] {
+        let golds: Vec<usize> = items
+            .iter()
+            .filter(|i| i.lang_code == lang)
+            .map(|i| i.rendered.gold.unwrap())
+            .collect();
+        assert_eq!(golds, vec![0, 1, 2], "{lang}");
+    }
+    let (again, _) = prepare_items(&d.dir, &c).unwrap();
+    assert_eq!(
+        items.iter().map(|i| &i.id).collect::<Vec<_>>(),
+        again.iter().map(|i| &i.id).collect::<Vec<_>>()
+    );
+}

@@ -38,7 +38,8 @@ pub struct EvalArgs {
     /// Longest input in tokens.
     #[arg(long, default_value_t = 2048)]
     pub max_len: usize,
-    /// Only the first N examples of each task x language.
+    /// At most N examples of each task x language: a label-stratified subset, the same for
+    /// every run (kept in file order).
     #[arg(long)]
     pub limit: Option<usize>,
     #[arg(long, default_value = "cpu")]

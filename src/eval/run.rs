@@ -41,7 +41,7 @@ pub struct EvalConfig {
     pub batch_size: usize,
     /// Longest input in tokens (contexts lose tokens from the left beyond it).
     pub max_len: usize,
-    /// Evaluate only the first N examples of each task x language.
+    /// At most N examples per task x language (a label-stratified subset, the same for every run).
     pub limit: Option<usize>,
     pub device: String,
     pub dtype: String,
@@ -197,8 +197,19 @@ pub fn prepare_items(
                 );
                 continue;
             }
-            if let Some(n) = cfg.limit {
-                eval.truncate(n);
+            if let Some(n) = cfg.limit.filter(|&n| n < eval.len()) {
+                // A label-stratified subset (the sampler's draw order, seeded by the task and
+                // language only, so every variant and seed sees the same examples), kept in file
+                // order: test splits are often sorted by label, so the first N would be one class.
+                let ids: Vec<&str> = eval.iter().map(|x| x.id.as_str()).collect();
+                let labels: Vec<Option<i64>> = eval.iter().map(|x| x.label).collect();
+                let mut keep: Vec<usize> =
+                    sample::draw_order(&ids, &labels, 0, &[task, &e.lang_code, "eval-limit"])
+                        .into_iter()
+                        .take(n)
+                        .collect();
+                keep.sort_unstable();
+                eval = keep.into_iter().map(|i| eval[i]).collect();
             }
             // Template fields the data lacks (optional columns that are null here).
             for f in &missing {
