@@ -140,15 +140,20 @@ def _none(x):
 
 
 def load_rows(data_dir: str, task: str, lang: str, split: str, limit: int | None):
-    """Rows of one task x language x split in file order (what mlbench eval --limit takes)."""
+    """Rows of one task x language x split in file order. `mlbench eval --limit N` takes a
+    label-stratified subset when N is below the split size, so only whole splits (a limit of at
+    least the split size) compare like with like; a smaller limit is refused."""
     import pandas as pd
 
     df = pd.read_parquet(os.path.join(data_dir, f"{task}.parquet"))
     sel = df[((df["lang"] == lang) | (df["lang_code"] == lang)) & (df["split"] == split)]
     if sel.empty:
         raise SystemExit(f"no rows for {task}/{lang}/{split}")
-    if limit:
-        sel = sel.iloc[:limit]
+    if limit and limit < len(sel):
+        raise SystemExit(
+            f"--limit {limit} is below the {len(sel)} rows of {task}/{lang}/{split}: mlbench eval "
+            "would take a label-stratified subset, not the first rows; compare whole splits"
+        )
     rows = []
     for r in sel.to_dict("records"):
         r = {k: _none(v) for k, v in r.items() if k != "choices"} | {
