@@ -478,6 +478,61 @@ impl TaskSpec {
     }
 }
 
+/// A task opened for a run: its spec, its dataset file and the languages the run asked for.
+pub struct OpenedTask {
+    pub name: String,
+    pub spec: TaskSpec,
+    pub path: PathBuf,
+    pub langs: Vec<crate::data::lang::LangEntry>,
+}
+
+/// Opens each of `tasks` (spec, dataset file, languages from `langs`, where `task:code` scopes a
+/// code to one task). Problems (unknown task, missing dataset, unknown or missing language) are
+/// appended to `problems` so callers can report all of them at once; a task with a problem that
+/// leaves nothing to check is skipped.
+pub fn open_tasks(
+    data_dir: &Path,
+    tasks: &[String],
+    langs: &[String],
+    problems: &mut Vec<String>,
+) -> Result<Vec<OpenedTask>> {
+    use crate::data::{lang, sample};
+    let mut out = Vec::new();
+    for task in tasks {
+        let spec = match TaskSpec::for_task(data_dir, task) {
+            Ok(s) => s,
+            Err(e) => {
+                problems.push(e.to_string());
+                continue;
+            }
+        };
+        let path = match sample::dataset_path(data_dir, spec.dataset()) {
+            Ok(p) => p,
+            Err(e) => {
+                problems.push(e.to_string());
+                continue;
+            }
+        };
+        let entries = sample::task_languages(&path)?;
+        let codes = sample::codes_for(task, langs);
+        if codes.is_empty() {
+            problems.push(format!("no language given for task `{task}`"));
+            continue;
+        }
+        let chosen = lang::resolve_each(task, &codes, &entries, problems)
+            .into_iter()
+            .cloned()
+            .collect();
+        out.push(OpenedTask {
+            name: task.clone(),
+            spec,
+            path,
+            langs: chosen,
+        });
+    }
+    Ok(out)
+}
+
 /// Where a task's spec lives.
 pub fn spec_path(data_dir: &Path, task: &str) -> PathBuf {
     data_dir.join("tasks").join(format!("{task}.toml"))

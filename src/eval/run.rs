@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::choices::{score_choices, ChoiceRequest};
 use super::metrics::{self, Estimate};
+use crate::data::sample;
 use crate::data::schema::{self, Example};
-use crate::data::{lang, sample};
 use crate::error::{Error, Result};
 use crate::model::lora::Adapter;
 use crate::model::LoadedModel;
@@ -138,28 +138,14 @@ pub fn prepare_items(
     let mut problems = Vec::new();
     let mut items = Vec::new();
     let mut specs = BTreeMap::new();
-    for task in &cfg.tasks {
-        let spec = match TaskSpec::for_task(data_dir, task) {
-            Ok(s) => s,
-            Err(e) => {
-                problems.push(e.to_string());
-                continue;
-            }
-        };
-        let path = match sample::dataset_path(data_dir, spec.dataset()) {
-            Ok(p) => p,
-            Err(e) => {
-                problems.push(e.to_string());
-                continue;
-            }
-        };
-        let entries = sample::task_languages(&path)?;
-        let codes = sample::codes_for(task, &cfg.langs);
-        if codes.is_empty() {
-            problems.push(format!("no language given for task `{task}`"));
-            continue;
-        }
-        let chosen = lang::resolve_each(task, &codes, &entries, &mut problems);
+    for opened in crate::tasks::open_tasks(data_dir, &cfg.tasks, &cfg.langs, &mut problems)? {
+        let crate::tasks::OpenedTask {
+            name: task,
+            spec,
+            path,
+            langs: chosen,
+        } = opened;
+        let task = &task;
         let missing: Vec<String> = spec
             .row_fields_used()
             .into_iter()

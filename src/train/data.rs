@@ -13,8 +13,8 @@ use rayon::prelude::*;
 
 use super::config::{TrainConfig, Unit};
 use super::step::Seq;
+use crate::data::sample;
 use crate::data::schema::{self, Example};
-use crate::data::{lang, sample};
 use crate::error::{Error, Result};
 use crate::model::tokenizer::Tok;
 use crate::tasks::TaskSpec;
@@ -69,28 +69,14 @@ pub fn check_data(data_dir: &Path, cfg: &TrainConfig) -> Result<(Checked, Vec<St
     // (task, lang_code, examples of the train split)
     let mut per_lang: Vec<(String, String, Vec<Example>)> = Vec::new();
     let mut specs: HashMap<String, TaskSpec> = HashMap::new();
-    for task in &cfg.tasks {
-        let spec = match TaskSpec::for_task(data_dir, task) {
-            Ok(s) => s,
-            Err(e) => {
-                problems.push(e.to_string());
-                continue;
-            }
-        };
-        let path = match sample::dataset_path(data_dir, spec.dataset()) {
-            Ok(p) => p,
-            Err(e) => {
-                problems.push(e.to_string());
-                continue;
-            }
-        };
-        let entries = sample::task_languages(&path)?;
-        let codes = sample::codes_for(task, &cfg.langs);
-        if codes.is_empty() {
-            problems.push(format!("no language given for task `{task}`"));
-            continue;
-        }
-        let chosen = lang::resolve_each(task, &codes, &entries, &mut problems);
+    for opened in crate::tasks::open_tasks(data_dir, &cfg.tasks, &cfg.langs, &mut problems)? {
+        let crate::tasks::OpenedTask {
+            name: task,
+            spec,
+            path,
+            langs: chosen,
+        } = opened;
+        let task = &task;
         let df = schema::load(&path, None)?;
         let split = spec.train_split.clone();
         let mask = df.column("split")?.str()?.equal(split.as_str());
@@ -157,17 +143,36 @@ pub fn build_units(
     } = checked;
     // Pools: the sampler's draw order, first K.
     if let (true, Some(k)) = (method.uses_pools(), cfg.k) {
-        for (task, code, ex) in per_lang.iter_mut() {
-            let spec = &specs[task.as_str()];
+        // One draw per task for all its languages (each language keeps its own stream).
+        let mut pools: HashMap<(String, String), Vec<sample::PoolRow>> = HashMap::new();
+        for (task, spec) in &specs {
+            let langs: Vec<String> = per_lang
+                .iter()
+                .filter(|(t, _, _)| t == task)
+                .map(|(_, c, _)| c.clone())
+                .collect();
+            if langs.is_empty() {
+                continue;
+            }
             let req = sample::PoolRequest {
                 tasks: vec![spec.dataset().to_string()],
-                langs: vec![code.clone()],
+                langs,
                 ks: vec![k],
                 seed: cfg.seed,
                 split: spec.train_split.clone(),
                 aligned: false,
             };
-            let mut pool = sample::sample_pools(data_dir, &req)?;
+            for r in sample::sample_pools(data_dir, &req)? {
+                pools
+                    .entry((task.clone(), r.lang_code.clone()))
+                    .or_default()
+                    .push(r);
+            }
+        }
+        for (task, code, ex) in per_lang.iter_mut() {
+            let mut pool = pools
+                .remove(&(task.clone(), code.clone()))
+                .unwrap_or_default();
             pool.sort_by_key(|r| r.draw);
             let by_id: HashMap<&str, &Example> = ex.iter().map(|x| (x.id.as_str(), x)).collect();
             let picked: Vec<Example> = pool
