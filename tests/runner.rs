@@ -99,6 +99,22 @@ fn shards_cover_every_cell_exactly_once() {
         seen.sort();
         assert_eq!(seen, keys.iter().cloned().collect::<Vec<_>>(), "n = {n}");
     }
+    // Run order: seed-major; base, then small budgets, then large, then full data.
+    let order: Vec<String> = cells.iter().map(|c| c.label()).collect();
+    let want = [
+        "base/full/s0",
+        "lora-k/k4/s0",
+        "meta-lora/k4/s0",
+        "lora-k/k8/s0",
+        "meta-lora/k8/s0",
+        "lora-full/full/s0",
+        "lora-k/k4/s1",
+    ];
+    assert_eq!(&order[..want.len()], &want[..], "{order:?}");
+    // A shard keeps that order.
+    let pos = |key: &str| cells.iter().position(|c| c.key == key).unwrap();
+    let s0: Vec<usize> = shard(&cells, 0, 2).iter().map(|c| pos(&c.key)).collect();
+    assert!(s0.windows(2).all(|w| w[0] < w[1]), "{s0:?}");
 }
 
 #[test]

@@ -283,6 +283,17 @@ impl Experiment {
                 problems,
             });
         }
+        // Run order: seed by seed, so a grid stopped part-way holds whole comparisons for its
+        // first seeds; within a seed the base model, then budgets from small to large, then the
+        // full-data methods. The sort is stable: methods keep their declared order.
+        cells.sort_by_key(|c| {
+            let rank = match (&c.train, c.k) {
+                (None, _) => 0,
+                (Some(_), Some(k)) => 1 + k,
+                (Some(_), None) => usize::MAX,
+            };
+            (c.seed, rank)
+        });
         Ok(cells)
     }
 }
@@ -301,15 +312,20 @@ pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
     Ok((i, n))
 }
 
-/// The cells of shard `i` of `n`: cells sorted by key, every `n`-th from `i`. Every cell is in
-/// exactly one shard, whatever order the grid was declared in.
+/// The cells of shard `i` of `n`: cells ranked by key, every `n`-th from `i`, returned in the
+/// grid's run order. Every cell is in exactly one shard, whatever order the grid was declared in.
 pub fn shard(cells: &[Cell], i: usize, n: usize) -> Vec<Cell> {
-    let mut sorted: Vec<&Cell> = cells.iter().collect();
-    sorted.sort_by(|a, b| a.key.cmp(&b.key));
-    sorted
+    let mut keys: Vec<&str> = cells.iter().map(|c| c.key.as_str()).collect();
+    keys.sort_unstable();
+    let mine: std::collections::HashSet<&str> = keys
         .into_iter()
         .enumerate()
         .filter(|(j, _)| j % n == i)
-        .map(|(_, c)| c.clone())
+        .map(|(_, k)| k)
+        .collect();
+    cells
+        .iter()
+        .filter(|c| mine.contains(c.key.as_str()))
+        .cloned()
         .collect()
 }
