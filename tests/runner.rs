@@ -99,16 +99,16 @@ fn shards_cover_every_cell_exactly_once() {
         seen.sort();
         assert_eq!(seen, keys.iter().cloned().collect::<Vec<_>>(), "n = {n}");
     }
-    // Run order: seed-major; base, then small budgets, then large, then full data.
+    // Run order: seed-major; base, full data, then budgets small to large.
     let order: Vec<String> = cells.iter().map(|c| c.label()).collect();
     let want = [
         "base/full/s0",
+        "lora-full/full/s0",
         "lora-k/k4/s0",
         "meta-lora/k4/s0",
         "lora-k/k8/s0",
         "meta-lora/k8/s0",
-        "lora-full/full/s0",
-        "lora-k/k4/s1",
+        "lora-full/full/s1",
     ];
     assert_eq!(&order[..want.len()], &want[..], "{order:?}");
     // A shard keeps that order.

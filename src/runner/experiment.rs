@@ -284,13 +284,14 @@ impl Experiment {
             });
         }
         // Run order: seed by seed, so a grid stopped part-way holds whole comparisons for its
-        // first seeds; within a seed the base model, then budgets from small to large, then the
-        // full-data methods. The sort is stable: methods keep their declared order.
+        // first seeds; within a seed the two references (the base model, then the full-data
+        // methods), then budgets from small to large. The sort is stable: methods keep their
+        // declared order.
         cells.sort_by_key(|c| {
             let rank = match (&c.train, c.k) {
                 (None, _) => 0,
-                (Some(_), Some(k)) => 1 + k,
-                (Some(_), None) => usize::MAX,
+                (Some(_), None) => 1,
+                (Some(_), Some(k)) => 2 + k,
             };
             (c.seed, rank)
         });
