@@ -194,7 +194,7 @@ fn a_killed_grid_resumes_without_recomputing_or_losing_cells_and_compares() {
     assert_eq!(
         labels,
         [
-            "base full",
+            "base 0",
             "lora-full full",
             "lora-k 4",
             "lora-k 8",

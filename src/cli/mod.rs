@@ -64,6 +64,10 @@ pub enum Command {
     Run(run::RunArgs),
     /// Compare methods from a results store: tables with intervals and paired tests.
     Compare(run::CompareArgs),
+    /// Bring shards' stores into one and compact per-cell files into parts.
+    Merge(run::MergeArgs),
+    /// Reports over a store's runs: `--history` draws metric trends.
+    Report(run::ReportArgs),
 }
 
 impl Global {
@@ -98,6 +102,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(&cli.global, *a),
         Command::Run(a) => run::run(&cli.global, a),
         Command::Compare(a) => run::compare(&cli.global, a),
+        Command::Merge(a) => run::merge(&cli.global, a),
+        Command::Report(a) => run::report(&cli.global, a),
     }
 }
 

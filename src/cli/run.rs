@@ -8,7 +8,7 @@ use clap::Args;
 
 use super::{split_list, Global};
 use mlbench::data::lang::{self, LangEntry};
-use mlbench::runner::compare::{table, Query};
+use mlbench::runner::compare::{history, newest_keys, of_run, runs, table, with_keys, Query};
 use mlbench::runner::experiment::{parse_shard, shard, Experiment};
 use mlbench::runner::grid::{run_cell, Outcome};
 use mlbench::runner::store::Store;
@@ -67,6 +67,42 @@ pub struct CompareArgs {
     /// Largest tolerated drop in points (metric x 100).
     #[arg(long, default_value_t = 1.0)]
     pub max_drop: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The store to merge into (and compact).
+    #[arg(long, default_value = "results")]
+    pub store: PathBuf,
+    /// Other stores (e.g. shards that wrote to local disks) whose finished cells to bring in.
+    #[arg(long = "from")]
+    pub from: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Metric trends over the store's runs (code versions), one line per method and K.
+    #[arg(long)]
+    pub history: bool,
+    /// Results store folder.
+    #[arg(long, default_value = "results")]
+    pub store: PathBuf,
+    /// Only this experiment (its `name`).
+    #[arg(long)]
+    pub experiment: Option<String>,
+    /// Languages (any code form), comma-separated; default: only each task's micro and macro
+    /// averages.
+    #[arg(long)]
+    pub langs: Vec<String>,
+    #[arg(long = "tasks", alias = "task")]
+    pub tasks: Vec<String>,
+    #[arg(long)]
+    pub methods: Vec<String>,
+    #[arg(long, default_value = "acc")]
+    pub metric: String,
+    /// Report folder to write.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -142,18 +178,31 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
+pub fn merge(g: &Global, a: MergeArgs) -> anyhow::Result<()> {
     let store = Store::new(&a.store);
-    let metrics = store.read("metrics.parquet")?;
-    if let Some(against) = &a.against {
-        return gate(&store, &metrics, against, &a);
+    let from: Vec<Store> = a.from.iter().map(Store::new).collect();
+    let t0 = std::time::Instant::now();
+    let s = store.merge(&from)?;
+    if !g.quiet {
+        println!(
+            "{}: {} cells ({} brought in, {} compacted into parts/: {} metric rows, {} sample rows) in {:.2} s",
+            a.store.display(),
+            s.cells_total,
+            s.imported,
+            s.compacted,
+            s.metric_rows,
+            s.sample_rows,
+            t0.elapsed().as_secs_f64()
+        );
     }
-    let samples = if a.baseline.is_some() {
-        store.read("samples.parquet")?
-    } else {
-        polars::prelude::DataFrame::empty()
-    };
-    // Resolve language codes against the languages in the store.
+    Ok(())
+}
+
+/// Normalised language codes for `wanted`, resolved against the languages in `metrics`.
+fn store_langs(
+    metrics: &polars::prelude::DataFrame,
+    wanted: &[String],
+) -> anyhow::Result<Vec<String>> {
     let mut codes: Vec<String> = metrics
         .column("lang")?
         .str()?
@@ -172,9 +221,101 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
         })
         .collect();
     let mut langs = Vec::new();
-    for c in split_list(&a.langs) {
+    for c in split_list(wanted) {
         langs.push(lang::resolve("the store", &c, &entries)?.lang_code.clone());
     }
+    Ok(langs)
+}
+
+pub fn report(g: &Global, a: ReportArgs) -> anyhow::Result<()> {
+    if !a.history {
+        return Err(Error::Invalid(
+            "`mlbench report` draws trends over runs: pass --history (comparison reports come from `mlbench compare --out`)".into(),
+        )
+        .into());
+    }
+    let store = Store::new(&a.store);
+    let mut metrics = store.read("metrics.parquet")?;
+    if let Some(e) = &a.experiment {
+        let mask: polars::prelude::BooleanChunked = metrics
+            .column("experiment")?
+            .str()?
+            .iter()
+            .map(|x| x == Some(e.as_str()))
+            .collect();
+        metrics = metrics.filter(&mask)?;
+    }
+    let mut langs = store_langs(&metrics, &a.langs)?;
+    if langs.is_empty() {
+        // Averages only: a language nobody evaluates keeps the per-language columns out.
+        langs.push("-".into());
+    }
+    let q = Query {
+        experiment: a.experiment.clone(),
+        tasks: split_list(&a.tasks),
+        langs,
+        methods: split_list(&a.methods),
+        metric: a.metric.clone(),
+        baseline: None,
+    };
+    let runs = history(&metrics, &q)?;
+    let title = format!(
+        "mlbench: {} over runs{}",
+        q.metric,
+        a.experiment
+            .as_ref()
+            .map(|e| format!(" of {e}"))
+            .unwrap_or_default()
+    );
+    let about = format!(
+        "Store {}; {} runs, oldest first; each point the mean over seeds with its 95% interval.",
+        a.store.display(),
+        runs.len()
+    );
+    mlbench::report::history::write_history(&runs, &a.out, &title, &about)?;
+    if !g.quiet {
+        print!("{}", mlbench::report::history::markdown(&runs));
+        eprintln!("history written to {}", a.out.join("index.html").display());
+    }
+    Ok(())
+}
+
+pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
+    let store = Store::new(&a.store);
+    let metrics = store.read("metrics.parquet")?;
+    if let Some(against) = &a.against {
+        return gate(&store, &metrics, against, &a);
+    }
+    // One result per cell: the run asked for, else each cell's newest.
+    let keys = match &a.run {
+        Some(v) => {
+            let names: Vec<String> = runs(&metrics)?.into_iter().map(|(v, _)| v).collect();
+            if !names.contains(v) {
+                return Err(Error::Unknown {
+                    kind: "run",
+                    code: v.clone(),
+                    scope: format!(" in {} (runs: {})", store.dir.display(), names.join(", ")),
+                    suggestions: vec![],
+                }
+                .into());
+            }
+            of_run(&metrics, v)?
+                .column("key")?
+                .str()?
+                .iter()
+                .flatten()
+                .map(str::to_string)
+                .collect()
+        }
+        None => newest_keys(&metrics)?,
+    };
+    let metrics = with_keys(&metrics, &keys)?;
+    let samples = if a.baseline.is_some() {
+        with_keys(&store.read("samples.parquet")?, &keys)?
+    } else {
+        polars::prelude::DataFrame::empty()
+    };
+    let langs = store_langs(&metrics, &a.langs)?;
     let q = Query {
         experiment: a.experiment,
         tasks: split_list(&a.tasks),
@@ -282,7 +423,7 @@ fn gate(
         println!(
             "  {} K={} {}/{}: {:.1} -> {:.1} (p = {:.2e})",
             r.method,
-            r.k.map(|k| k.to_string()).unwrap_or_else(|| "full".into()),
+            mlbench::runner::compare::k_label(&r.method, r.k),
             r.task,
             r.lang,
             100.0 * r.before,

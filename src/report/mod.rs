@@ -2,6 +2,7 @@
 //! beside its final place and renamed into it: `index.html` (self-contained, plots inline),
 //! `table.md`, `table.csv`, `table.tex`, and the plots as PNG and SVG ([`plot`]).
 
+pub mod history;
 pub mod plot;
 
 use std::path::Path;
@@ -34,7 +35,7 @@ pub fn base64(bytes: &[u8]) -> String {
     out
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -52,7 +53,7 @@ fn html_table(t: &Table) -> String {
         s.push_str(&format!(
             "<tr><td>{}</td><td>{}</td>",
             esc(m),
-            k.map(|k| k.to_string()).unwrap_or_else(|| "full".into())
+            crate::runner::compare::k_label(m, *k)
         ));
         for e in es {
             match e {
@@ -76,9 +77,9 @@ fn html_table(t: &Table) -> String {
     s
 }
 
-/// Writes the report folder `out` for table `t`; `title` heads the page and `about` (plain
-/// text) says what was compared.
-pub fn write_report(t: &Table, out: &Path, title: &str, about: &str) -> Result<()> {
+/// Writes folder `out` atomically: `fill` writes the files into a temporary folder beside it,
+/// which then replaces `out`.
+pub(crate) fn write_folder(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -93,16 +94,27 @@ pub fn write_report(t: &Table, out: &Path, title: &str, about: &str) -> Result<(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("remove", &tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io("create directory", &tmp, e))?;
-    write_bytes_atomic(&tmp.join("table.md"), t.markdown().as_bytes())?;
-    write_bytes_atomic(&tmp.join("table.csv"), t.csv().as_bytes())?;
-    write_bytes_atomic(&tmp.join("table.tex"), t.latex().as_bytes())?;
-    plot::write_plots(t, &tmp)?;
-    let img = |f: &str| -> Result<String> {
-        let p = tmp.join(f);
-        let b = std::fs::read(&p).map_err(|e| Error::io("read", &p, e))?;
-        Ok(format!("data:image/png;base64,{}", base64(&b)))
-    };
-    let html = format!(
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|e| Error::io("remove", out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::io("rename", &tmp, e))?;
+    Ok(())
+}
+
+/// A PNG file of `dir` as a `data:` URI.
+pub(crate) fn png_uri(dir: &Path, f: &str) -> Result<String> {
+    let p = dir.join(f);
+    let b = std::fs::read(&p).map_err(|e| Error::io("read", &p, e))?;
+    Ok(format!("data:image/png;base64,{}", base64(&b)))
+}
+
+/// The page head: title and the shared style.
+pub(crate) fn html_head(title: &str) -> String {
+    format!(
         r#"<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
@@ -113,7 +125,21 @@ th:first-child, td:first-child, th:nth-child(2), td:nth-child(2) {{ text-align: 
 small {{ color: #666; }}
 img {{ max-width: 100%; }}
 </style></head>
-<body>
+"#,
+        title = esc(title)
+    )
+}
+
+/// Writes the report folder `out` for table `t`; `title` heads the page and `about` (plain
+/// text) says what was compared.
+pub fn write_report(t: &Table, out: &Path, title: &str, about: &str) -> Result<()> {
+    write_folder(out, |tmp| {
+        write_bytes_atomic(&tmp.join("table.md"), t.markdown().as_bytes())?;
+        write_bytes_atomic(&tmp.join("table.csv"), t.csv().as_bytes())?;
+        write_bytes_atomic(&tmp.join("table.tex"), t.latex().as_bytes())?;
+        plot::write_plots(t, tmp)?;
+        let html = format!(
+            r#"{head}<body>
 <h1>{title}</h1>
 <p>{about}</p>
 <h2>Table</h2>
@@ -125,21 +151,18 @@ img {{ max-width: 100%; }}
 <p><small>Files: table.md, table.csv, table.tex, efficiency.png/.svg, languages.png/.svg. {version}</small></p>
 </body></html>
 "#,
-        title = esc(title),
-        about = esc(about),
-        table = html_table(t),
-        foot = esc(&t.footnote()),
-        metric = esc(&t.metric),
-        eff = img("efficiency.png")?,
-        lang = img("languages.png")?,
-        version = esc(&crate::util::code_version()),
-    );
-    write_bytes_atomic(&tmp.join("index.html"), html.as_bytes())?;
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| Error::io("remove", out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io("rename", &tmp, e))?;
-    Ok(())
+            head = html_head(title),
+            title = esc(title),
+            about = esc(about),
+            table = html_table(t),
+            foot = esc(&t.footnote()),
+            metric = esc(&t.metric),
+            eff = png_uri(tmp, "efficiency.png")?,
+            lang = png_uri(tmp, "languages.png")?,
+            version = esc(&crate::util::code_version()),
+        );
+        write_bytes_atomic(&tmp.join("index.html"), html.as_bytes())
+    })
 }
 
 #[cfg(test)]

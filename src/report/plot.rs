@@ -13,7 +13,7 @@ use crate::runner::compare::Table;
 
 static FONT: &[u8] = include_bytes!("fonts/DejaVuSans.ttf");
 
-fn register_font() -> Result<()> {
+pub(crate) fn register_font() -> Result<()> {
     static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let ok = *ONCE.get_or_init(|| {
         plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok()
@@ -28,7 +28,7 @@ fn register_font() -> Result<()> {
     }
 }
 
-const COLORS: [RGBColor; 8] = [
+pub(crate) const COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -39,7 +39,7 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(127, 127, 127),
 ];
 
-fn plot_err<E: std::fmt::Debug>(e: E) -> Error {
+pub(crate) fn plot_err<E: std::fmt::Debug>(e: E) -> Error {
     Error::Invalid(format!("drawing a plot: {e:?}"))
 }
 

@@ -341,10 +341,16 @@ fn fmt_entry(e: &Option<Entry>) -> String {
 }
 
 fn row_label(m: &str, k: Option<i64>) -> (String, String) {
-    (
-        m.to_string(),
-        k.map(|k| k.to_string()).unwrap_or_else(|| "full".into()),
-    )
+    (m.to_string(), k_label(m, k))
+}
+
+/// How a row's budget is shown: K, `0` for the untrained base model, `full` for full data.
+pub fn k_label(method: &str, k: Option<i64>) -> String {
+    match k {
+        Some(k) => k.to_string(),
+        None if method == "base" => "0".into(),
+        None => "full".into(),
+    }
 }
 
 impl Table {
@@ -423,7 +429,7 @@ impl Table {
                 if let Some(e) = e {
                     s.push_str(&format!(
                         "{m},{},{c},{:.6},{:.6},{:.6},{},{}\n",
-                        k.map(|k| k.to_string()).unwrap_or_else(|| "full".into()),
+                        k_label(m, *k),
                         e.mean,
                         e.low,
                         e.high,
@@ -658,6 +664,86 @@ pub fn regressions(
                 p,
             });
         }
+    }
+    Ok(out)
+}
+
+/// The keys of the newest cell (by finish time) of each (experiment, method, K, seed): what a
+/// comparison shows when a store holds several runs of a grid.
+pub fn newest_keys(metrics: &DataFrame) -> Result<std::collections::HashSet<String>> {
+    let (exp, method, key) = (
+        metrics.column("experiment")?.str()?,
+        metrics.column("method")?.str()?,
+        metrics.column("key")?.str()?,
+    );
+    let k = metrics.column("k")?.i64()?;
+    let seed = metrics.column("seed")?.u64()?;
+    let t = metrics.column("finished_at_unix")?.u64()?;
+    type Cell<'a> = (&'a str, &'a str, Option<i64>, Option<u64>);
+    let mut best: BTreeMap<Cell, (u64, &str)> = BTreeMap::new();
+    for i in 0..metrics.height() {
+        let cell = (
+            exp.get(i).unwrap_or(""),
+            method.get(i).unwrap_or(""),
+            k.get(i),
+            seed.get(i),
+        );
+        let cand = (t.get(i).unwrap_or(0), key.get(i).unwrap_or(""));
+        let e = best.entry(cell).or_insert(cand);
+        if cand > *e {
+            *e = cand;
+        }
+    }
+    Ok(best.into_values().map(|(_, k)| k.to_string()).collect())
+}
+
+/// The rows of `df` whose `key` is in `keys`.
+pub fn with_keys(df: &DataFrame, keys: &std::collections::HashSet<String>) -> Result<DataFrame> {
+    let mask: BooleanChunked = df
+        .column("key")?
+        .str()?
+        .iter()
+        .map(|k| k.is_some_and(|k| keys.contains(k)))
+        .collect();
+    Ok(df.filter(&mask)?)
+}
+
+/// The rows of `df` from run `version` (a code version as stored).
+pub fn of_run(df: &DataFrame, version: &str) -> Result<DataFrame> {
+    let mask: BooleanChunked = df
+        .column("code_version")?
+        .str()?
+        .iter()
+        .map(|v| v == Some(version))
+        .collect();
+    Ok(df.filter(&mask)?)
+}
+
+/// One comparison table per run (code version) of the store, oldest first, for metric trends;
+/// runs with no matching rows are left out.
+pub fn history(metrics: &DataFrame, q: &Query) -> Result<Vec<(String, u64, Table)>> {
+    let mut out = Vec::new();
+    let empty = DataFrame::empty();
+    for (v, t) in runs(metrics)? {
+        let df = of_run(metrics, &v)?;
+        match table(
+            &df,
+            &empty,
+            &Query {
+                baseline: None,
+                ..q.clone()
+            },
+        ) {
+            Ok(tab) => out.push((v, t, tab)),
+            Err(Error::Invalid(_)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Invalid(format!(
+            "no run in the store has results for metric `{}`",
+            q.metric
+        )));
     }
     Ok(out)
 }

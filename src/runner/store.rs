@@ -3,15 +3,21 @@
 //!
 //! Layout:
 //! - `cells/<key>/cell.json`: the cell (method, K, seed, resolved configurations), code version,
-//!   finish time and wall times; its presence marks the cell finished;
+//!   finish time and wall times; its presence marks the cell finished (it stays after a merge);
 //! - `cells/<key>/metrics.parquet`: metric rows (columns of `mlbench eval`'s `metrics.parquet`
 //!   plus `experiment, method, k, seed, key, code_version, finished_at_unix`);
 //! - `cells/<key>/samples.parquet`: per-example records, with the same cell columns;
+//! - `parts/metrics-<generation>.parquet`, `parts/samples-<generation>.parquet`: the rows of many
+//!   cells compacted by `mlbench merge`, whose per-cell Parquet files are then removed;
 //! - `work/<key>/`: the training run and evaluation output of a cell in progress (a killed run
 //!   resumes from its checkpoint).
 //!
-//! A cell folder is written beside its final place and renamed into it, so a reader never sees a
-//! half-written cell: `pl.read_parquet("STORE/cells/*/metrics.parquet")` reads every finished one.
+//! A cell folder is written beside its final place and renamed into it, and a part is written
+//! to a temporary name and renamed, so a reader never sees a half-written file. Every row is in
+//! exactly one place except for the moment between a merge writing its part and removing the
+//! per-cell files it absorbed; [`Store::read`] keeps one copy of each cell's rows (newest part
+//! first, then cell folders), and so should a reader that globs
+//! `["STORE/parts/metrics-*.parquet", "STORE/cells/*/metrics.parquet"]` while a merge runs.
 
 use std::path::{Path, PathBuf};
 
@@ -49,9 +55,33 @@ impl Store {
     pub fn commit(
         &self,
         cell: &Cell,
+        metrics: DataFrame,
+        samples: DataFrame,
+        info: serde_json::Value,
+    ) -> Result<()> {
+        let finished = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.commit_as(
+            cell,
+            metrics,
+            samples,
+            info,
+            &crate::util::code_version(),
+            finished,
+        )
+    }
+
+    /// [`Store::commit`] with the code version and finish time given (for imports and tests).
+    pub fn commit_as(
+        &self,
+        cell: &Cell,
         mut metrics: DataFrame,
         mut samples: DataFrame,
         info: serde_json::Value,
+        version: &str,
+        finished: u64,
     ) -> Result<()> {
         let cells = self.dir.join("cells");
         std::fs::create_dir_all(&cells).map_err(|e| Error::io("create directory", &cells, e))?;
@@ -60,11 +90,6 @@ impl Store {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("remove", &tmp, e))?;
         }
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io("create directory", &tmp, e))?;
-        let version = crate::util::code_version();
-        let finished = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
         for df in [&mut metrics, &mut samples] {
             let n = df.height();
             let add = vec![
@@ -73,7 +98,7 @@ impl Store {
                 Column::new("k".into(), vec![cell.k.map(|k| k as i64); n]),
                 Column::new("seed".into(), vec![cell.seed; n]),
                 Column::new("key".into(), vec![cell.key.as_str(); n]),
-                Column::new("code_version".into(), vec![version.as_str(); n]),
+                Column::new("code_version".into(), vec![version; n]),
                 Column::new("finished_at_unix".into(), vec![finished; n]),
             ];
             for c in add {
@@ -108,27 +133,204 @@ impl Store {
         v
     }
 
-    /// All finished cells' rows of `file` (`metrics.parquet` or `samples.parquet`), stacked.
+    /// The compacted parts of `file` (`metrics.parquet` or `samples.parquet`), newest first.
+    pub fn parts(&self, file: &str) -> Vec<PathBuf> {
+        let stem = file.trim_end_matches(".parquet");
+        let mut v: Vec<PathBuf> = std::fs::read_dir(self.dir.join("parts"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                            n.starts_with(&format!("{stem}-")) && n.ends_with(".parquet")
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v.reverse();
+        v
+    }
+
+    /// Every finished cell's rows of `file` (`metrics.parquet` or `samples.parquet`), each cell's
+    /// rows once: compacted parts (newest first), then the per-cell files of cells not in a part.
+    /// Files are read in parallel.
     pub fn read(&self, file: &str) -> Result<DataFrame> {
-        let keys = self.finished();
-        if keys.is_empty() {
+        use rayon::prelude::*;
+        let mut sources = self.parts(file);
+        sources.extend(
+            self.finished()
+                .into_iter()
+                .map(|k| self.cell_dir(&k).join(file))
+                .filter(|p| p.exists()),
+        );
+        if sources.is_empty() {
             return Err(Error::Invalid(format!(
                 "the results store {} has no finished cell",
                 self.dir.display()
             )));
         }
+        let frames: Vec<DataFrame> = sources
+            .par_iter()
+            .map(|p| crate::data::schema::read_parquet(p))
+            .collect::<Result<_>>()?;
+        let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut out: Option<DataFrame> = None;
-        for k in &keys {
-            let df = crate::data::schema::read_parquet(&self.cell_dir(k).join(file))?;
+        for (df, path) in frames.into_iter().zip(&sources) {
+            let keys = df
+                .column("key")
+                .and_then(|c| c.str().cloned())
+                .map_err(|_| Error::CorruptParquet {
+                    path: path.clone(),
+                    message: "no string column `key`: not a results-store file".into(),
+                })?;
+            let fresh: std::collections::HashSet<&str> = keys
+                .iter()
+                .flatten()
+                .filter(|k| !seen.contains(*k))
+                .collect();
+            let mut df = if keys.iter().flatten().all(|k| fresh.contains(k)) {
+                df
+            } else {
+                let mask: BooleanChunked = keys
+                    .iter()
+                    .map(|k| k.is_some_and(|k| fresh.contains(k)))
+                    .collect();
+                df.filter(&mask)?
+            };
+            seen.extend(fresh.into_iter().map(str::to_string));
             match out.as_mut() {
-                None => out = Some(df),
+                None => out = Some(std::mem::take(&mut df)),
                 Some(o) => {
                     o.vstack_mut(&df)?;
                 }
             }
         }
-        Ok(out.expect("at least one cell"))
+        let mut out = out.expect("at least one source");
+        out.align_chunks_par();
+        Ok(out)
     }
+
+    /// Brings the finished cells of `from` (other stores, e.g. shards that wrote to local disks)
+    /// into this store, then compacts every cell's rows into one new part per file and removes
+    /// the per-cell Parquet files and older parts it absorbed. Cells already here are kept.
+    pub fn merge(&self, from: &[Store]) -> Result<MergeSummary> {
+        let mut imported = 0;
+        let parts = self.dir.join("parts");
+        for src in from {
+            if src.dir == self.dir {
+                continue;
+            }
+            if !src.dir.join("cells").is_dir() {
+                return Err(Error::Invalid(format!(
+                    "{} is not a results store (no cells/ folder)",
+                    src.dir.display()
+                )));
+            }
+            for key in src.finished() {
+                if self.is_done(&key) {
+                    continue;
+                }
+                copy_dir_atomic(&src.cell_dir(&key), &self.cell_dir(&key))?;
+                imported += 1;
+            }
+            for file in ["metrics.parquet", "samples.parquet"] {
+                for p in src.parts(file) {
+                    let dst = parts.join(p.file_name().expect("a part has a name"));
+                    if !dst.exists() {
+                        std::fs::create_dir_all(&parts)
+                            .map_err(|e| Error::io("create directory", &parts, e))?;
+                        let bytes = std::fs::read(&p).map_err(|e| Error::io("read", &p, e))?;
+                        write_bytes_atomic(&dst, &bytes)?;
+                    }
+                }
+            }
+        }
+        let generation = format!(
+            "{:020}-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+            std::process::id()
+        );
+        std::fs::create_dir_all(&parts).map_err(|e| Error::io("create directory", &parts, e))?;
+        let mut cells = 0;
+        let mut rows = [0usize; 2];
+        // Metrics first: until the samples part lands, the per-cell samples files still exist.
+        for (i, file) in ["metrics.parquet", "samples.parquet"].iter().enumerate() {
+            let old_parts = self.parts(file);
+            let absorbed: Vec<String> = self
+                .finished()
+                .into_iter()
+                .filter(|k| self.cell_dir(k).join(file).exists())
+                .collect();
+            if absorbed.is_empty() && old_parts.len() <= 1 {
+                continue;
+            }
+            let mut df = self.read(file)?;
+            rows[i] = df.height();
+            let stem = file.trim_end_matches(".parquet");
+            let dst = parts.join(format!("{stem}-{generation}.parquet"));
+            crate::data::schema::write_parquet(&mut df, &dst)?;
+            for p in old_parts {
+                std::fs::remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
+            }
+            for k in &absorbed {
+                let p = self.cell_dir(k).join(file);
+                std::fs::remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
+            }
+            cells = cells.max(absorbed.len());
+        }
+        Ok(MergeSummary {
+            imported,
+            compacted: cells,
+            metric_rows: rows[0],
+            sample_rows: rows[1],
+            cells_total: self.finished().len(),
+        })
+    }
+}
+
+/// What [`Store::merge`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeSummary {
+    /// Cells copied in from other stores.
+    pub imported: usize,
+    /// Cells whose per-cell files were absorbed into the new part.
+    pub compacted: usize,
+    pub metric_rows: usize,
+    pub sample_rows: usize,
+    /// Finished cells in the store afterwards.
+    pub cells_total: usize,
+}
+
+/// Copies a cell folder (flat: files only) beside `dst` and renames it into place.
+fn copy_dir_atomic(src: &Path, dst: &Path) -> Result<()> {
+    let parent = dst.parent().expect("a cell folder has a parent");
+    std::fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
+    let tmp = parent.join(format!(
+        ".tmp-{}-{}",
+        dst.file_name().and_then(|n| n.to_str()).unwrap_or("cell"),
+        std::process::id()
+    ));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("remove", &tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io("create directory", &tmp, e))?;
+    for e in std::fs::read_dir(src).map_err(|e| Error::io("read directory", src, e))? {
+        let e = e.map_err(|e| Error::io("read directory", src, e))?;
+        if e.path().is_file() {
+            std::fs::copy(e.path(), tmp.join(e.file_name()))
+                .map_err(|err| Error::io("copy", e.path(), err))?;
+        }
+    }
+    if dst.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("remove", &tmp, e))?;
+        return Ok(());
+    }
+    std::fs::rename(&tmp, dst).map_err(|e| Error::io("rename", &tmp, e))
 }
 
 /// `path` made relative-safe for messages.
