@@ -74,9 +74,56 @@ fn label(s: &(String, Option<i64>)) -> String {
     }
 }
 
+/// Colour (per method) and marker (per K) of each series.
+fn styles(series: &[(String, Option<i64>)]) -> Vec<(RGBColor, usize)> {
+    let mut methods: Vec<&str> = Vec::new();
+    let mut ks: Vec<Option<i64>> = Vec::new();
+    for (m, k) in series {
+        if !methods.contains(&m.as_str()) {
+            methods.push(m);
+        }
+        if !ks.contains(k) {
+            ks.push(*k);
+        }
+    }
+    ks.sort();
+    series
+        .iter()
+        .map(|(m, k)| {
+            let mi = methods.iter().position(|x| x == m).unwrap_or(0);
+            let ki = ks.iter().position(|x| x == k).unwrap_or(0);
+            (COLORS[mi % COLORS.len()], ki)
+        })
+        .collect()
+}
+
+/// Marker `shape` (0 circle, 1 triangle, 2 square, 3 cross, then repeating) at `at`.
+fn marker<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    at: (i32, i32),
+    color: RGBColor,
+    shape: usize,
+) -> Result<()> {
+    let (x, y) = at;
+    match shape % 4 {
+        0 => area.draw(&Circle::new(at, 4, color.filled())),
+        1 => area.draw(&Polygon::new(
+            vec![(x, y - 5), (x - 5, y + 4), (x + 5, y + 4)],
+            color.filled(),
+        )),
+        2 => area.draw(&Rectangle::new(
+            [(x - 4, y - 4), (x + 4, y + 4)],
+            color.filled(),
+        )),
+        _ => area.draw(&Cross::new(at, 5, color.stroke_width(2))),
+    }
+    .map_err(plot_err)
+}
+
 fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, runs: &[Run]) -> Result<()> {
     root.fill(&WHITE).map_err(plot_err)?;
     let (cols, series) = axes(runs);
+    let looks = styles(&series);
     let metric = runs.first().map(|r| r.2.metric.clone()).unwrap_or_default();
     let ncols = cols.len().clamp(1, 3);
     let nrows = cols.len().max(1).div_ceil(ncols);
@@ -87,24 +134,44 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, runs: &[Run]) -> Resul
             ("sans-serif", 22).into_font(),
         )
         .map_err(plot_err)?;
-    let panels = body.split_evenly((nrows, ncols));
+    let (w, _) = body.dim_in_pixel();
+    let (plots, legend) = body.split_horizontally(w.saturating_sub(LEGEND_W));
+    // The legend, once, beside the panels.
+    for (i, (s, (color, shape))) in series.iter().zip(&looks).enumerate() {
+        let y = 30 + 20 * i as i32;
+        legend
+            .draw(&PathElement::new(
+                vec![(8, y), (36, y)],
+                color.stroke_width(2),
+            ))
+            .map_err(plot_err)?;
+        marker(&legend, (22, y), *color, *shape)?;
+        legend
+            .draw(&Text::new(
+                label(s),
+                (44, y - 7),
+                ("sans-serif", 13).into_font(),
+            ))
+            .map_err(plot_err)?;
+    }
+    let panels = plots.split_evenly((nrows, ncols));
     let n = runs.len();
     let names: Vec<String> = runs
         .iter()
-        .map(|(v, t, _)| format!("{} {}", &utc_date(*t)[5..], short_run(v)))
+        .map(|(_, t, _)| utc_date(*t)[5..].to_string())
         .collect();
-    for (pi, (col, area)) in cols.iter().zip(panels.iter()).enumerate() {
+    for (col, area) in cols.iter().zip(panels.iter()) {
         let mut chart = ChartBuilder::on(area)
             .caption(col, ("sans-serif", 16))
-            .margin(8)
-            .x_label_area_size(40)
+            .margin(10)
+            .x_label_area_size(30)
             .y_label_area_size(45)
             .build_cartesian_2d(-0.3f64..(n as f64 - 0.7).max(0.3), 0f64..1f64)
             .map_err(plot_err)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_labels(n.clamp(1, 8))
+            .x_labels(n.clamp(1, 10))
             .x_label_formatter(&|x| {
                 let i = x.round();
                 if (x - i).abs() < 1e-6 && i >= 0.0 {
@@ -113,11 +180,11 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, runs: &[Run]) -> Resul
                     String::new()
                 }
             })
+            .x_desc("run (finish date, UTC)")
             .y_desc(metric.as_str())
             .draw()
             .map_err(plot_err)?;
-        for (si, s) in series.iter().enumerate() {
-            let color = COLORS[si % COLORS.len()];
+        for (s, (color, shape)) in series.iter().zip(&looks) {
             let pts: Vec<(f64, f64, f64, f64)> = runs
                 .iter()
                 .enumerate()
@@ -132,36 +199,30 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, runs: &[Run]) -> Resul
                 let mut band: Vec<(f64, f64)> = pts.iter().map(|p| (p.0, p.3)).collect();
                 band.extend(pts.iter().rev().map(|p| (p.0, p.2)));
                 chart
-                    .draw_series(std::iter::once(Polygon::new(band, color.mix(0.15))))
+                    .draw_series(std::iter::once(Polygon::new(band, color.mix(0.12))))
                     .map_err(plot_err)?;
             }
-            let style = ShapeStyle::from(color).stroke_width(2);
             chart
-                .draw_series(LineSeries::new(pts.iter().map(|p| (p.0, p.1)), style))
-                .map_err(plot_err)?
-                .label(label(s))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
-            chart
-                .draw_series(
-                    pts.iter()
-                        .map(|p| Circle::new((p.0, p.1), 3, color.filled())),
-                )
+                .draw_series(LineSeries::new(
+                    pts.iter().map(|p| (p.0, p.1)),
+                    color.stroke_width(2),
+                ))
                 .map_err(plot_err)?;
-        }
-        if pi == 0 {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::LowerLeft)
-                .label_font(("sans-serif", 12))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()
-                .map_err(plot_err)?;
+            let plotting = chart.plotting_area();
+            for p in &pts {
+                let at = plotting.map_coordinate(&(p.0, p.1));
+                let abs = plotting.strip_coord_spec();
+                let (ox, oy) = abs.get_base_pixel();
+                marker(&abs, (at.0 - ox, at.1 - oy), *color, *shape)?;
+            }
         }
     }
     root.present().map_err(plot_err)?;
     Ok(())
 }
+
+/// Width of the legend strip, pixels.
+const LEGEND_W: u32 = 190;
 
 /// The trend table as CSV: one row per run x (method, K) x column.
 pub fn csv(runs: &[Run]) -> String {
@@ -227,7 +288,7 @@ pub fn write_history(runs: &[Run], out: &Path, title: &str, about: &str) -> Resu
     let (cols, _) = axes(runs);
     let ncols = cols.len().clamp(1, 3) as u32;
     let size = (
-        (460 * ncols).max(640),
+        (460 * ncols).max(640) + LEGEND_W,
         40 + 340 * cols.len().max(1).div_ceil(ncols as usize) as u32,
     );
     write_folder(out, |tmp| {

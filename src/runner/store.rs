@@ -171,10 +171,18 @@ impl Store {
                 self.dir.display()
             )));
         }
-        let frames: Vec<DataFrame> = sources
-            .par_iter()
-            .map(|p| crate::data::schema::read_parquet(p))
-            .collect::<Result<_>>()?;
+        // Parquet decoding nests deeply (polars runs its own pool inside): give the readers
+        // larger stacks than rayon's default 2 MiB.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .stack_size(32 << 20)
+            .build()
+            .map_err(|e| Error::Invalid(format!("starting reader threads: {e}")))?;
+        let frames: Vec<DataFrame> = pool.install(|| {
+            sources
+                .par_iter()
+                .map(|p| crate::data::schema::read_parquet(p))
+                .collect::<Result<_>>()
+        })?;
         let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut out: Option<DataFrame> = None;
         for (df, path) in frames.into_iter().zip(&sources) {
