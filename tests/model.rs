@@ -521,3 +521,33 @@ fn fused_training_kernels_give_the_plain_gradients() {
         }
     }
 }
+
+#[test]
+fn cached_decoding_matches_the_full_forward() {
+    for arch in ARCHS {
+        for dtype in [DType::F64, DType::F32] {
+            let (_d, m) = tiny_model(arch, dtype);
+            let ids = sample_ids(&m);
+            assert!(ids.len() > 8, "the sliding window (4) must be exceeded");
+            let ad = random_adapter(&m.model, 3);
+            let full = logits_all(&m.model, &ids, Some(&ad));
+            // The prompt in one piece, then a chunk of 3, then one token at a time.
+            let ctx = Ctx::eval(Some(&ad));
+            let mut cache = mlbench::model::transformer::KvCache::default();
+            let mut got: Vec<Vec<f64>> = Vec::new();
+            let cuts = [0, 5, 8];
+            let mut pieces: Vec<&[u32]> = vec![&ids[cuts[0]..cuts[1]], &ids[cuts[1]..cuts[2]]];
+            pieces.extend(ids[cuts[2]..].chunks(1));
+            for piece in pieces {
+                let h = m.model.hidden_cached(piece, &mut cache, &ctx).unwrap();
+                let rows: Vec<u32> = (0..piece.len() as u32).collect();
+                let l = m.model.logits_at(&h, &rows).unwrap();
+                got.extend(l.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap());
+            }
+            assert_eq!(cache.len(), ids.len());
+            let tol = if dtype == DType::F64 { 1e-9 } else { 1e-4 };
+            let d = max_abs_diff(&full, &got);
+            assert!(d < tol, "{arch:?} {dtype:?}: cached logits differ by {d}");
+        }
+    }
+}

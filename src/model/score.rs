@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::lora::Adapter;
 use super::tokenizer::Tok;
-use super::transformer::{Ctx, Model};
+use super::transformer::{Ctx, KvCache, Model};
 use crate::error::{Error, Result};
 
 /// One loglikelihood request.
@@ -156,11 +156,14 @@ pub fn generate(
     let mut ids = tok.encode(prompt)?;
     let start = ids.len();
     let ctx = Ctx::eval(adapter);
+    // The prompt runs once; each new token then costs one position (keys and values cached).
+    let mut cache = KvCache::default();
+    let mut fresh = ids.clone();
     for _ in 0..max_tokens {
-        let t = ids.len();
-        let hidden = model.hidden(std::slice::from_ref(&ids), &[vec![1u8; t]], &ctx)?;
-        let logits = model.logits_at(&hidden, &[(t - 1) as u32])?;
+        let hidden = model.hidden_cached(&fresh, &mut cache, &ctx)?;
+        let logits = model.logits_at(&hidden, &[(fresh.len() - 1) as u32])?;
         let next: u32 = logits.argmax(D::Minus1)?.to_vec1::<u32>()?[0];
+        fresh = vec![next];
         if Some(next) == tok.eos {
             break;
         }

@@ -234,6 +234,25 @@ struct Prepared {
     rope: HashMap<u64, RopeTables>,
 }
 
+/// Keys and values of the tokens a row has run so far, per layer (`[1, kv_heads, T,
+/// head_dim]`, after rope), for incremental decoding with [`Model::hidden_cached`].
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// cos/sin as `[B, 1, T, head_dim]` (differentiable path) and `[B, T, head_dim / 2]` (fused).
 struct RopeTables {
     cos: Tensor,
@@ -325,6 +344,20 @@ impl Model {
         } else {
             None
         };
+        let rope_t = self.rope_tables(&pos)?;
+        Ok(Prepared {
+            b,
+            t,
+            mask_full,
+            mask_sliding,
+            rope: rope_t,
+        })
+    }
+
+    /// Rope tables for rows of rotary positions, per rope base.
+    fn rope_tables(&self, pos: &[Vec<i64>]) -> Result<HashMap<u64, RopeTables>> {
+        let b = pos.len();
+        let t = pos.first().map(|r| r.len()).unwrap_or(0);
         let mut bases: Vec<f64> = (0..self.config.num_hidden_layers)
             .map(|i| self.config.rope_base(i))
             .collect();
@@ -336,7 +369,7 @@ impl Model {
             let half = hd / 2;
             let mut cos: Vec<f64> = Vec::with_capacity(b * t * hd);
             let mut sin: Vec<f64> = Vec::with_capacity(b * t * hd);
-            for row in &pos {
+            for row in pos {
                 for &p in row {
                     let mut c = Vec::with_capacity(half);
                     let mut s = Vec::with_capacity(half);
@@ -364,13 +397,63 @@ impl Model {
                 },
             );
         }
+        Ok(rope_t)
+    }
+
+    /// Masks and rope tables for `tn` new tokens of one row after `past` cached ones: the new
+    /// token `q` (position `past + q`) sees every key up to itself, within the sliding window
+    /// on sliding layers. Masks are `[1, 1, tn, past + tn]`.
+    fn prepare_step(&self, past: usize, tn: usize) -> Result<Prepared> {
+        let total = past + tn;
+        let build = |window: Option<usize>| -> Result<Tensor> {
+            let mut m = vec![NEG; tn * total];
+            for qi in 0..tn {
+                let qp = past + qi;
+                for kj in 0..=qp {
+                    if window.is_some_and(|w| qp - kj >= w) {
+                        continue;
+                    }
+                    m[qi * total + kj] = 0.0;
+                }
+            }
+            Ok(Tensor::from_vec(m, (1, 1, tn, total), &self.device)?.to_dtype(self.dtype)?)
+        };
+        let mask_full = build(None)?;
+        let mask_sliding = if self.config.layer_kinds.contains(&LayerKind::Sliding) {
+            Some(build(self.config.sliding_window)?)
+        } else {
+            None
+        };
+        let pos = vec![(past as i64..total as i64).collect::<Vec<i64>>()];
         Ok(Prepared {
-            b,
-            t,
+            b: 1,
+            t: tn,
             mask_full,
             mask_sliding,
-            rope: rope_t,
+            rope: self.rope_tables(&pos)?,
         })
+    }
+
+    /// Hidden states `[1, tn, hidden]` of `ids` (one row) continuing the tokens held in
+    /// `cache`, whose keys and values are extended with the new tokens'. Equal to the
+    /// corresponding rows of [`Model::hidden`] over the whole sequence, at the cost of the new
+    /// tokens only.
+    pub fn hidden_cached(&self, ids: &[u32], cache: &mut KvCache, ctx: &Ctx) -> Result<Tensor> {
+        if ids.is_empty() {
+            return Err(Error::Invalid("no new tokens to run".into()));
+        }
+        if cache.layers.is_empty() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        if cache.layers.len() != self.layers.len() {
+            return Err(Error::Invalid(
+                "the key/value cache belongs to another model".into(),
+            ));
+        }
+        let p = self.prepare_step(cache.len, ids.len())?;
+        let x = self.hidden_run(&[ids.to_vec()], p, ctx, Some(&mut cache.layers))?;
+        cache.len += ids.len();
+        Ok(x)
     }
 
     /// Hidden states after the final norm, `[B, T, hidden]`.
@@ -396,6 +479,16 @@ impl Model {
     }
 
     fn hidden_prepared(&self, ids: &[Vec<u32>], p: Prepared, ctx: &Ctx) -> Result<Tensor> {
+        self.hidden_run(ids, p, ctx, None)
+    }
+
+    fn hidden_run(
+        &self,
+        ids: &[Vec<u32>],
+        p: Prepared,
+        ctx: &Ctx,
+        mut cache: Option<&mut Vec<Option<(Tensor, Tensor)>>>,
+    ) -> Result<Tensor> {
         let (b, t) = (p.b, p.t);
         if ids.len() != b || ids.iter().any(|r| r.len() != t) {
             return Err(Error::Invalid("ids and mask shapes differ".into()));
@@ -416,7 +509,8 @@ impl Model {
             x = x.broadcast_mul(&s)?;
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer(i, layer, &x, &p, ctx)?;
+            let kv = cache.as_mut().map(|c| &mut c[i]);
+            x = self.layer(i, layer, &x, &p, ctx, kv)?;
         }
         let x = self
             .final_norm
@@ -424,7 +518,15 @@ impl Model {
         Ok(x.reshape((b, t, self.config.hidden_size))?)
     }
 
-    fn layer(&self, i: usize, l: &Layer, x: &Tensor, p: &Prepared, ctx: &Ctx) -> Result<Tensor> {
+    fn layer(
+        &self,
+        i: usize,
+        l: &Layer,
+        x: &Tensor,
+        p: &Prepared,
+        ctx: &Ctx,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = (p.b, p.t);
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -452,12 +554,25 @@ impl Model {
             .expect("rope prepared for every base");
         let q = apply_rope(&q, rt, fast)?;
         let k = apply_rope(&k, rt, fast)?;
+        // With a cache: keys and values of the earlier tokens come first.
+        let (k, v) = match kv {
+            None => (k, v),
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    None => (k, v),
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+        };
+        let tk = k.dim(2)?;
         let (k, v) = if nkv != nh {
             let rep = nh / nkv;
             let expand = |z: Tensor| -> Result<Tensor> {
                 Ok(z.unsqueeze(2)?
-                    .expand((b, nkv, rep, t, hd))?
-                    .reshape((b, nh, t, hd))?)
+                    .expand((b, nkv, rep, tk, hd))?
+                    .reshape((b, nh, tk, hd))?)
             };
             (expand(k)?, expand(v)?)
         } else {
