@@ -424,8 +424,10 @@ def cmd_compare(a):
             # mlbench's own predictions vs lm-eval's.
             p_lm = argmax(lls_lm)
             dis += int(int(r["pred"]) != p_lm)
-            dis_norm += int(int(r["pred_norm"]) != argmax([l / k for l, k in zip(lls_lm, nl)]))
-            dis_bytes += int(int(r["pred_bytes"]) != argmax([l / k for l, k in zip(lls_lm, nb)]))
+            # mlbench measures choice lengths without the one-space delimiter (stock lm-eval).
+            nb_stock = [len(c.lstrip(" ").encode("utf-8")) or 1 for c in ch]
+            dis_norm += int(int(r["pred_norm"]) != argmax([l / k for l, k in zip(lls_lm, nl_stock)]))
+            dis_bytes += int(int(r["pred_bytes"]) != argmax([l / k for l, k in zip(lls_lm, nb_stock)]))
             for m in lm_reported:
                 if m in s:
                     lm_reported[m].append(float(s[m]))

@@ -26,13 +26,14 @@ pub fn argmax(v: &[f64]) -> Option<usize> {
 }
 
 /// Predictions of the three multiple-choice rules from the summed log-probabilities and the
-/// scored continuations (the choice strings as scored, leading space included).
+/// scored continuations (the choice strings as scored, after the one-space target delimiter).
+/// Lengths leave the delimiter out, as lm-evaluation-harness measures the choice text alone.
 pub fn mc_predictions(logprobs: &[f64], continuations: &[String]) -> (usize, usize, usize) {
     let by = |len: &dyn Fn(&str) -> usize| -> usize {
         let v: Vec<f64> = logprobs
             .iter()
             .zip(continuations)
-            .map(|(lp, c)| lp / len(c).max(1) as f64)
+            .map(|(lp, c)| lp / len(c.strip_prefix(' ').unwrap_or(c)).max(1) as f64)
             .collect();
         argmax(&v).unwrap_or(0)
     };
@@ -170,15 +171,19 @@ mod tests {
 
     #[test]
     fn multiple_choice_rules_by_hand() {
-        // Choice 0 " a" (2 chars) lp -2; choice 1 " bbbb" (5 chars) lp -3; choice 2 " é" (2 chars,
-        // 3 bytes) lp -2.5. acc: choice 0 (-2 is largest). acc_norm: -1, -0.6, -1.25 -> 1.
-        // acc_bytes: -1, -0.6, -0.8333 -> 1.
+        // Lengths without the delimiter space. Choice 0 " a" (1 char) lp -2; choice 1 " bbbb"
+        // (4 chars) lp -3; choice 2 " é" (1 char, 2 bytes) lp -2.5. acc: choice 0 (-2 is
+        // largest). acc_norm: -2, -0.75, -2.5 -> 1. acc_bytes: -2, -0.75, -1.25 -> 1.
         let c: Vec<String> = [" a", " bbbb", " é"].map(String::from).to_vec();
         assert_eq!(mc_predictions(&[-2.0, -3.0, -2.5], &c), (0, 1, 1));
-        // Bytes and characters disagree: " é" is 2 chars / 3 bytes, " ab" 3 / 3.
+        // Bytes and characters disagree: " é" is 1 char / 2 bytes, " ab" 2 / 2.
         let c: Vec<String> = [" é", " ab"].map(String::from).to_vec();
-        // norm: -2.0/2 = -1.0 vs -2.7/3 = -0.9 -> 1; bytes: -2/3 = -0.667 vs -0.9 -> 0.
+        // norm: -2.0/1 = -2.0 vs -2.7/2 = -1.35 -> 1; bytes: -2/2 = -1.0 vs -1.35 -> 0.
         assert_eq!(mc_predictions(&[-2.0, -2.7], &c), (0, 1, 0));
+        // The delimiter decides: with it, -1.9/2 = -0.95 beats -3.0/3 = -1.0; without it
+        // (lm-evaluation-harness), -1.9/1 loses to -3.0/2 = -1.5.
+        let c: Vec<String> = [" a", " bb"].map(String::from).to_vec();
+        assert_eq!(mc_predictions(&[-1.9, -3.0], &c), (0, 1, 1));
         assert_eq!(argmax(&[1.0, 3.0, 3.0]), Some(1), "first of ties");
     }
 
