@@ -326,12 +326,21 @@ impl TaskSpec {
     /// The field names a template of this spec reads from the data (for checking a dataset has
     /// them before a run starts).
     pub fn row_fields_used(&self) -> Vec<String> {
+        self.fields_used(true)
+    }
+
+    /// The fields an evaluated example needs: those of the prompt and choice templates (the
+    /// answer template is for training examples and in-context shots only).
+    pub fn eval_fields_used(&self) -> Vec<String> {
+        self.fields_used(false)
+    }
+
+    fn fields_used(&self, with_answer: bool) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
-        let mut ts = vec![
-            &self.prompt.template,
-            &self.prompt.choice,
-            &self.prompt.answer,
-        ];
+        let mut ts = vec![&self.prompt.template, &self.prompt.choice];
+        if with_answer {
+            ts.push(&self.prompt.answer);
+        }
         ts.extend(self.prompt.vars.values().map(|v| &v.key));
         for t in ts {
             for p in parse(t).unwrap_or_default() {
@@ -420,6 +429,21 @@ impl TaskSpec {
     /// Renders the context, gold answer and (for multiple choice) every option's continuation.
     /// Errors name the example when its label is outside the options.
     pub fn render_example(&self, ex: &crate::data::schema::Example) -> Result<Rendered> {
+        self.render_example_with(ex, true)
+    }
+
+    /// [`TaskSpec::render_example`] for an evaluated example: the answer (only used for
+    /// training and shots) is left out when the example lacks its fields, as MGSM test
+    /// problems lack the exemplars' worked rationales.
+    pub fn render_eval_example(&self, ex: &crate::data::schema::Example) -> Result<Rendered> {
+        self.render_example_with(ex, false)
+    }
+
+    fn render_example_with(
+        &self,
+        ex: &crate::data::schema::Example,
+        need_answer: bool,
+    ) -> Result<Rendered> {
         let words = self.option_words(ex);
         let gold = match ex.label {
             Some(y) if y < 0 || y as usize >= words.len() => {
@@ -453,7 +477,8 @@ impl TaskSpec {
         let base = with(&[("answer", answer_word.clone())]);
         let context = self.render(&self.prompt.template, &base)?;
         let answer = match &answer_word {
-            Some(_) => Some(self.render(&self.prompt.answer, &base)?),
+            Some(_) if need_answer => Some(self.render(&self.prompt.answer, &base)?),
+            Some(_) => self.render(&self.prompt.answer, &base).ok(),
             None => None,
         };
         let choices = if self.scoring == Scoring::MultipleChoice {

@@ -147,7 +147,7 @@ pub fn prepare_items(
         } = opened;
         let task = &task;
         let missing: Vec<String> = spec
-            .row_fields_used()
+            .eval_fields_used()
             .into_iter()
             .filter(|f| !["text", "lang", "lang_code", "id"].contains(&f.as_str()))
             .collect();
@@ -242,7 +242,7 @@ pub fn prepare_items(
                 }
             };
             for x in eval {
-                let r = match spec.render_example(x) {
+                let r = match spec.render_eval_example(x) {
                     Ok(r) => r,
                     Err(err) => {
                         problems.push(format!("{err} (split `{split}`)"));

@@ -100,9 +100,11 @@ impl Tok {
     }
 
     /// Text of ids (special tokens skipped).
+    /// Text of `ids`, added tokens included: Gemma's tokenizer flags whitespace runs such as
+    /// `"\n\n"` as special, and dropping them would hide the stop strings of generation tasks.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
-            .decode(ids, true)
+            .decode(ids, false)
             .map_err(|e| Error::Invalid(format!("decoding: {e}")))
     }
 }
@@ -213,4 +215,31 @@ pub fn byte_level_bpe_json(
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                   "vocab": vocab, "merges": merges.iter().map(|(a, b)| json!([a, b])).collect::<Vec<_>>()}
     })
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::*;
+
+    #[test]
+    fn decoding_keeps_special_flagged_whitespace() {
+        // Gemma's layout: "\n\n" is an added token flagged special; generation must still see
+        // it to stop at "\n\n".
+        let pieces: Vec<(String, f32)> = ["<unk>", "<eos>", "\n\n", "a", "b", "▁"]
+            .iter()
+            .map(|p| (p.to_string(), 0.0))
+            .collect();
+        let json =
+            sentencepiece_bpe_json(&pieces, &[(0, "<unk>"), (1, "<eos>"), (2, "\n\n")], "<unk>");
+        let inner = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).unwrap();
+        let tok = Tok {
+            inner,
+            bos: None,
+            eos: Some(1),
+            add_bos: false,
+        };
+        let ids = tok.encode("a\n\nb").unwrap();
+        assert!(ids.contains(&2), "{ids:?}");
+        assert_eq!(tok.decode(&ids).unwrap(), "a\n\nb");
+    }
 }
