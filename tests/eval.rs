@@ -423,9 +423,10 @@ fn generation_tasks_extract_the_answer_and_score_exact_match() {
 name = "arith"
 version = 1
 scoring = "generate"
+fewshot_split = "exemplars"
 [prompt]
 template = "{text} ="
-answer = " {answer}"
+answer = " {rationale}"
 [generation]
 until = ["\n"]
 max_tokens = 6
@@ -435,12 +436,19 @@ name = "exact_match"
 higher_is_better = true
 "#;
     std::fs::write(d.dir.join("tasks/arith.toml"), spec).unwrap();
+    // As MGSM: only the exemplars carry a worked rationale (the answer template's field).
     let mut rows = toy_examples("arith", &["eng_Latn"], 1, 12, "test");
-    for (i, r) in rows.iter_mut().enumerate() {
+    let mut shots = toy_examples("arith", &["eng_Latn"], 1, 2, "exemplars");
+    for (i, r) in shots.iter_mut().enumerate() {
+        r.id = format!("x{i}");
+        r.rationale = Some(format!("{i} + 1 = {}", i + 1));
+    }
+    for (i, r) in rows.iter_mut().chain(shots.iter_mut()).enumerate() {
         r.choices = None;
         r.label = None;
         r.target = Some(format!("{}", i % 3));
     }
+    rows.extend(shots);
     write_dataset(&d.dir, "arith", &rows);
     let out = d._tmp.path().join("gen");
     let o = mlbench(&[
@@ -454,6 +462,8 @@ higher_is_better = true
         "arith",
         "--langs",
         "en",
+        "--shots",
+        "1",
         "--out",
         out.to_str().unwrap(),
     ]);
