@@ -11,7 +11,7 @@ use mlbench::data::lang::{self, LangEntry};
 use mlbench::runner::compare::{history, newest_keys, of_run, runs, table, with_keys, Query};
 use mlbench::runner::experiment::{parse_shard, shard, Experiment};
 use mlbench::runner::grid::{run_cell, Outcome};
-use mlbench::runner::store::Store;
+use mlbench::runner::store::{Store, METRIC_COLUMNS, SAMPLE_COLUMNS};
 use mlbench::Error;
 
 #[derive(Debug, Args)]
@@ -235,7 +235,7 @@ pub fn report(g: &Global, a: ReportArgs) -> anyhow::Result<()> {
         .into());
     }
     let store = Store::new(&a.store);
-    let mut metrics = store.read("metrics.parquet")?;
+    let mut metrics = store.read_columns("metrics.parquet", Some(METRIC_COLUMNS))?;
     if let Some(e) = &a.experiment {
         let mask: polars::prelude::BooleanChunked = metrics
             .column("experiment")?
@@ -282,7 +282,7 @@ pub fn report(g: &Global, a: ReportArgs) -> anyhow::Result<()> {
 
 pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
     let store = Store::new(&a.store);
-    let metrics = store.read("metrics.parquet")?;
+    let metrics = store.read_columns("metrics.parquet", Some(METRIC_COLUMNS))?;
     if let Some(against) = &a.against {
         return gate(&store, &metrics, against, &a);
     }
@@ -311,7 +311,10 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
     };
     let metrics = with_keys(&metrics, &keys)?;
     let samples = if a.baseline.is_some() {
-        with_keys(&store.read("samples.parquet")?, &keys)?
+        with_keys(
+            &store.read_columns("samples.parquet", Some(SAMPLE_COLUMNS))?,
+            &keys,
+        )?
     } else {
         polars::prelude::DataFrame::empty()
     };
@@ -404,7 +407,7 @@ fn gate(
         }
         .into());
     };
-    let samples = store.read("samples.parquet")?;
+    let samples = store.read_columns("samples.parquet", Some(SAMPLE_COLUMNS))?;
     let regs = regressions(metrics, &samples, &before, &current, &a.metric, a.max_drop)?;
     if regs.is_empty() {
         println!(

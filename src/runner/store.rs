@@ -155,37 +155,27 @@ impl Store {
 
     /// Every finished cell's rows of `file` (`metrics.parquet` or `samples.parquet`), each cell's
     /// rows once: compacted parts (newest first), then the per-cell files of cells not in a part.
-    /// Files are read in parallel.
     pub fn read(&self, file: &str) -> Result<DataFrame> {
-        use rayon::prelude::*;
-        let mut sources = self.parts(file);
-        sources.extend(
-            self.finished()
-                .into_iter()
-                .map(|k| self.cell_dir(&k).join(file))
-                .filter(|p| p.exists()),
-        );
-        if sources.is_empty() {
-            return Err(Error::Invalid(format!(
-                "the results store {} has no finished cell",
-                self.dir.display()
-            )));
-        }
-        // Parquet decoding nests deeply (polars runs its own pool inside): give the readers
-        // larger stacks than rayon's default 2 MiB.
-        let pool = rayon::ThreadPoolBuilder::new()
-            .stack_size(32 << 20)
-            .build()
-            .map_err(|e| Error::Invalid(format!("starting reader threads: {e}")))?;
-        let frames: Vec<DataFrame> = pool.install(|| {
-            sources
-                .par_iter()
-                .map(|p| crate::data::schema::read_parquet(p))
-                .collect::<Result<_>>()
-        })?;
+        self.read_columns(file, None)
+    }
+
+    /// [`Store::read`] keeping only `columns` (all when `None`), which must include `key`.
+    /// Per-cell files are scanned together (one multi-file Parquet scan, read in parallel).
+    pub fn read_columns(&self, file: &str, columns: Option<&[&str]>) -> Result<DataFrame> {
+        let parts = self.parts(file);
         let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut out: Option<DataFrame> = None;
-        for (df, path) in frames.into_iter().zip(&sources) {
+        let push = |df: DataFrame, out: &mut Option<DataFrame>| -> Result<()> {
+            match out.as_mut() {
+                None => *out = Some(df),
+                Some(o) => {
+                    o.vstack_mut(&df)?;
+                }
+            }
+            Ok(())
+        };
+        for path in &parts {
+            let df = read_parquet_columns(path, columns)?;
             let keys = df
                 .column("key")
                 .and_then(|c| c.str().cloned())
@@ -193,12 +183,13 @@ impl Store {
                     path: path.clone(),
                     message: "no string column `key`: not a results-store file".into(),
                 })?;
+            // Rows of cells an older part or a newer one both hold are kept once.
             let fresh: std::collections::HashSet<&str> = keys
                 .iter()
                 .flatten()
                 .filter(|k| !seen.contains(*k))
                 .collect();
-            let mut df = if keys.iter().flatten().all(|k| fresh.contains(k)) {
+            let df = if keys.iter().flatten().all(|k| fresh.contains(k)) {
                 df
             } else {
                 let mask: BooleanChunked = keys
@@ -208,14 +199,46 @@ impl Store {
                 df.filter(&mask)?
             };
             seen.extend(fresh.into_iter().map(str::to_string));
-            match out.as_mut() {
-                None => out = Some(std::mem::take(&mut df)),
-                Some(o) => {
-                    o.vstack_mut(&df)?;
-                }
-            }
+            push(df, &mut out)?;
         }
-        let mut out = out.expect("at least one source");
+        let cells: Vec<PathBuf> = self
+            .finished()
+            .into_iter()
+            .filter(|k| !seen.contains(k))
+            .map(|k| self.cell_dir(&k).join(file))
+            .filter(|p| p.exists())
+            .collect();
+        if !cells.is_empty() {
+            let shown = cells[0].clone();
+            let corrupt = |e: PolarsError| Error::CorruptParquet {
+                path: if cells.len() == 1 {
+                    shown.clone()
+                } else {
+                    self.dir.join("cells").join("*").join(file)
+                },
+                message: e.to_string(),
+            };
+            let paths = cells
+                .iter()
+                .map(|p| PlRefPath::try_from_path(p))
+                .collect::<PolarsResult<Vec<_>>>()
+                .map_err(corrupt)?;
+            let mut lf = LazyFrame::scan_parquet_files(
+                paths.into_iter().collect(),
+                ScanArgsParquet::default(),
+            )
+            .map_err(corrupt)?;
+            if let Some(cols) = columns {
+                lf = lf.select(cols.iter().map(|c| col(*c)).collect::<Vec<_>>());
+            }
+            push(lf.collect().map_err(corrupt)?, &mut out)?;
+        }
+        let mut out = out.ok_or_else(|| {
+            Error::Invalid(format!(
+                "the results store {} has no finished cell",
+                self.dir.display()
+            ))
+        })?;
         out.align_chunks_par();
         Ok(out)
     }
@@ -299,6 +322,50 @@ impl Store {
             cells_total: self.finished().len(),
         })
     }
+}
+
+/// The metric columns comparisons read.
+pub const METRIC_COLUMNS: &[&str] = &[
+    "experiment",
+    "method",
+    "k",
+    "seed",
+    "key",
+    "code_version",
+    "finished_at_unix",
+    "task",
+    "lang",
+    "metric",
+    "higher_is_better",
+    "value",
+    "ci_low",
+    "ci_high",
+];
+
+/// The per-example columns paired tests read.
+pub const SAMPLE_COLUMNS: &[&str] = &[
+    "experiment",
+    "method",
+    "k",
+    "seed",
+    "key",
+    "code_version",
+    "task",
+    "lang",
+    "id",
+    "correct",
+];
+
+/// One Parquet file, only `columns` when given.
+fn read_parquet_columns(path: &Path, columns: Option<&[&str]>) -> Result<DataFrame> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+    ParquetReader::new(f)
+        .with_columns(columns.map(|c| c.iter().map(|s| s.to_string()).collect()))
+        .finish()
+        .map_err(|e| Error::CorruptParquet {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
 }
 
 /// What [`Store::merge`] did.
