@@ -1,7 +1,8 @@
 """Writes a synthetic results store of N cells for `store.sh`, in the layout `mlbench run`
 writes (cells/<key>/{cell.json, metrics.parquet, samples.parquet}): each cell is a copy of a
 real cell of a template store (the README's small comparison) with its cell columns rewritten,
-so schemas and row counts are those of real cells.
+so schemas and row counts are those of real cells (written uncompressed, as mlbench writes
+per-cell files).
 
   python store_synth.py TEMPLATE_STORE OUT_STORE N
 """
@@ -42,7 +43,8 @@ for i in range(n):
     )
     d = out / "cells" / key
     d.mkdir(parents=True, exist_ok=True)
-    m.with_columns(**cols).write_parquet(d / "metrics.parquet")
-    s.with_columns(**cols).write_parquet(d / "samples.parquet")
+    # Uncompressed, as `mlbench run` writes per-cell files.
+    m.with_columns(**cols).write_parquet(d / "metrics.parquet", compression="uncompressed")
+    s.with_columns(**cols).write_parquet(d / "samples.parquet", compression="uncompressed")
     cell = {"experiment": "bench", "method": method, "k": k, "seed": seed, "key": key}
     (d / "cell.json").write_text(json.dumps({"cell": cell, "code_version": version}))

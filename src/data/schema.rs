@@ -121,6 +121,16 @@ pub fn to_frame(rows: &[Example]) -> Result<DataFrame> {
 /// `string_view` ("Not implemented type for Arrow list to pandas: string_view"), while every
 /// reader (polars, pandas/pyarrow, DuckDB) handles the large types.
 pub fn write_parquet(df: &mut DataFrame, path: &Path) -> Result<()> {
+    write_parquet_with(df, path, ParquetCompression::Zstd(None))
+}
+
+/// [`write_parquet`] with a chosen compression (small files that are read by the thousand are
+/// cheaper uncompressed: a zstd decoder is set up per column chunk).
+pub fn write_parquet_with(
+    df: &mut DataFrame,
+    path: &Path,
+    compression: ParquetCompression,
+) -> Result<()> {
     let arrow = df.schema().to_arrow(CompatLevel::oldest());
     let hint = polars_parquet::arrow::write::schema_to_metadata_key(&arrow);
     let meta = polars::io::parquet::write::KeyValueMetadata::from_static(vec![
@@ -132,7 +142,7 @@ pub fn write_parquet(df: &mut DataFrame, path: &Path) -> Result<()> {
     ]);
     write_atomic(path, |f| {
         ParquetWriter::new(f)
-            .with_compression(ParquetCompression::Zstd(None))
+            .with_compression(compression)
             .with_key_value_metadata(Some(meta))
             .with_statistics(StatisticsOptions::default())
             .with_row_group_size(Some(16_384))

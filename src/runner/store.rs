@@ -105,8 +105,18 @@ impl Store {
                 df.with_column(c)?;
             }
         }
-        crate::data::schema::write_parquet(&mut metrics, &tmp.join("metrics.parquet"))?;
-        crate::data::schema::write_parquet(&mut samples, &tmp.join("samples.parquet"))?;
+        // Uncompressed: a comparison reads thousands of these small files, and setting up a
+        // zstd decoder per column chunk would dominate; `merge` compacts them into zstd parts.
+        for (df, f) in [
+            (&mut metrics, "metrics.parquet"),
+            (&mut samples, "samples.parquet"),
+        ] {
+            crate::data::schema::write_parquet_with(
+                df,
+                &tmp.join(f),
+                ParquetCompression::Uncompressed,
+            )?;
+        }
         let doc = serde_json::json!({ "cell": cell, "code_version": version, "info": info });
         write_bytes_atomic(&tmp.join("cell.json"), &serde_json::to_vec_pretty(&doc)?)?;
         let dst = self.cell_dir(&cell.key);
@@ -239,7 +249,8 @@ impl Store {
                 self.dir.display()
             ))
         })?;
-        out.align_chunks_par();
+        // One chunk per column: row access (`get`) walks the chunk list.
+        out.rechunk_mut_par();
         Ok(out)
     }
 
