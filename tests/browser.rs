@@ -10,11 +10,13 @@
 //! Without `chromium` on PATH the tests print a note and pass, unless `CI` is set (to anything
 //! but empty, `0` or `false`): then they fail. `.ci/run` installs Chromium.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mlbench::runner::compare::{Entry, Table};
+use mlbench::runner::compare::Table;
 use serde_json::Value;
 
 /// How long one Chromium run may take before it is killed.
@@ -23,15 +25,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 /// A small table: two references (`base`, `lora-full`) and one method at two budgets, so the
 /// data-efficiency plot draws reference lines and a line with a band.
 fn table() -> Table {
-    let e = |m: f64, h: f64, p: Option<f64>| {
-        Some(Entry {
-            mean: m,
-            low: m - h,
-            high: m + h,
-            seeds: 3,
-            p,
-        })
-    };
+    let e = common::entry;
     Table {
         metric: "acc".into(),
         baseline: Some("lora-full".into()),

@@ -1,18 +1,12 @@
 //! Reports: the plots and the self-contained HTML page for a comparison table with realistic
 //! values (the PNGs are also looked at by hand; see benchmarks/perf/README.md).
 
-use mlbench::runner::compare::{Entry, Table};
+mod common;
+
+use mlbench::runner::compare::Table;
 
 fn table() -> Table {
-    let e = |m: f64, h: f64, p: Option<f64>| {
-        Some(Entry {
-            mean: m,
-            low: m - h,
-            high: m + h,
-            seeds: 3,
-            p,
-        })
-    };
+    let e = common::entry;
     let mut rows = Vec::new();
     rows.push((
         ("base".to_string(), None),

@@ -11,17 +11,6 @@ use mlbench::model::config::Arch;
 use mlbench::model::tiny;
 use mlbench::runner::experiment::{shard, Experiment};
 
-const SPEC: &str = r#"
-name = "toy"
-version = 1
-scoring = "multiple_choice"
-[prompt]
-template = "{text}:"
-[[metrics]]
-name = "acc"
-higher_is_better = true
-"#;
-
 struct Setup {
     tmp: tempfile::TempDir,
     data: std::path::PathBuf,
@@ -39,7 +28,7 @@ fn setup() -> Setup {
     }
     rows.extend(test);
     write_dataset(&data, "toy", &rows);
-    std::fs::write(data.join("tasks/toy.toml"), SPEC).unwrap();
+    std::fs::write(data.join("tasks/toy.toml"), TOY_SPEC).unwrap();
     let model = tmp.path().join("tiny");
     tiny::write_tiny(Arch::Llama, &model, 0).unwrap();
     let exp = tmp.path().join("exp.toml");

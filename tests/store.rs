@@ -18,17 +18,6 @@ use mlbench::runner::experiment::Cell;
 use mlbench::runner::store::Store;
 use mlbench::tasks::TaskSpec;
 
-const SPEC: &str = r#"
-name = "toy"
-version = 1
-scoring = "multiple_choice"
-[prompt]
-template = "{text}:"
-[[metrics]]
-name = "acc"
-higher_is_better = true
-"#;
-
 const LANGS: [&str; 2] = ["eng_Latn", "swh_Latn"];
 const N: usize = 60;
 
@@ -52,7 +41,7 @@ fn target(method: &str, k: Option<usize>, lang: &str) -> u64 {
 
 fn specs(dir: &Path) -> BTreeMap<String, TaskSpec> {
     let p = dir.join("toy.toml");
-    std::fs::write(&p, SPEC).unwrap();
+    std::fs::write(&p, TOY_SPEC).unwrap();
     BTreeMap::from([("toy".to_string(), TaskSpec::load(&p).unwrap())])
 }
 

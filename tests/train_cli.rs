@@ -19,17 +19,6 @@ struct Setup {
     root: PathBuf,
 }
 
-const SPEC: &str = r#"
-name = "toy"
-version = 1
-scoring = "multiple_choice"
-[prompt]
-template = "{text}:"
-[[metrics]]
-name = "acc"
-higher_is_better = true
-"#;
-
 fn setup() -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
@@ -47,10 +36,10 @@ fn setup() -> Setup {
         "evalonly",
         &toy_examples("evalonly", &["eng_Latn"], 2, 4, "test"),
     );
-    std::fs::write(data.join("tasks/toy.toml"), SPEC).unwrap();
+    std::fs::write(data.join("tasks/toy.toml"), TOY_SPEC).unwrap();
     std::fs::write(
         data.join("tasks/evalonly.toml"),
-        SPEC.replace("\"toy\"", "\"evalonly\""),
+        TOY_SPEC.replace("\"toy\"", "\"evalonly\""),
     )
     .unwrap();
     let model = root.join("tiny");

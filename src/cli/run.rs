@@ -33,15 +33,17 @@ pub struct RunArgs {
     pub smoke: bool,
 }
 
+/// Which results of a store to show (shared by `compare` and `report`).
 #[derive(Debug, Args)]
-pub struct CompareArgs {
+pub struct Selection {
     /// Results store folder.
     #[arg(long, default_value = "results")]
     pub store: PathBuf,
     /// Only this experiment (its `name`).
     #[arg(long)]
     pub experiment: Option<String>,
-    /// Languages (any code form), comma-separated; default all.
+    /// Languages (any code form), comma-separated; default: all (`compare`), only each task's
+    /// micro and macro averages (`report --history`).
     #[arg(long)]
     pub langs: Vec<String>,
     #[arg(long = "tasks", alias = "task")]
@@ -50,6 +52,30 @@ pub struct CompareArgs {
     pub methods: Vec<String>,
     #[arg(long, default_value = "acc")]
     pub metric: String,
+}
+
+impl Selection {
+    /// The comparison query, with languages resolved against those in `metrics`.
+    fn query(
+        &self,
+        metrics: &polars::prelude::DataFrame,
+        baseline: Option<String>,
+    ) -> anyhow::Result<Query> {
+        Ok(Query {
+            experiment: self.experiment.clone(),
+            tasks: split_list(&self.tasks),
+            langs: store_langs(metrics, &self.langs)?,
+            methods: split_list(&self.methods),
+            metric: self.metric.clone(),
+            baseline,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    #[command(flatten)]
+    pub sel: Selection,
     /// Method the paired test compares against.
     #[arg(long)]
     pub baseline: Option<String>,
@@ -84,22 +110,8 @@ pub struct ReportArgs {
     /// Metric trends over the store's runs (code versions), one line per method and K.
     #[arg(long)]
     pub history: bool,
-    /// Results store folder.
-    #[arg(long, default_value = "results")]
-    pub store: PathBuf,
-    /// Only this experiment (its `name`).
-    #[arg(long)]
-    pub experiment: Option<String>,
-    /// Languages (any code form), comma-separated; default: only each task's micro and macro
-    /// averages.
-    #[arg(long)]
-    pub langs: Vec<String>,
-    #[arg(long = "tasks", alias = "task")]
-    pub tasks: Vec<String>,
-    #[arg(long)]
-    pub methods: Vec<String>,
-    #[arg(long, default_value = "acc")]
-    pub metric: String,
+    #[command(flatten)]
+    pub sel: Selection,
     /// Report folder to write.
     #[arg(long)]
     pub out: PathBuf,
@@ -234,9 +246,9 @@ pub fn report(g: &Global, a: ReportArgs) -> anyhow::Result<()> {
         )
         .into());
     }
-    let store = Store::new(&a.store);
+    let store = Store::new(&a.sel.store);
     let mut metrics = store.read_columns("metrics.parquet", Some(METRIC_COLUMNS))?;
-    if let Some(e) = &a.experiment {
+    if let Some(e) = &a.sel.experiment {
         let mask: polars::prelude::BooleanChunked = metrics
             .column("experiment")?
             .str()?
@@ -245,31 +257,24 @@ pub fn report(g: &Global, a: ReportArgs) -> anyhow::Result<()> {
             .collect();
         metrics = metrics.filter(&mask)?;
     }
-    let mut langs = store_langs(&metrics, &a.langs)?;
-    if langs.is_empty() {
+    let mut q = a.sel.query(&metrics, None)?;
+    if q.langs.is_empty() {
         // Averages only: a language nobody evaluates keeps the per-language columns out.
-        langs.push("-".into());
+        q.langs.push("-".into());
     }
-    let q = Query {
-        experiment: a.experiment.clone(),
-        tasks: split_list(&a.tasks),
-        langs,
-        methods: split_list(&a.methods),
-        metric: a.metric.clone(),
-        baseline: None,
-    };
     let runs = history(&metrics, &q)?;
     let title = format!(
         "mlbench: {} over runs{}",
         q.metric,
-        a.experiment
+        a.sel
+            .experiment
             .as_ref()
             .map(|e| format!(" of {e}"))
             .unwrap_or_default()
     );
     let about = format!(
         "Store {}; {} runs, oldest first; each point the mean over seeds with its 95% interval.",
-        a.store.display(),
+        a.sel.store.display(),
         runs.len()
     );
     mlbench::report::history::write_history(&runs, &a.out, &title, &about)?;
@@ -281,7 +286,7 @@ pub fn report(g: &Global, a: ReportArgs) -> anyhow::Result<()> {
 }
 
 pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
-    let store = Store::new(&a.store);
+    let store = Store::new(&a.sel.store);
     let metrics = store.read_columns("metrics.parquet", Some(METRIC_COLUMNS))?;
     if let Some(against) = &a.against {
         return gate(&store, &metrics, against, &a);
@@ -318,15 +323,7 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
     } else {
         polars::prelude::DataFrame::empty()
     };
-    let langs = store_langs(&metrics, &a.langs)?;
-    let q = Query {
-        experiment: a.experiment,
-        tasks: split_list(&a.tasks),
-        langs,
-        methods: split_list(&a.methods),
-        metric: a.metric,
-        baseline: a.baseline,
-    };
+    let q = a.sel.query(&metrics, a.baseline.clone())?;
     let t = table(&metrics, &samples, &q)?;
     print!("{}", t.text());
     if let Some(out) = &a.out {
@@ -340,7 +337,7 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
         );
         let about = format!(
             "Store {}; metric {}; tasks {}; languages {}; methods {}.",
-            a.store.display(),
+            a.sel.store.display(),
             q.metric,
             if q.tasks.is_empty() {
                 "all".into()
@@ -408,18 +405,25 @@ fn gate(
         .into());
     };
     let samples = store.read_columns("samples.parquet", Some(SAMPLE_COLUMNS))?;
-    let regs = regressions(metrics, &samples, &before, &current, &a.metric, a.max_drop)?;
+    let regs = regressions(
+        metrics,
+        &samples,
+        &before,
+        &current,
+        &a.sel.metric,
+        a.max_drop,
+    )?;
     if regs.is_empty() {
         println!(
             "no {} drop above {} points from `{before}` to `{current}`",
-            a.metric, a.max_drop
+            a.sel.metric, a.max_drop
         );
         return Ok(());
     }
     println!(
         "{} regression(s) of {} from `{before}` to `{current}` (drop > {} points, exact McNemar p < 0.05):",
         regs.len(),
-        a.metric,
+        a.sel.metric,
         a.max_drop
     );
     for r in &regs {

@@ -8,6 +8,18 @@ use std::process::Output;
 
 use mlbench::data::schema::{self, Example};
 
+/// The task spec of the `toy` datasets that [`toy_examples`] builds: multiple choice, `acc`.
+pub const TOY_SPEC: &str = r#"
+name = "toy"
+version = 1
+scoring = "multiple_choice"
+[prompt]
+template = "{text}:"
+[[metrics]]
+name = "acc"
+higher_is_better = true
+"#;
+
 /// The repository's shipped datasets folder.
 pub fn shipped() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasets")
@@ -97,4 +109,15 @@ pub fn files_in(dir: &Path) -> Vec<String> {
 pub fn test_device() -> candle_core::Device {
     let d = std::env::var("MLBENCH_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
     mlbench::model::parse_device(&d).unwrap_or_else(|e| panic!("MLBENCH_TEST_DEVICE={d}: {e}"))
+}
+
+/// A comparison-table entry: `mean` ± `half`, three seeds, paired-test p-value `p`.
+pub fn entry(mean: f64, half: f64, p: Option<f64>) -> Option<mlbench::runner::compare::Entry> {
+    Some(mlbench::runner::compare::Entry {
+        mean,
+        low: mean - half,
+        high: mean + half,
+        seeds: 3,
+        p,
+    })
 }
