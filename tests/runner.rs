@@ -337,3 +337,85 @@ fn the_regression_gate_fires_on_a_planted_drop_and_stays_quiet_on_noise() {
         .unwrap()
         .is_empty());
 }
+
+#[test]
+fn meta_lora_reuses_its_tta_siblings_training_run_with_the_same_results() {
+    let s = setup();
+    let text = std::fs::read_to_string(&s.exp).unwrap();
+    let grid = |methods: &str| {
+        text.replace(
+            "methods = [\"base\", \"lora-k\", \"meta-lora\", \"lora-full\"]",
+            &format!("methods = [{methods}]"),
+        )
+        .replace("ks = [4, 8]", "ks = [4]")
+        .replace("seeds = [0, 1]", "seeds = [0]")
+        .replace("[method.lora-full]\npasses = 0.5\n", "")
+    };
+    let run_in = |toml: String, store: &str| {
+        std::fs::write(&s.exp, toml).unwrap();
+        let store = s.tmp.path().join(store);
+        let o = mlbench(&[
+            "--data-dir",
+            s.data.to_str().unwrap(),
+            "-q",
+            "run",
+            s.exp.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        mlbench::runner::store::Store::new(store)
+    };
+    let both = run_in(grid("\"meta-lora\", \"meta-lora+tta\""), "both");
+    let alone = run_in(grid("\"meta-lora\""), "alone");
+    let cells = Experiment::load(&s.exp).unwrap().cells().unwrap();
+    let meta = &cells[0];
+    // With the sibling in the grid: one training run, in the tta cell's folder.
+    assert!(!both.work_dir(&meta.key).join("train").exists());
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(both.cell_dir(&meta.key).join("cell.json")).unwrap())
+            .unwrap();
+    let tta_key = info["info"]["train_run_of"]
+        .as_str()
+        .expect("shared run")
+        .to_string();
+    assert!(both
+        .work_dir(&tta_key)
+        .join("train/adapters/toy.eng_Latn")
+        .exists());
+    assert!(alone
+        .work_dir(&meta.key)
+        .join("train/manifest.json")
+        .exists());
+    // The meta-lora cell scores every example exactly as when trained alone.
+    let lps = |st: &mlbench::runner::store::Store| {
+        let df =
+            mlbench::data::schema::read_parquet(&st.cell_dir(&meta.key).join("samples.parquet"))
+                .unwrap();
+        let ids: Vec<String> = df
+            .column("id")
+            .unwrap()
+            .str()
+            .unwrap()
+            .iter()
+            .map(|x| x.unwrap().to_string())
+            .collect();
+        let list = df.column("logprobs").unwrap().list().unwrap().clone();
+        let lp: Vec<Vec<f64>> = (0..list.len())
+            .map(|i| {
+                list.get_as_series(i)
+                    .unwrap()
+                    .f64()
+                    .unwrap()
+                    .into_no_null_iter()
+                    .collect()
+            })
+            .collect();
+        (ids, lp)
+    };
+    assert_eq!(lps(&both), lps(&alone));
+    // The tta cell evaluated its per-task adapters only.
+    let tta = mlbench::data::schema::read_parquet(&both.cell_dir(&tta_key).join("samples.parquet"))
+        .unwrap();
+    assert_eq!(tta.height(), 18, "one record per test example");
+}

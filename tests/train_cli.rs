@@ -193,6 +193,16 @@ fn every_method_trains_and_writes_loadable_adapters_a_manifest_and_a_log() {
     };
     assert_eq!(ids("lora-k"), ids("meta-lora"));
     assert_eq!(ids("lora-k"), ids("stage1-only"));
+    // meta-lora+tta's shared adapter is meta-lora's, to the byte (the runner trains it once
+    // for both cells).
+    let shared = |m: &str| {
+        std::fs::read(
+            s.root
+                .join(format!("runs/{m}/adapter/adapter_model.safetensors")),
+        )
+        .unwrap()
+    };
+    assert!(shared("meta-lora") == shared("meta-lora+tta"));
 }
 
 #[test]

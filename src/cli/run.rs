@@ -10,7 +10,7 @@ use super::{split_list, Global};
 use mlbench::data::lang::{self, LangEntry};
 use mlbench::runner::compare::{history, newest_keys, of_run, runs, table, with_keys, Query};
 use mlbench::runner::experiment::{parse_shard, shard, Experiment};
-use mlbench::runner::grid::{run_cell, Outcome};
+use mlbench::runner::grid::{run_cell, training_sibling, Outcome};
 use mlbench::runner::store::{Store, METRIC_COLUMNS, SAMPLE_COLUMNS};
 use mlbench::Error;
 
@@ -162,7 +162,10 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
     let (mut done, mut skipped) = (0, 0);
     for c in &cells {
         let mut say = |m: &str| pb.set_message(m.to_string());
-        match run_cell(&g.data_dir, &store, c, &STOP, &mut say)? {
+        // A meta-lora cell trains (or reuses) its meta-lora+tta sibling's run when this
+        // invocation runs both (never across shards: two processes would share one folder).
+        let sibling = training_sibling(c, &cells);
+        match run_cell(&g.data_dir, &store, c, sibling, &STOP, &mut say)? {
             Outcome::Skipped => skipped += 1,
             Outcome::Done { train_s, eval_s } => {
                 done += 1;

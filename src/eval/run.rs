@@ -294,7 +294,38 @@ pub fn prepare_items(
 
 /// Resolves `--adapters` entries against the loaded model. A PEFT folder is one shared adapter;
 /// a training run folder gives its shared `adapter/` and, when present, its per-task
-/// `adapters/<task>.<lang>` set (named `<run>:per-task`).
+/// `adapters/<task>.<lang>` set (named `<run>:per-task`); a run's `adapters/` folder given
+/// itself is that per-task set alone.
+/// The adapters in the subfolders of `dir` (one per `<task>.<lang>` unit), or every problem.
+fn load_set(
+    dir: &Path,
+    name: &str,
+    load: &dyn Fn(&Path, &str) -> Result<Adapter>,
+) -> std::result::Result<BTreeMap<String, Adapter>, Vec<String>> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| vec![Error::io("read", dir, e).to_string()])?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("adapter_config.json").exists())
+        .collect();
+    entries.sort();
+    let mut set = BTreeMap::new();
+    let mut problems = Vec::new();
+    for d in entries {
+        let unit = d.file_name().unwrap().to_string_lossy().into_owned();
+        match load(&d, &unit) {
+            Ok(a) => {
+                set.insert(unit, a);
+            }
+            Err(e) => problems.push(format!("adapter `{name}` ({unit}): {e}")),
+        }
+    }
+    if problems.is_empty() {
+        Ok(set)
+    } else {
+        Err(problems)
+    }
+}
+
 pub fn load_variants(m: &LoadedModel, cfg: &EvalConfig) -> Result<Vec<NamedVariant>> {
     let mut out = Vec::new();
     if cfg.base {
@@ -337,6 +368,25 @@ pub fn load_variants(m: &LoadedModel, cfg: &EvalConfig) -> Result<Vec<NamedVaria
             }
             continue;
         }
+        // A folder of per-task adapters itself (a run's `adapters/`): one per-task variant.
+        let subfolders: Vec<PathBuf> = std::fs::read_dir(&path)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.join("adapter_config.json").exists())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !subfolders.is_empty() {
+            match load_set(&path, &name, &load) {
+                Ok(set) => out.push(NamedVariant {
+                    name,
+                    source: Some(path),
+                    variant: Variant::PerTask(set),
+                }),
+                Err(ps) => problems.extend(ps),
+            }
+            continue;
+        }
         let shared = path.join("adapter");
         let per = path.join("adapters");
         if !shared.exists() && !per.exists() {
@@ -357,27 +407,15 @@ pub fn load_variants(m: &LoadedModel, cfg: &EvalConfig) -> Result<Vec<NamedVaria
             }
         }
         if per.is_dir() {
-            let mut set = BTreeMap::new();
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(&per)
-                .map_err(|e| Error::io("read", &per, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.join("adapter_config.json").exists())
-                .collect();
-            entries.sort();
-            for d in entries {
-                let unit = d.file_name().unwrap().to_string_lossy().into_owned();
-                match load(&d, &unit) {
-                    Ok(a) => {
-                        set.insert(unit, a);
-                    }
-                    Err(e) => problems.push(format!("adapter `{name}:per-task` ({unit}): {e}")),
-                }
+            let per_name = format!("{name}:per-task");
+            match load_set(&per, &per_name, &load) {
+                Ok(set) => out.push(NamedVariant {
+                    name: per_name,
+                    source: Some(per),
+                    variant: Variant::PerTask(set),
+                }),
+                Err(ps) => problems.extend(ps),
             }
-            out.push(NamedVariant {
-                name: format!("{name}:per-task"),
-                source: Some(per),
-                variant: Variant::PerTask(set),
-            });
         }
     }
     if !problems.is_empty() {

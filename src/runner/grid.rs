@@ -22,12 +22,41 @@ pub enum Outcome {
     Done { train_s: f64, eval_s: f64 },
 }
 
+/// The `meta-lora+tta` cell among `cells` whose training run also serves `cell`, a
+/// `meta-lora` cell: same experiment, K, seed and training configuration but for the method.
+/// A `meta-lora+tta` run's shared adapter is the `meta-lora` run's, to the byte (the adaptation
+/// phases come after it and the random streams do not depend on the method), so the grid
+/// trains it once.
+pub fn training_sibling<'a>(cell: &Cell, cells: &'a [Cell]) -> Option<&'a Cell> {
+    let cfg = cell.train.as_ref()?;
+    if Method::parse(&cfg.method).ok()? != Method::MetaLora {
+        return None;
+    }
+    let without_method = |c: &crate::train::config::TrainConfig| {
+        let mut v = serde_json::to_value(c).ok()?;
+        v.as_object_mut()?.remove("method");
+        Some(v)
+    };
+    let mine = without_method(cfg)?;
+    cells.iter().find(|o| {
+        o.experiment == cell.experiment
+            && o.k == cell.k
+            && o.seed == cell.seed
+            && o.train.as_ref().is_some_and(|t| {
+                Method::parse(&t.method).ok() == Some(Method::MetaLoraTta)
+                    && without_method(t).as_ref() == Some(&mine)
+            })
+    })
+}
+
 /// Runs one cell. `stop` is the Ctrl-C flag (training checkpoints and returns
-/// [`Error::Interrupted`]).
+/// [`Error::Interrupted`]). `sibling` is a cell whose training run serves this one too (see
+/// [`training_sibling`]): that run is trained (or found) in the sibling's work folder.
 pub fn run_cell(
     data_dir: &Path,
     store: &Store,
     cell: &Cell,
+    sibling: Option<&Cell>,
     stop: &AtomicBool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Outcome> {
@@ -42,8 +71,11 @@ pub fn run_cell(
             eval.base = true;
             "base".to_string()
         }
-        Some(cfg) => {
-            let run = work.join("train");
+        Some(own) => {
+            let (run, cfg) = match sibling.and_then(|s| s.train.as_ref().map(|t| (s, t))) {
+                Some((s, t)) => (store.work_dir(&s.key).join("train"), t),
+                None => (work.join("train"), own),
+            };
             let t0 = Instant::now();
             if !run.join("manifest.json").exists() {
                 let resume = run.join("config.json").exists();
@@ -56,17 +88,14 @@ pub fn run_cell(
                 crate::train::run::train(data_dir, cfg, &run, resume, stop, &mut p)?;
             }
             train_s = t0.elapsed().as_secs_f64();
-            let method = Method::parse(&cfg.method)?;
-            eval.adapters = vec![format!("cell={}", run.display())];
-            // The adapter that represents the method.
-            if matches!(
-                method,
+            // The adapter that represents the method: the shared one, or the per-task set.
+            let per_task = matches!(
+                Method::parse(&own.method)?,
                 Method::LoraPerTaskK | Method::Stage1Only | Method::MetaLoraTta
-            ) {
-                "cell:per-task".to_string()
-            } else {
-                "cell".to_string()
-            }
+            );
+            let dir = run.join(if per_task { "adapters" } else { "adapter" });
+            eval.adapters = vec![format!("cell={}", dir.display())];
+            "cell".to_string()
         }
     };
     progress(&format!("{} eval", cell.label()));
@@ -104,6 +133,8 @@ pub fn run_cell(
         samples_frame(&records)?,
         serde_json::json!({
             "train_seconds": train_s,
+            // The cell whose work folder holds the training run, when not this one.
+            "train_run_of": sibling.filter(|_| cell.train.is_some()).map(|s| s.key.clone()),
             "eval_seconds": eval_s,
             "finished_at_unix": std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
