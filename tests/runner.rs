@@ -137,6 +137,16 @@ fn a_killed_grid_resumes_without_recomputing_or_losing_cells_and_compares() {
     assert_eq!(finished.len(), 11, "every cell once");
     let after: Vec<_> = after_first.iter().map(|k| stamp(k)).collect();
     assert_eq!(before, after, "finished cells were not recomputed");
+    // The unsharded run that completed the grid compacted the store.
+    assert!(
+        std::fs::read_dir(store.join("parts")).unwrap().count() == 2
+            && finished.iter().all(|k| !store
+                .join("cells")
+                .join(k)
+                .join("metrics.parquet")
+                .exists()),
+        "the store is compacted"
+    );
     // The store reads as one table; every cell contributes its rows once.
     let metrics = mlbench::runner::store::Store::new(&store)
         .read("metrics.parquet")
@@ -389,9 +399,9 @@ fn meta_lora_reuses_its_tta_siblings_training_run_with_the_same_results() {
         .exists());
     // The meta-lora cell scores every example exactly as when trained alone.
     let lps = |st: &mlbench::runner::store::Store| {
-        let df =
-            mlbench::data::schema::read_parquet(&st.cell_dir(&meta.key).join("samples.parquet"))
-                .unwrap();
+        let only = std::collections::HashSet::from([meta.key.clone()]);
+        let df = mlbench::runner::compare::with_keys(&st.read("samples.parquet").unwrap(), &only)
+            .unwrap();
         let ids: Vec<String> = df
             .column("id")
             .unwrap()
@@ -415,7 +425,8 @@ fn meta_lora_reuses_its_tta_siblings_training_run_with_the_same_results() {
     };
     assert_eq!(lps(&both), lps(&alone));
     // The tta cell evaluated its per-task adapters only.
-    let tta = mlbench::data::schema::read_parquet(&both.cell_dir(&tta_key).join("samples.parquet"))
-        .unwrap();
+    let only = std::collections::HashSet::from([tta_key.clone()]);
+    let tta =
+        mlbench::runner::compare::with_keys(&both.read("samples.parquet").unwrap(), &only).unwrap();
     assert_eq!(tta.height(), 18, "one record per test example");
 }

@@ -190,6 +190,19 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
             t0.elapsed().as_secs_f64()
         );
     }
+    // A whole grid that finished here is compacted (shards leave that to `mlbench merge` once
+    // all of them are done). The grid's results are safe either way: a failed compaction only
+    // warns.
+    if a.shard.is_none() && done > 0 {
+        match store.merge(&[]) {
+            Ok(s) => tracing::info!(
+                cells = s.cells_total,
+                compacted = s.compacted,
+                "store compacted"
+            ),
+            Err(e) => tracing::warn!("the store was not compacted ({e}); `mlbench merge` retries"),
+        }
+    }
     Ok(())
 }
 

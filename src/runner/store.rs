@@ -8,7 +8,8 @@
 //!   plus `experiment, method, k, seed, key, code_version, finished_at_unix`);
 //! - `cells/<key>/samples.parquet`: per-example records, with the same cell columns;
 //! - `parts/metrics-<generation>.parquet`, `parts/samples-<generation>.parquet`: the rows of many
-//!   cells compacted by `mlbench merge`, whose per-cell Parquet files are then removed;
+//!   cells compacted by `mlbench merge` (and at the end of an unsharded `mlbench run`), whose
+//!   per-cell Parquet files are then removed;
 //! - `work/<key>/`: the training run and evaluation output of a cell in progress (a killed run
 //!   resumes from its checkpoint).
 //!
