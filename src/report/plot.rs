@@ -147,6 +147,14 @@ fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Re
                         .map(|p| Circle::new((p.0, p.1), 3, color.filled())),
                 )
                 .map_err(plot_err)?;
+            // Each point's own interval, also where a single budget leaves no band.
+            chart
+                .draw_series(
+                    pts.iter().map(|p| {
+                        PathElement::new(vec![(p.0, p.2), (p.0, p.3)], color.stroke_width(1))
+                    }),
+                )
+                .map_err(plot_err)?;
         }
         if ci == 0 {
             chart
