@@ -24,4 +24,17 @@ for shots in 0 3; do
     "$BIN" eval --model models/gemma-3-270m --task mgsm --langs en,fr,zh,sw --shots "$shots" \
       --limit 25 --out "$out"
 done
+# MGSM as a held-out task for two adapters trained on the multi-task mix (3-shot): lora-full,
+# and meta-lora at K = 64 (its run is the meta-lora+tta cell's, which the runner shares).
+key() {
+  "$BIN" -q run benchmarks/multitask.toml --store results/multitask --dry-run |
+    awk -v c="$1" '$2 == c {print $1}'
+}
+w=results/multitask/work
+full=$w/$(key lora-full/full/s0)/train/adapter
+meta=$w/$(key meta-lora+tta/k64/s0)/train/adapter
+out=results/mgsm/adapters-shots3
+[ -f "$out/metrics.parquet" ] ||
+  "$BIN" eval --model models/gemma-3-270m --no-base --adapters "lora-full=$full,meta-lora-k64=$meta" \
+    --task mgsm --langs en,fr,zh,sw --shots 3 --limit 25 --out "$out"
 scripts/study-reports.sh "$BIN"

@@ -13,9 +13,9 @@ if [ -d results/multitask/cells ]; then
   "$BIN" compare --store results/multitask --experiment multitask --baseline lora-full \
     --out reports/multitask
 fi
-for shots in 0 3; do
-  if [ -f "results/mgsm/shots$shots/metrics.md" ]; then
+for run in shots0 shots3 adapters-shots3; do
+  if [ -f "results/mgsm/$run/metrics.md" ]; then
     mkdir -p reports/mgsm
-    cp "results/mgsm/shots$shots/metrics.md" "reports/mgsm/shots$shots.md"
+    cp "results/mgsm/$run/metrics.md" "reports/mgsm/$run.md"
   fi
 done
