@@ -430,3 +430,42 @@ fn meta_lora_reuses_its_tta_siblings_training_run_with_the_same_results() {
         mlbench::runner::compare::with_keys(&both.read("samples.parquet").unwrap(), &only).unwrap();
     assert_eq!(tta.height(), 18, "one record per test example");
 }
+
+#[test]
+fn shipped_experiment_files_are_valid_and_smoke_shrinks_the_nightly() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut seen = 0;
+    for e in std::fs::read_dir(root.join("benchmarks")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        let cells = Experiment::load(&p)
+            .and_then(|x| x.cells())
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        // Against the shipped datasets: languages, splits, budgets, templates.
+        mlbench::runner::grid::check_data(&shipped(), &cells)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        seen += 1;
+    }
+    assert!(
+        seen >= 4,
+        "nightly, sib200-multilingual, multitask, readme-small"
+    );
+    let mut nightly = Experiment::load(&root.join("benchmarks/nightly.toml")).unwrap();
+    let full = nightly.cells().unwrap();
+    nightly.smoke();
+    let smoke = nightly.cells().unwrap();
+    // base, lora-full, and the three K methods at the smallest K, first seed only.
+    assert_eq!(
+        smoke.len(),
+        5,
+        "{:?}",
+        smoke.iter().map(|c| c.label()).collect::<Vec<_>>()
+    );
+    assert!(full.len() > smoke.len());
+    assert!(smoke.iter().all(|c| c.experiment == "nightly-smoke"
+        && c.seed == 0
+        && c.k.is_none_or(|k| k == 16)
+        && c.eval.limit == Some(20)));
+}

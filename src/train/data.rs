@@ -79,7 +79,18 @@ pub fn check_data(data_dir: &Path, cfg: &TrainConfig) -> Result<(Checked, Vec<St
         let task = &task;
         let df = schema::load(&path, None)?;
         let split = spec.train_split.clone();
-        let mask = df.column("split")?.str()?.equal(split.as_str());
+        // Only the chosen languages' rows of the split become examples (a dataset can hold
+        // hundreds of languages).
+        let wanted: std::collections::HashSet<&str> =
+            chosen.iter().map(|e| e.lang.as_str()).collect();
+        let in_split = df.column("split")?.str()?.equal(split.as_str());
+        let mask: BooleanChunked = df
+            .column("lang")?
+            .str()?
+            .iter()
+            .zip(in_split.iter())
+            .map(|(l, s)| s == Some(true) && l.is_some_and(|l| wanted.contains(l)))
+            .collect();
         let rows = schema::from_frame(&df.filter(&mask)?)?;
         for e in chosen {
             let ex: Vec<Example> = rows.iter().filter(|r| r.lang == e.lang).cloned().collect();
