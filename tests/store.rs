@@ -388,3 +388,61 @@ fn compare_shows_each_cells_newest_run_and_history_draws_every_run() {
     ]);
     assert_user_error(&o, &["--history"]);
 }
+
+#[test]
+fn a_baseline_with_budgets_is_paired_at_the_same_k() {
+    let tmp = tempfile::tempdir().unwrap();
+    let specs = specs(tmp.path());
+    let store = Store::new(tmp.path().join("store"));
+    grid(&store, &specs, 0, "v1", 1_000);
+    let rep = tmp.path().join("rep");
+    let o = mlbench(&[
+        "-q",
+        "compare",
+        "--store",
+        store.dir.to_str().unwrap(),
+        "--baseline",
+        "lora-k",
+        "--out",
+        rep.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Hand-computed exact McNemar p of meta-lora K64 against lora-k at K64 and at K16, English.
+    let s = store.read("samples.parquet").unwrap();
+    let outcome = |m: &str, k: i64| -> Vec<bool> {
+        let (mm, kk, ll, cc) = (
+            s.column("method").unwrap().str().unwrap().clone(),
+            s.column("k").unwrap().i64().unwrap().clone(),
+            s.column("lang").unwrap().str().unwrap().clone(),
+            s.column("correct").unwrap().bool().unwrap().clone(),
+        );
+        (0..s.height())
+            .filter(|&i| {
+                mm.get(i) == Some(m) && kk.get(i) == Some(k) && ll.get(i) == Some("eng_Latn")
+            })
+            .map(|i| cc.get(i).unwrap())
+            .collect()
+    };
+    let p_vs = |k: i64| {
+        let (a, b) = (outcome("meta-lora", 64), outcome("lora-k", k));
+        assert_eq!(a.len(), N);
+        let worse = a.iter().zip(&b).filter(|(x, y)| **x && !**y).count();
+        let better = a.iter().zip(&b).filter(|(x, y)| !**x && **y).count();
+        mlbench::runner::compare::mcnemar_exact(worse, better)
+    };
+    let (same_k, other_k) = (p_vs(64), p_vs(16));
+    assert!(
+        (same_k - other_k).abs() > 1e-6,
+        "the case must tell K apart"
+    );
+    let csv = std::fs::read_to_string(rep.join("table.csv")).unwrap();
+    let line = csv
+        .lines()
+        .find(|l| l.starts_with("meta-lora,64,toy/eng_Latn,"))
+        .unwrap();
+    let p: f64 = line.rsplit(',').next().unwrap().parse().unwrap();
+    assert!(
+        (p - same_k).abs() < 1e-6,
+        "csv p {p}, same K {same_k}, other K {other_k}"
+    );
+}

@@ -6,7 +6,8 @@
 //! over the seeds when there are two or more, else the single run's own interval (Wilson, or
 //! bootstrap for macro averages). A `*` marks a significant difference from the baseline method
 //! in an exact McNemar test on paired examples (same example id, same seed where the baseline
-//! has it), p < 0.05; pairs are pooled over seeds, and over languages for the micro column.
+//! has it, same K where the baseline has budgets), p < 0.05; pairs are pooled over seeds, and
+//! over languages for the micro column.
 
 use std::collections::BTreeMap;
 
@@ -298,11 +299,15 @@ fn mcnemar_for(
         let Some(mine) = p.get(&(m.to_string(), k, task.to_string(), l.clone())) else {
             continue;
         };
-        // The baseline's cells for this task/lang (any K: lora-full and base have none).
+        // The baseline's cells for this task/lang: at the same K when the baseline has budgets
+        // (`--baseline lora-k`), else its only ones (lora-full and base have no K).
         let Some(theirs) = p
-            .iter()
-            .find(|((mm, _, t, ll), _)| mm == base && t == task && ll == l)
-            .map(|(_, v)| v)
+            .get(&(base.to_string(), k, task.to_string(), l.clone()))
+            .or_else(|| {
+                p.iter()
+                    .find(|((mm, _, t, ll), _)| mm == base && t == task && ll == l)
+                    .map(|(_, v)| v)
+            })
         else {
             continue;
         };
