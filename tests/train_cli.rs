@@ -269,8 +269,9 @@ fn ctrl_c_checkpoints_and_resume_gives_the_uninterrupted_bytes() {
         assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // A scheduler's SIGTERM (Ctrl-C's SIGINT goes to the same handler).
     unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
     }
     let o = child.wait_with_output().unwrap();
     let err = stderr(&o);

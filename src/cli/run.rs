@@ -123,6 +123,7 @@ extern "C" fn on_sigint(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(libc::SIGTERM, libc::SIG_DFL);
     }
 }
 
@@ -155,6 +156,8 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
     }
     unsafe {
         libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+        // A job scheduler's stop (Slurm, Kubernetes) is handled like Ctrl-C.
+        libc::signal(libc::SIGTERM, on_sigint as *const () as libc::sighandler_t);
     }
     let pb = g.bar("cells");
     pb.set_length(cells.len() as u64);

@@ -62,6 +62,7 @@ extern "C" fn on_sigint(_: libc::c_int) {
     // A second Ctrl-C ends the process at once.
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(libc::SIGTERM, libc::SIG_DFL);
     }
 }
 
@@ -142,6 +143,8 @@ pub fn run(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
     let out = a.out.clone().expect("clap requires --out");
     unsafe {
         libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+        // A job scheduler's stop (Slurm, Kubernetes) is handled like Ctrl-C.
+        libc::signal(libc::SIGTERM, on_sigint as *const () as libc::sighandler_t);
     }
     let pb = if g.quiet {
         ProgressBar::hidden()

@@ -589,6 +589,10 @@ impl Trainer<'_> {
             (false, None) => "lora".to_string(),
         };
         let vars = st.adapter.vars();
+        // Checkpoints every `checkpoint_every` steps and at least every CHECKPOINT_SECS, so a
+        // killed run (not only a stopped one) loses little, also when steps are long (a
+        // meta-iteration on a CPU takes minutes).
+        let mut last_checkpoint = Instant::now();
         for step in st.start_step..total {
             let t0 = Instant::now();
             let (mut g, loss, tokens, rows) = if is_meta {
@@ -673,8 +677,10 @@ impl Trainer<'_> {
             });
             let done = step + 1;
             let interrupted = self.stop.load(Ordering::SeqCst);
-            let periodic = cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0;
+            let periodic = (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0)
+                || last_checkpoint.elapsed().as_secs() >= CHECKPOINT_SECS;
             if done < total && (interrupted || periodic) {
+                last_checkpoint = Instant::now();
                 meta.step = done;
                 meta.adam_t = st.opt.as_ref().map(|o| o.t).unwrap_or(0);
                 meta.elapsed = clock.total();
@@ -691,6 +697,9 @@ impl Trainer<'_> {
         Ok(total)
     }
 }
+
+/// The longest stretch of training between two checkpoints, seconds.
+const CHECKPOINT_SECS: u64 = 600;
 
 fn add_seen(meta: &mut Meta, unit: &str, s: &Seen) {
     let e = meta.seen.entry(unit.to_string()).or_default();
