@@ -68,6 +68,7 @@ impl Selection {
             methods: split_list(&self.methods),
             metric: self.metric.clone(),
             baseline,
+            averages_only: false,
         })
     }
 }
@@ -277,10 +278,8 @@ pub fn report(g: &Global, a: ReportArgs) -> anyhow::Result<()> {
         metrics = metrics.filter(&mask)?;
     }
     let mut q = a.sel.query(&metrics, None)?;
-    if q.langs.is_empty() {
-        // Averages only: a language nobody evaluates keeps the per-language columns out.
-        q.langs.push("-".into());
-    }
+    // Without --langs the history shows each task's averages only.
+    q.averages_only = q.langs.is_empty();
     let runs = history(&metrics, &q)?;
     let title = format!(
         "mlbench: {} over runs{}",

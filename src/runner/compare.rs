@@ -25,6 +25,8 @@ pub struct Query {
     pub methods: Vec<String>,
     pub metric: String,
     pub baseline: Option<String>,
+    /// With no `langs`: only the micro and macro averages, no per-language columns.
+    pub averages_only: bool,
 }
 
 /// One table entry.
@@ -135,7 +137,7 @@ pub fn table(metrics: &DataFrame, samples: &DataFrame, q: &Query) -> Result<Tabl
             && (q.tasks.is_empty() || q.tasks.contains(&task[i]))
             && (q.methods.is_empty() || q.methods.contains(&method[i]))
             && metric[i] == q.metric
-            && (q.langs.is_empty()
+            && ((q.langs.is_empty() && !q.averages_only)
                 || q.langs.contains(&lang[i])
                 || lang[i] == "micro"
                 || lang[i] == "macro")
