@@ -377,7 +377,9 @@ def cmd_compare(a):
         try:
             lm, lm_file = lm_eval_samples(a.lm_eval_out, lm_task)
         except SystemExit as e:
+            # A unit exported but never scored by lm-eval is a failed comparison, not a skip.
             print(e)
+            rc = 1
             continue
         lm = {s["doc_id"]: s for s in lm}
         sub = ours[(ours["task"] == task) & (ours["lang"] == exp[0]["lang_code"])]
@@ -464,6 +466,9 @@ def cmd_compare(a):
             rc = 1
         if abs(row["lm_eval_acc"] - row["mlbench_acc"]) > 0.005 or abs(row["lm_eval_acc_norm"] - row["mlbench_acc_norm"]) > 0.005:
             rc = 1
+    if not summary or any(r["n"] == 0 for r in summary):
+        print("nothing compared for some units (no matching examples)")
+        rc = 1
     hdr = f"{'unit':22} {'n':>4} {'strBad':>6} {'shaBad':>6} {'max|dlp|':>9} {'dis':>3} {'disN':>4} {'acc lm/mb':>13} {'acc_norm lm/mb':>15} {'acc_bytes lm/mb':>15}"
     print(hdr)
     for r in summary:
