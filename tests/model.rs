@@ -551,3 +551,96 @@ fn cached_decoding_matches_the_full_forward() {
         }
     }
 }
+
+#[test]
+fn batched_cached_decoding_matches_each_row_alone() {
+    for arch in ARCHS {
+        for dtype in [DType::F64, DType::F32] {
+            let (_d, m) = tiny_model(arch, dtype);
+            let ids = sample_ids(&m);
+            let ad = random_adapter(&m.model, 5);
+            // Three prompts of different lengths (left-padded to the longest), then three
+            // decoding steps feeding the same token to every row.
+            let prompts: Vec<Vec<u32>> = vec![ids.clone(), ids[..5].to_vec(), ids[2..9].to_vec()];
+            let steps = [ids[1], ids[3], ids[0]];
+            let longest = prompts.iter().map(Vec::len).max().unwrap();
+            assert!(
+                longest - 5 > 4,
+                "padding must exceed the sliding window (4)"
+            );
+            let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+            let ctx = Ctx::eval(Some(&ad));
+            let mut cache = mlbench::model::transformer::KvCache::default();
+            let padded: Vec<Vec<u32>> = prompts
+                .iter()
+                .map(|p| {
+                    let mut r = vec![7u32; longest - p.len()];
+                    r.extend_from_slice(p);
+                    r
+                })
+                .collect();
+            // got[b]: logits of row b's real tokens, in order.
+            let mut got: Vec<Vec<Vec<f64>>> = vec![Vec::new(); 3];
+            let mut feed = padded;
+            for step in 0..=steps.len() {
+                let h = m
+                    .model
+                    .hidden_cached_rows(&feed, &pads, &mut cache, &ctx)
+                    .unwrap();
+                let t = feed[0].len();
+                for (b, pad) in pads.iter().enumerate() {
+                    let first = if step == 0 { *pad } else { 0 };
+                    let rows: Vec<u32> = (first..t).map(|j| (b * t + j) as u32).collect();
+                    let l = m.model.logits_at(&h, &rows).unwrap();
+                    got[b].extend(l.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap());
+                }
+                if step < steps.len() {
+                    feed = vec![vec![steps[step]]; 3];
+                }
+            }
+            let tol = if dtype == DType::F64 { 1e-9 } else { 1e-4 };
+            for (b, p) in prompts.iter().enumerate() {
+                let mut whole = p.clone();
+                whole.extend_from_slice(&steps);
+                let alone = logits_all(&m.model, &whole, Some(&ad));
+                let d = max_abs_diff(&alone, &got[b]);
+                assert!(
+                    d < tol && alone.len() == got[b].len(),
+                    "{arch:?} {dtype:?} row {b}: batched cached logits differ by {d}"
+                );
+            }
+            // A cache started with 3 rows refuses a batch of 2.
+            let err = m
+                .model
+                .hidden_cached_rows(&[vec![1], vec![1]], &[0, 0], &mut cache, &ctx)
+                .unwrap_err();
+            assert!(err.to_string().contains("batch"), "{err}");
+        }
+    }
+}
+
+#[test]
+fn batched_generation_equals_one_prompt_at_a_time() {
+    use mlbench::model::score::{generate, generate_batch};
+    for arch in ARCHS {
+        let (_d, m) = tiny_model(arch, DType::F64);
+        let ad = random_adapter(&m.model, 9);
+        let prompts = [
+            "the cat sat on the mat, and then",
+            "it rained",
+            "in the morning the cat",
+        ];
+        let until = vec!["mat".to_string()];
+        let batch = generate_batch(&m.model, &m.tok, Some(&ad), &prompts, 12, &until).unwrap();
+        assert_eq!(batch.len(), prompts.len());
+        for (p, got) in prompts.iter().zip(&batch) {
+            let alone = generate(&m.model, &m.tok, Some(&ad), p, 12, &until).unwrap();
+            assert_eq!(got, &alone, "{arch:?}: prompt {p:?}");
+        }
+        // Different prompts give at least two different continuations (the check can fail).
+        assert!(
+            batch.iter().any(|t| t != &batch[0]),
+            "{arch:?}: every prompt continued the same way: {batch:?}"
+        );
+    }
+}

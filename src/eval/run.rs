@@ -580,39 +580,47 @@ pub fn score_all(
                     let g = spec.generation.as_ref().expect("checked");
                     let re = regex::Regex::new(&g.answer_regex)
                         .map_err(|e| Error::Invalid(format!("task `{task}`: answer_regex: {e}")))?;
-                    for (n, &i) in idx.iter().enumerate() {
-                        let it = &items[i];
-                        let text = crate::model::score::generate(
+                    // Problems decode together, `batch_size` at a time (one forward per new
+                    // token for the chunk instead of one per problem).
+                    let mut n_done = 0;
+                    for chunk in idx.chunks(cfg.batch_size.max(1)) {
+                        let prompts: Vec<&str> =
+                            chunk.iter().map(|&i| items[i].prompt.as_str()).collect();
+                        let texts = crate::model::score::generate_batch(
                             &m.model,
                             tok,
                             adapter,
-                            &it.prompt,
+                            &prompts,
                             g.max_tokens,
                             &g.until,
                         )?;
-                        let ext = metrics::extract(&re, &text);
-                        let want = it.target.as_deref().map(metrics::normalize_answer);
-                        let ok = match (&ext, &want) {
-                            (Some(x), Some(w)) => metrics::normalize_answer(x) == *w,
-                            _ => false,
-                        };
-                        records.push(Record {
-                            variant: v.name.clone(),
-                            task: task.clone(),
-                            lang: lang.clone(),
-                            id: it.id.clone(),
-                            prompt_sha: sha256_hex(it.prompt.as_bytes())[..16].to_string(),
-                            logprobs: None,
-                            pred: None,
-                            pred_norm: None,
-                            pred_bytes: None,
-                            gold: None,
-                            generated: Some(text),
-                            extracted: ext,
-                            target: it.target.clone(),
-                            outcomes: metric_names.iter().map(|m| (m.clone(), ok)).collect(),
-                        });
-                        progress(&v.name, task, lang, n + 1, idx.len());
+                        for (&i, text) in chunk.iter().zip(texts) {
+                            let it = &items[i];
+                            let ext = metrics::extract(&re, &text);
+                            let want = it.target.as_deref().map(metrics::normalize_answer);
+                            let ok = match (&ext, &want) {
+                                (Some(x), Some(w)) => metrics::normalize_answer(x) == *w,
+                                _ => false,
+                            };
+                            records.push(Record {
+                                variant: v.name.clone(),
+                                task: task.clone(),
+                                lang: lang.clone(),
+                                id: it.id.clone(),
+                                prompt_sha: sha256_hex(it.prompt.as_bytes())[..16].to_string(),
+                                logprobs: None,
+                                pred: None,
+                                pred_norm: None,
+                                pred_bytes: None,
+                                gold: None,
+                                generated: Some(text),
+                                extracted: ext,
+                                target: it.target.clone(),
+                                outcomes: metric_names.iter().map(|m| (m.clone(), ok)).collect(),
+                            });
+                        }
+                        n_done += chunk.len();
+                        progress(&v.name, task, lang, n_done, idx.len());
                     }
                 }
             }

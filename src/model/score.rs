@@ -153,25 +153,84 @@ pub fn generate(
     max_tokens: usize,
     until: &[String],
 ) -> Result<String> {
-    let mut ids = tok.encode(prompt)?;
-    let start = ids.len();
+    let mut out = generate_batch(model, tok, adapter, &[prompt], max_tokens, until)?;
+    Ok(out.remove(0))
+}
+
+/// [`generate`] for several prompts at once: they are left-padded to one length and decoded
+/// together (one forward per new token for the whole batch, keys and values cached), each row
+/// stopping on its own; a row's text is what [`generate`] gives for it alone, up to the
+/// rounding of batched matrix products. The batch runs until every row has stopped.
+pub fn generate_batch(
+    model: &Model,
+    tok: &Tok,
+    adapter: Option<&Adapter>,
+    prompts: &[&str],
+    max_tokens: usize,
+    until: &[String],
+) -> Result<Vec<String>> {
+    let enc: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| tok.encode(p))
+        .collect::<Result<_>>()?;
+    let b = enc.len();
+    if b == 0 {
+        return Ok(Vec::new());
+    }
+    if let Some(i) = enc.iter().position(Vec::is_empty) {
+        return Err(Error::Invalid(format!(
+            "prompt {i} has no tokens to continue"
+        )));
+    }
+    let longest = enc.iter().map(Vec::len).max().unwrap_or(0);
+    let pads: Vec<usize> = enc.iter().map(|r| longest - r.len()).collect();
+    // Padding tokens are masked out; any id in the vocabulary will do.
+    let filler = enc[0][0];
+    let mut fresh: Vec<Vec<u32>> = enc
+        .iter()
+        .map(|r| {
+            let mut row = vec![filler; longest - r.len()];
+            row.extend_from_slice(r);
+            row
+        })
+        .collect();
     let ctx = Ctx::eval(adapter);
-    // The prompt runs once; each new token then costs one position (keys and values cached).
     let mut cache = KvCache::default();
-    let mut fresh = ids.clone();
+    let mut new: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut done: Vec<Option<String>> = vec![None; b];
     for _ in 0..max_tokens {
-        let hidden = model.hidden_cached(&fresh, &mut cache, &ctx)?;
-        let logits = model.logits_at(&hidden, &[(fresh.len() - 1) as u32])?;
-        let next: u32 = logits.argmax(D::Minus1)?.to_vec1::<u32>()?[0];
-        fresh = vec![next];
-        if Some(next) == tok.eos {
+        let hidden = model.hidden_cached_rows(&fresh, &pads, &mut cache, &ctx)?;
+        let t = fresh[0].len();
+        let last: Vec<u32> = (0..b).map(|bi| (bi * t + t - 1) as u32).collect();
+        let next: Vec<u32> = model
+            .logits_at(&hidden, &last)?
+            .argmax(D::Minus1)?
+            .to_vec1::<u32>()?;
+        for (bi, &id) in next.iter().enumerate() {
+            if done[bi].is_some() {
+                continue;
+            }
+            if Some(id) == tok.eos {
+                done[bi] = Some(tok.decode(&new[bi])?);
+                continue;
+            }
+            new[bi].push(id);
+            let text = tok.decode(&new[bi])?;
+            if let Some(cut) = until.iter().filter_map(|s| text.find(s.as_str())).min() {
+                done[bi] = Some(text[..cut].to_string());
+            }
+        }
+        if done.iter().all(Option::is_some) {
             break;
         }
-        ids.push(next);
-        let text = tok.decode(&ids[start..])?;
-        if let Some(cut) = until.iter().filter_map(|s| text.find(s.as_str())).min() {
-            return Ok(text[..cut].to_string());
-        }
+        // Stopped rows keep decoding (their tokens are ignored) so the batch stays rectangular.
+        fresh = next.iter().map(|&id| vec![id]).collect();
     }
-    tok.decode(&ids[start..])
+    done.into_iter()
+        .zip(&new)
+        .map(|(d, ids)| match d {
+            Some(text) => Ok(text),
+            None => tok.decode(ids),
+        })
+        .collect()
 }

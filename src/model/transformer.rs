@@ -234,12 +234,15 @@ struct Prepared {
     rope: HashMap<u64, RopeTables>,
 }
 
-/// Keys and values of the tokens a row has run so far, per layer (`[1, kv_heads, T,
+/// Keys and values of the tokens a batch has run so far, per layer (`[B, kv_heads, T,
 /// head_dim]`, after rope), for incremental decoding with [`Model::hidden_cached`].
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Tokens per row so far (padding included).
     len: usize,
+    /// Rows of the batch it was started with.
+    rows: usize,
 }
 
 impl KvCache {
@@ -400,23 +403,28 @@ impl Model {
         Ok(rope_t)
     }
 
-    /// Masks and rope tables for `tn` new tokens of one row after `past` cached ones: the new
-    /// token `q` (position `past + q`) sees every key up to itself, within the sliding window
-    /// on sliding layers. Masks are `[1, 1, tn, past + tn]`.
-    fn prepare_step(&self, past: usize, tn: usize) -> Result<Prepared> {
+    /// Masks and rope tables for `tn` new tokens of each row after `past` cached ones. Row `b`
+    /// starts with `pads[b]` padding tokens (left padding): its token at index `j` sits at
+    /// position `j - pads[b]`, and the new token `q` (index `past + q`) sees the row's real
+    /// tokens up to itself, within the sliding window on sliding layers. A padding query sees
+    /// nothing (its output is never read). Masks are `[B, 1, tn, past + tn]`.
+    fn prepare_step(&self, past: usize, tn: usize, pads: &[usize]) -> Result<Prepared> {
+        let b = pads.len();
         let total = past + tn;
         let build = |window: Option<usize>| -> Result<Tensor> {
-            let mut m = vec![NEG; tn * total];
-            for qi in 0..tn {
-                let qp = past + qi;
-                for kj in 0..=qp {
-                    if window.is_some_and(|w| qp - kj >= w) {
-                        continue;
+            let mut m = vec![NEG; b * tn * total];
+            for (bi, &pad) in pads.iter().enumerate() {
+                for qi in 0..tn {
+                    let qp = past + qi;
+                    for kj in pad..=qp {
+                        if window.is_some_and(|w| qp - kj >= w) {
+                            continue;
+                        }
+                        m[(bi * tn + qi) * total + kj] = 0.0;
                     }
-                    m[qi * total + kj] = 0.0;
                 }
             }
-            Ok(Tensor::from_vec(m, (1, 1, tn, total), &self.device)?.to_dtype(self.dtype)?)
+            Ok(Tensor::from_vec(m, (b, 1, tn, total), &self.device)?.to_dtype(self.dtype)?)
         };
         let mask_full = build(None)?;
         let mask_sliding = if self.config.layer_kinds.contains(&LayerKind::Sliding) {
@@ -424,9 +432,16 @@ impl Model {
         } else {
             None
         };
-        let pos = vec![(past as i64..total as i64).collect::<Vec<i64>>()];
+        let pos: Vec<Vec<i64>> = pads
+            .iter()
+            .map(|&pad| {
+                (past..total)
+                    .map(|j| (j as i64 - pad as i64).max(0))
+                    .collect()
+            })
+            .collect();
         Ok(Prepared {
-            b: 1,
+            b,
             t: tn,
             mask_full,
             mask_sliding,
@@ -439,20 +454,45 @@ impl Model {
     /// corresponding rows of [`Model::hidden`] over the whole sequence, at the cost of the new
     /// tokens only.
     pub fn hidden_cached(&self, ids: &[u32], cache: &mut KvCache, ctx: &Ctx) -> Result<Tensor> {
-        if ids.is_empty() {
-            return Err(Error::Invalid("no new tokens to run".into()));
+        self.hidden_cached_rows(&[ids.to_vec()], &[0], cache, ctx)
+    }
+
+    /// [`Model::hidden_cached`] for a batch: `ids` holds `tn` new tokens per row (`[B, tn]`),
+    /// row `b` having begun with `pads[b]` left-padding tokens (fixed for the cache's life).
+    /// Returns `[B, tn, hidden]`; row `b`'s real tokens get the hidden states they would get
+    /// alone. Used for batched greedy generation.
+    pub fn hidden_cached_rows(
+        &self,
+        ids: &[Vec<u32>],
+        pads: &[usize],
+        cache: &mut KvCache,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let tn = ids.first().map_or(0, Vec::len);
+        if tn == 0 || ids.iter().any(|r| r.len() != tn) {
+            return Err(Error::Invalid(
+                "new tokens must be a non-empty rectangle".into(),
+            ));
+        }
+        if pads.len() != ids.len() {
+            return Err(Error::Invalid(format!(
+                "{} rows but {} padding lengths",
+                ids.len(),
+                pads.len()
+            )));
         }
         if cache.layers.is_empty() {
             cache.layers = vec![None; self.layers.len()];
+            cache.rows = ids.len();
         }
-        if cache.layers.len() != self.layers.len() {
+        if cache.layers.len() != self.layers.len() || cache.rows != ids.len() {
             return Err(Error::Invalid(
-                "the key/value cache belongs to another model".into(),
+                "the key/value cache belongs to another model or batch".into(),
             ));
         }
-        let p = self.prepare_step(cache.len, ids.len())?;
-        let x = self.hidden_run(&[ids.to_vec()], p, ctx, Some(&mut cache.layers))?;
-        cache.len += ids.len();
+        let p = self.prepare_step(cache.len, tn, pads)?;
+        let x = self.hidden_run(ids, p, ctx, Some(&mut cache.layers))?;
+        cache.len += tn;
         Ok(x)
     }
 
