@@ -32,7 +32,7 @@ pub struct EvalArgs {
     pub shots: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Examples per forward pass.
+    /// Examples per forward pass (generation tasks: prompts decoded together).
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
     /// Longest input in tokens.
