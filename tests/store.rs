@@ -409,13 +409,13 @@ fn a_baseline_with_budgets_is_paired_at_the_same_k() {
     assert!(o.status.success(), "{}", stderr(&o));
     // Hand-computed exact McNemar p of meta-lora K64 against lora-k at K64 and at K16, English.
     let s = store.read("samples.parquet").unwrap();
+    let (mm, kk, ll, cc) = (
+        s.column("method").unwrap().str().unwrap(),
+        s.column("k").unwrap().i64().unwrap(),
+        s.column("lang").unwrap().str().unwrap(),
+        s.column("correct").unwrap().bool().unwrap(),
+    );
     let outcome = |m: &str, k: i64| -> Vec<bool> {
-        let (mm, kk, ll, cc) = (
-            s.column("method").unwrap().str().unwrap().clone(),
-            s.column("k").unwrap().i64().unwrap().clone(),
-            s.column("lang").unwrap().str().unwrap().clone(),
-            s.column("correct").unwrap().bool().unwrap().clone(),
-        );
         (0..s.height())
             .filter(|&i| {
                 mm.get(i) == Some(m) && kk.get(i) == Some(k) && ll.get(i) == Some("eng_Latn")

@@ -115,3 +115,25 @@ pub fn split_list(v: &[String]) -> Vec<String> {
         .filter(|s| !s.is_empty())
         .collect()
 }
+
+/// Set by Ctrl-C (SIGINT) or a scheduler's SIGTERM once [`catch_stop_signals`] is in place:
+/// long commands (`train`, `run`) checkpoint and stop cleanly when they see it.
+pub static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+    // A second signal ends the process at once.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(libc::SIGTERM, libc::SIG_DFL);
+    }
+}
+
+/// Routes SIGINT and SIGTERM (Slurm, Kubernetes) to [`STOP`].
+pub fn catch_stop_signals() {
+    let h = on_stop_signal as *const () as libc::sighandler_t;
+    unsafe {
+        libc::signal(libc::SIGINT, h);
+        libc::signal(libc::SIGTERM, h);
+    }
+}

@@ -2,7 +2,7 @@
 //! a store). See `mlbench::runner`.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use clap::Args;
 
@@ -118,16 +118,6 @@ pub struct ReportArgs {
     pub out: PathBuf,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigint(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_DFL);
-        libc::signal(libc::SIGTERM, libc::SIG_DFL);
-    }
-}
-
 pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
     let mut exp = Experiment::load(&a.experiment)?;
     if a.smoke {
@@ -155,11 +145,7 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    unsafe {
-        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
-        // A job scheduler's stop (Slurm, Kubernetes) is handled like Ctrl-C.
-        libc::signal(libc::SIGTERM, on_sigint as *const () as libc::sighandler_t);
-    }
+    super::catch_stop_signals();
     let pb = g.bar("cells");
     pb.set_length(cells.len() as u64);
     let t0 = std::time::Instant::now();
@@ -169,7 +155,7 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
         // A meta-lora cell trains (or reuses) its meta-lora+tta sibling's run when this
         // invocation runs both (never across shards: two processes would share one folder).
         let sibling = training_sibling(c, &cells);
-        match run_cell(&g.data_dir, &store, c, sibling, &STOP, &mut say)? {
+        match run_cell(&g.data_dir, &store, c, sibling, &super::STOP, &mut say)? {
             Outcome::Skipped => skipped += 1,
             Outcome::Done { train_s, eval_s } => {
                 done += 1;
@@ -177,7 +163,7 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
             }
         }
         pb.inc(1);
-        if STOP.load(Ordering::SeqCst) {
+        if super::STOP.load(Ordering::SeqCst) {
             return Err(Error::Interrupted {
                 step: done,
                 path: store.dir.clone(),

@@ -1,7 +1,6 @@
 //! `mlbench train`: flags and/or a TOML config in, a run folder out (see `mlbench::train::run`).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -53,17 +52,6 @@ pub struct TrainArgs {
     /// Print the resolved configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
-}
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigint(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-    // A second Ctrl-C ends the process at once.
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_DFL);
-        libc::signal(libc::SIGTERM, libc::SIG_DFL);
-    }
 }
 
 /// Builds the configuration: defaults, then the file, then flags, then `--set` pairs.
@@ -141,11 +129,7 @@ pub fn run(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let out = a.out.clone().expect("clap requires --out");
-    unsafe {
-        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
-        // A job scheduler's stop (Slurm, Kubernetes) is handled like Ctrl-C.
-        libc::signal(libc::SIGTERM, on_sigint as *const () as libc::sighandler_t);
-    }
+    super::catch_stop_signals();
     let pb = if g.quiet {
         ProgressBar::hidden()
     } else {
@@ -166,8 +150,14 @@ pub fn run(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
         pb.set_message(format!("loss {:.4} · {:.0} tok/s", p.loss, p.tokens_per_s));
     };
     let t0 = std::time::Instant::now();
-    let report =
-        mlbench::train::run::train(&g.data_dir, &cfg, &out, a.resume, &STOP, &mut progress);
+    let report = mlbench::train::run::train(
+        &g.data_dir,
+        &cfg,
+        &out,
+        a.resume,
+        &super::STOP,
+        &mut progress,
+    );
     pb.finish_and_clear();
     let report = report?;
     let tokens: u64 = report.summary.seen.values().map(|s| s.tokens).sum();
