@@ -123,6 +123,30 @@ fn decoder_matches_the_naive_reference() {
     }
 }
 
+/// The f32 inference path (fused CPU kernels: gated activation, rms-norm, rope, softmax)
+/// against the f64 path (plain candle ops, checked against the naive reference above) on the
+/// same weights.
+#[test]
+fn f32_inference_kernels_match_the_f64_path() {
+    for arch in ARCHS {
+        let (_d32, m32) = tiny_model(arch, DType::F32);
+        let (_d64, m64) = tiny_model(arch, DType::F64);
+        let ids = sample_ids(&m32);
+        let a = logits_all(&m32.model, &ids, None);
+        let b = logits_all(&m64.model, &ids, None);
+        let mut worst = 0f64;
+        for (ra, rb) in a.iter().zip(&b) {
+            for (x, y) in ra.iter().zip(rb) {
+                worst = worst.max((x - y).abs() / y.abs().max(1.0));
+            }
+        }
+        assert!(
+            worst < 1e-4,
+            "{arch:?}: f32 and f64 logits differ by {worst}"
+        );
+    }
+}
+
 #[test]
 fn fresh_adapter_is_exactly_the_base_model() {
     for arch in ARCHS {
@@ -643,4 +667,53 @@ fn batched_generation_equals_one_prompt_at_a_time() {
             "{arch:?}: every prompt continued the same way: {batch:?}"
         );
     }
+}
+
+/// `row_stats` (the scorers' fused log-sum-exp, argmax and pick) against a plain f64
+/// computation, on rows with a wide range of logits, a repeated maximum and a -inf entry.
+#[test]
+fn row_stats_matches_a_plain_f64_computation() {
+    let (n, v) = (7usize, 5_003usize);
+    let mut rng = Rng::new(11);
+    let mut data: Vec<f32> = (0..n * v)
+        .map(|_| ((rng.next_f64() - 0.5) * 60.0) as f32)
+        .collect();
+    data[2 * v + 10] = 90.0; // row 2: the first of two equal maxima wins
+    data[2 * v + 4000] = 90.0;
+    data[3 * v + 7] = f32::NEG_INFINITY;
+    let logits = Tensor::from_vec(data.clone(), (n, v), &Device::Cpu).unwrap();
+    let picks = vec![(0, 0), (2, 10), (6, 5_002), (3, 7), (2, 11)];
+    let st = mlbench::model::score::row_stats(&logits, &picks).unwrap();
+    for r in 0..n {
+        let row = &data[r * v..(r + 1) * v];
+        let m = row
+            .iter()
+            .fold(f64::NEG_INFINITY, |a, &x| a.max(f64::from(x)));
+        let lse = m + row
+            .iter()
+            .map(|&x| (f64::from(x) - m).exp())
+            .sum::<f64>()
+            .ln();
+        assert!(
+            (f64::from(st.lse[r]) - lse).abs() < 1e-5 * lse.abs().max(1.0),
+            "row {r}: {} vs {lse}",
+            st.lse[r]
+        );
+        let first = row.iter().position(|&x| f64::from(x) == m).unwrap();
+        assert_eq!(st.argmax[r] as usize, first, "row {r}");
+    }
+    assert_eq!(st.argmax[2], 10);
+    let want: Vec<f32> = picks
+        .iter()
+        .map(|&(r, t)| data[r * v + t as usize])
+        .collect();
+    assert_eq!(st.picked, want);
+    // candle's own reductions agree too (the path other devices take).
+    let lse_c: Vec<f32> = logits.log_sum_exp(D::Minus1).unwrap().to_vec1().unwrap();
+    for (a, b) in st.lse.iter().zip(&lse_c) {
+        assert!((a - b).abs() < 1e-4, "{a} vs candle {b}");
+    }
+    // A pick outside the matrix is an error, not a panic.
+    let err = mlbench::model::score::row_stats(&logits, &[(7, 0)]).unwrap_err();
+    assert!(err.to_string().contains("outside"), "{err}");
 }

@@ -10,11 +10,9 @@
 //! time. When a context and its longest continuation exceed `max_len`, the context loses tokens
 //! from the left.
 
-use candle_core::{DType, Tensor, D};
-
 use crate::error::{Error, Result};
 use crate::model::lora::Adapter;
-use crate::model::score::Score;
+use crate::model::score::{row_stats, Score};
 use crate::model::transformer::{Ctx, Model, PAD};
 
 /// One example: context ids and the ids of every continuation.
@@ -136,25 +134,17 @@ pub fn score_choices(
         let mut tlogit: Vec<f32> = vec![0.0; wanted.len()];
         for (ci, rs) in rows.chunks(LOGIT_ROWS).enumerate() {
             let base = ci * LOGIT_ROWS;
-            let logits = model.logits_at(&hidden, rs)?.to_dtype(DType::F32)?;
-            let v = logits.dim(1)?;
-            lse.extend(logits.log_sum_exp(D::Minus1)?.to_vec1::<f32>()?);
-            amax.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
-            let (idx, slots): (Vec<u32>, Vec<usize>) = wanted
+            let logits = model.logits_at(&hidden, rs)?;
+            let (picks, slots): (Vec<(usize, u32)>, Vec<usize>) = wanted
                 .iter()
                 .enumerate()
                 .filter(|(_, (u, _))| *u >= base && *u < base + rs.len())
-                .map(|(w, &(u, tok))| (((u - base) * v) as u32 + tok, w))
+                .map(|(w, &(u, tok))| ((u - base, tok), w))
                 .unzip();
-            if idx.is_empty() {
-                continue;
-            }
-            let n = idx.len();
-            let picked: Vec<f32> = logits
-                .flatten_all()?
-                .index_select(&Tensor::from_vec(idx, n, logits.device())?, 0)?
-                .to_vec1()?;
-            for (w, x) in slots.into_iter().zip(picked) {
+            let st = row_stats(&logits, &picks)?;
+            lse.extend(st.lse);
+            amax.extend(st.argmax);
+            for (w, x) in slots.into_iter().zip(st.picked) {
                 tlogit[w] = x;
             }
         }

@@ -9,6 +9,7 @@
 //! - [`tokenizer`]: `tokenizer.json`, lm-evaluation-harness pair encoding, tokenizer builders;
 //! - [`gguf`]: GGUF (llama.cpp) -> HF folder, with a tokenizer built from its vocabulary;
 //! - [`hub`]: Hugging Face Hub ids -> local snapshot folders (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN);
+//! - [`kernels`]: fused CPU inference kernels (gated activation, vectorised exp);
 //! - [`tiny`]: tiny random models of each architecture for tests;
 //! - [`score`]: log-likelihood requests and greedy generation.
 
@@ -16,6 +17,7 @@ pub mod autograd;
 pub mod config;
 pub mod gguf;
 pub mod hub;
+pub mod kernels;
 pub mod load;
 pub mod lora;
 pub mod loss;

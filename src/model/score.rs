@@ -6,7 +6,8 @@
 //! Requests are batched longest first and padded (right by default); scores do not depend on
 //! the batch size or the padding side.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Storage, Tensor, D};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::lora::Adapter;
@@ -38,6 +39,87 @@ pub struct Score {
 pub enum Pad {
     Left,
     Right,
+}
+
+/// Per-row statistics of a logit matrix `[N, V]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowStats {
+    /// `log sum_v exp(logits[n, v])` of each row.
+    pub lse: Vec<f32>,
+    /// Index of each row's first maximum.
+    pub argmax: Vec<u32>,
+    /// `logits[n, v]` for each `(n, v)` asked for, in order.
+    pub picked: Vec<f32>,
+}
+
+/// Log-sum-exp and argmax of every row of `logits: [N, V]`, and the logits at `picks`.
+///
+/// On the CPU this reads the rows in place, in parallel, with vectorised passes per row (max,
+/// the sum of exponentials accumulated in f64, the first position of the max); candle's `log_sum_exp` and `argmax`
+/// take six passes and allocate `[N, V]` temporaries, which for Gemma's 262k vocabulary cost
+/// more than a layer of the model. Other devices use candle's ops.
+pub fn row_stats(logits: &Tensor, picks: &[(usize, u32)]) -> Result<RowStats> {
+    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+    let (n, v) = logits.dims2()?;
+    if let Some(&(r, t)) = picks.iter().find(|&&(r, t)| r >= n || t as usize >= v) {
+        return Err(Error::Invalid(format!(
+            "logit ({r}, {t}) is outside the [{n}, {v}] matrix"
+        )));
+    }
+    {
+        let (storage, layout) = logits.storage_and_layout();
+        if let Storage::Cpu(cpu) = &*storage {
+            let start = layout.start_offset();
+            let data = &cpu.as_slice::<f32>()?[start..start + n * v];
+            let (lse, argmax): (Vec<f32>, Vec<u32>) = if v == 0 {
+                (vec![f32::NEG_INFINITY; n], vec![0; n])
+            } else {
+                data.par_chunks(v).map(lse_argmax).unzip()
+            };
+            let picked = picks
+                .iter()
+                .map(|&(r, t)| data[r * v + t as usize])
+                .collect();
+            return Ok(RowStats {
+                lse,
+                argmax,
+                picked,
+            });
+        }
+    }
+    let lse = logits.log_sum_exp(D::Minus1)?.to_vec1::<f32>()?;
+    let argmax = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    let idx: Vec<u32> = picks.iter().map(|&(r, t)| (r * v) as u32 + t).collect();
+    let picked = if idx.is_empty() {
+        Vec::new()
+    } else {
+        let k = idx.len();
+        logits
+            .flatten_all()?
+            .index_select(&Tensor::from_vec(idx, k, logits.device())?, 0)?
+            .to_vec1()?
+    };
+    Ok(RowStats {
+        lse,
+        argmax,
+        picked,
+    })
+}
+
+/// `(log sum exp(row), index of the first maximum)` of a non-empty row.
+fn lse_argmax(row: &[f32]) -> (f32, u32) {
+    let (m, s) = super::kernels::max_and_sum_exp(row);
+    // The first maximum (the max skips NaNs, so it is found even when there are some).
+    let best = row.iter().position(|&x| x == m).unwrap_or(0) as u32;
+    if !m.is_finite() {
+        // All -inf (log 0), an infinite maximum or all NaN: the shifted sum means nothing.
+        let nan = m.is_nan() || row.iter().any(|x| x.is_nan());
+        return (if nan { f32::NAN } else { m }, best);
+    }
+    if s.is_nan() {
+        return (f32::NAN, best);
+    }
+    (m + s.ln() as f32, best)
 }
 
 /// Scores token-level requests: `(context ids, continuation ids)`.
@@ -103,16 +185,16 @@ pub fn score_ids(
             targets.extend_from_slice(tg);
         }
         let hidden = model.hidden(&ids, &mask, &ctx)?;
-        let logits = model.logits_at(&hidden, &rows)?.to_dtype(DType::F32)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let argmax: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
-        let tgt = Tensor::from_vec(targets.clone(), (targets.len(), 1), logp.device())?;
-        let picked: Vec<f32> = logp.gather(&tgt, 1)?.squeeze(1)?.to_vec1()?;
+        let logits = model.logits_at(&hidden, &rows)?;
+        let picks: Vec<(usize, u32)> = targets.iter().copied().enumerate().collect();
+        let st = row_stats(&logits, &picks)?;
         let mut at = 0;
         for &i in chunk {
             let n = inputs[i].1.len();
-            let lp: f64 = picked[at..at + n].iter().map(|&x| f64::from(x)).sum();
-            let greedy = (at..at + n).all(|r| argmax[r] == targets[r]);
+            let lp: f64 = (at..at + n)
+                .map(|r| f64::from(st.picked[r]) - f64::from(st.lse[r]))
+                .sum();
+            let greedy = (at..at + n).all(|r| st.argmax[r] == targets[r]);
             out[i] = Some(Score {
                 logprob: lp,
                 greedy,

@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::autograd::with_grad;
 use super::config::{Arch, LayerKind, ModelConfig};
+use super::kernels;
 use super::lora::{Adapter, ModuleInfo};
 use crate::error::{Error, Result};
 use crate::util::Rng;
@@ -659,6 +660,16 @@ impl Model {
     fn mlp(&self, l: &Layer, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let g = l.gate.forward(x, ctx)?;
         let u = l.up.forward(x, ctx)?;
+        if !ctx.training() {
+            let kind = match self.config.arch {
+                Arch::Gemma3 => kernels::Glu::GeluTanh,
+                Arch::Llama | Arch::Qwen2 => kernels::Glu::Silu,
+            };
+            // One fused pass on the CPU in f32; None elsewhere.
+            if let Some(h) = kernels::glu(kind, &g.detach(), &u.detach())? {
+                return l.down.forward(&h, ctx);
+            }
+        }
         let a = match self.config.arch {
             Arch::Gemma3 => g.gelu()?, // tanh approximation, as gelu_pytorch_tanh
             Arch::Llama | Arch::Qwen2 => g.silu()?,
