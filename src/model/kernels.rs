@@ -1,15 +1,16 @@
-//! CPU inference kernels that candle runs as chains of scalar ops: the gated activation of the
-//! MLP (`act(gate) * up`, one pass instead of three) and a vectorisable `exp`.
+//! CPU kernels for what candle runs as chains of scalar ops: the gated activation of the MLP
+//! (`act(gate) * up`, one pass instead of three, and its gradient in one more) and a
+//! vectorisable `exp` (for the scorers' log-sum-exp).
 //!
-//! In: contiguous f32 slices (or tensors); out: new f32 buffers. Nothing here tracks gradients:
-//! callers use these only when no gradient is wanted and fall back to candle's ops otherwise
-//! (other devices, other dtypes, training).
+//! In: contiguous f32 slices (or f32 CPU tensors); out: new f32 buffers. The tensor-level
+//! gated activation carries a fused backward pass; for other devices and dtypes callers fall
+//! back to candle's ops.
 //!
 //! Accuracy: [`exp`] is within 2 ulp-ish (relative error below 3e-7) of the exact value on its
 //! range, so the activations agree with candle's `gelu`/`silu` to about 1e-6 relative; tests
 //! check both against f64 references.
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -105,12 +106,7 @@ unsafe fn glu_chunk_avx2(kind: Glu, g: &[f32], u: &[f32], out: &mut [f32]) {
 fn glu_chunk_best(kind: Glu, g: &[f32], u: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
+        if avx512() {
             // SAFETY: the features the function is compiled for were detected above.
             return unsafe { glu_chunk_avx512(kind, g, u, out) };
         }
@@ -137,58 +133,158 @@ pub fn glu_slices(kind: Glu, g: &[f32], u: &[f32]) -> Vec<f32> {
     out
 }
 
-/// `act(g) * u` for two tensors of one shape when both are f32 on the CPU and carry no
-/// gradient graph; `None` otherwise (the caller then uses candle's ops).
+/// `(act(x), act'(x))`.
+#[inline(always)]
+fn act_and_slope(kind: Glu, x: f32) -> (f32, f32) {
+    match kind {
+        Glu::GeluTanh => {
+            const C: f32 = 0.797_884_6;
+            let z = C * (x + 0.044_715 * x * x * x);
+            let p = 1.0 / (1.0 + exp(-2.0 * z));
+            let dz = C * (1.0 + 3.0 * 0.044_715 * x * x);
+            (x * p, p + 2.0 * x * p * (1.0 - p) * dz)
+        }
+        Glu::Silu => {
+            let s = 1.0 / (1.0 + exp(-x));
+            (x * s, s * (1.0 + x * (1.0 - s)))
+        }
+    }
+}
+
+#[inline(always)]
+fn glu_bwd_chunk(kind: Glu, g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    for i in 0..g.len() {
+        let (a, da) = act_and_slope(kind, g[i]);
+        dg[i] = dy[i] * u[i] * da;
+        du[i] = dy[i] * a;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
+unsafe fn glu_bwd_chunk_avx512(
+    kind: Glu,
+    g: &[f32],
+    u: &[f32],
+    dy: &[f32],
+    dg: &mut [f32],
+    du: &mut [f32],
+) {
+    glu_bwd_chunk(kind, g, u, dy, dg, du)
+}
+
+/// Gradients of `act(g) * u` with respect to `g` and `u` given the output's gradient `dy`.
+pub fn glu_backward_slices(kind: Glu, g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    assert!(g.len() == u.len() && g.len() == dy.len(), "lengths differ");
+    let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+    let wide = avx512();
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(
+            g.par_chunks(CHUNK)
+                .zip(u.par_chunks(CHUNK))
+                .zip(dy.par_chunks(CHUNK)),
+        )
+        .for_each(|((dg, du), ((g, u), dy))| {
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: `avx512()` checked the features the function is compiled for.
+                return unsafe { glu_bwd_chunk_avx512(kind, g, u, dy, dg, du) };
+            }
+            let _ = wide;
+            glu_bwd_chunk(kind, g, u, dy, dg, du)
+        });
+    (dg, du)
+}
+
+/// Whether the AVX-512 variants can run here.
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Contiguous f32 values of a CPU tensor.
+fn cpu_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// The fused gated activation as a candle op on `(gate, up)`, with its backward pass.
+struct GluOp(Glu);
+
+impl CustomOp2 for GluOp {
+    fn name(&self) -> &'static str {
+        "fused-glu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        lg: &Layout,
+        u: &CpuStorage,
+        lu: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = lg.shape().elem_count();
+        let (Some((g0, g1)), Some((u0, u1))) = (lg.contiguous_offsets(), lu.contiguous_offsets())
+        else {
+            candle_core::bail!("fused-glu: inputs must be contiguous");
+        };
+        if lg.shape() != lu.shape() || g1 - g0 != n || u1 - u0 != n {
+            candle_core::bail!(
+                "fused-glu: gate {:?} and up {:?} differ",
+                lg.shape(),
+                lu.shape()
+            );
+        }
+        let out = glu_slices(
+            self.0,
+            &g.as_slice::<f32>()?[g0..g1],
+            &u.as_slice::<f32>()?[u0..u1],
+        );
+        Ok((CpuStorage::F32(out), lg.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gv, uv, dyv) = (
+            cpu_f32(g)?,
+            cpu_f32(u)?,
+            cpu_f32(&dy.to_dtype(DType::F32)?)?,
+        );
+        let (dg, du) = glu_backward_slices(self.0, &gv, &uv, &dyv);
+        Ok((
+            Some(Tensor::from_vec(dg, g.shape(), g.device())?),
+            Some(Tensor::from_vec(du, u.shape(), u.device())?),
+        ))
+    }
+}
+
+/// `act(g) * u` for two f32 CPU tensors of one shape, in one pass, with a fused backward pass
+/// when either carries a gradient graph; `None` for other dtypes and devices (the caller then
+/// uses candle's ops).
 pub fn glu(kind: Glu, g: &Tensor, u: &Tensor) -> Result<Option<Tensor>> {
     if g.dtype() != DType::F32
         || u.dtype() != DType::F32
         || !matches!(g.device(), Device::Cpu)
         || g.shape() != u.shape()
-        || g.track_op()
-        || u.track_op()
     {
         return Ok(None);
     }
-    let (g, u) = (g.contiguous()?, u.contiguous()?);
-    let out = {
-        let (gs, gl) = g.storage_and_layout();
-        let (us, ul) = u.storage_and_layout();
-        let (Storage::Cpu(gc), Storage::Cpu(uc)) = (&*gs, &*us) else {
-            return Ok(None);
-        };
-        let n = g.elem_count();
-        let gv = &gc.as_slice::<f32>()?[gl.start_offset()..gl.start_offset() + n];
-        let uv = &uc.as_slice::<f32>()?[ul.start_offset()..ul.start_offset() + n];
-        glu_slices(kind, gv, uv)
-    };
-    Ok(Some(Tensor::from_vec(out, g.shape(), g.device())?))
-}
-
-/// `e^x` for every element of a slice, in place, with the widest vector unit available.
-pub fn exp_in_place(xs: &mut [f32]) {
-    #[inline(always)]
-    fn body(xs: &mut [f32]) {
-        for x in xs.iter_mut() {
-            *x = exp(*x);
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
-        unsafe fn wide(xs: &mut [f32]) {
-            body(xs)
-        }
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the features `wide` is compiled for were detected above.
-            return unsafe { wide(xs) };
-        }
-    }
-    body(xs)
+    Ok(Some(
+        g.contiguous()?.apply_op2(&u.contiguous()?, GluOp(kind))?,
+    ))
 }
 
 /// Lanes of the hand-split reductions below: sixteen independent accumulators let the
@@ -240,18 +336,234 @@ unsafe fn row_stats_avx512(row: &[f32]) -> (f32, f64) {
 pub fn max_and_sum_exp(row: &[f32]) -> (f32, f64) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
+        if avx512() {
             // SAFETY: the features the function is compiled for were detected above.
             return unsafe { row_stats_avx512(row) };
         }
     }
     let m = row_max_body(row);
     (m, sum_exp_body(row, m))
+}
+
+/// A raw output pointer shared by parallel tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes its own (batch, head) block; no two blocks overlap.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[inline(always)]
+fn softmax_masked_body(row: &mut [f32], mask: &[f32]) {
+    for (x, m) in row.iter_mut().zip(mask) {
+        *x += *m;
+    }
+    let mx = row_max_body(row);
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for j in 0..LANES {
+            c[j] = exp(c[j] - mx);
+            acc[j] += c[j];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp(*x - mx);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
+unsafe fn softmax_masked_avx512(row: &mut [f32], mask: &[f32]) {
+    softmax_masked_body(row, mask)
+}
+
+/// Shapes of one attention call: queries `[b, t, nh, hd]`, keys and values `[b, tk, nkv, hd]`,
+/// an additive mask `[b, 1, t, tk]`.
+#[derive(Debug, Clone, Copy)]
+struct AttnDims {
+    b: usize,
+    t: usize,
+    tk: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+}
+
+/// `softmax(scale q k^T + mask) v` per (batch row, head), in parallel over those pairs, each
+/// with a single-threaded GEMM that reads the heads in place (query head `h` uses key/value
+/// head `h / (nh / nkv)`), writing `[b, t, nh, hd]`.
+fn attention_slices(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    d: AttnDims,
+    scale: f32,
+) -> Vec<f32> {
+    let AttnDims {
+        b,
+        t,
+        tk,
+        nh,
+        nkv,
+        hd,
+    } = d;
+    let mut out = vec![0f32; b * t * nh * hd];
+    let dst = OutPtr(out.as_mut_ptr());
+    let wide = avx512();
+    let rep = nh / nkv;
+    (0..b * nh).into_par_iter().for_each(|bh| {
+        let (bi, h) = (bh / nh, bh % nh);
+        let kh = h / rep;
+        let mut s = vec![0f32; t * tk];
+        let q0 = bi * t * nh * hd + h * hd;
+        let k0 = bi * tk * nkv * hd + kh * hd;
+        // SAFETY: the offsets and strides stay inside q, k, v (their lengths were checked
+        // against the dims) and inside this task's own block of `out`.
+        unsafe {
+            gemm::gemm(
+                t,
+                tk,
+                hd,
+                s.as_mut_ptr(),
+                1,
+                tk as isize,
+                false,
+                q.as_ptr().add(q0),
+                1,
+                (nh * hd) as isize,
+                k.as_ptr().add(k0),
+                (nkv * hd) as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for (qi, row) in s.chunks_exact_mut(tk).enumerate() {
+            let m = &mask[(bi * t + qi) * tk..(bi * t + qi + 1) * tk];
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: `avx512()` checked the features the function is compiled for.
+                unsafe { softmax_masked_avx512(row, m) };
+                continue;
+            }
+            let _ = wide;
+            softmax_masked_body(row, m);
+        }
+        // SAFETY: as above; the destination block is rows bi*t.., columns h*hd.. of `out`.
+        unsafe {
+            gemm::gemm(
+                t,
+                hd,
+                tk,
+                dst.get().add(q0),
+                1,
+                (nh * hd) as isize,
+                false,
+                s.as_ptr(),
+                1,
+                tk as isize,
+                v.as_ptr().add(k0),
+                1,
+                (nkv * hd) as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+    out
+}
+
+/// Attention for inference on the CPU in f32: queries `[B, T, nh, hd]`, keys and values
+/// `[B, Tk, nkv, hd]` (grouped-query heads read in place, no copies), an additive mask
+/// `[B, 1, T, Tk]`; returns `[B, T, nh, hd]`, the layout the output projection reads. `None`
+/// for other dtypes and devices or when a gradient is tracked (the caller then uses candle's
+/// ops).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    let all = [q, k, v, mask];
+    if all
+        .iter()
+        .any(|x| x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) || x.track_op())
+    {
+        return Ok(None);
+    }
+    let (b, t, nh, hd) = q.dims4()?;
+    let (bk, tk, nkv, hdk) = k.dims4()?;
+    if bk != b
+        || hdk != hd
+        || v.dims4()? != (b, tk, nkv, hd)
+        || mask.dims4()? != (b, 1, t, tk)
+        || nkv == 0
+        || nh % nkv != 0
+    {
+        return Err(crate::error::Error::Invalid(format!(
+            "attention shapes do not fit: q {:?}, k {:?}, v {:?}, mask {:?}",
+            q.shape(),
+            k.shape(),
+            v.shape(),
+            mask.shape()
+        )));
+    }
+    let (q, k, v, mask) = (
+        q.contiguous()?,
+        k.contiguous()?,
+        v.contiguous()?,
+        mask.contiguous()?,
+    );
+    let out = {
+        let guards = [&q, &k, &v, &mask].map(|x| x.storage_and_layout());
+        let mut sl: Vec<&[f32]> = Vec::with_capacity(4);
+        for (g, x) in guards.iter().zip([&q, &k, &v, &mask]) {
+            let Storage::Cpu(c) = &*g.0 else {
+                return Ok(None);
+            };
+            let o = g.1.start_offset();
+            sl.push(&c.as_slice::<f32>()?[o..o + x.elem_count()]);
+        }
+        attention_slices(
+            sl[0],
+            sl[1],
+            sl[2],
+            sl[3],
+            AttnDims {
+                b,
+                t,
+                tk,
+                nh,
+                nkv,
+                hd,
+            },
+            scale,
+        )
+    };
+    Ok(Some(Tensor::from_vec(out, (b, t, nh, hd), q.device())?))
 }
 
 #[cfg(test)]
@@ -301,6 +613,125 @@ mod tests {
                     err <= 2e-6 * want.abs() + 1e-12,
                     "{kind:?}({x}) * {u}: {y} vs {want}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn fused_glu_values_and_gradients_match_candle_ops() {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let n = 4 * 1_000;
+        let gv: Vec<f32> = (0..n)
+            .map(|i| ((i * 7_919) % 1_000) as f32 / 80.0 - 6.0)
+            .collect();
+        let uv: Vec<f32> = (0..n)
+            .map(|i| ((i * 104_729) % 997) as f32 / 300.0 - 1.5)
+            .collect();
+        let wv: Vec<f32> = (0..n)
+            .map(|i| ((i * 31) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let w = Tensor::from_vec(wv, (4, 1_000), &dev).unwrap();
+        for kind in [Glu::GeluTanh, Glu::Silu] {
+            let run = |fused: bool| {
+                let g = Var::from_vec(gv.clone(), (4, 1_000), &dev).unwrap();
+                let u = Var::from_vec(uv.clone(), (4, 1_000), &dev).unwrap();
+                let y = if fused {
+                    glu(kind, g.as_tensor(), u.as_tensor()).unwrap().unwrap()
+                } else {
+                    let a = match kind {
+                        Glu::GeluTanh => g.as_tensor().gelu().unwrap(),
+                        Glu::Silu => g.as_tensor().silu().unwrap(),
+                    };
+                    (a * u.as_tensor()).unwrap()
+                };
+                let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let (dg, du) = (
+                    grads.get(g.as_tensor()).unwrap(),
+                    grads.get(u.as_tensor()).unwrap(),
+                );
+                (v(&y), v(dg), v(du))
+            };
+            let (a, b) = (run(true), run(false));
+            for (name, x, y) in [
+                ("value", &a.0, &b.0),
+                ("d gate", &a.1, &b.1),
+                ("d up", &a.2, &b.2),
+            ] {
+                let worst = x
+                    .iter()
+                    .zip(y)
+                    .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst < 2e-5,
+                    "{kind:?} {name}: fused and candle differ by {worst}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn attention_matches_a_naive_f64_computation() {
+        let d = AttnDims {
+            b: 2,
+            t: 5,
+            tk: 7,
+            nh: 4,
+            nkv: 2,
+            hd: 8,
+        };
+        let val = |i: usize, m: usize| ((i * m) % 1_009) as f32 / 500.0 - 1.0;
+        let q: Vec<f32> = (0..d.b * d.t * d.nh * d.hd)
+            .map(|i| val(i, 7_919))
+            .collect();
+        let k: Vec<f32> = (0..d.b * d.tk * d.nkv * d.hd)
+            .map(|i| val(i, 104_729))
+            .collect();
+        let v: Vec<f32> = (0..d.b * d.tk * d.nkv * d.hd).map(|i| val(i, 31)).collect();
+        // Causal over the last t of tk keys, plus one hidden key and one fully masked row.
+        let mut mask = vec![0f32; d.b * d.t * d.tk];
+        for bi in 0..d.b {
+            for qi in 0..d.t {
+                for ki in 0..d.tk {
+                    let hidden =
+                        ki > qi + (d.tk - d.t) || (bi == 1 && ki == 3) || (bi == 0 && qi == 2);
+                    if hidden {
+                        mask[(bi * d.t + qi) * d.tk + ki] = -1e30;
+                    }
+                }
+            }
+        }
+        let scale = 0.3f32;
+        let got = attention_slices(&q, &k, &v, &mask, d, scale);
+        let rep = d.nh / d.nkv;
+        for bi in 0..d.b {
+            for qi in 0..d.t {
+                for h in 0..d.nh {
+                    let kh = h / rep;
+                    let qv = |j: usize| f64::from(q[((bi * d.t + qi) * d.nh + h) * d.hd + j]);
+                    let kv = |ki: usize, j: usize| ((bi * d.tk + ki) * d.nkv + kh) * d.hd + j;
+                    let sc: Vec<f64> = (0..d.tk)
+                        .map(|ki| {
+                            let dot: f64 = (0..d.hd).map(|j| qv(j) * f64::from(k[kv(ki, j)])).sum();
+                            f64::from(scale) * dot + f64::from(mask[(bi * d.t + qi) * d.tk + ki])
+                        })
+                        .collect();
+                    let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for j in 0..d.hd {
+                        let want: f64 = (0..d.tk)
+                            .map(|ki| e[ki] / z * f64::from(v[kv(ki, j)]))
+                            .sum();
+                        let y = f64::from(got[((bi * d.t + qi) * d.nh + h) * d.hd + j]);
+                        assert!(
+                            (y - want).abs() < 1e-5,
+                            "b{bi} q{qi} h{h} d{j}: {y} vs {want}"
+                        );
+                    }
+                }
             }
         }
     }

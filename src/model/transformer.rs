@@ -235,8 +235,9 @@ struct Prepared {
     rope: HashMap<u64, RopeTables>,
 }
 
-/// Keys and values of the tokens a batch has run so far, per layer (`[B, kv_heads, T,
-/// head_dim]`, after rope), for incremental decoding with [`Model::hidden_cached`].
+/// Keys and values of the tokens a batch has run so far, per layer (after rope; `[B, T,
+/// kv_heads, head_dim]` on the CPU in f32, `[B, kv_heads, T, head_dim]` elsewhere), for
+/// incremental decoding with [`Model::hidden_cached`].
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -586,13 +587,50 @@ impl Model {
             Some(n) => n.run(&k, fast)?,
             None => k,
         };
-        let q = q.transpose(1, 2)?.contiguous()?; // [B, nh, T, hd]
-        let k = k.transpose(1, 2)?.contiguous()?;
-        let v = v.transpose(1, 2)?.contiguous()?;
         let rt = p
             .rope
             .get(&c.rope_base(i).to_bits())
             .expect("rope prepared for every base");
+        let mask = match l.kind {
+            LayerKind::Sliding => p.mask_sliding.as_ref().unwrap_or(&p.mask_full),
+            LayerKind::Full => &p.mask_full,
+        };
+        // Inference on the CPU in f32: heads stay in the projections' [B, T, heads, hd] layout
+        // (rope on that layout, cache along T, a fused attention kernel); no transposes, no
+        // grouped-query copies.
+        if !ctx.training() && self.dtype == DType::F32 && self.device.is_cpu() {
+            let rope = |x: Tensor| -> Result<Tensor> {
+                Ok(candle_nn::rotary_emb::rope_thd(
+                    &x.contiguous()?,
+                    &rt.cos_half,
+                    &rt.sin_half,
+                )?)
+            };
+            let (q, k) = (rope(q.detach())?, rope(k.detach())?);
+            let v = v.detach().contiguous()?;
+            let (k, v) = match kv {
+                None => (k, v),
+                Some(slot) => {
+                    let (k, v) = match slot.take() {
+                        None => (k, v),
+                        Some((pk, pv)) => {
+                            (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?)
+                        }
+                    };
+                    *slot = Some((k.clone(), v.clone()));
+                    (k, v)
+                }
+            };
+            let scale = c.attn_scale() as f32;
+            if let Some(a) = kernels::attention(&q, &k, &v, mask, scale)? {
+                let attn = a.reshape((b * t, nh * hd))?;
+                return self.finish_layer(l, x, &attn, ctx, fast);
+            }
+            return Err(Error::Invalid("fused attention refused its inputs".into()));
+        }
+        let q = q.transpose(1, 2)?.contiguous()?; // [B, nh, T, hd]
+        let k = k.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
         let q = apply_rope(&q, rt, fast)?;
         let k = apply_rope(&k, rt, fast)?;
         // With a cache: keys and values of the earlier tokens come first.
@@ -620,10 +658,6 @@ impl Model {
             (k, v)
         };
         let scores = (q.matmul(&k.t()?)? * c.attn_scale())?;
-        let mask = match l.kind {
-            LayerKind::Sliding => p.mask_sliding.as_ref().unwrap_or(&p.mask_full),
-            LayerKind::Full => &p.mask_full,
-        };
         let scores = scores.broadcast_add(mask)?;
         let probs = if fast {
             softmax_train(&scores)?
@@ -632,7 +666,21 @@ impl Model {
         };
         let attn = probs.matmul(&v)?; // [B, nh, T, hd]
         let attn = attn.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-        let attn = l.o.forward(&attn, ctx)?;
+        self.finish_layer(l, x, &attn, ctx, fast)
+    }
+
+    /// Output projection, residuals, norms and MLP of a layer, from the attention's
+    /// `[B * T, heads * hd]` output.
+    fn finish_layer(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        attn: &Tensor,
+        ctx: &Ctx,
+        fast: bool,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let attn = l.o.forward(attn, ctx)?;
         match c.arch {
             Arch::Gemma3 => {
                 let x = (x + l.post_attn_norm.run(&attn, fast)?)?;
@@ -660,15 +708,13 @@ impl Model {
     fn mlp(&self, l: &Layer, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let g = l.gate.forward(x, ctx)?;
         let u = l.up.forward(x, ctx)?;
-        if !ctx.training() {
-            let kind = match self.config.arch {
-                Arch::Gemma3 => kernels::Glu::GeluTanh,
-                Arch::Llama | Arch::Qwen2 => kernels::Glu::Silu,
-            };
-            // One fused pass on the CPU in f32; None elsewhere.
-            if let Some(h) = kernels::glu(kind, &g.detach(), &u.detach())? {
-                return l.down.forward(&h, ctx);
-            }
+        let kind = match self.config.arch {
+            Arch::Gemma3 => kernels::Glu::GeluTanh,
+            Arch::Llama | Arch::Qwen2 => kernels::Glu::Silu,
+        };
+        // One fused pass (and a fused backward) for f32 on the CPU; None elsewhere.
+        if let Some(h) = kernels::glu(kind, &g, &u)? {
+            return l.down.forward(&h, ctx);
         }
         let a = match self.config.arch {
             Arch::Gemma3 => g.gelu()?, // tanh approximation, as gelu_pytorch_tanh
