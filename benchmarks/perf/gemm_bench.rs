@@ -1,0 +1,49 @@
+//! f32 matrix-product throughput of candle's CPU backend (the gemm crate) on the shapes of a
+//! decoder's projections, to set against `gemm_bench_torch.py` (the same shapes in PyTorch) in
+//! the same run: how much of the model gap is the GEMM itself.
+//!
+//! Shapes `[m, k] x [k, n]^T` as in `x W^T` (weights stored `[out, in]`), m = 1,024 tokens.
+//! Reports GFLOP/s (2 m n k per product), median of 7 after 2 warm-ups.
+//! Run: cargo run --release --example gemm_bench
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+fn main() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let m = 1024;
+    // (name, k = in, n = out): SmolLM2-135M and Gemma 3 270M projections, Gemma's output layer.
+    let shapes = [
+        ("smollm2 q/o", 576, 576),
+        ("smollm2 k/v", 576, 192),
+        ("smollm2 gate/up", 576, 1536),
+        ("smollm2 down", 1536, 576),
+        ("gemma q", 640, 1024),
+        ("gemma gate/up", 640, 2048),
+        ("gemma down", 2048, 640),
+        ("gemma logits (256 rows)", 640, 262_144),
+    ];
+    for (name, k, n) in shapes {
+        let rows = if name.contains("256 rows") { 256 } else { m };
+        let x = Tensor::randn(0f32, 1.0, (rows, k), &dev)?;
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
+        let mut times = Vec::new();
+        for i in 0..9 {
+            let t0 = Instant::now();
+            let y = x.matmul(&w.t()?)?;
+            std::hint::black_box(&y);
+            if i >= 2 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let t = times[times.len() / 2];
+        let gflops = 2.0 * rows as f64 * n as f64 * k as f64 / t / 1e9;
+        println!(
+            "{name:<24} m={rows:<5} k={k:<5} n={n:<6} {:>8.3} ms {gflops:>7.1} GFLOP/s",
+            t * 1e3
+        );
+    }
+    Ok(())
+}
