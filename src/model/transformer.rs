@@ -82,7 +82,11 @@ fn softmax_train(x: &Tensor) -> Result<Tensor> {
 /// frozen base weights is wasted work and memory (for Gemma's 262k x 640 output matrix alone,
 /// 671 MB per step).
 fn frozen_matmul(x: &Tensor, w: &Tensor, training: bool) -> Result<Tensor> {
-    let y = x.detach().matmul(&w.t()?)?;
+    let xd = x.detach();
+    let y = match kernels::linear(&xd, w)? {
+        Some(y) => y,
+        None => xd.matmul(&w.t()?)?,
+    };
     if !training {
         return Ok(y);
     }
