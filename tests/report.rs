@@ -86,6 +86,12 @@ fn the_report_folder_has_an_html_page_with_inline_plots_and_the_tables() {
         svg.contains("meta-lora") && svg.contains("lora-full"),
         "legend"
     );
+    // The K axis is labelled at the budgets themselves (a log axis's default ticks are powers
+    // of ten, which 16..64 does not contain).
+    for k in ["8", "16", "32", "64"] {
+        let label = format!(">\n{k}\n</text>");
+        assert!(svg.contains(&label), "no tick label for K = {k}");
+    }
     let html = std::fs::read_to_string(out.join("index.html")).unwrap();
     assert_eq!(html.matches("src=\"data:image/png;base64,").count(), 2);
     assert!(html.contains("<td>meta-lora</td><td>64</td>"));

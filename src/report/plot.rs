@@ -86,13 +86,21 @@ fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Re
     } else {
         (kmin / 1.3, kmax * 1.3)
     };
+    let mut ticks: Vec<f64> = ks.clone();
+    ticks.sort_by(f64::total_cmp);
+    ticks.dedup();
     for (ci, (col, area)) in t.columns.iter().zip(panels.iter()).enumerate() {
         let mut chart = ChartBuilder::on(area)
             .caption(col, ("sans-serif", 16))
             .margin(8)
             .x_label_area_size(35)
             .y_label_area_size(45)
-            .build_cartesian_2d((kmin..kmax).log_scale(), 0f64..1f64)
+            // Ticks at the budgets themselves: a log axis over 16..64 holds no power of ten,
+            // so its default key points would leave the axis unlabelled.
+            .build_cartesian_2d(
+                (kmin..kmax).log_scale().with_key_points(ticks.clone()),
+                0f64..1f64,
+            )
             .map_err(plot_err)?;
         chart
             .configure_mesh()
