@@ -612,19 +612,7 @@ impl Model {
             };
             let (q, k) = (rope(q.detach())?, rope(k.detach())?);
             let v = v.detach().contiguous()?;
-            let (k, v) = match kv {
-                None => (k, v),
-                Some(slot) => {
-                    let (k, v) = match slot.take() {
-                        None => (k, v),
-                        Some((pk, pv)) => {
-                            (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?)
-                        }
-                    };
-                    *slot = Some((k.clone(), v.clone()));
-                    (k, v)
-                }
-            };
+            let (k, v) = extend_cache(kv, k, v, 1)?;
             let scale = c.attn_scale() as f32;
             if let Some(a) = kernels::attention(&q, &k, &v, mask, scale)? {
                 let attn = a.reshape((b * t, nh * hd))?;
@@ -638,17 +626,7 @@ impl Model {
         let q = apply_rope(&q, rt, fast)?;
         let k = apply_rope(&k, rt, fast)?;
         // With a cache: keys and values of the earlier tokens come first.
-        let (k, v) = match kv {
-            None => (k, v),
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    None => (k, v),
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
-        };
+        let (k, v) = extend_cache(kv, k, v, 2)?;
         let tk = k.dim(2)?;
         let (k, v) = if nkv != nh {
             let rep = nh / nkv;
@@ -815,6 +793,28 @@ impl Model {
 
 /// Half-split rope (HF layout): `x * cos + rotate_half(x) * sin`, `x: [B, heads, T, hd]`;
 /// candle's fused kernel when `fast`, plain differentiable ops otherwise.
+/// With a cache slot: the cached keys and values come first along the time axis `t_dim`, and
+/// the slot keeps the extended pair. Without one, `(k, v)` as given.
+fn extend_cache(
+    kv: Option<&mut Option<(Tensor, Tensor)>>,
+    k: Tensor,
+    v: Tensor,
+    t_dim: usize,
+) -> Result<(Tensor, Tensor)> {
+    let Some(slot) = kv else {
+        return Ok((k, v));
+    };
+    let (k, v) = match slot.take() {
+        None => (k, v),
+        Some((pk, pv)) => (
+            Tensor::cat(&[&pk, &k], t_dim)?,
+            Tensor::cat(&[&pv, &v], t_dim)?,
+        ),
+    };
+    *slot = Some((k.clone(), v.clone()));
+    Ok((k, v))
+}
+
 fn apply_rope(x: &Tensor, rt: &RopeTables, fast: bool) -> Result<Tensor> {
     if fast {
         // Rope is a rotation: its backward is the rotation by the opposite angle.
