@@ -3,7 +3,9 @@
 //! the same run: how much of the model gap is the GEMM itself.
 //!
 //! Shapes `[m, k] x [k, n]^T` as in `x W^T` (weights stored `[out, in]`), m = 1,024 tokens.
-//! Reports GFLOP/s (2 m n k per product), median of 7 after 2 warm-ups.
+//! Reports GFLOP/s (2 m n k per product), median of 7 after 2 warm-ups, for candle's f32
+//! matmul and, where the CPU has AMX, mlbench's bf16 tile product (`model::amx`, weights packed
+//! once beforehand as the model does; the activation rounding is inside the timing).
 //! Run: cargo run --release --example gemm_bench
 
 use std::time::Instant;
@@ -40,10 +42,29 @@ fn main() -> candle_core::Result<()> {
         times.sort_by(f64::total_cmp);
         let t = times[times.len() / 2];
         let gflops = 2.0 * rows as f64 * n as f64 * k as f64 / t / 1e9;
-        println!(
-            "{name:<24} m={rows:<5} k={k:<5} n={n:<6} {:>8.3} ms {gflops:>7.1} GFLOP/s",
+        print!(
+            "{name:<24} m={rows:<5} k={k:<5} n={n:<6} f32 {:>8.3} ms {gflops:>7.1} GFLOP/s",
             t * 1e3
         );
+        if mlbench::model::amx::available() {
+            let xv = x.flatten_all()?.to_vec1::<f32>()?;
+            let wv = w.flatten_all()?.to_vec1::<f32>()?;
+            let packed = mlbench::model::amx::Packed::from_transposed(&wv, n, k);
+            let mut times = Vec::new();
+            for i in 0..9 {
+                let t0 = Instant::now();
+                let y = mlbench::model::amx::matmul(&xv, rows, &packed);
+                std::hint::black_box(&y);
+                if i >= 2 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            let ta = times[times.len() / 2];
+            let g = 2.0 * rows as f64 * n as f64 * k as f64 / ta / 1e9;
+            print!(" | amx bf16 {:>8.3} ms {g:>7.1} GFLOP/s", ta * 1e3);
+        }
+        println!();
     }
     Ok(())
 }

@@ -8,6 +8,7 @@
 //! Device and dtype: MLBENCH_DEVICE=cpu|cuda|cuda:N (default cpu; cuda needs `--features cuda`)
 //! and MLBENCH_DTYPE=f32|bf16|f16 (default f32). Base weights and LoRA weights use that dtype.
 //! On CUDA every timed step ends with a device synchronize.
+//! MLBENCH_MATMUL=bf16 runs the frozen-weight products on AMX tiles (`--matmul bf16`).
 
 use std::time::Instant;
 
@@ -63,6 +64,13 @@ fn main() -> anyhow::Result<()> {
     let dtype_name = std::env::var("MLBENCH_DTYPE").unwrap_or_else(|_| "f32".into());
     let device: Device = mlbench::model::parse_device(&dev_name)?;
     let dtype: DType = mlbench::model::parse_dtype(&dtype_name)?;
+    // MLBENCH_MATMUL=bf16: frozen-weight products on AMX tiles (as `mlbench --matmul bf16`).
+    let matmul = std::env::var("MLBENCH_MATMUL").unwrap_or_else(|_| "f32".into());
+    mlbench::model::kernels::set_matmul_precision(match matmul.as_str() {
+        "f32" => mlbench::model::kernels::MatmulPrecision::F32,
+        "bf16" => mlbench::model::kernels::MatmulPrecision::Bf16,
+        other => anyhow::bail!("MLBENCH_MATMUL={other}: expected f32 or bf16"),
+    })?;
     let t0 = Instant::now();
     let m = mlbench::model::load(&dir, dtype, &device)?;
     device.synchronize()?;
@@ -91,7 +99,7 @@ fn main() -> anyhow::Result<()> {
     let ad = Adapter::new("bench", cfg, &model.modules(), 0, dtype, &device)?;
     let threads = candle_core::utils::get_num_threads();
     println!(
-        "model={dir} device={dev_name} dtype={dtype_name} load_s={load_s:.2} threads={threads} batch={B}x{T} steps={steps}"
+        "model={dir} device={dev_name} dtype={dtype_name} matmul={matmul} load_s={load_s:.2} threads={threads} batch={B}x{T} steps={steps}"
     );
 
     let mask = vec![vec![1u8; T]; B];

@@ -36,6 +36,25 @@ pub struct Global {
     /// More log output (-v: debug, -vv: trace). `RUST_LOG` overrides.
     #[arg(long, short, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Precision of the products with frozen base weights on the CPU: `f32`, or `bf16` (inputs
+    /// rounded to bf16, f32 sums, on Intel AMX tiles: several times faster; an error on CPUs
+    /// without AMX). LoRA weights, norms, attention and losses stay f32. A bf16 run records
+    /// `matmul=bf16` in its code version, so its results never mix with f32 ones.
+    #[arg(
+        long,
+        global = true,
+        env = "MLBENCH_MATMUL",
+        value_enum,
+        default_value = "f32"
+    )]
+    pub matmul: Matmul,
+}
+
+/// `--matmul` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Matmul {
+    F32,
+    Bf16,
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,6 +110,11 @@ impl Global {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    use mlbench::model::kernels::{set_matmul_precision, MatmulPrecision};
+    set_matmul_precision(match cli.global.matmul {
+        Matmul::F32 => MatmulPrecision::F32,
+        Matmul::Bf16 => MatmulPrecision::Bf16,
+    })?;
     match cli.command {
         Command::Data(c) => data::run(&cli.global, c),
         Command::Tasks(c) => tasks::run(&cli.global, c),

@@ -12,6 +12,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::error::Result;
 
@@ -345,6 +347,129 @@ pub fn max_and_sum_exp(row: &[f32]) -> (f32, f64) {
     (m, sum_exp_body(row, m))
 }
 
+/// How products with frozen base weights run on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    /// f32 throughout (the default).
+    F32,
+    /// Inputs rounded to bf16, f32 accumulation, on AMX tiles ([`super::amx`]); LoRA weights,
+    /// norms, attention and losses stay f32.
+    Bf16,
+}
+
+impl MatmulPrecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulPrecision::F32 => "f32",
+            MatmulPrecision::Bf16 => "bf16",
+        }
+    }
+}
+
+static PRECISION: AtomicU8 = AtomicU8::new(0);
+
+/// Chooses the precision of frozen-weight products for the whole process. `Bf16` needs AMX
+/// ([`super::amx::available`]); asking for it elsewhere is an error rather than a silent
+/// change of numerics or speed.
+pub fn set_matmul_precision(p: MatmulPrecision) -> Result<()> {
+    if p == MatmulPrecision::Bf16 && !super::amx::available() {
+        return Err(crate::error::Error::Invalid(
+            "bf16 matrix products need a CPU with AMX (Intel Xeon Sapphire Rapids or later) and \
+             a Linux kernel that grants tile state; use f32 here"
+                .into(),
+        ));
+    }
+    PRECISION.store(p as u8, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The precision chosen by [`set_matmul_precision`] (f32 unless changed).
+pub fn matmul_precision() -> MatmulPrecision {
+    if PRECISION.load(Ordering::Relaxed) == MatmulPrecision::Bf16 as u8 {
+        MatmulPrecision::Bf16
+    } else {
+        MatmulPrecision::F32
+    }
+}
+
+/// bf16 tile copies of one frozen weight `w: [out, in]`, made on first use and shared by clones
+/// of the layer: `fwd` packs `w^T` (for `x w^T`), `bwd` packs `w` (for the input gradient `g
+/// w`, built only when training). A new weight (a merge) needs a new cache.
+#[derive(Debug, Clone, Default)]
+pub struct PackCache(Arc<PackSlots>);
+
+#[derive(Debug, Default)]
+struct PackSlots {
+    fwd: OnceLock<super::amx::Packed>,
+    bwd: OnceLock<super::amx::Packed>,
+}
+
+/// Contiguous f32 CPU rank-2 tensors' values, or `None` when any is not one.
+fn with_f32_slices<R>(ts: [&Tensor; 2], f: impl FnOnce(&[f32], &[f32]) -> R) -> Result<Option<R>> {
+    if ts
+        .iter()
+        .any(|t| t.dtype() != DType::F32 || !matches!(t.device(), Device::Cpu) || t.rank() != 2)
+    {
+        return Ok(None);
+    }
+    let (a, b) = (ts[0].contiguous()?, ts[1].contiguous()?);
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Storage::Cpu(ca), Storage::Cpu(cb)) = (&*sa, &*sb) else {
+        return Ok(None);
+    };
+    let av = &ca.as_slice::<f32>()?[la.start_offset()..la.start_offset() + a.elem_count()];
+    let bv = &cb.as_slice::<f32>()?[lb.start_offset()..lb.start_offset() + b.elem_count()];
+    Ok(Some(f(av, bv)))
+}
+
+/// `x w^T` for a frozen weight `w: [out, in]` and `x: [n, in]`: on AMX tiles when the precision
+/// is bf16 (packing `w` on first use), else [`linear`], else candle's matmul. No gradient.
+pub fn frozen_linear(x: &Tensor, w: &Tensor, packs: &PackCache) -> Result<Tensor> {
+    if matmul_precision() == MatmulPrecision::Bf16 {
+        let (n, k) = x.dims2()?;
+        let (out, kw) = w.dims2()?;
+        if k == kw {
+            let y = with_f32_slices([x, w], |xv, wv| {
+                let p = packs
+                    .0
+                    .fwd
+                    .get_or_init(|| super::amx::Packed::from_transposed(wv, out, k));
+                super::amx::matmul(xv, n, p)
+            })?;
+            if let Some(y) = y {
+                return Ok(Tensor::from_vec(y, (n, out), x.device())?);
+            }
+        }
+    }
+    match linear(x, w)? {
+        Some(y) => Ok(y),
+        None => Ok(x.matmul(&w.t()?)?),
+    }
+}
+
+/// `g w` for a frozen weight `w: [out, in]` and `g: [n, out]` (the input gradient of
+/// [`frozen_linear`]), with the same choice of kernel.
+pub fn frozen_linear_grad(g: &Tensor, w: &Tensor, packs: &PackCache) -> Result<Tensor> {
+    if matmul_precision() == MatmulPrecision::Bf16 {
+        let (n, k) = g.dims2()?;
+        let (out, inp) = w.dims2()?;
+        if k == out {
+            let y = with_f32_slices([g, w], |gv, wv| {
+                let p = packs
+                    .0
+                    .bwd
+                    .get_or_init(|| super::amx::Packed::from_rows(wv, out, inp));
+                super::amx::matmul(gv, n, p)
+            })?;
+            if let Some(y) = y {
+                return Ok(Tensor::from_vec(y, (n, inp), g.device())?);
+            }
+        }
+    }
+    Ok(g.matmul(w)?)
+}
+
 /// `x w^T` for `x: [n, in]` and a weight `w: [out, in]`, both f32 on the CPU: the product
 /// candle's matmul computes, minus its zero-filling of the output (the GEMM overwrites every
 /// element; the fill was ~5% of an evaluation's time). `None` for other dtypes, devices or
@@ -564,6 +689,304 @@ fn attention_slices(
     out
 }
 
+/// The gradients of [`attention_slices`] for the output gradient `dout: [b, t, nh, hd]`:
+/// `(dq, dk, dv)` in the layouts of `q`, `k`, `v`. Per (batch row, key/value head), in
+/// parallel, for each query head of the group: the probabilities `P` are recomputed (cheaper
+/// than keeping `[b, nh, t, tk]` per layer), then `dP = dO V^T`, `dS = P (dP - rowsum(P dP))`,
+/// `dQ = scale dS K`, `dK += scale dS^T Q`, `dV += P^T dO`. A group's key/value gradients are
+/// written only by its own task.
+fn attention_backward_slices(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    dout: &[f32],
+    d: AttnDims,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let AttnDims {
+        b,
+        t,
+        tk,
+        nh,
+        nkv,
+        hd,
+    } = d;
+    let mut dq = vec![0f32; b * t * nh * hd];
+    let mut dk = vec![0f32; b * tk * nkv * hd];
+    let mut dv = vec![0f32; b * tk * nkv * hd];
+    let (dqp, dkp, dvp) = (
+        OutPtr(dq.as_mut_ptr()),
+        OutPtr(dk.as_mut_ptr()),
+        OutPtr(dv.as_mut_ptr()),
+    );
+    let wide = avx512();
+    let rep = nh / nkv;
+    (0..b * nkv).into_par_iter().for_each(|bg| {
+        let (bi, kh) = (bg / nkv, bg % nkv);
+        let mut p = vec![0f32; t * tk];
+        let mut dp = vec![0f32; t * tk];
+        let k0 = bi * tk * nkv * hd + kh * hd;
+        let (ks, qs) = ((nkv * hd) as isize, (nh * hd) as isize);
+        for h in kh * rep..(kh + 1) * rep {
+            let q0 = bi * t * nh * hd + h * hd;
+            // SAFETY (all GEMMs below): offsets and strides stay inside q, k, v, dout (lengths
+            // checked against the dims by the caller), inside the task's own scratch, and
+            // inside this task's blocks of dq (rows bi, head h) and dk/dv (rows bi, head kh).
+            unsafe {
+                // P = softmax(scale Q K^T + mask)
+                gemm::gemm(
+                    t,
+                    tk,
+                    hd,
+                    p.as_mut_ptr(),
+                    1,
+                    tk as isize,
+                    false,
+                    q.as_ptr().add(q0),
+                    1,
+                    qs,
+                    k.as_ptr().add(k0),
+                    ks,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for (qi, row) in p.chunks_exact_mut(tk).enumerate() {
+                let m = &mask[(bi * t + qi) * tk..(bi * t + qi + 1) * tk];
+                #[cfg(target_arch = "x86_64")]
+                if wide {
+                    // SAFETY: `avx512()` checked the features the function is compiled for.
+                    unsafe { softmax_masked_avx512(row, m) };
+                    continue;
+                }
+                let _ = wide;
+                softmax_masked_body(row, m);
+            }
+            unsafe {
+                // dP = dO V^T
+                gemm::gemm(
+                    t,
+                    tk,
+                    hd,
+                    dp.as_mut_ptr(),
+                    1,
+                    tk as isize,
+                    false,
+                    dout.as_ptr().add(q0),
+                    1,
+                    qs,
+                    v.as_ptr().add(k0),
+                    ks,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            // dS = P (dP - rowsum(P dP)), into dp.
+            for (pr, dr) in p.chunks_exact(tk).zip(dp.chunks_exact_mut(tk)) {
+                let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                for (x, &pp) in dr.iter_mut().zip(pr) {
+                    *x = pp * (*x - dot);
+                }
+            }
+            unsafe {
+                // dQ = scale dS K
+                gemm::gemm(
+                    t,
+                    hd,
+                    tk,
+                    dqp.get().add(q0),
+                    1,
+                    qs,
+                    false,
+                    dp.as_ptr(),
+                    1,
+                    tk as isize,
+                    k.as_ptr().add(k0),
+                    1,
+                    ks,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                // dK += scale dS^T Q
+                gemm::gemm(
+                    tk,
+                    hd,
+                    t,
+                    dkp.get().add(k0),
+                    1,
+                    ks,
+                    true,
+                    dp.as_ptr(),
+                    tk as isize,
+                    1,
+                    q.as_ptr().add(q0),
+                    1,
+                    qs,
+                    1.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                // dV += P^T dO
+                gemm::gemm(
+                    tk,
+                    hd,
+                    t,
+                    dvp.get().add(k0),
+                    1,
+                    ks,
+                    true,
+                    p.as_ptr(),
+                    tk as isize,
+                    1,
+                    dout.as_ptr().add(q0),
+                    1,
+                    qs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    });
+    (dq, dk, dv)
+}
+
+/// Shapes of an attention call, checked: `q: [B, T, nh, hd]`, `k`, `v: [B, Tk, nkv, hd]`,
+/// `mask: [B, 1, T, Tk]`, `nh` a multiple of `nkv`.
+fn attention_dims(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<AttnDims> {
+    let (b, t, nh, hd) = q.dims4()?;
+    let (bk, tk, nkv, hdk) = k.dims4()?;
+    if bk != b
+        || hdk != hd
+        || v.dims4()? != (b, tk, nkv, hd)
+        || mask.dims4()? != (b, 1, t, tk)
+        || nkv == 0
+        || nh % nkv != 0
+    {
+        return Err(crate::error::Error::Invalid(format!(
+            "attention shapes do not fit: q {:?}, k {:?}, v {:?}, mask {:?}",
+            q.shape(),
+            k.shape(),
+            v.shape(),
+            mask.shape()
+        )));
+    }
+    Ok(AttnDims {
+        b,
+        t,
+        tk,
+        nh,
+        nkv,
+        hd,
+    })
+}
+
+/// Attention as a candle op on `(q, k, v)` with a hand-written backward pass; the mask (no
+/// gradient) and scale travel with the op.
+struct AttnOp {
+    mask: Vec<f32>,
+    dims: AttnDims,
+    scale: f32,
+}
+
+impl candle_core::CustomOp3 for AttnOp {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        lq: &Layout,
+        k: &CpuStorage,
+        lk: &Layout,
+        v: &CpuStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.dims;
+        let slice = |s: &'_ CpuStorage, l: &Layout, n: usize| -> candle_core::Result<Vec<f32>> {
+            match l.contiguous_offsets() {
+                Some((o0, o1)) if o1 - o0 == n => Ok(s.as_slice::<f32>()?[o0..o1].to_vec()),
+                _ => candle_core::bail!("fused-attention: inputs must be contiguous"),
+            }
+        };
+        let qv = slice(q, lq, d.b * d.t * d.nh * d.hd)?;
+        let kv = slice(k, lk, d.b * d.tk * d.nkv * d.hd)?;
+        let vv = slice(v, lv, d.b * d.tk * d.nkv * d.hd)?;
+        let out = attention_slices(&qv, &kv, &vv, &self.mask, d, self.scale);
+        Ok((CpuStorage::F32(out), lq.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (qv, kv, vv, dv) = (cpu_f32(q)?, cpu_f32(k)?, cpu_f32(v)?, cpu_f32(dout)?);
+        let (gq, gk, gv) =
+            attention_backward_slices(&qv, &kv, &vv, &self.mask, &dv, self.dims, self.scale);
+        Ok((
+            Some(Tensor::from_vec(gq, q.shape(), q.device())?),
+            Some(Tensor::from_vec(gk, k.shape(), k.device())?),
+            Some(Tensor::from_vec(gv, v.shape(), v.device())?),
+        ))
+    }
+}
+
+/// Attention for training on the CPU in f32, in the layouts of [`attention`], as an op whose
+/// backward pass is [`attention_backward_slices`] (candle's chain of transposes, grouped-query
+/// copies, matmuls and softmax would keep each intermediate and its gradient). `None` for
+/// other dtypes and devices.
+pub fn attention_train(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    if [q, k, v, mask]
+        .iter()
+        .any(|x| x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu))
+    {
+        return Ok(None);
+    }
+    let dims = attention_dims(q, k, v, mask)?;
+    let op = AttnOp {
+        mask: cpu_f32(mask)?,
+        dims,
+        scale,
+    };
+    Ok(Some(q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        op,
+    )?))
+}
+
 /// Attention for inference on the CPU in f32: queries `[B, T, nh, hd]`, keys and values
 /// `[B, Tk, nkv, hd]` (grouped-query heads read in place, no copies), an additive mask
 /// `[B, 1, T, Tk]`; returns `[B, T, nh, hd]`, the layout the output projection reads. `None`
@@ -583,23 +1006,8 @@ pub fn attention(
     {
         return Ok(None);
     }
-    let (b, t, nh, hd) = q.dims4()?;
-    let (bk, tk, nkv, hdk) = k.dims4()?;
-    if bk != b
-        || hdk != hd
-        || v.dims4()? != (b, tk, nkv, hd)
-        || mask.dims4()? != (b, 1, t, tk)
-        || nkv == 0
-        || nh % nkv != 0
-    {
-        return Err(crate::error::Error::Invalid(format!(
-            "attention shapes do not fit: q {:?}, k {:?}, v {:?}, mask {:?}",
-            q.shape(),
-            k.shape(),
-            v.shape(),
-            mask.shape()
-        )));
-    }
+    let dims = attention_dims(q, k, v, mask)?;
+    let (b, t, nh, hd) = (dims.b, dims.t, dims.nh, dims.hd);
     let (q, k, v, mask) = (
         q.contiguous()?,
         k.contiguous()?,
@@ -616,21 +1024,7 @@ pub fn attention(
             let o = g.1.start_offset();
             sl.push(&c.as_slice::<f32>()?[o..o + x.elem_count()]);
         }
-        attention_slices(
-            sl[0],
-            sl[1],
-            sl[2],
-            sl[3],
-            AttnDims {
-                b,
-                t,
-                tk,
-                nh,
-                nkv,
-                hd,
-            },
-            scale,
-        )
+        attention_slices(sl[0], sl[1], sl[2], sl[3], dims, scale)
     };
     Ok(Some(Tensor::from_vec(out, (b, t, nh, hd), q.device())?))
 }
@@ -801,6 +1195,102 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_backward_matches_candle_autograd_in_f64() {
+        use candle_core::Var;
+        // Grouped-query heads, more keys than queries, a hidden key and a fully masked row.
+        let d = AttnDims {
+            b: 2,
+            t: 5,
+            tk: 7,
+            nh: 4,
+            nkv: 2,
+            hd: 8,
+        };
+        let val = |i: usize, m: usize| ((i * m) % 1_009) as f32 / 500.0 - 1.0;
+        let q: Vec<f32> = (0..d.b * d.t * d.nh * d.hd)
+            .map(|i| val(i, 7_919))
+            .collect();
+        let k: Vec<f32> = (0..d.b * d.tk * d.nkv * d.hd)
+            .map(|i| val(i, 104_729))
+            .collect();
+        let v: Vec<f32> = (0..d.b * d.tk * d.nkv * d.hd).map(|i| val(i, 31)).collect();
+        let r: Vec<f32> = (0..d.b * d.t * d.nh * d.hd).map(|i| val(i, 613)).collect();
+        let mut mask = vec![0f32; d.b * d.t * d.tk];
+        for bi in 0..d.b {
+            for qi in 0..d.t {
+                for ki in 0..d.tk {
+                    if ki > qi + (d.tk - d.t) || (bi == 1 && ki == 3) || (bi == 0 && qi == 2) {
+                        mask[(bi * d.t + qi) * d.tk + ki] = -1e30;
+                    }
+                }
+            }
+        }
+        let scale = 0.3f32;
+        let (gq, gk, gv) = attention_backward_slices(&q, &k, &v, &mask, &r, d, scale);
+
+        // Reference: d/dx sum(attention(q, k, v) * r) with candle's plain f64 ops.
+        let dev = Device::Cpu;
+        let f64t = |x: &[f32], shape: (usize, usize, usize, usize)| {
+            Tensor::from_vec(
+                x.iter().map(|&y| f64::from(y)).collect::<Vec<_>>(),
+                shape,
+                &dev,
+            )
+            .unwrap()
+        };
+        let qv = Var::from_tensor(&f64t(&q, (d.b, d.t, d.nh, d.hd))).unwrap();
+        let kv = Var::from_tensor(&f64t(&k, (d.b, d.tk, d.nkv, d.hd))).unwrap();
+        let vv = Var::from_tensor(&f64t(&v, (d.b, d.tk, d.nkv, d.hd))).unwrap();
+        let rep = d.nh / d.nkv;
+        let heads = |x: &Tensor| -> Tensor {
+            // [b, tk, nkv, hd] -> [b, nh, tk, hd], each key/value head repeated `rep` times.
+            x.transpose(1, 2)
+                .unwrap()
+                .unsqueeze(2)
+                .unwrap()
+                .expand((d.b, d.nkv, rep, d.tk, d.hd))
+                .unwrap()
+                .reshape((d.b, d.nh, d.tk, d.hd))
+                .unwrap()
+        };
+        let qh = qv
+            .as_tensor()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let (kh, vh) = (heads(kv.as_tensor()), heads(vv.as_tensor()));
+        let m = f64t(&mask, (d.b, 1, d.t, d.tk));
+        let sc = (qh.matmul(&kh.t().unwrap()).unwrap() * f64::from(scale))
+            .unwrap()
+            .broadcast_add(&m)
+            .unwrap();
+        let p = candle_nn::ops::softmax(&sc, candle_core::D::Minus1).unwrap();
+        let out = p.matmul(&vh).unwrap().transpose(1, 2).unwrap();
+        let loss = (out * f64t(&r, (d.b, d.t, d.nh, d.hd)))
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = loss.backward().unwrap();
+        for (name, var, got) in [("q", &qv, &gq), ("k", &kv, &gk), ("v", &vv, &gv)] {
+            let want: Vec<f64> = g
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(want.len(), got.len(), "{name}");
+            for (i, (w, x)) in want.iter().zip(got.iter()).enumerate() {
+                assert!(
+                    (w - f64::from(*x)).abs() < 1e-4 * (1.0 + w.abs()),
+                    "d{name}[{i}]: {x} vs {w}"
+                );
             }
         }
     }

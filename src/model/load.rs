@@ -155,7 +155,12 @@ fn build(
             let name = format!("{p}.{sub}");
             let weight = take(&format!("{name}.weight"));
             let bias = bias.then(|| take(&format!("{name}.bias")));
-            Linear { name, weight, bias }
+            Linear {
+                name,
+                weight,
+                bias,
+                packs: Default::default(),
+            }
         };
         let ab = c.attention_bias;
         let (q, k, vv) = (
@@ -215,6 +220,7 @@ fn build(
         layers,
         final_norm,
         lm_head,
+        head_packs: Default::default(),
         dtype,
         device: device.clone(),
     })

@@ -9,6 +9,7 @@
 use candle_core::{DType, Tensor, D};
 
 use super::autograd::with_grad;
+use super::kernels::{frozen_linear, frozen_linear_grad, PackCache};
 
 use crate::error::Result;
 
@@ -48,24 +49,21 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 const CHUNK_ROWS: usize = 256;
 
 /// `d loss / d h` for rows `h: [N, H]`, recomputing the logits chunk by chunk.
-fn linear_ce_grad(h: &Tensor, w: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+fn linear_ce_grad(h: &Tensor, w: &Tensor, packs: &PackCache, targets: &Tensor) -> Result<Tensor> {
     let n = h.dim(0)?;
     let mut parts = Vec::with_capacity(n.div_ceil(CHUNK_ROWS));
     let mut start = 0;
     while start < n {
         let len = CHUNK_ROWS.min(n - start);
-        let z = h
-            .narrow(0, start, len)?
-            .matmul(&w.t()?)?
-            .to_dtype(DType::F32)?;
+        let z = frozen_linear(&h.narrow(0, start, len)?, w, packs)?.to_dtype(DType::F32)?;
         let p = candle_nn::ops::softmax_last_dim(&z)?;
         let minus_one = Tensor::full(-1f32, (len, 1), h.device())?;
         let tc = targets.narrow(0, start, len)?.unsqueeze(1)?;
         let d = p.scatter_add(&tc, &minus_one, 1)?.to_dtype(w.dtype())?;
-        parts.push(d.matmul(w)?);
+        parts.push(frozen_linear_grad(&d, w, packs)?);
         start += len;
     }
-    Tensor::cat(&parts, 0)? / n as f64
+    Ok((Tensor::cat(&parts, 0)? / n as f64)?)
 }
 
 /// Mean cross-entropy of the logits `h W^T` (`h: [N, H]` hidden rows, `w: [V, H]` a frozen
@@ -73,27 +71,30 @@ fn linear_ce_grad(h: &Tensor, w: &Tensor, targets: &Tensor) -> candle_core::Resu
 /// and backward walk the rows in chunks, and the backward recomputes each chunk's logits
 /// (`dh = (softmax(h W^T) - onehot(y)) W / N`). The value equals
 /// `cross_entropy(h.matmul(w.t()), targets)`.
-pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
+pub fn linear_cross_entropy(
+    h: &Tensor,
+    w: &Tensor,
+    packs: &PackCache,
+    targets: &Tensor,
+) -> Result<Tensor> {
     let n = h.dim(0)?;
     let hd = h.detach();
     let mut total = Tensor::zeros((), DType::F32, h.device())?;
     let mut start = 0;
     while start < n {
         let len = CHUNK_ROWS.min(n - start);
-        let z = hd
-            .narrow(0, start, len)?
-            .matmul(&w.t()?)?
-            .to_dtype(DType::F32)?;
+        let z = frozen_linear(&hd.narrow(0, start, len)?, w, packs)?.to_dtype(DType::F32)?;
         total = (total + nll_sum(&z, &targets.narrow(0, start, len)?)?)?;
         start += len;
     }
     let loss = (total / n as f64)?;
-    let (w, targets) = (w.clone(), targets.clone());
+    let (w, packs, targets) = (w.clone(), packs.clone(), targets.clone());
     with_grad(
         h,
         loss,
         Box::new(move |h, _loss, g| {
-            let dh = linear_ce_grad(h, &w, &targets)?;
+            let dh = linear_ce_grad(h, &w, &packs, &targets)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             dh.broadcast_mul(&g.to_dtype(dh.dtype())?)
         }),
     )
@@ -150,7 +151,7 @@ mod tests {
         let w = Tensor::from_vec(wv, (v, hdim), &Device::Cpu).unwrap();
         let y: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
         let y = Tensor::from_vec(y, n, &Device::Cpu).unwrap();
-        let ours = linear_cross_entropy(h.as_tensor(), &w, &y).unwrap();
+        let ours = linear_cross_entropy(h.as_tensor(), &w, &PackCache::default(), &y).unwrap();
         let logits = h.as_tensor().matmul(&w.t().unwrap()).unwrap();
         let reference = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
         let a = ours.to_scalar::<f32>().unwrap() as f64;

@@ -10,9 +10,11 @@
 //! - [`gguf`]: GGUF (llama.cpp) -> HF folder, with a tokenizer built from its vocabulary;
 //! - [`hub`]: Hugging Face Hub ids -> local snapshot folders (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN);
 //! - [`kernels`]: fused CPU inference kernels (gated activation, vectorised exp);
+//! - [`amx`]: opt-in bf16 products of frozen weights on Intel AMX tiles;
 //! - [`tiny`]: tiny random models of each architecture for tests;
 //! - [`score`]: log-likelihood requests and greedy generation.
 
+pub mod amx;
 pub mod autograd;
 pub mod config;
 pub mod gguf;

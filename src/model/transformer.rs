@@ -32,6 +32,8 @@ pub struct Linear {
     /// `[out, in]`
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// bf16 tile copies of `weight` for [`kernels::MatmulPrecision::Bf16`] (made on first use).
+    pub packs: kernels::PackCache,
 }
 
 /// What a forward pass runs with: an optional adapter and, for training, the dropout RNG.
@@ -81,23 +83,31 @@ fn softmax_train(x: &Tensor) -> Result<Tensor> {
 /// (`x' = g w`). candle's own matmul backward also computes the weight gradient, which for
 /// frozen base weights is wasted work and memory (for Gemma's 262k x 640 output matrix alone,
 /// 671 MB per step).
-fn frozen_matmul(x: &Tensor, w: &Tensor, training: bool) -> Result<Tensor> {
-    let xd = x.detach();
-    let y = match kernels::linear(&xd, w)? {
-        Some(y) => y,
-        None => xd.matmul(&w.t()?)?,
-    };
+fn frozen_matmul(
+    x: &Tensor,
+    w: &Tensor,
+    packs: &kernels::PackCache,
+    training: bool,
+) -> Result<Tensor> {
+    let y = kernels::frozen_linear(&x.detach(), w, packs)?;
     if !training {
         return Ok(y);
     }
-    let w = w.clone();
-    with_grad(x, y, Box::new(move |_x, _y, g| g.matmul(&w)))
+    let (w, packs) = (w.clone(), packs.clone());
+    with_grad(
+        x,
+        y,
+        Box::new(move |_x, _y, g| {
+            kernels::frozen_linear_grad(g, &w, &packs)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        }),
+    )
 }
 
 impl Linear {
     /// `x: [N, in]` -> `[N, out]`.
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let mut y = frozen_matmul(x, &self.weight, ctx.training())?;
+        let mut y = frozen_matmul(x, &self.weight, &self.packs, ctx.training())?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -224,6 +234,8 @@ pub struct Model {
     pub final_norm: RmsNorm,
     /// `[vocab, hidden]`; `None` when tied to `embed`.
     pub lm_head: Option<Tensor>,
+    /// bf16 tile copies of the output matrix (`lm_head`, else `embed`).
+    pub head_packs: kernels::PackCache,
     pub dtype: DType,
     pub device: Device,
 }
@@ -602,6 +614,17 @@ impl Model {
         // Inference on the CPU in f32: heads stay in the projections' [B, T, heads, hd] layout
         // (rope on that layout, cache along T, a fused attention kernel); no transposes, no
         // grouped-query copies.
+        // Training on the CPU in f32: the same layout, with the fused attention's own backward.
+        if ctx.training() && kv.is_none() && self.dtype == DType::F32 && self.device.is_cpu() {
+            let q = rope_thd_train(&q, rt)?;
+            let k = rope_thd_train(&k, rt)?;
+            let scale = c.attn_scale() as f32;
+            if let Some(a) = kernels::attention_train(&q, &k, &v, mask, scale)? {
+                let attn = a.reshape((b * t, nh * hd))?;
+                return self.finish_layer(l, x, &attn, ctx, fast);
+            }
+            return Err(Error::Invalid("fused attention refused its inputs".into()));
+        }
         if !ctx.training() && self.dtype == DType::F32 && self.device.is_cpu() {
             let rope = |x: Tensor| -> Result<Tensor> {
                 Ok(candle_nn::rotary_emb::rope_thd(
@@ -723,7 +746,7 @@ impl Model {
     /// carries a gradient graph, the output matrix gets no gradient of its own.
     pub fn logits_at(&self, hidden: &Tensor, rows: &[u32]) -> Result<Tensor> {
         let (sel, w) = self.select_rows(hidden, rows)?;
-        let mut logits = frozen_matmul(&sel, w, sel.track_op())?;
+        let mut logits = frozen_matmul(&sel, w, &self.head_packs, sel.track_op())?;
         if let Some(cap) = self.config.final_logit_softcapping {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
@@ -747,7 +770,7 @@ impl Model {
             return super::loss::cross_entropy(&self.logits_at(hidden, rows)?, &tg);
         }
         let (sel, w) = self.select_rows(hidden, rows)?;
-        super::loss::linear_cross_entropy(&sel, w, &tg)
+        super::loss::linear_cross_entropy(&sel, w, &self.head_packs, &tg)
     }
 
     /// Merges `adapter` into the base weights (`W += scaling * B A`, computed in f32).
@@ -784,6 +807,7 @@ impl Model {
                             .matmul(&p.a.as_tensor().to_dtype(work)?)?;
                     let w = (lin.weight.to_dtype(work)? + (delta * s)?)?;
                     lin.weight = w.to_dtype(lin.weight.dtype())?;
+                    lin.packs = kernels::PackCache::default();
                 }
             }
         }
@@ -813,6 +837,19 @@ fn extend_cache(
     };
     *slot = Some((k.clone(), v.clone()));
     Ok((k, v))
+}
+
+/// Rope on the `[B, T, heads, hd]` layout (candle's `rope_thd`) with its backward pass, the
+/// rotation by the opposite angle.
+fn rope_thd_train(x: &Tensor, rt: &RopeTables) -> Result<Tensor> {
+    let rope = candle_nn::rotary_emb::rope_thd;
+    let y = rope(&x.detach().contiguous()?, &rt.cos_half, &rt.sin_half)?;
+    let (cos, neg_sin) = (rt.cos_half.clone(), rt.sin_half.neg()?);
+    with_grad(
+        x,
+        y,
+        Box::new(move |_x, _y, g| rope(&g.contiguous()?, &cos, &neg_sin)),
+    )
 }
 
 fn apply_rope(x: &Tensor, rt: &RopeTables, fast: bool) -> Result<Tensor> {
