@@ -495,11 +495,13 @@ fn only_a_training_context_builds_a_gradient_graph() {
 fn fused_training_kernels_give_the_plain_gradients() {
     // f32 runs the fused rms-norm / rope / softmax kernels with hand-written backward passes;
     // f64 runs plain differentiable ops (checked against finite differences above).
-    for arch in ARCHS {
+    // With LoRA dropout too: both paths draw the same masks from the same seed.
+    for (arch, dropout) in ARCHS.iter().flat_map(|&a| [(a, 0.0), (a, 0.25)]) {
         let (_d64, m64) = tiny_model(arch, DType::F64);
         let (_d32, m32) = tiny_model(arch, DType::F32);
         let ids = sample_ids(&m64);
-        let ad64 = random_adapter(&m64.model, 13);
+        let mut ad64 = random_adapter(&m64.model, 13);
+        ad64.config.lora_dropout = dropout;
         let mut ad32 = ad64.clone();
         for p in ad32.pairs.values_mut() {
             p.a = candle_core::Var::from_tensor(&p.a.as_tensor().to_dtype(DType::F32).unwrap())
@@ -539,7 +541,7 @@ fn fused_training_kernels_give_the_plain_gradients() {
                     .fold(0f64, f64::max);
                 assert!(
                     worst / scale < 1e-3,
-                    "{arch:?} {name}: fused f32 gradient off by {worst} (scale {scale})"
+                    "{arch:?} dropout {dropout} {name}: fused f32 gradient off by {worst} (scale {scale})"
                 );
             }
         }

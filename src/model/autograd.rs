@@ -64,3 +64,77 @@ pub fn with_grad(x: &Tensor, y: Tensor, bwd: Box<BwdFn>) -> Result<Tensor> {
     }
     Ok(x.apply_op2(&y.contiguous()?, WithGrad { bwd })?)
 }
+
+/// `bwd(x, a, b, dy) -> (dx, da, db)` for [`with_grad3`], inputs detached; `None` for an input
+/// that needs no gradient.
+pub type Bwd3Fn = dyn Fn(
+        &Tensor,
+        &Tensor,
+        &Tensor,
+        &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
+    + Send
+    + Sync;
+
+struct WithGrad3 {
+    y: Tensor,
+    bwd: Box<Bwd3Fn>,
+}
+
+impl candle_core::CustomOp3 for WithGrad3 {
+    fn name(&self) -> &'static str {
+        "with-grad3"
+    }
+
+    // The forward hands out a copy of the precomputed `y` (CPU only).
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _lx: &Layout,
+        _a: &CpuStorage,
+        _la: &Layout,
+        _b: &CpuStorage,
+        _lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (s, l) = self.y.storage_and_layout();
+        match &*s {
+            candle_core::Storage::Cpu(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+            _ => candle_core::bail!("with-grad3: the value is not on the CPU"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        (self.bwd)(&x.detach(), &a.detach(), &b.detach(), grad)
+    }
+}
+
+/// [`with_grad`] for a value `y` of three inputs (`x` and two weights): one graph node whose
+/// backward calls `bwd`. CPU values only. When none of the inputs is tracked, `y` is returned
+/// as is.
+pub fn with_grad3(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    y: Tensor,
+    bwd: Box<Bwd3Fn>,
+) -> Result<Tensor> {
+    if !(x.track_op() || a.track_op() || b.track_op()) {
+        return Ok(y);
+    }
+    Ok(x.apply_op3(
+        a,
+        b,
+        WithGrad3 {
+            y: y.contiguous()?,
+            bwd,
+        },
+    )?)
+}

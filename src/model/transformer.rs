@@ -18,7 +18,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::autograd::with_grad;
+use super::autograd::{with_grad, with_grad3};
 use super::config::{Arch, LayerKind, ModelConfig};
 use super::kernels;
 use super::lora::{Adapter, ModuleInfo};
@@ -107,42 +107,107 @@ fn frozen_matmul(
 impl Linear {
     /// `x: [N, in]` -> `[N, out]`.
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let mut y = frozen_matmul(x, &self.weight, &self.packs, ctx.training())?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        if let Some(ad) = ctx.adapter {
-            if let Some(p) = ad.pairs.get(&self.name) {
-                let p_drop = ad.config.lora_dropout;
-                let xin = match &ctx.dropout_rng {
-                    Some(rng) if p_drop > 0.0 => {
-                        let mut rng = rng.borrow_mut();
-                        let keep = 1.0 - p_drop;
-                        let m: Vec<f32> = (0..x.elem_count())
-                            .map(|_| {
-                                if rng.next_f64() < keep {
-                                    (1.0 / keep) as f32
-                                } else {
-                                    0.0
-                                }
-                            })
-                            .collect();
-                        let m = Tensor::from_vec(m, x.dims(), x.device())?.to_dtype(x.dtype())?;
-                        x.mul(&m)?
-                    }
-                    _ => x.clone(),
-                };
-                // Eval uses detached copies of A and B, so no gradient graph is built.
-                let (a, b) = if ctx.training() {
-                    (p.a.as_tensor().clone(), p.b.as_tensor().clone())
-                } else {
-                    (p.a.as_tensor().detach(), p.b.as_tensor().detach())
-                };
-                let d = xin.matmul(&a.t()?)?.matmul(&b.t()?)?;
-                y = (y + (d * ad.config.scaling())?)?;
+        let pair = ctx
+            .adapter
+            .and_then(|ad| ad.pairs.get(&self.name).map(|p| (ad, p)));
+        let Some((ad, p)) = pair else {
+            let y = frozen_matmul(x, &self.weight, &self.packs, ctx.training())?;
+            return self.add_bias(y);
+        };
+        let p_drop = ad.config.lora_dropout;
+        let mask = match &ctx.dropout_rng {
+            Some(rng) if p_drop > 0.0 => {
+                let mut rng = rng.borrow_mut();
+                let keep = 1.0 - p_drop;
+                let m: Vec<f32> = (0..x.elem_count())
+                    .map(|_| {
+                        if rng.next_f64() < keep {
+                            (1.0 / keep) as f32
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                Some(Tensor::from_vec(m, x.dims(), x.device())?.to_dtype(x.dtype())?)
             }
+            _ => None,
+        };
+        let s = ad.config.scaling();
+        if ctx.training() && self.weight.dtype() == DType::F32 && x.device().is_cpu() {
+            let y = self.lora_train(x, p.a.as_tensor(), p.b.as_tensor(), mask, s)?;
+            return self.add_bias(y);
         }
-        Ok(y)
+        let y = self.add_bias(frozen_matmul(x, &self.weight, &self.packs, ctx.training())?)?;
+        let xin = match &mask {
+            Some(m) => x.mul(m)?,
+            None => x.clone(),
+        };
+        // Eval uses detached copies of A and B, so no gradient graph is built.
+        let (a, b) = if ctx.training() {
+            (p.a.as_tensor().clone(), p.b.as_tensor().clone())
+        } else {
+            (p.a.as_tensor().detach(), p.b.as_tensor().detach())
+        };
+        let d = xin.matmul(&a.t()?)?.matmul(&b.t()?)?;
+        Ok((y + (d * s)?)?)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// `x W^T + s (m x) A^T B^T` (m: the dropout mask, if any) as one graph node for training on
+    /// the CPU, with the backward pass written out: `u = (m x) A^T`, `gb = g B`,
+    /// `dB = s g^T u`, `dA = s gb^T (m x)`, `dx = g W + s m (gb A)`. candle's own graph for
+    /// the same value has about seven nodes, each with its gradient buffers.
+    fn lora_train(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        mask: Option<Tensor>,
+        s: f64,
+    ) -> Result<Tensor> {
+        let xd = x.detach();
+        let xin = match &mask {
+            Some(m) => xd.mul(m)?,
+            None => xd.clone(),
+        };
+        let u = xin.matmul(&a.detach().t()?)?;
+        let base = kernels::frozen_linear(&xd, &self.weight, &self.packs)?;
+        let y = (base + (u.matmul(&b.detach().t()?)? * s)?)?;
+        let (w, packs, x_tracked) = (self.weight.clone(), self.packs.clone(), x.track_op());
+        with_grad3(
+            x,
+            a,
+            b,
+            y,
+            Box::new(move |x, a, b, g| {
+                let xin = match &mask {
+                    Some(m) => x.mul(m)?,
+                    None => x.clone(),
+                };
+                let u = xin.matmul(&a.t()?)?;
+                let gb = g.matmul(b)?;
+                let db = (g.t()?.matmul(&u)? * s)?;
+                let da = (gb.t()?.matmul(&xin)? * s)?;
+                let dx = if x_tracked {
+                    let mut dl = (gb.matmul(a)? * s)?;
+                    if let Some(m) = &mask {
+                        dl = dl.mul(m)?;
+                    }
+                    let dw = kernels::frozen_linear_grad(g, &w, &packs)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                    Some((dw + dl)?)
+                } else {
+                    None
+                };
+                Ok((dx, Some(da), Some(db)))
+            }),
+        )
     }
 
     fn info(&self) -> ModuleInfo {
