@@ -289,6 +289,53 @@ pub fn glu(kind: Glu, g: &Tensor, u: &Tensor) -> Result<Option<Tensor>> {
     ))
 }
 
+/// The input gradient of RMSNorm `y = x r s` (`r = 1 / sqrt(mean(x^2) + eps)`, `s` the
+/// per-column scale) for rows of `x: [rows, h]` and `dy`, in one pass per row:
+/// `dx = r (dy s) - x r^3 mean(dy s x)`. Sums in f64.
+pub fn rms_norm_backward_slices(x: &[f32], s: &[f32], dy: &[f32], eps: f64) -> Vec<f32> {
+    let h = s.len();
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(h * 64)
+        .zip(x.par_chunks(h * 64).zip(dy.par_chunks(h * 64)))
+        .for_each(|(dxc, (xc, gc))| {
+            for ((d, xr), gr) in dxc.chunks_mut(h).zip(xc.chunks(h)).zip(gc.chunks(h)) {
+                let (mut ss, mut dot) = (0f64, 0f64);
+                for ((&xv, &gv), &sv) in xr.iter().zip(gr).zip(s) {
+                    ss += f64::from(xv) * f64::from(xv);
+                    dot += f64::from(gv * sv) * f64::from(xv);
+                }
+                let r = 1.0 / (ss / h as f64 + eps).sqrt();
+                let c = (r * r * r * dot / h as f64) as f32;
+                let r = r as f32;
+                for (((o, &xv), &gv), &sv) in d.iter_mut().zip(xr).zip(gr).zip(s) {
+                    *o = r * gv * sv - xv * c;
+                }
+            }
+        });
+    dx
+}
+
+/// [`rms_norm_backward_slices`] on tensors: `x: [.., h]`, `scale: [h]`, `dy` like `x`, all f32 on
+/// the CPU; `None` otherwise.
+pub fn rms_norm_backward(
+    x: &Tensor,
+    scale: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    if [x, scale, dy]
+        .iter()
+        .any(|t| t.dtype() != DType::F32 || !matches!(t.device(), Device::Cpu))
+        || x.shape() != dy.shape()
+        || scale.rank() != 1
+        || x.dims().last() != Some(&scale.dim(0)?)
+    {
+        return Ok(None);
+    }
+    let dx = rms_norm_backward_slices(&cpu_f32(x)?, &cpu_f32(scale)?, &cpu_f32(dy)?, eps);
+    Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+}
+
 /// Lanes of the hand-split reductions below: sixteen independent accumulators let the
 /// compiler keep them in vector registers without reassociating anything.
 const LANES: usize = 16;
@@ -345,6 +392,66 @@ pub fn max_and_sum_exp(row: &[f32]) -> (f32, f64) {
     }
     let m = row_max_body(row);
     (m, sum_exp_body(row, m))
+}
+
+#[inline(always)]
+fn exp_scale_body(row: &mut [f32], m: f32, inv: f32) {
+    for x in row.iter_mut() {
+        *x = exp(*x - m) * inv;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
+unsafe fn exp_scale_avx512(row: &mut [f32], m: f32, inv: f32) {
+    exp_scale_body(row, m, inv)
+}
+
+/// Token cross-entropy over rows of f32 logits `z: [n, v]` with one target per row: returns
+/// `sum_i (logsumexp(z_i) - z_i[t_i])` (f64); with `grad`, each row is overwritten by its
+/// gradient `softmax(z_i) - onehot(t_i)`. One read (two with `grad`) per row, in parallel,
+/// with the vectorised [`exp`]. A target outside `0..v` is an error.
+pub fn cross_entropy_rows(z: &mut [f32], v: usize, targets: &[u32], grad: bool) -> Result<f64> {
+    if v == 0 || z.len() != v * targets.len() {
+        return Err(crate::error::Error::Invalid(format!(
+            "cross-entropy: {} logits do not make {} rows of {v}",
+            z.len(),
+            targets.len()
+        )));
+    }
+    if let Some(t) = targets.iter().find(|&&t| t as usize >= v) {
+        return Err(crate::error::Error::Invalid(format!(
+            "cross-entropy: target {t} is outside the vocabulary of {v}"
+        )));
+    }
+    let wide = avx512();
+    let total: f64 = z
+        .par_chunks_mut(v)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| {
+            let (m, sum) = max_and_sum_exp(row);
+            let lse = f64::from(m) + sum.ln();
+            let term = lse - f64::from(row[t as usize]);
+            if grad {
+                let inv = (1.0 / sum) as f32;
+                #[cfg(target_arch = "x86_64")]
+                if wide {
+                    // SAFETY: `avx512()` checked the features the function is compiled for.
+                    unsafe { exp_scale_avx512(row, m, inv) };
+                } else {
+                    exp_scale_body(row, m, inv);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = wide;
+                    exp_scale_body(row, m, inv);
+                }
+                row[t as usize] -= 1.0;
+            }
+            term
+        })
+        .sum();
+    Ok(total)
 }
 
 /// How products with frozen base weights run on the CPU.
@@ -925,16 +1032,16 @@ impl candle_core::CustomOp3 for AttnOp {
         lv: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = self.dims;
-        let slice = |s: &'_ CpuStorage, l: &Layout, n: usize| -> candle_core::Result<Vec<f32>> {
+        fn slice<'s>(s: &'s CpuStorage, l: &Layout, n: usize) -> candle_core::Result<&'s [f32]> {
             match l.contiguous_offsets() {
-                Some((o0, o1)) if o1 - o0 == n => Ok(s.as_slice::<f32>()?[o0..o1].to_vec()),
+                Some((o0, o1)) if o1 - o0 == n => Ok(&s.as_slice::<f32>()?[o0..o1]),
                 _ => candle_core::bail!("fused-attention: inputs must be contiguous"),
             }
-        };
+        }
         let qv = slice(q, lq, d.b * d.t * d.nh * d.hd)?;
         let kv = slice(k, lk, d.b * d.tk * d.nkv * d.hd)?;
         let vv = slice(v, lv, d.b * d.tk * d.nkv * d.hd)?;
-        let out = attention_slices(&qv, &kv, &vv, &self.mask, d, self.scale);
+        let out = attention_slices(qv, kv, vv, &self.mask, d, self.scale);
         Ok((CpuStorage::F32(out), lq.shape().clone()))
     }
 
@@ -1293,6 +1400,69 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn rms_norm_backward_matches_the_formula_in_f64() {
+        let (rows, h, eps) = (70, 24, 1e-6);
+        let val = |i: usize, m: usize| ((i * m) % 1_009) as f32 / 500.0 - 1.0;
+        let x: Vec<f32> = (0..rows * h).map(|i| val(i, 7_919)).collect();
+        let s: Vec<f32> = (0..h).map(|i| 0.5 + val(i, 31)).collect();
+        let g: Vec<f32> = (0..rows * h).map(|i| val(i, 613)).collect();
+        let got = rms_norm_backward_slices(&x, &s, &g, eps);
+        // d/dx_i of sum_j g_j s_j x_j r(x), with r = (mean(x^2) + eps)^-1/2, via central
+        // differences in f64 on each row.
+        for row in [0, 33, 69] {
+            let xr: Vec<f64> = x[row * h..(row + 1) * h]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let f = |xs: &[f64]| -> f64 {
+                let r = 1.0 / (xs.iter().map(|v| v * v).sum::<f64>() / h as f64 + eps).sqrt();
+                (0..h)
+                    .map(|j| f64::from(g[row * h + j]) * f64::from(s[j]) * xs[j] * r)
+                    .sum()
+            };
+            for i in 0..h {
+                let (mut p, mut m) = (xr.clone(), xr.clone());
+                p[i] += 1e-6;
+                m[i] -= 1e-6;
+                let want = (f(&p) - f(&m)) / 2e-6;
+                let y = f64::from(got[row * h + i]);
+                assert!(
+                    (y - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "row {row} col {i}: {y} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn cross_entropy_rows_match_f64() {
+        let (n, v) = (5, 37);
+        let val = |i: usize, m: usize| ((i * m) % 1_009) as f32 / 50.0 - 10.0;
+        let z: Vec<f32> = (0..n * v).map(|i| val(i, 7_919)).collect();
+        let t: Vec<u32> = vec![0, 36, 5, 5, 20];
+        let mut zg = z.clone();
+        let loss = cross_entropy_rows(&mut zg, v, &t, true).unwrap();
+        let mut want = 0f64;
+        for (i, row) in z.chunks(v).enumerate() {
+            let m = row
+                .iter()
+                .fold(f64::NEG_INFINITY, |a, &b| a.max(f64::from(b)));
+            let s: f64 = row.iter().map(|&x| (f64::from(x) - m).exp()).sum();
+            want += m + s.ln() - f64::from(row[t[i] as usize]);
+            for (j, &x) in row.iter().enumerate() {
+                let p = (f64::from(x) - m).exp() / s - if j == t[i] as usize { 1.0 } else { 0.0 };
+                let g = f64::from(zg[i * v + j]);
+                assert!((g - p).abs() < 1e-6, "row {i} col {j}: {g} vs {p}");
+            }
+        }
+        assert!((loss - want).abs() < 1e-5 * want.abs(), "{loss} vs {want}");
+        let mut z2 = z.clone();
+        assert_eq!(cross_entropy_rows(&mut z2, v, &t, false).unwrap(), loss);
+        assert_eq!(z2, z, "without grad the logits stay");
+        assert!(cross_entropy_rows(&mut z2, v, &[0, 1, 2, 3, 37], false).is_err());
     }
 
     #[test]

@@ -9,12 +9,33 @@
 use candle_core::{DType, Tensor, D};
 
 use super::autograd::with_grad;
-use super::kernels::{frozen_linear, frozen_linear_grad, PackCache};
+use super::kernels::{self, frozen_linear, frozen_linear_grad, PackCache};
 
 use crate::error::Result;
 
+/// [`kernels::cross_entropy_rows`] for f32 CPU logits `z: [N, V]`: the summed loss and, with
+/// `grad`, `softmax(z) - onehot(y)`; `None` for other dtypes and devices.
+fn ce_cpu(z: &Tensor, targets: &Tensor, grad: bool) -> Result<Option<(f64, Option<Tensor>)>> {
+    if z.dtype() != DType::F32 || !z.device().is_cpu() || z.rank() != 2 {
+        return Ok(None);
+    }
+    let (n, v) = z.dims2()?;
+    let mut zv = z.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let tv = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    let total = kernels::cross_entropy_rows(&mut zv, v, &tv, grad)?;
+    let d = if grad {
+        Some(Tensor::from_vec(zv, (n, v), z.device())?)
+    } else {
+        None
+    };
+    Ok(Some((total, d)))
+}
+
 /// `sum_i (logsumexp(z_i) - z_i[y_i])` of f32 logits `z: [N, V]`, no graph.
 fn nll_sum(z: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    if let Some((total, _)) = ce_cpu(z, targets, false).map_err(candle_core::Error::wrap)? {
+        return Tensor::new(total as f32, z.device());
+    }
     let m = z.max_keepdim(D::Minus1)?;
     let lse = (z.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &m)?;
     let picked = z.gather(&targets.unsqueeze(1)?, 1)?;
@@ -56,10 +77,16 @@ fn linear_ce_grad(h: &Tensor, w: &Tensor, packs: &PackCache, targets: &Tensor) -
     while start < n {
         let len = CHUNK_ROWS.min(n - start);
         let z = frozen_linear(&h.narrow(0, start, len)?, w, packs)?.to_dtype(DType::F32)?;
-        let p = candle_nn::ops::softmax_last_dim(&z)?;
-        let minus_one = Tensor::full(-1f32, (len, 1), h.device())?;
-        let tc = targets.narrow(0, start, len)?.unsqueeze(1)?;
-        let d = p.scatter_add(&tc, &minus_one, 1)?.to_dtype(w.dtype())?;
+        let tn = targets.narrow(0, start, len)?;
+        let d = match ce_cpu(&z, &tn, true)? {
+            Some((_, Some(d))) => d,
+            _ => {
+                let p = candle_nn::ops::softmax_last_dim(&z)?;
+                let minus_one = Tensor::full(-1f32, (len, 1), h.device())?;
+                p.scatter_add(&tn.unsqueeze(1)?, &minus_one, 1)?
+            }
+        }
+        .to_dtype(w.dtype())?;
         parts.push(frozen_linear_grad(&d, w, packs)?);
         start += len;
     }

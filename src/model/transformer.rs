@@ -241,6 +241,9 @@ impl RmsNorm {
             x,
             y,
             Box::new(move |x, _y, g| {
+                if let Some(dx) = kernels::rms_norm_backward(x, &scale, g, eps)? {
+                    return Ok(dx);
+                }
                 let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
                 let gs = g.broadcast_mul(&scale)?;
                 let m = (&gs * x)?.mean_keepdim(D::Minus1)?;
