@@ -517,7 +517,7 @@ def cmd_speed(a):
             "run": name, "tool": meta["tool"], "unit": meta["unit"], "examples": n, "wall_s": wall,
             "ex_per_s_wall": n / wall, "scoring_s": scoring,
             "ex_per_s_scoring": (n / scoring) if scoring else None, "peak_rss_gib": rss,
-            "batch_size": meta.get("batch_size"),
+            "batch_size": meta.get("batch_size"), "matmul": meta.get("matmul", "f32"),
             "build_during_run": os.path.exists(p[: -len(".time")] + ".busy"),
         })
     print(f"{'run':34} {'ex':>5} {'wall s':>8} {'ex/s':>7} {'score s':>8} {'ex/s':>7} {'RSS GiB':>7}")
@@ -532,19 +532,19 @@ def cmd_speed(a):
             for l in lm:
                 ratio_w = mb["ex_per_s_wall"] / l["ex_per_s_wall"]
                 ratio_s = (mb["ex_per_s_scoring"] / l["ex_per_s_scoring"]) if l["ex_per_s_scoring"] and mb["ex_per_s_scoring"] else None
-                print(f"ratio {u} mlbench(bs={mb['batch_size']}) / lm_eval(bs={l['batch_size']}): whole process {ratio_w:.2f}x"
+                print(f"ratio {u} mlbench(bs={mb['batch_size']}, matmul={mb['matmul']}) / lm_eval(bs={l['batch_size']}): whole process {ratio_w:.2f}x"
                       + (f", scoring only {ratio_s:.2f}x" if ratio_s else ""))
     # Batch-size independence of mlbench's scores (lm-eval #704, #1645: theirs are not).
     import pandas as pd
 
     for u in units:
-        mbs = [r for r in rows if r["unit"] == u and r["tool"] == "mlbench"]
+        mbs = sorted((r for r in rows if r["unit"] == u and r["tool"] == "mlbench"), key=lambda r: (r["matmul"] != "f32", r["batch_size"]))
         for x, y in zip(mbs, mbs[1:]):
             dx = pd.read_parquet(os.path.join(json.load(open(os.path.join(a.dir, x["run"] + ".meta.json")))["out"], "samples.parquet"))
             dy = pd.read_parquet(os.path.join(json.load(open(os.path.join(a.dir, y["run"] + ".meta.json")))["out"], "samples.parquet"))
             m = dx.merge(dy, on=["task", "lang", "id"])
             d = max((abs(p - q) for lx, ly in zip(m["logprobs_x"], m["logprobs_y"]) for p, q in zip(lx, ly)), default=0.0)
-            print(f"mlbench {u}: bs={x['batch_size']} vs bs={y['batch_size']}: max |logprob diff| {d:.2e}, "
+            print(f"mlbench {u}: bs={x['batch_size']} {x['matmul']} vs bs={y['batch_size']} {y['matmul']}: max |logprob diff| {d:.2e}, "
                   f"{int((m['pred_x'] != m['pred_y']).sum())} of {len(m)} predictions differ")
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1)

@@ -10,6 +10,7 @@
 #
 # Environment: MODEL, PY, MLBENCH, THREADS (2), UNITS ("sib200:eng_Latn,swh_Latn xcopa:sw"),
 # XCOPA_LIMIT (500), SIB_LIMIT (all = 204 per language), LM_BATCH (8), MB_BATCHES ("16 32"),
+# MB_MATMULS ("f32"; "f32 bf16" adds `mlbench --matmul bf16` runs, compared with the f32 ones),
 # WORK (a fresh temp folder), SKIP_LM_EVAL=1 (mlbench only), TRIES (3: reruns of a timing that
 # other work disturbed).
 # Nothing is timed while a cargo/rustc/nvcc/ptxas process runs: the script waits for quiet.
@@ -26,6 +27,7 @@ XCOPA_LIMIT=${XCOPA_LIMIT:-500}
 SIB_LIMIT=${SIB_LIMIT:-}
 LM_BATCH=${LM_BATCH:-8}
 MB_BATCHES=${MB_BATCHES:-16 32}
+MB_MATMULS=${MB_MATMULS:-f32}
 TRIES=${TRIES:-3}
 WORK=${WORK:-$(mktemp -d /tmp/mlbench-eval-speed.XXXXXX)}
 mkdir -p "$WORK"
@@ -112,12 +114,14 @@ for spec in $UNITS; do
       "$unit" "$n" "$TIMES/$name.log" "$LM_BATCH" >"$TIMES/$name.meta.json"
   fi
 
-  for bs in $MB_BATCHES; do
-    name="mlbench_${unit}_bs$bs"
-    timed "$name" "$MLBENCH" --quiet eval --model "$MODEL" --task "$task" --langs "$langs" ${limit:+--limit "$limit"} \
-        --batch-size "$bs" --out "$WORK/out_$name"
-    printf '{"tool":"mlbench","unit":"%s","examples":%d,"out":"%s","batch_size":%d}\n' \
-      "$unit" "$n" "$WORK/out_$name" "$bs" >"$TIMES/$name.meta.json"
+  for mm in $MB_MATMULS; do
+    for bs in $MB_BATCHES; do
+      name="mlbench_${unit}_bs$bs"; [[ $mm == f32 ]] || name="${name}_$mm"
+      timed "$name" "$MLBENCH" --quiet --matmul "$mm" eval --model "$MODEL" --task "$task" --langs "$langs" ${limit:+--limit "$limit"} \
+          --batch-size "$bs" --out "$WORK/out_$name"
+      printf '{"tool":"mlbench","unit":"%s","examples":%d,"out":"%s","batch_size":%d,"matmul":"%s"}\n' \
+        "$unit" "$n" "$WORK/out_$name" "$bs" "$mm" >"$TIMES/$name.meta.json"
+    done
   done
 done
 

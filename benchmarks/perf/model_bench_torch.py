@@ -10,7 +10,11 @@ MLBENCH_DTYPE=f32|bf16|f16 (default f32); the LoRA weights keep the model's dtyp
 autocast of adapters to f32 is off), as in mlbench. On CUDA each timed step ends with
 torch.cuda.synchronize() and the peak allocated GPU memory is printed. ATTN picks the attention
 implementation (default eager, like the CPU figures; sdpa is what transformers uses by default).
+MLBENCH_MATMUL=bf16 runs forward and loss under torch.autocast(cpu, bfloat16), the PyTorch
+counterpart of `mlbench --matmul bf16` (linear layers take bf16 inputs on oneDNN/AMX, the rest
+stays f32).
 """
+import contextlib
 import os
 import sys
 import time
@@ -34,6 +38,8 @@ def main(folder, steps):
     dev_name = os.environ.get("MLBENCH_DEVICE", "cpu")
     dtype_name = os.environ.get("MLBENCH_DTYPE", "f32")
     attn = os.environ.get("ATTN", "eager")
+    matmul = os.environ.get("MLBENCH_MATMUL", "f32")
+    amp = (lambda: torch.autocast(device_type=dev_name.split(":")[0], dtype=torch.bfloat16)) if matmul == "bf16" else contextlib.nullcontext
     dev = torch.device(dev_name)
     dtype = DTYPES[dtype_name]
     if dev.type == "cpu":
@@ -46,12 +52,12 @@ def main(folder, steps):
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (B, T + 1)).to(dev)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), autocast_adapter_dtype=False)
-    print(f"model={folder} device={dev_name} dtype={dtype_name} attn={attn} load_s={load_s:.2f} threads={torch.get_num_threads()} batch={B}x{T} steps={steps}")
+    print(f"model={folder} device={dev_name} dtype={dtype_name} matmul={matmul} attn={attn} load_s={load_s:.2f} threads={torch.get_num_threads()} batch={B}x{T} steps={steps}")
     model.eval()
     times = []
     for i in range(steps + 2):
         t = time.time()
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             out = model(input_ids=ids[:, :T]).logits
             out.max(-1).values.sum().item()
         sync(dev)
@@ -65,13 +71,14 @@ def main(folder, steps):
         times = []
         for i in range(steps + 2):
             t = time.time()
-            if keep:
-                logits = model(input_ids=ids[:, :T], logits_to_keep=keep).logits
-                tgt = ids[:, T - keep + 1:T + 1]
-            else:
-                logits = model(input_ids=ids[:, :T]).logits
-                tgt = ids[:, 1:T + 1]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), tgt.reshape(-1))
+            with amp():
+                if keep:
+                    logits = model(input_ids=ids[:, :T], logits_to_keep=keep).logits
+                    tgt = ids[:, T - keep + 1:T + 1]
+                else:
+                    logits = model(input_ids=ids[:, :T]).logits
+                    tgt = ids[:, 1:T + 1]
+                loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab), tgt.reshape(-1))
             loss.backward()
             opt.step()
             opt.zero_grad()

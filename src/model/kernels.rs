@@ -1064,16 +1064,19 @@ impl candle_core::CustomOp3 for AttnOp {
     }
 }
 
-/// Attention for training on the CPU in f32, in the layouts of [`attention`], as an op whose
-/// backward pass is [`attention_backward_slices`] (candle's chain of transposes, grouped-query
-/// copies, matmuls and softmax would keep each intermediate and its gradient). `None` for
-/// other dtypes and devices.
+/// Attention for training on the CPU in f32 on the projections' 2-D outputs: `q: [B * T, nh *
+/// hd]`, `k`, `v: [B * Tk, nkv * hd]` (the memory layout of [`attention`]'s `[B, T, heads,
+/// hd]`, so no reshape nodes enter the graph), an additive mask `[B, 1, T, Tk]`; returns
+/// `[B * T, nh * hd]`. One op whose backward pass is [`attention_backward_slices`] (candle's
+/// chain of transposes, grouped-query copies, matmuls and softmax would keep each intermediate
+/// and its gradient). `None` for other dtypes and devices.
 pub fn attention_train(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &Tensor,
     scale: f32,
+    heads: (usize, usize),
 ) -> Result<Option<Tensor>> {
     if [q, k, v, mask]
         .iter()
@@ -1081,7 +1084,37 @@ pub fn attention_train(
     {
         return Ok(None);
     }
-    let dims = attention_dims(q, k, v, mask)?;
+    let (nh, nkv) = heads;
+    let (bt, qw) = q.dims2()?;
+    let (btk, kw) = k.dims2()?;
+    let (b, _, t, tk) = mask.dims4()?;
+    let bad = nh == 0
+        || nkv == 0
+        || nh % nkv != 0
+        || qw % nh != 0
+        || b == 0
+        || bt != b * t
+        || btk != b * tk
+        || kw * nh != qw * nkv
+        || v.dims2()? != (btk, kw);
+    if bad {
+        return Err(crate::error::Error::Invalid(format!(
+            "attention shapes do not fit: q {:?}, k {:?}, v {:?}, mask {:?}, {nh} query and \
+             {nkv} key/value heads",
+            q.shape(),
+            k.shape(),
+            v.shape(),
+            mask.shape()
+        )));
+    }
+    let dims = AttnDims {
+        b,
+        t,
+        tk,
+        nh,
+        nkv,
+        hd: qw / nh,
+    };
     let op = AttnOp {
         mask: cpu_f32(mask)?,
         dims,

@@ -254,6 +254,29 @@ impl RmsNorm {
         )
     }
 
+    /// [`RmsNorm::run`]'s fused path over groups of `width` values along the last dim of
+    /// `x: [N, k * width]` (per-head q/k norms on a projection's 2-D output), as one graph node
+    /// with the fused backward (f32 on the CPU).
+    pub fn run_groups(&self, x: &Tensor, width: usize) -> Result<Tensor> {
+        let shape = x.shape().clone();
+        let rows = x.elem_count() / width;
+        let xd = x.detach().contiguous()?.reshape((rows, width))?;
+        let y = candle_nn::ops::rms_norm(&xd, &self.scale, self.eps as f32)?.reshape(&shape)?;
+        let (scale, eps) = (self.scale.clone(), self.eps);
+        with_grad(
+            x,
+            y,
+            Box::new(move |x, _y, g| {
+                let x2 = x.contiguous()?.reshape((rows, width))?;
+                let g2 = g.contiguous()?.reshape((rows, width))?;
+                match kernels::rms_norm_backward(&x2, &scale, &g2, eps)? {
+                    Some(dx) => dx.reshape(&shape),
+                    None => candle_core::bail!("grouped rms-norm backward needs f32 on the CPU"),
+                }
+            }),
+        )
+    }
+
     /// `x * rsqrt(mean(x^2, last) + eps) * scale`, computed in f32 (or f64) for low precisions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dt = x.dtype();
@@ -660,6 +683,37 @@ impl Model {
         // differentiable ops, which the finite-difference tests check.
         let fast = self.dtype != DType::F64;
         let h = l.input_norm.run(x, fast)?;
+        let rt = p
+            .rope
+            .get(&c.rope_base(i).to_bits())
+            .expect("rope prepared for every base");
+        let mask = match l.kind {
+            LayerKind::Sliding => p.mask_sliding.as_ref().unwrap_or(&p.mask_full),
+            LayerKind::Full => &p.mask_full,
+        };
+        // Training on the CPU in f32: q, k, v stay 2-D (`[B * T, heads * hd]`, the memory
+        // layout of `[B, T, heads, hd]`), so the graph gets no reshape nodes; per-head norms,
+        // rope and attention are single nodes with their own backward passes.
+        if ctx.training() && kv.is_none() && self.dtype == DType::F32 && self.device.is_cpu() {
+            let q = l.q.forward(&h, ctx)?;
+            let k = l.k.forward(&h, ctx)?;
+            let v = l.v.forward(&h, ctx)?;
+            let q = match &l.q_norm {
+                Some(n) => n.run_groups(&q, hd)?,
+                None => q,
+            };
+            let k = match &l.k_norm {
+                Some(n) => n.run_groups(&k, hd)?,
+                None => k,
+            };
+            let q = rope_thd_train(&q, rt, (b, t, nh, hd))?;
+            let k = rope_thd_train(&k, rt, (b, t, nkv, hd))?;
+            let scale = c.attn_scale() as f32;
+            if let Some(a) = kernels::attention_train(&q, &k, &v, mask, scale, (nh, nkv))? {
+                return self.finish_layer(l, x, &a, ctx, fast);
+            }
+            return Err(Error::Invalid("fused attention refused its inputs".into()));
+        }
         let q = l.q.forward(&h, ctx)?.reshape((b, t, nh, hd))?;
         let k = l.k.forward(&h, ctx)?.reshape((b, t, nkv, hd))?;
         let v = l.v.forward(&h, ctx)?.reshape((b, t, nkv, hd))?;
@@ -671,28 +725,9 @@ impl Model {
             Some(n) => n.run(&k, fast)?,
             None => k,
         };
-        let rt = p
-            .rope
-            .get(&c.rope_base(i).to_bits())
-            .expect("rope prepared for every base");
-        let mask = match l.kind {
-            LayerKind::Sliding => p.mask_sliding.as_ref().unwrap_or(&p.mask_full),
-            LayerKind::Full => &p.mask_full,
-        };
         // Inference on the CPU in f32: heads stay in the projections' [B, T, heads, hd] layout
         // (rope on that layout, cache along T, a fused attention kernel); no transposes, no
         // grouped-query copies.
-        // Training on the CPU in f32: the same layout, with the fused attention's own backward.
-        if ctx.training() && kv.is_none() && self.dtype == DType::F32 && self.device.is_cpu() {
-            let q = rope_thd_train(&q, rt)?;
-            let k = rope_thd_train(&k, rt)?;
-            let scale = c.attn_scale() as f32;
-            if let Some(a) = kernels::attention_train(&q, &k, &v, mask, scale)? {
-                let attn = a.reshape((b * t, nh * hd))?;
-                return self.finish_layer(l, x, &attn, ctx, fast);
-            }
-            return Err(Error::Invalid("fused attention refused its inputs".into()));
-        }
         if !ctx.training() && self.dtype == DType::F32 && self.device.is_cpu() {
             let rope = |x: Tensor| -> Result<Tensor> {
                 Ok(candle_nn::rotary_emb::rope_thd(
@@ -907,16 +942,25 @@ fn extend_cache(
     Ok((k, v))
 }
 
-/// Rope on the `[B, T, heads, hd]` layout (candle's `rope_thd`) with its backward pass, the
-/// rotation by the opposite angle.
-fn rope_thd_train(x: &Tensor, rt: &RopeTables) -> Result<Tensor> {
+/// Rope on a projection's 2-D output `x: [B * T, heads * hd]`, read as `[B, T, heads, hd]`
+/// (candle's `rope_thd`), as one graph node whose backward is the rotation by the opposite
+/// angle.
+fn rope_thd_train(
+    x: &Tensor,
+    rt: &RopeTables,
+    bthd: (usize, usize, usize, usize),
+) -> Result<Tensor> {
     let rope = candle_nn::rotary_emb::rope_thd;
-    let y = rope(&x.detach().contiguous()?, &rt.cos_half, &rt.sin_half)?;
+    let shape = x.shape().clone();
+    let xd = x.detach().contiguous()?.reshape(bthd)?;
+    let y = rope(&xd, &rt.cos_half, &rt.sin_half)?.reshape(&shape)?;
     let (cos, neg_sin) = (rt.cos_half.clone(), rt.sin_half.neg()?);
     with_grad(
         x,
         y,
-        Box::new(move |_x, _y, g| rope(&g.contiguous()?, &cos, &neg_sin)),
+        Box::new(move |_x, _y, g| {
+            rope(&g.contiguous()?.reshape(bthd)?, &cos, &neg_sin)?.reshape(&shape)
+        }),
     )
 }
 
