@@ -120,13 +120,14 @@ fn bf16_products_stay_close_to_f32_or_are_refused_without_amx() {
         let (l16, g16) = (logits(&m, &ids, &ad), lora_grads(&m, &ids, &ad));
         set_matmul_precision(MatmulPrecision::F32).unwrap();
 
-        // bf16 keeps 8 significant bits per input: a few parts in a thousand per product,
-        // a little more after the layers compound it.
+        // bf16 keeps 8 significant bits per input: ~1.4e-3 (logits) and ~4e-3 (gradients)
+        // measured on these models; the bounds leave a factor of about five.
+
         let (dl, dg) = (rel_diff(&l32, &l16), rel_diff(&g32, &g16));
         eprintln!("{arch:?}: logits {dl:.2e}, gradients {dg:.2e}");
         assert!(dl > 0.0 && dl < 0.01, "{arch:?}: logits differ by {dl}");
         assert!(
-            dg > 0.0 && dg < 0.05,
+            dg > 0.0 && dg < 0.02,
             "{arch:?}: LoRA gradients differ by {dg}"
         );
         // The probabilities agree on the top token almost everywhere.
