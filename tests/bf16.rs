@@ -78,11 +78,18 @@ fn bf16_products_stay_close_to_f32_or_are_refused_without_amx() {
     if !amx::available() {
         assert!(set_matmul_precision(MatmulPrecision::Bf16).is_err());
         assert_eq!(matmul_precision(), MatmulPrecision::F32);
-        let o = mlbench(&["--matmul", "bf16", "tasks", "list"]);
+        let o = mlbench(&["--matmul", "bf16", "tasks", "ls"]);
         assert_user_error(&o, &["AMX"]);
         eprintln!("no AMX here: only the refusal was checked");
         return;
     }
+    // Without AMX (here forced by MLBENCH_NO_AMX), the command line refuses bf16 products.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mlbench"))
+        .args(["--matmul", "bf16", "tasks", "ls"])
+        .env("MLBENCH_NO_AMX", "1")
+        .output()
+        .unwrap();
+    assert_user_error(&o, &["AMX"]);
     let device = test_device();
     for arch in [Arch::Gemma3, Arch::Llama, Arch::Qwen2] {
         let dir = tempfile::tempdir().unwrap();

@@ -518,6 +518,7 @@ def cmd_speed(a):
             "ex_per_s_wall": n / wall, "scoring_s": scoring,
             "ex_per_s_scoring": (n / scoring) if scoring else None, "peak_rss_gib": rss,
             "batch_size": meta.get("batch_size"), "matmul": meta.get("matmul", "f32"),
+            "dtype": meta.get("dtype", "float32"),
             "build_during_run": os.path.exists(p[: -len(".time")] + ".busy"),
         })
     print(f"{'run':34} {'ex':>5} {'wall s':>8} {'ex/s':>7} {'score s':>8} {'ex/s':>7} {'RSS GiB':>7}")
@@ -532,7 +533,7 @@ def cmd_speed(a):
             for l in lm:
                 ratio_w = mb["ex_per_s_wall"] / l["ex_per_s_wall"]
                 ratio_s = (mb["ex_per_s_scoring"] / l["ex_per_s_scoring"]) if l["ex_per_s_scoring"] and mb["ex_per_s_scoring"] else None
-                print(f"ratio {u} mlbench(bs={mb['batch_size']}, matmul={mb['matmul']}) / lm_eval(bs={l['batch_size']}): whole process {ratio_w:.2f}x"
+                print(f"ratio {u} mlbench(bs={mb['batch_size']}, matmul={mb['matmul']}) / lm_eval(bs={l['batch_size']}, dtype={l['dtype']}): whole process {ratio_w:.2f}x"
                       + (f", scoring only {ratio_s:.2f}x" if ratio_s else ""))
     # Batch-size independence of mlbench's scores (lm-eval #704, #1645: theirs are not).
     import pandas as pd

@@ -10,7 +10,7 @@
 #
 # Environment: MODEL, PY, MLBENCH, THREADS (2), UNITS ("sib200:eng_Latn,swh_Latn xcopa:sw"),
 # XCOPA_LIMIT (500), SIB_LIMIT (all = 204 per language), LM_BATCH (8), MB_BATCHES ("16 32"),
-# MB_MATMULS ("f32"; "f32 bf16" adds `mlbench --matmul bf16` runs, compared with the f32 ones),
+# LM_DTYPE (float32; bfloat16 runs lm-eval's model in bf16), MB_MATMULS ("f32"; "f32 bf16" adds `mlbench --matmul bf16` runs, compared with the f32 ones),
 # WORK (a fresh temp folder), SKIP_LM_EVAL=1 (mlbench only), TRIES (3: reruns of a timing that
 # other work disturbed).
 # Nothing is timed while a cargo/rustc/nvcc/ptxas process runs: the script waits for quiet.
@@ -28,6 +28,7 @@ SIB_LIMIT=${SIB_LIMIT:-}
 LM_BATCH=${LM_BATCH:-8}
 MB_BATCHES=${MB_BATCHES:-16 32}
 MB_MATMULS=${MB_MATMULS:-f32}
+LM_DTYPE=${LM_DTYPE:-float32}
 TRIES=${TRIES:-3}
 WORK=${WORK:-$(mktemp -d /tmp/mlbench-eval-speed.XXXXXX)}
 mkdir -p "$WORK"
@@ -104,14 +105,14 @@ for spec in $UNITS; do
   echo "== $unit: $n examples"
 
   if [[ -z "${SKIP_LM_EVAL:-}" ]]; then
-    name="lm_eval_${unit}_bs$LM_BATCH"
+    name="lm_eval_${unit}_bs$LM_BATCH"; [[ $LM_DTYPE == float32 ]] || name="${name}_$LM_DTYPE"
     timed "$name" bash -c 'cd "$1" && shift && exec "$@"' _ "$WORK" \
       "$PY" -c "import torch, sys; torch.set_num_threads($THREADS); sys.argv=['lm_eval']+sys.argv[1:]; from lm_eval.__main__ import cli_evaluate; cli_evaluate()" \
-        run --model hf --model_args "pretrained=$WORK/hf_model,dtype=float32" --device cpu \
+        run --model hf --model_args "pretrained=$WORK/hf_model,dtype=$LM_DTYPE" --device cpu \
         --batch_size "$LM_BATCH" --include_path "$TASKDIR" --tasks "$(IFS=,; echo "${lm_tasks[*]}")" \
         --output_path "$WORK/out_$name"
-    printf '{"tool":"lm_eval","unit":"%s","examples":%d,"log":"%s","batch_size":%d}\n' \
-      "$unit" "$n" "$TIMES/$name.log" "$LM_BATCH" >"$TIMES/$name.meta.json"
+    printf '{"tool":"lm_eval","unit":"%s","examples":%d,"log":"%s","batch_size":%d,"dtype":"%s"}\n' \
+      "$unit" "$n" "$TIMES/$name.log" "$LM_BATCH" "$LM_DTYPE" >"$TIMES/$name.meta.json"
   fi
 
   for mm in $MB_MATMULS; do

@@ -29,10 +29,11 @@ const TILE: usize = TM * TK;
 /// Output rows one parallel task covers (it reuses its B columns across them).
 const TASK_ROWS: usize = 256;
 
-/// Whether AMX bf16 tiles can be used in this process (asked once).
+/// Whether AMX bf16 tiles can be used in this process (asked once). `MLBENCH_NO_AMX=1` answers
+/// no whatever the CPU (to check the f32-only behaviour on an AMX machine).
 pub fn available() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OK.get_or_init(detect)
+    *OK.get_or_init(|| std::env::var_os("MLBENCH_NO_AMX").is_none() && detect())
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
