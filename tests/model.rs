@@ -493,8 +493,9 @@ fn only_a_training_context_builds_a_gradient_graph() {
 
 #[test]
 fn fused_training_kernels_give_the_plain_gradients() {
-    // f32 runs the fused rms-norm / rope / softmax kernels with hand-written backward passes;
-    // f64 runs plain differentiable ops (checked against finite differences above).
+    // f32 on the CPU trains through `layer_train` (each decoder layer one graph node with its
+    // backward written out from the fused kernels'); f64 runs plain differentiable ops
+    // (checked against finite differences above).
     // With LoRA dropout too: both paths draw the same masks from the same seed.
     for (arch, dropout) in ARCHS.iter().flat_map(|&a| [(a, 0.0), (a, 0.25)]) {
         let (_d64, m64) = tiny_model(arch, DType::F64);

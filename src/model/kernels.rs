@@ -1009,81 +1009,15 @@ fn attention_dims(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<A
     })
 }
 
-/// Attention as a candle op on `(q, k, v)` with a hand-written backward pass; the mask (no
-/// gradient) and scale travel with the op.
-struct AttnOp {
-    mask: Vec<f32>,
-    dims: AttnDims,
-    scale: f32,
-}
-
-impl candle_core::CustomOp3 for AttnOp {
-    fn name(&self) -> &'static str {
-        "fused-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        lq: &Layout,
-        k: &CpuStorage,
-        lk: &Layout,
-        v: &CpuStorage,
-        lv: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = self.dims;
-        fn slice<'s>(s: &'s CpuStorage, l: &Layout, n: usize) -> candle_core::Result<&'s [f32]> {
-            match l.contiguous_offsets() {
-                Some((o0, o1)) if o1 - o0 == n => Ok(&s.as_slice::<f32>()?[o0..o1]),
-                _ => candle_core::bail!("fused-attention: inputs must be contiguous"),
-            }
-        }
-        let qv = slice(q, lq, d.b * d.t * d.nh * d.hd)?;
-        let kv = slice(k, lk, d.b * d.tk * d.nkv * d.hd)?;
-        let vv = slice(v, lv, d.b * d.tk * d.nkv * d.hd)?;
-        let out = attention_slices(qv, kv, vv, &self.mask, d, self.scale);
-        Ok((CpuStorage::F32(out), lq.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        dout: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (qv, kv, vv, dv) = (cpu_f32(q)?, cpu_f32(k)?, cpu_f32(v)?, cpu_f32(dout)?);
-        let (gq, gk, gv) =
-            attention_backward_slices(&qv, &kv, &vv, &self.mask, &dv, self.dims, self.scale);
-        Ok((
-            Some(Tensor::from_vec(gq, q.shape(), q.device())?),
-            Some(Tensor::from_vec(gk, k.shape(), k.device())?),
-            Some(Tensor::from_vec(gv, v.shape(), v.device())?),
-        ))
-    }
-}
-
-/// Attention for training on the CPU in f32 on the projections' 2-D outputs: `q: [B * T, nh *
-/// hd]`, `k`, `v: [B * Tk, nkv * hd]` (the memory layout of [`attention`]'s `[B, T, heads,
-/// hd]`, so no reshape nodes enter the graph), an additive mask `[B, 1, T, Tk]`; returns
-/// `[B * T, nh * hd]`. One op whose backward pass is [`attention_backward_slices`] (candle's
-/// chain of transposes, grouped-query copies, matmuls and softmax would keep each intermediate
-/// and its gradient). `None` for other dtypes and devices.
-pub fn attention_train(
+/// Shapes of an attention call on 2-D projections, checked: `q: [B * T, nh * hd]`, `k`, `v:
+/// [B * Tk, nkv * hd]` (the memory layout of `[B, T, heads, hd]`), `mask: [B, 1, T, Tk]`.
+fn attention_dims_2d(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &Tensor,
-    scale: f32,
     heads: (usize, usize),
-) -> Result<Option<Tensor>> {
-    if [q, k, v, mask]
-        .iter()
-        .any(|x| x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu))
-    {
-        return Ok(None);
-    }
+) -> Result<AttnDims> {
     let (nh, nkv) = heads;
     let (bt, qw) = q.dims2()?;
     let (btk, kw) = k.dims2()?;
@@ -1107,24 +1041,78 @@ pub fn attention_train(
             mask.shape()
         )));
     }
-    let dims = AttnDims {
+    Ok(AttnDims {
         b,
         t,
         tk,
         nh,
         nkv,
         hd: qw / nh,
-    };
-    let op = AttnOp {
-        mask: cpu_f32(mask)?,
-        dims,
-        scale,
-    };
-    Ok(Some(q.contiguous()?.apply_op3(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        op,
-    )?))
+    })
+}
+
+/// Attention on 2-D projections (see `attention_dims_2d`) as plain functions without a graph,
+/// for the training layer, which writes its own backward pass: `forward` gives
+/// `[B * T, nh * hd]`, `backward` gives `(dq, dk, dv)` for an output gradient `dout` (the
+/// probabilities are recomputed). f32 CPU tensors only.
+pub mod attention_2d {
+    use super::*;
+
+    pub fn forward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        scale: f32,
+        heads: (usize, usize),
+    ) -> Result<Tensor> {
+        let d = attention_dims_2d(q, k, v, mask, heads)?;
+        let out = attention_slices(
+            &cpu_f32(q)?,
+            &cpu_f32(k)?,
+            &cpu_f32(v)?,
+            &cpu_f32(mask)?,
+            d,
+            scale,
+        );
+        Ok(Tensor::from_vec(out, q.shape(), q.device())?)
+    }
+
+    pub fn backward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        dout: &Tensor,
+        scale: f32,
+        heads: (usize, usize),
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let d = attention_dims_2d(q, k, v, mask, heads)?;
+        let (gq, gk, gv) = attention_backward_slices(
+            &cpu_f32(q)?,
+            &cpu_f32(k)?,
+            &cpu_f32(v)?,
+            &cpu_f32(mask)?,
+            &cpu_f32(dout)?,
+            d,
+            scale,
+        );
+        Ok((
+            Tensor::from_vec(gq, q.shape(), q.device())?,
+            Tensor::from_vec(gk, k.shape(), k.device())?,
+            Tensor::from_vec(gv, v.shape(), v.device())?,
+        ))
+    }
+}
+
+/// `(d gate, d up)` of `act(gate) * up` for the output gradient `dy` (f32 CPU tensors of one
+/// shape).
+pub fn glu_backward(kind: Glu, g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (dg, du) = glu_backward_slices(kind, &cpu_f32(g)?, &cpu_f32(u)?, &cpu_f32(dy)?);
+    Ok((
+        Tensor::from_vec(dg, g.shape(), g.device())?,
+        Tensor::from_vec(du, u.shape(), u.device())?,
+    ))
 }
 
 /// Attention for inference on the CPU in f32: queries `[B, T, nh, hd]`, keys and values

@@ -11,6 +11,7 @@
 //! - [`hub`]: Hugging Face Hub ids -> local snapshot folders (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN);
 //! - [`kernels`]: fused CPU inference kernels (gated activation, vectorised exp);
 //! - [`amx`]: opt-in bf16 products of frozen weights on Intel AMX tiles;
+//! - `layer_train`: a decoder layer as one graph node for LoRA training on the CPU in f32;
 //! - [`tiny`]: tiny random models of each architecture for tests;
 //! - [`score`]: log-likelihood requests and greedy generation.
 
@@ -20,6 +21,7 @@ pub mod config;
 pub mod gguf;
 pub mod hub;
 pub mod kernels;
+mod layer_train;
 pub mod load;
 pub mod lora;
 pub mod loss;

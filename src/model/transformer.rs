@@ -18,7 +18,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::autograd::{with_grad, with_grad3};
+use super::autograd::with_grad;
 use super::config::{Arch, LayerKind, ModelConfig};
 use super::kernels;
 use super::lora::{Adapter, ModuleInfo};
@@ -61,8 +61,33 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn training(&self) -> bool {
+    pub(crate) fn training(&self) -> bool {
         self.dropout_rng.is_some()
+    }
+
+    /// A LoRA dropout mask shaped like `x` (kept entries `1 / (1 - p)`, dropped ones 0), drawn
+    /// from the training RNG; `None` in eval mode or when `p` is 0.
+    pub(crate) fn dropout_mask(&self, p: f64, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(rng) = &self.dropout_rng else {
+            return Ok(None);
+        };
+        if p <= 0.0 {
+            return Ok(None);
+        }
+        let mut rng = rng.borrow_mut();
+        let keep = 1.0 - p;
+        let m: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if rng.next_f64() < keep {
+                    (1.0 / keep) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Ok(Some(
+            Tensor::from_vec(m, x.dims(), x.device())?.to_dtype(x.dtype())?,
+        ))
     }
 }
 
@@ -114,29 +139,8 @@ impl Linear {
             let y = frozen_matmul(x, &self.weight, &self.packs, ctx.training())?;
             return self.add_bias(y);
         };
-        let p_drop = ad.config.lora_dropout;
-        let mask = match &ctx.dropout_rng {
-            Some(rng) if p_drop > 0.0 => {
-                let mut rng = rng.borrow_mut();
-                let keep = 1.0 - p_drop;
-                let m: Vec<f32> = (0..x.elem_count())
-                    .map(|_| {
-                        if rng.next_f64() < keep {
-                            (1.0 / keep) as f32
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                Some(Tensor::from_vec(m, x.dims(), x.device())?.to_dtype(x.dtype())?)
-            }
-            _ => None,
-        };
+        let mask = ctx.dropout_mask(ad.config.lora_dropout, x)?;
         let s = ad.config.scaling();
-        if ctx.training() && self.weight.dtype() == DType::F32 && x.device().is_cpu() {
-            let y = self.lora_train(x, p.a.as_tensor(), p.b.as_tensor(), mask, s)?;
-            return self.add_bias(y);
-        }
         let y = self.add_bias(frozen_matmul(x, &self.weight, &self.packs, ctx.training())?)?;
         let xin = match &mask {
             Some(m) => x.mul(m)?,
@@ -157,57 +161,6 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
-    }
-
-    /// `x W^T + s (m x) A^T B^T` (m: the dropout mask, if any) as one graph node for training on
-    /// the CPU, with the backward pass written out: `u = (m x) A^T`, `gb = g B`,
-    /// `dB = s g^T u`, `dA = s gb^T (m x)`, `dx = g W + s m (gb A)`. candle's own graph for
-    /// the same value has about seven nodes, each with its gradient buffers.
-    fn lora_train(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        mask: Option<Tensor>,
-        s: f64,
-    ) -> Result<Tensor> {
-        let xd = x.detach();
-        let xin = match &mask {
-            Some(m) => xd.mul(m)?,
-            None => xd.clone(),
-        };
-        let u = xin.matmul(&a.detach().t()?)?;
-        let base = kernels::frozen_linear(&xd, &self.weight, &self.packs)?;
-        let y = (base + (u.matmul(&b.detach().t()?)? * s)?)?;
-        let (w, packs, x_tracked) = (self.weight.clone(), self.packs.clone(), x.track_op());
-        with_grad3(
-            x,
-            a,
-            b,
-            y,
-            Box::new(move |x, a, b, g| {
-                let xin = match &mask {
-                    Some(m) => x.mul(m)?,
-                    None => x.clone(),
-                };
-                let u = xin.matmul(&a.t()?)?;
-                let gb = g.matmul(b)?;
-                let db = (g.t()?.matmul(&u)? * s)?;
-                let da = (gb.t()?.matmul(&xin)? * s)?;
-                let dx = if x_tracked {
-                    let mut dl = (gb.matmul(a)? * s)?;
-                    if let Some(m) = &mask {
-                        dl = dl.mul(m)?;
-                    }
-                    let dw = kernels::frozen_linear_grad(g, &w, &packs)
-                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                    Some((dw + dl)?)
-                } else {
-                    None
-                };
-                Ok((dx, Some(da), Some(db)))
-            }),
-        )
     }
 
     fn info(&self) -> ModuleInfo {
@@ -250,29 +203,6 @@ impl RmsNorm {
                 let a = gs.broadcast_mul(&r)?;
                 let b = x.broadcast_mul(&(r.powf(3.0)? * m)?)?;
                 a - b
-            }),
-        )
-    }
-
-    /// [`RmsNorm::run`]'s fused path over groups of `width` values along the last dim of
-    /// `x: [N, k * width]` (per-head q/k norms on a projection's 2-D output), as one graph node
-    /// with the fused backward (f32 on the CPU).
-    pub fn run_groups(&self, x: &Tensor, width: usize) -> Result<Tensor> {
-        let shape = x.shape().clone();
-        let rows = x.elem_count() / width;
-        let xd = x.detach().contiguous()?.reshape((rows, width))?;
-        let y = candle_nn::ops::rms_norm(&xd, &self.scale, self.eps as f32)?.reshape(&shape)?;
-        let (scale, eps) = (self.scale.clone(), self.eps);
-        with_grad(
-            x,
-            y,
-            Box::new(move |x, _y, g| {
-                let x2 = x.contiguous()?.reshape((rows, width))?;
-                let g2 = g.contiguous()?.reshape((rows, width))?;
-                match kernels::rms_norm_backward(&x2, &scale, &g2, eps)? {
-                    Some(dx) => dx.reshape(&shape),
-                    None => candle_core::bail!("grouped rms-norm backward needs f32 on the CPU"),
-                }
             }),
         )
     }
@@ -366,11 +296,11 @@ impl KvCache {
 }
 
 /// cos/sin as `[B, 1, T, head_dim]` (differentiable path) and `[B, T, head_dim / 2]` (fused).
-struct RopeTables {
+pub(crate) struct RopeTables {
     cos: Tensor,
     sin: Tensor,
-    cos_half: Tensor,
-    sin_half: Tensor,
+    pub(crate) cos_half: Tensor,
+    pub(crate) sin_half: Tensor,
 }
 
 const NEG: f32 = -1e30;
@@ -682,7 +612,6 @@ impl Model {
         // Fused kernels (with hand-written backward passes when training); f64 keeps the plain
         // differentiable ops, which the finite-difference tests check.
         let fast = self.dtype != DType::F64;
-        let h = l.input_norm.run(x, fast)?;
         let rt = p
             .rope
             .get(&c.rope_base(i).to_bits())
@@ -691,29 +620,22 @@ impl Model {
             LayerKind::Sliding => p.mask_sliding.as_ref().unwrap_or(&p.mask_full),
             LayerKind::Full => &p.mask_full,
         };
+        // Training on the CPU in f32: the whole layer is one graph node with its backward
+        // written out (`layer_train`).
+        if ctx.training() && kv.is_none() && self.dtype == DType::F32 && self.device.is_cpu() {
+            let batch = super::layer_train::Batch {
+                b,
+                t,
+                cos: &rt.cos_half,
+                sin: &rt.sin_half,
+                mask,
+            };
+            return super::layer_train::layer(c, l, x, &batch, ctx);
+        }
+        let h = l.input_norm.run(x, fast)?;
         // Training on the CPU in f32: q, k, v stay 2-D (`[B * T, heads * hd]`, the memory
         // layout of `[B, T, heads, hd]`), so the graph gets no reshape nodes; per-head norms,
         // rope and attention are single nodes with their own backward passes.
-        if ctx.training() && kv.is_none() && self.dtype == DType::F32 && self.device.is_cpu() {
-            let q = l.q.forward(&h, ctx)?;
-            let k = l.k.forward(&h, ctx)?;
-            let v = l.v.forward(&h, ctx)?;
-            let q = match &l.q_norm {
-                Some(n) => n.run_groups(&q, hd)?,
-                None => q,
-            };
-            let k = match &l.k_norm {
-                Some(n) => n.run_groups(&k, hd)?,
-                None => k,
-            };
-            let q = rope_thd_train(&q, rt, (b, t, nh, hd))?;
-            let k = rope_thd_train(&k, rt, (b, t, nkv, hd))?;
-            let scale = c.attn_scale() as f32;
-            if let Some(a) = kernels::attention_train(&q, &k, &v, mask, scale, (nh, nkv))? {
-                return self.finish_layer(l, x, &a, ctx, fast);
-            }
-            return Err(Error::Invalid("fused attention refused its inputs".into()));
-        }
         let q = l.q.forward(&h, ctx)?.reshape((b, t, nh, hd))?;
         let k = l.k.forward(&h, ctx)?.reshape((b, t, nkv, hd))?;
         let v = l.v.forward(&h, ctx)?.reshape((b, t, nkv, hd))?;
@@ -940,28 +862,6 @@ fn extend_cache(
     };
     *slot = Some((k.clone(), v.clone()));
     Ok((k, v))
-}
-
-/// Rope on a projection's 2-D output `x: [B * T, heads * hd]`, read as `[B, T, heads, hd]`
-/// (candle's `rope_thd`), as one graph node whose backward is the rotation by the opposite
-/// angle.
-fn rope_thd_train(
-    x: &Tensor,
-    rt: &RopeTables,
-    bthd: (usize, usize, usize, usize),
-) -> Result<Tensor> {
-    let rope = candle_nn::rotary_emb::rope_thd;
-    let shape = x.shape().clone();
-    let xd = x.detach().contiguous()?.reshape(bthd)?;
-    let y = rope(&xd, &rt.cos_half, &rt.sin_half)?.reshape(&shape)?;
-    let (cos, neg_sin) = (rt.cos_half.clone(), rt.sin_half.neg()?);
-    with_grad(
-        x,
-        y,
-        Box::new(move |_x, _y, g| {
-            rope(&g.contiguous()?.reshape(bthd)?, &cos, &neg_sin)?.reshape(&shape)
-        }),
-    )
 }
 
 fn apply_rope(x: &Tensor, rt: &RopeTables, fast: bool) -> Result<Tensor> {
