@@ -12,6 +12,20 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
+/// Median seconds of 7 runs of `f` after 2 warm-ups.
+fn median_time<T>(mut f: impl FnMut() -> T) -> f64 {
+    let mut times = Vec::new();
+    for i in 0..9 {
+        let t0 = Instant::now();
+        std::hint::black_box(f());
+        if i >= 2 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
     let m = 1024;
@@ -30,17 +44,7 @@ fn main() -> candle_core::Result<()> {
         let rows = if name.contains("256 rows") { 256 } else { m };
         let x = Tensor::randn(0f32, 1.0, (rows, k), &dev)?;
         let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
-        let mut times = Vec::new();
-        for i in 0..9 {
-            let t0 = Instant::now();
-            let y = x.matmul(&w.t()?)?;
-            std::hint::black_box(&y);
-            if i >= 2 {
-                times.push(t0.elapsed().as_secs_f64());
-            }
-        }
-        times.sort_by(f64::total_cmp);
-        let t = times[times.len() / 2];
+        let t = median_time(|| x.matmul(&w.t().unwrap()).unwrap());
         let gflops = 2.0 * rows as f64 * n as f64 * k as f64 / t / 1e9;
         print!(
             "{name:<24} m={rows:<5} k={k:<5} n={n:<6} f32 {:>8.3} ms {gflops:>7.1} GFLOP/s",
@@ -50,17 +54,7 @@ fn main() -> candle_core::Result<()> {
             let xv = x.flatten_all()?.to_vec1::<f32>()?;
             let wv = w.flatten_all()?.to_vec1::<f32>()?;
             let packed = mlbench::model::amx::Packed::from_transposed(&wv, n, k);
-            let mut times = Vec::new();
-            for i in 0..9 {
-                let t0 = Instant::now();
-                let y = mlbench::model::amx::matmul(&xv, rows, &packed);
-                std::hint::black_box(&y);
-                if i >= 2 {
-                    times.push(t0.elapsed().as_secs_f64());
-                }
-            }
-            times.sort_by(f64::total_cmp);
-            let ta = times[times.len() / 2];
+            let ta = median_time(|| mlbench::model::amx::matmul(&xv, rows, &packed));
             let g = 2.0 * rows as f64 * n as f64 * k as f64 / ta / 1e9;
             print!(" | amx bf16 {:>8.3} ms {g:>7.1} GFLOP/s", ta * 1e3);
         }

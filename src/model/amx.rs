@@ -18,6 +18,8 @@
 
 use rayon::prelude::*;
 
+use super::kernels::OutPtr;
+
 /// Rows of an A tile and of an accumulator tile.
 const TM: usize = 16;
 /// bf16 values along `k` in one tile row (64 bytes).
@@ -215,19 +217,6 @@ pub fn matmul(a: &[f32], m: usize, b: &Packed) -> Vec<f32> {
         y.extend_from_slice(&row[..b.n]);
     }
     y
-}
-
-/// A raw output pointer shared by tasks that write disjoint blocks.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes its own block (see `matmul`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -530,24 +530,36 @@ fn with_f32_slices<R>(ts: [&Tensor; 2], f: impl FnOnce(&[f32], &[f32]) -> R) -> 
     Ok(Some(f(av, bv)))
 }
 
+/// `x b` on AMX tiles for `x: [n, k]` and the packed `b: [k, cols]` held in `slot` (packed from
+/// `w`'s values by `pack` on first use), when the precision is bf16 and both are f32 CPU
+/// matrices; `None` otherwise.
+fn amx_product(
+    x: &Tensor,
+    w: &Tensor,
+    slot: &OnceLock<super::amx::Packed>,
+    pack: impl FnOnce(&[f32]) -> super::amx::Packed,
+    (k, cols): (usize, usize),
+) -> Result<Option<Tensor>> {
+    if matmul_precision() != MatmulPrecision::Bf16 || x.rank() != 2 || x.dim(1)? != k {
+        return Ok(None);
+    }
+    let n = x.dim(0)?;
+    let y = with_f32_slices([x, w], |xv, wv| {
+        super::amx::matmul(xv, n, slot.get_or_init(|| pack(wv)))
+    })?;
+    Ok(match y {
+        Some(y) => Some(Tensor::from_vec(y, (n, cols), x.device())?),
+        None => None,
+    })
+}
+
 /// `x w^T` for a frozen weight `w: [out, in]` and `x: [n, in]`: on AMX tiles when the precision
 /// is bf16 (packing `w` on first use), else [`linear`], else candle's matmul. No gradient.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, packs: &PackCache) -> Result<Tensor> {
-    if matmul_precision() == MatmulPrecision::Bf16 {
-        let (n, k) = x.dims2()?;
-        let (out, kw) = w.dims2()?;
-        if k == kw {
-            let y = with_f32_slices([x, w], |xv, wv| {
-                let p = packs
-                    .0
-                    .fwd
-                    .get_or_init(|| super::amx::Packed::from_transposed(wv, out, k));
-                super::amx::matmul(xv, n, p)
-            })?;
-            if let Some(y) = y {
-                return Ok(Tensor::from_vec(y, (n, out), x.device())?);
-            }
-        }
+    let (out, k) = w.dims2()?;
+    let pack = |wv: &[f32]| super::amx::Packed::from_transposed(wv, out, k);
+    if let Some(y) = amx_product(x, w, &packs.0.fwd, pack, (k, out))? {
+        return Ok(y);
     }
     match linear(x, w)? {
         Some(y) => Ok(y),
@@ -558,21 +570,10 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, packs: &PackCache) -> Result<Tensor
 /// `g w` for a frozen weight `w: [out, in]` and `g: [n, out]` (the input gradient of
 /// [`frozen_linear`]), with the same choice of kernel.
 pub fn frozen_linear_grad(g: &Tensor, w: &Tensor, packs: &PackCache) -> Result<Tensor> {
-    if matmul_precision() == MatmulPrecision::Bf16 {
-        let (n, k) = g.dims2()?;
-        let (out, inp) = w.dims2()?;
-        if k == out {
-            let y = with_f32_slices([g, w], |gv, wv| {
-                let p = packs
-                    .0
-                    .bwd
-                    .get_or_init(|| super::amx::Packed::from_rows(wv, out, inp));
-                super::amx::matmul(gv, n, p)
-            })?;
-            if let Some(y) = y {
-                return Ok(Tensor::from_vec(y, (n, inp), g.device())?);
-            }
-        }
+    let (out, inp) = w.dims2()?;
+    let pack = |wv: &[f32]| super::amx::Packed::from_rows(wv, out, inp);
+    if let Some(y) = amx_product(g, w, &packs.0.bwd, pack, (out, inp))? {
+        return Ok(y);
     }
     Ok(g.matmul(w)?)
 }
@@ -648,14 +649,15 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 
 /// A raw output pointer shared by parallel tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes its own (batch, head) block; no two blocks overlap.
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// SAFETY: every user has each task write its own block (attention: a (batch, head) block;
+// the AMX product: rows x columns of the output); no two blocks overlap.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -703,6 +705,94 @@ struct AttnDims {
     hd: usize,
 }
 
+/// A strided matrix view for [`gemm1`]: pointer, column stride, row stride (in elements).
+type View<T> = (T, isize, isize);
+
+/// `dst = alpha dst + beta lhs rhs` (`[m, k] x [k, n]`) on the calling thread (the attention
+/// kernels run one per task); `alpha` is ignored unless `read_dst`.
+///
+/// # Safety
+/// Every view must be valid for its extent: `m x n` for `dst`, `m x k` for `lhs`, `k x n`
+/// for `rhs`, with the given strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm1(
+    (m, n, k): (usize, usize, usize),
+    dst: View<*mut f32>,
+    read_dst: bool,
+    lhs: View<*const f32>,
+    rhs: View<*const f32>,
+    alpha: f32,
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.1,
+        dst.2,
+        read_dst,
+        lhs.0,
+        lhs.1,
+        lhs.2,
+        rhs.0,
+        rhs.1,
+        rhs.2,
+        alpha,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// `p = softmax(scale q_h k_g^T + mask)` for batch row `bi`, query head `h` and key/value head
+/// `kh` (`p: [t, tk]`), with a single-threaded GEMM reading the heads in place.
+#[allow(clippy::too_many_arguments)]
+fn head_probs(
+    q: &[f32],
+    k: &[f32],
+    mask: &[f32],
+    d: AttnDims,
+    (bi, h, kh): (usize, usize, usize),
+    scale: f32,
+    wide: bool,
+    p: &mut [f32],
+) {
+    let AttnDims {
+        t, tk, nh, nkv, hd, ..
+    } = d;
+    let q0 = bi * t * nh * hd + h * hd;
+    let k0 = bi * tk * nkv * hd + kh * hd;
+    assert!(p.len() == t * tk && mask.len() >= (bi + 1) * t * tk);
+    assert!(t == 0 || q.len() >= q0 + (t - 1) * nh * hd + hd);
+    assert!(tk == 0 || k.len() >= k0 + (tk - 1) * nkv * hd + hd);
+    // SAFETY: the asserts above bound every offset and stride the GEMM reads and writes.
+    unsafe {
+        gemm1(
+            (t, tk, hd),
+            (p.as_mut_ptr(), 1, tk as isize),
+            false,
+            (q.as_ptr().add(q0), 1, (nh * hd) as isize),
+            (k.as_ptr().add(k0), (nkv * hd) as isize, 1),
+            0.0,
+            scale,
+        );
+    }
+    for (qi, row) in p.chunks_exact_mut(tk).enumerate() {
+        let m = &mask[(bi * t + qi) * tk..(bi * t + qi + 1) * tk];
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: `avx512()` checked the features the function is compiled for.
+            unsafe { softmax_masked_avx512(row, m) };
+            continue;
+        }
+        let _ = wide;
+        softmax_masked_body(row, m);
+    }
+}
+
 /// `softmax(scale q k^T + mask) v` per (batch row, head), in parallel over those pairs, each
 /// with a single-threaded GEMM that reads the heads in place (query head `h` uses key/value
 /// head `h / (nh / nkv)`), writing `[b, t, nh, hd]`.
@@ -732,64 +822,18 @@ fn attention_slices(
         let mut s = vec![0f32; t * tk];
         let q0 = bi * t * nh * hd + h * hd;
         let k0 = bi * tk * nkv * hd + kh * hd;
-        // SAFETY: the offsets and strides stay inside q, k, v (their lengths were checked
-        // against the dims) and inside this task's own block of `out`.
+        head_probs(q, k, mask, d, (bi, h, kh), scale, wide, &mut s);
+        // SAFETY: the offsets and strides stay inside v (its length was checked against the
+        // dims) and inside this task's own block of `out` (rows bi*t.., columns h*hd..).
         unsafe {
-            gemm::gemm(
-                t,
-                tk,
-                hd,
-                s.as_mut_ptr(),
-                1,
-                tk as isize,
+            gemm1(
+                (t, hd, tk),
+                (dst.get().add(q0), 1, (nh * hd) as isize),
                 false,
-                q.as_ptr().add(q0),
-                1,
-                (nh * hd) as isize,
-                k.as_ptr().add(k0),
-                (nkv * hd) as isize,
-                1,
-                0.0,
-                scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-        for (qi, row) in s.chunks_exact_mut(tk).enumerate() {
-            let m = &mask[(bi * t + qi) * tk..(bi * t + qi + 1) * tk];
-            #[cfg(target_arch = "x86_64")]
-            if wide {
-                // SAFETY: `avx512()` checked the features the function is compiled for.
-                unsafe { softmax_masked_avx512(row, m) };
-                continue;
-            }
-            let _ = wide;
-            softmax_masked_body(row, m);
-        }
-        // SAFETY: as above; the destination block is rows bi*t.., columns h*hd.. of `out`.
-        unsafe {
-            gemm::gemm(
-                t,
-                hd,
-                tk,
-                dst.get().add(q0),
-                1,
-                (nh * hd) as isize,
-                false,
-                s.as_ptr(),
-                1,
-                tk as isize,
-                v.as_ptr().add(k0),
-                1,
-                (nkv * hd) as isize,
+                (s.as_ptr(), 1, tk as isize),
+                (v.as_ptr().add(k0), 1, (nkv * hd) as isize),
                 0.0,
                 1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
             );
         }
     });
@@ -837,66 +881,20 @@ fn attention_backward_slices(
         let (ks, qs) = ((nkv * hd) as isize, (nh * hd) as isize);
         for h in kh * rep..(kh + 1) * rep {
             let q0 = bi * t * nh * hd + h * hd;
-            // SAFETY (all GEMMs below): offsets and strides stay inside q, k, v, dout (lengths
+            head_probs(q, k, mask, d, (bi, h, kh), scale, wide, &mut p);
+            // SAFETY (the GEMMs below): offsets and strides stay inside k, v, dout (lengths
             // checked against the dims by the caller), inside the task's own scratch, and
             // inside this task's blocks of dq (rows bi, head h) and dk/dv (rows bi, head kh).
             unsafe {
-                // P = softmax(scale Q K^T + mask)
-                gemm::gemm(
-                    t,
-                    tk,
-                    hd,
-                    p.as_mut_ptr(),
-                    1,
-                    tk as isize,
-                    false,
-                    q.as_ptr().add(q0),
-                    1,
-                    qs,
-                    k.as_ptr().add(k0),
-                    ks,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for (qi, row) in p.chunks_exact_mut(tk).enumerate() {
-                let m = &mask[(bi * t + qi) * tk..(bi * t + qi + 1) * tk];
-                #[cfg(target_arch = "x86_64")]
-                if wide {
-                    // SAFETY: `avx512()` checked the features the function is compiled for.
-                    unsafe { softmax_masked_avx512(row, m) };
-                    continue;
-                }
-                let _ = wide;
-                softmax_masked_body(row, m);
-            }
-            unsafe {
                 // dP = dO V^T
-                gemm::gemm(
-                    t,
-                    tk,
-                    hd,
-                    dp.as_mut_ptr(),
-                    1,
-                    tk as isize,
+                gemm1(
+                    (t, tk, hd),
+                    (dp.as_mut_ptr(), 1, tk as isize),
                     false,
-                    dout.as_ptr().add(q0),
-                    1,
-                    qs,
-                    v.as_ptr().add(k0),
-                    ks,
-                    1,
+                    (dout.as_ptr().add(q0), 1, qs),
+                    (v.as_ptr().add(k0), ks, 1),
                     0.0,
                     1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
             }
             // dS = P (dP - rowsum(P dP)), into dp.
@@ -908,70 +906,34 @@ fn attention_backward_slices(
             }
             unsafe {
                 // dQ = scale dS K
-                gemm::gemm(
-                    t,
-                    hd,
-                    tk,
-                    dqp.get().add(q0),
-                    1,
-                    qs,
+                gemm1(
+                    (t, hd, tk),
+                    (dqp.get().add(q0), 1, qs),
                     false,
-                    dp.as_ptr(),
-                    1,
-                    tk as isize,
-                    k.as_ptr().add(k0),
-                    1,
-                    ks,
+                    (dp.as_ptr(), 1, tk as isize),
+                    (k.as_ptr().add(k0), 1, ks),
                     0.0,
                     scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
                 // dK += scale dS^T Q
-                gemm::gemm(
-                    tk,
-                    hd,
-                    t,
-                    dkp.get().add(k0),
-                    1,
-                    ks,
+                gemm1(
+                    (tk, hd, t),
+                    (dkp.get().add(k0), 1, ks),
                     true,
-                    dp.as_ptr(),
-                    tk as isize,
-                    1,
-                    q.as_ptr().add(q0),
-                    1,
-                    qs,
+                    (dp.as_ptr(), tk as isize, 1),
+                    (q.as_ptr().add(q0), 1, qs),
                     1.0,
                     scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
                 // dV += P^T dO
-                gemm::gemm(
-                    tk,
-                    hd,
-                    t,
-                    dvp.get().add(k0),
-                    1,
-                    ks,
+                gemm1(
+                    (tk, hd, t),
+                    (dvp.get().add(k0), 1, ks),
                     true,
-                    p.as_ptr(),
-                    tk as isize,
-                    1,
-                    dout.as_ptr().add(q0),
-                    1,
-                    qs,
+                    (p.as_ptr(), tk as isize, 1),
+                    (dout.as_ptr().add(q0), 1, qs),
                     1.0,
                     1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
             }
         }
@@ -1263,8 +1225,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn attention_matches_a_naive_f64_computation() {
+    /// Grouped-query heads, more keys than queries, causal over the last `t` keys, plus one
+    /// hidden key and one fully masked row: `(dims, q, k, v, mask)`.
+    fn attention_case() -> (AttnDims, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
         let d = AttnDims {
             b: 2,
             t: 5,
@@ -1273,27 +1236,36 @@ mod tests {
             nkv: 2,
             hd: 8,
         };
-        let val = |i: usize, m: usize| ((i * m) % 1_009) as f32 / 500.0 - 1.0;
         let q: Vec<f32> = (0..d.b * d.t * d.nh * d.hd)
-            .map(|i| val(i, 7_919))
+            .map(|i| case_val(i, 7_919))
             .collect();
         let k: Vec<f32> = (0..d.b * d.tk * d.nkv * d.hd)
-            .map(|i| val(i, 104_729))
+            .map(|i| case_val(i, 104_729))
             .collect();
-        let v: Vec<f32> = (0..d.b * d.tk * d.nkv * d.hd).map(|i| val(i, 31)).collect();
-        // Causal over the last t of tk keys, plus one hidden key and one fully masked row.
+        let v: Vec<f32> = (0..d.b * d.tk * d.nkv * d.hd)
+            .map(|i| case_val(i, 31))
+            .collect();
         let mut mask = vec![0f32; d.b * d.t * d.tk];
         for bi in 0..d.b {
             for qi in 0..d.t {
                 for ki in 0..d.tk {
-                    let hidden =
-                        ki > qi + (d.tk - d.t) || (bi == 1 && ki == 3) || (bi == 0 && qi == 2);
-                    if hidden {
+                    if ki > qi + (d.tk - d.t) || (bi == 1 && ki == 3) || (bi == 0 && qi == 2) {
                         mask[(bi * d.t + qi) * d.tk + ki] = -1e30;
                     }
                 }
             }
         }
+        (d, q, k, v, mask)
+    }
+
+    /// Deterministic values in [-1, 1).
+    fn case_val(i: usize, m: usize) -> f32 {
+        ((i * m) % 1_009) as f32 / 500.0 - 1.0
+    }
+
+    #[test]
+    fn attention_matches_a_naive_f64_computation() {
+        let (d, q, k, v, mask) = attention_case();
         let scale = 0.3f32;
         let got = attention_slices(&q, &k, &v, &mask, d, scale);
         let rep = d.nh / d.nkv;
@@ -1330,34 +1302,10 @@ mod tests {
     #[test]
     fn attention_backward_matches_candle_autograd_in_f64() {
         use candle_core::Var;
-        // Grouped-query heads, more keys than queries, a hidden key and a fully masked row.
-        let d = AttnDims {
-            b: 2,
-            t: 5,
-            tk: 7,
-            nh: 4,
-            nkv: 2,
-            hd: 8,
-        };
-        let val = |i: usize, m: usize| ((i * m) % 1_009) as f32 / 500.0 - 1.0;
-        let q: Vec<f32> = (0..d.b * d.t * d.nh * d.hd)
-            .map(|i| val(i, 7_919))
+        let (d, q, k, v, mask) = attention_case();
+        let r: Vec<f32> = (0..d.b * d.t * d.nh * d.hd)
+            .map(|i| case_val(i, 613))
             .collect();
-        let k: Vec<f32> = (0..d.b * d.tk * d.nkv * d.hd)
-            .map(|i| val(i, 104_729))
-            .collect();
-        let v: Vec<f32> = (0..d.b * d.tk * d.nkv * d.hd).map(|i| val(i, 31)).collect();
-        let r: Vec<f32> = (0..d.b * d.t * d.nh * d.hd).map(|i| val(i, 613)).collect();
-        let mut mask = vec![0f32; d.b * d.t * d.tk];
-        for bi in 0..d.b {
-            for qi in 0..d.t {
-                for ki in 0..d.tk {
-                    if ki > qi + (d.tk - d.t) || (bi == 1 && ki == 3) || (bi == 0 && qi == 2) {
-                        mask[(bi * d.t + qi) * d.tk + ki] = -1e30;
-                    }
-                }
-            }
-        }
         let scale = 0.3f32;
         let (gq, gk, gv) = attention_backward_slices(&q, &k, &v, &mask, &r, d, scale);
 
