@@ -69,35 +69,62 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// tokens/s and 10.1 GB with the full logits and the fused loss.
 const CHUNK_ROWS: usize = 256;
 
-/// `d loss / d h` for rows `h: [N, H]`, recomputing the logits chunk by chunk.
-fn linear_ce_grad(h: &Tensor, w: &Tensor, packs: &PackCache, targets: &Tensor) -> Result<Tensor> {
+/// Walks the rows of `h: [N, H]` in chunks of logits `h W^T`: the summed loss (with `loss`)
+/// and `dh = (softmax - onehot) W / N` (with `grad`). On the CPU in f32 one pass per chunk gives
+/// both ([`kernels::cross_entropy_rows`]); elsewhere candle's ops.
+fn chunks(
+    h: &Tensor,
+    w: &Tensor,
+    packs: &PackCache,
+    targets: &Tensor,
+    (loss, grad): (bool, bool),
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let n = h.dim(0)?;
-    let mut parts = Vec::with_capacity(n.div_ceil(CHUNK_ROWS));
+    let mut total = loss
+        .then(|| Tensor::zeros((), DType::F32, h.device()))
+        .transpose()?;
+    let mut parts = Vec::with_capacity(if grad { n.div_ceil(CHUNK_ROWS) } else { 0 });
     let mut start = 0;
     while start < n {
         let len = CHUNK_ROWS.min(n - start);
         let z = frozen_linear(&h.narrow(0, start, len)?, w, packs)?.to_dtype(DType::F32)?;
         let tn = targets.narrow(0, start, len)?;
-        let d = match ce_cpu(&z, &tn, true)? {
-            Some((_, Some(d))) => d,
-            _ => {
-                let p = candle_nn::ops::softmax_last_dim(&z)?;
-                let minus_one = Tensor::full(-1f32, (len, 1), h.device())?;
-                p.scatter_add(&tn.unsqueeze(1)?, &minus_one, 1)?
+        let (sum, d) = match ce_cpu(&z, &tn, grad)? {
+            Some((sum, d)) => (Some(Tensor::new(sum as f32, h.device())?), d),
+            None => {
+                let sum = if loss { Some(nll_sum(&z, &tn)?) } else { None };
+                let d = if grad {
+                    let p = candle_nn::ops::softmax_last_dim(&z)?;
+                    let minus_one = Tensor::full(-1f32, (len, 1), h.device())?;
+                    Some(p.scatter_add(&tn.unsqueeze(1)?, &minus_one, 1)?)
+                } else {
+                    None
+                };
+                (sum, d)
             }
+        };
+        if let (Some(t), Some(sum)) = (total.as_mut(), sum) {
+            *t = (&*t + sum)?;
         }
-        .to_dtype(w.dtype())?;
-        parts.push(frozen_linear_grad(&d, w, packs)?);
+        if let Some(d) = d {
+            parts.push(frozen_linear_grad(&d.to_dtype(w.dtype())?, w, packs)?);
+        }
         start += len;
     }
-    Ok((Tensor::cat(&parts, 0)? / n as f64)?)
+    let dh = if grad {
+        Some((Tensor::cat(&parts, 0)? / n as f64)?)
+    } else {
+        None
+    };
+    Ok((total, dh))
 }
 
 /// Mean cross-entropy of the logits `h W^T` (`h: [N, H]` hidden rows, `w: [V, H]` a frozen
 /// output matrix) against `targets: [N]`, without ever holding all `N x V` logits: the rows
-/// go in chunks, and `dh = (softmax(h W^T) - onehot(y)) W / N` is either computed alongside
-/// the loss (f32 on the CPU) or in the backward, recomputing each chunk's logits. The value
-/// equals `cross_entropy(h.matmul(w.t()), targets)`.
+/// go in chunks ([`chunks`]), and `dh = (softmax(h W^T) - onehot(y)) W / N` is computed
+/// alongside the loss on the CPU in f32 (the same pass gives both, so the backward only scales
+/// it: a third less output-layer work) or, elsewhere, in the backward, recomputing each chunk's
+/// logits. The value equals `cross_entropy(h.matmul(w.t()), targets)`.
 pub fn linear_cross_entropy(
     h: &Tensor,
     w: &Tensor,
@@ -106,49 +133,24 @@ pub fn linear_cross_entropy(
 ) -> Result<Tensor> {
     let n = h.dim(0)?;
     let hd = h.detach();
-    // On the CPU in f32, a tracked `h` gets its gradient in the same pass: each chunk's logits
-    // give both the loss terms and `softmax - onehot`, so `dh` (`[N, H]`, small) is ready for
-    // the backward, which only scales it. Saves recomputing the logits (a third of the output
-    // layer's work; for Gemma's 262k vocabulary ~10% of a train step).
-    if h.track_op() && hd.dtype() == DType::F32 && hd.device().is_cpu() {
-        let mut total = 0f64;
-        let mut parts = Vec::with_capacity(n.div_ceil(CHUNK_ROWS));
-        let mut start = 0;
-        while start < n {
-            let len = CHUNK_ROWS.min(n - start);
-            let z = frozen_linear(&hd.narrow(0, start, len)?, w, packs)?;
-            let tn = targets.narrow(0, start, len)?;
-            let Some((sum, Some(d))) = ce_cpu(&z, &tn, true)? else {
-                unreachable!("f32 CPU logits take the fused path");
-            };
-            total += sum;
-            parts.push(frozen_linear_grad(&d, w, packs)?);
-            start += len;
-        }
-        let dh = (Tensor::cat(&parts, 0)? / n as f64)?;
-        let loss = Tensor::new((total / n as f64) as f32, h.device())?;
+    let eager = h.track_op() && hd.dtype() == DType::F32 && hd.device().is_cpu();
+    let (total, dh) = chunks(&hd, w, packs, targets, (true, eager))?;
+    let loss = (total.expect("asked for the loss") / n as f64)?;
+    if let Some(dh) = dh {
         return with_grad(
             h,
             loss,
             Box::new(move |_h, _loss, g| dh.broadcast_mul(&g.to_dtype(dh.dtype())?)),
         );
     }
-    let mut total = Tensor::zeros((), DType::F32, h.device())?;
-    let mut start = 0;
-    while start < n {
-        let len = CHUNK_ROWS.min(n - start);
-        let z = frozen_linear(&hd.narrow(0, start, len)?, w, packs)?.to_dtype(DType::F32)?;
-        total = (total + nll_sum(&z, &targets.narrow(0, start, len)?)?)?;
-        start += len;
-    }
-    let loss = (total / n as f64)?;
     let (w, packs, targets) = (w.clone(), packs.clone(), targets.clone());
     with_grad(
         h,
         loss,
         Box::new(move |h, _loss, g| {
-            let dh = linear_ce_grad(h, &w, &packs, &targets)
+            let (_, dh) = chunks(h, &w, &packs, &targets, (false, true))
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let dh = dh.expect("asked for the gradient");
             dh.broadcast_mul(&g.to_dtype(dh.dtype())?)
         }),
     )

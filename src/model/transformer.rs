@@ -633,9 +633,6 @@ impl Model {
             return super::layer_train::layer(c, l, x, &batch, ctx);
         }
         let h = l.input_norm.run(x, fast)?;
-        // Training on the CPU in f32: q, k, v stay 2-D (`[B * T, heads * hd]`, the memory
-        // layout of `[B, T, heads, hd]`), so the graph gets no reshape nodes; per-head norms,
-        // rope and attention are single nodes with their own backward passes.
         let q = l.q.forward(&h, ctx)?.reshape((b, t, nh, hd))?;
         let k = l.k.forward(&h, ctx)?.reshape((b, t, nkv, hd))?;
         let v = l.v.forward(&h, ctx)?.reshape((b, t, nkv, hd))?;
@@ -840,8 +837,6 @@ impl Model {
     }
 }
 
-/// Half-split rope (HF layout): `x * cos + rotate_half(x) * sin`, `x: [B, heads, T, hd]`;
-/// candle's fused kernel when `fast`, plain differentiable ops otherwise.
 /// With a cache slot: the cached keys and values come first along the time axis `t_dim`, and
 /// the slot keeps the extended pair. Without one, `(k, v)` as given.
 fn extend_cache(
@@ -864,6 +859,8 @@ fn extend_cache(
     Ok((k, v))
 }
 
+/// Half-split rope (HF layout): `x * cos + rotate_half(x) * sin`, `x: [B, heads, T, hd]`;
+/// candle's fused kernel when `fast`, plain differentiable ops otherwise.
 fn apply_rope(x: &Tensor, rt: &RopeTables, fast: bool) -> Result<Tensor> {
     if fast {
         // Rope is a rotation: its backward is the rotation by the opposite angle.
