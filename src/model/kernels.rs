@@ -213,11 +213,6 @@ fn avx512() -> bool {
     false
 }
 
-/// Contiguous f32 values of a CPU tensor.
-fn cpu_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
-}
-
 /// The fused gated activation as a candle op on `(gate, up)`, with its backward pass.
 struct GluOp(Glu);
 
@@ -260,16 +255,9 @@ impl CustomOp2 for GluOp {
         _res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gv, uv, dyv) = (
-            cpu_f32(g)?,
-            cpu_f32(u)?,
-            cpu_f32(&dy.to_dtype(DType::F32)?)?,
-        );
-        let (dg, du) = glu_backward_slices(self.0, &gv, &uv, &dyv);
-        Ok((
-            Some(Tensor::from_vec(dg, g.shape(), g.device())?),
-            Some(Tensor::from_vec(du, u.shape(), u.device())?),
-        ))
+        let (dg, du) = glu_backward(self.0, g, u, &dy.to_dtype(DType::F32)?)
+            .map_err(candle_core::Error::wrap)?;
+        Ok((Some(dg), Some(du)))
     }
 }
 
@@ -323,17 +311,14 @@ pub fn rms_norm_backward(
     dy: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Option<Tensor>> {
-    if [x, scale, dy]
-        .iter()
-        .any(|t| t.dtype() != DType::F32 || !matches!(t.device(), Device::Cpu))
-        || x.shape() != dy.shape()
-        || scale.rank() != 1
-        || x.dims().last() != Some(&scale.dim(0)?)
-    {
+    if x.shape() != dy.shape() || scale.rank() != 1 || x.dims().last() != Some(&scale.dim(0)?) {
         return Ok(None);
     }
-    let dx = rms_norm_backward_slices(&cpu_f32(x)?, &cpu_f32(scale)?, &cpu_f32(dy)?, eps);
-    Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    let dx = f32_slices([x, scale, dy], |[x, s, dy]| {
+        rms_norm_backward_slices(x, s, dy, eps)
+    })?;
+    dx.map(|dx| Tensor::from_vec(dx, x.shape(), x.device()))
+        .transpose()
 }
 
 /// Lanes of the hand-split reductions below: sixteen independent accumulators let the
@@ -511,23 +496,33 @@ struct PackSlots {
     bwd: OnceLock<super::amx::Packed>,
 }
 
-/// Contiguous f32 CPU rank-2 tensors' values, or `None` when any is not one.
-fn with_f32_slices<R>(ts: [&Tensor; 2], f: impl FnOnce(&[f32], &[f32]) -> R) -> Result<Option<R>> {
+/// `f` applied to the values of f32 CPU tensors, read in place (a tensor that is not
+/// contiguous is copied first); `None` when any tensor is not f32 on the CPU.
+fn f32_slices<const N: usize, R>(
+    ts: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> R,
+) -> candle_core::Result<Option<R>> {
     if ts
         .iter()
-        .any(|t| t.dtype() != DType::F32 || !matches!(t.device(), Device::Cpu) || t.rank() != 2)
+        .any(|t| t.dtype() != DType::F32 || !matches!(t.device(), Device::Cpu))
     {
         return Ok(None);
     }
-    let (a, b) = (ts[0].contiguous()?, ts[1].contiguous()?);
-    let (sa, la) = a.storage_and_layout();
-    let (sb, lb) = b.storage_and_layout();
-    let (Storage::Cpu(ca), Storage::Cpu(cb)) = (&*sa, &*sb) else {
-        return Ok(None);
-    };
-    let av = &ca.as_slice::<f32>()?[la.start_offset()..la.start_offset() + a.elem_count()];
-    let bv = &cb.as_slice::<f32>()?[lb.start_offset()..lb.start_offset() + b.elem_count()];
-    Ok(Some(f(av, bv)))
+    let owned = ts
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: Vec<&[f32]> = Vec::with_capacity(N);
+    for ((storage, layout), t) in guards.iter().zip(&owned) {
+        let Storage::Cpu(c) = &**storage else {
+            return Ok(None);
+        };
+        let o = layout.start_offset();
+        slices.push(&c.as_slice::<f32>()?[o..o + t.elem_count()]);
+    }
+    let slices: [&[f32]; N] = slices.try_into().expect("one slice per tensor");
+    Ok(Some(f(slices)))
 }
 
 /// `x b` on AMX tiles for `x: [n, k]` and the packed `b: [k, cols]` held in `slot` (packed from
@@ -544,7 +539,7 @@ fn amx_product(
         return Ok(None);
     }
     let n = x.dim(0)?;
-    let y = with_f32_slices([x, w], |xv, wv| {
+    let y = f32_slices([x, w], |[xv, wv]| {
         super::amx::matmul(xv, n, slot.get_or_init(|| pack(wv)))
     })?;
     Ok(match y {
@@ -598,15 +593,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
             w.shape()
         )));
     }
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let y = {
-        let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        let (Storage::Cpu(xc), Storage::Cpu(wc)) = (&*xs, &*ws) else {
-            return Ok(None);
-        };
-        let xv = &xc.as_slice::<f32>()?[xl.start_offset()..xl.start_offset() + n * k];
-        let wv = &wc.as_slice::<f32>()?[wl.start_offset()..wl.start_offset() + out * k];
+    let y = f32_slices([x, w], |[xv, wv]| {
         let mut y: Vec<f32> = Vec::with_capacity(n * out);
         let threads = candle_core::utils::get_num_threads();
         let par = if threads > 1 {
@@ -643,8 +630,11 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
             y.set_len(n * out);
         }
         y
-    };
-    Ok(Some(Tensor::from_vec(y, (n, out), x.device())?))
+    })?;
+    match y {
+        Some(y) => Ok(Some(Tensor::from_vec(y, (n, out), x.device())?)),
+        None => Ok(None),
+    }
 }
 
 /// A raw output pointer shared by parallel tasks that write disjoint parts of one buffer.
@@ -1029,14 +1019,10 @@ pub mod attention_2d {
         heads: (usize, usize),
     ) -> Result<Tensor> {
         let d = attention_dims_2d(q, k, v, mask, heads)?;
-        let out = attention_slices(
-            &cpu_f32(q)?,
-            &cpu_f32(k)?,
-            &cpu_f32(v)?,
-            &cpu_f32(mask)?,
-            d,
-            scale,
-        );
+        let out = f32_slices([q, k, v, mask], |[q, k, v, m]| {
+            attention_slices(q, k, v, m, d, scale)
+        })?
+        .ok_or_else(not_f32_cpu)?;
         Ok(Tensor::from_vec(out, q.shape(), q.device())?)
     }
 
@@ -1050,15 +1036,10 @@ pub mod attention_2d {
         heads: (usize, usize),
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let d = attention_dims_2d(q, k, v, mask, heads)?;
-        let (gq, gk, gv) = attention_backward_slices(
-            &cpu_f32(q)?,
-            &cpu_f32(k)?,
-            &cpu_f32(v)?,
-            &cpu_f32(mask)?,
-            &cpu_f32(dout)?,
-            d,
-            scale,
-        );
+        let (gq, gk, gv) = f32_slices([q, k, v, mask, dout], |[q, k, v, m, g]| {
+            attention_backward_slices(q, k, v, m, g, d, scale)
+        })?
+        .ok_or_else(not_f32_cpu)?;
         Ok((
             Tensor::from_vec(gq, q.shape(), q.device())?,
             Tensor::from_vec(gk, k.shape(), k.device())?,
@@ -1067,10 +1048,16 @@ pub mod attention_2d {
     }
 }
 
+/// The error of a slice kernel given tensors that are not f32 on the CPU.
+fn not_f32_cpu() -> crate::error::Error {
+    crate::error::Error::Invalid("this CPU kernel needs f32 tensors on the CPU".into())
+}
+
 /// `(d gate, d up)` of `act(gate) * up` for the output gradient `dy` (f32 CPU tensors of one
 /// shape).
 pub fn glu_backward(kind: Glu, g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (dg, du) = glu_backward_slices(kind, &cpu_f32(g)?, &cpu_f32(u)?, &cpu_f32(dy)?);
+    let (dg, du) = f32_slices([g, u, dy], |[g, u, dy]| glu_backward_slices(kind, g, u, dy))?
+        .ok_or_else(not_f32_cpu)?;
     Ok((
         Tensor::from_vec(dg, g.shape(), g.device())?,
         Tensor::from_vec(du, u.shape(), u.device())?,
@@ -1098,23 +1085,11 @@ pub fn attention(
     }
     let dims = attention_dims(q, k, v, mask)?;
     let (b, t, nh, hd) = (dims.b, dims.t, dims.nh, dims.hd);
-    let (q, k, v, mask) = (
-        q.contiguous()?,
-        k.contiguous()?,
-        v.contiguous()?,
-        mask.contiguous()?,
-    );
-    let out = {
-        let guards = [&q, &k, &v, &mask].map(|x| x.storage_and_layout());
-        let mut sl: Vec<&[f32]> = Vec::with_capacity(4);
-        for (g, x) in guards.iter().zip([&q, &k, &v, &mask]) {
-            let Storage::Cpu(c) = &*g.0 else {
-                return Ok(None);
-            };
-            let o = g.1.start_offset();
-            sl.push(&c.as_slice::<f32>()?[o..o + x.elem_count()]);
-        }
-        attention_slices(sl[0], sl[1], sl[2], sl[3], dims, scale)
+    let out = f32_slices([q, k, v, mask], |[q, k, v, m]| {
+        attention_slices(q, k, v, m, dims, scale)
+    })?;
+    let Some(out) = out else {
+        return Ok(None);
     };
     Ok(Some(Tensor::from_vec(out, (b, t, nh, hd), q.device())?))
 }
