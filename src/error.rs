@@ -130,6 +130,15 @@ pub enum Error {
     #[error("interrupted at step {step}; checkpoint written to {path}: continue with --resume")]
     Interrupted { step: usize, path: PathBuf },
 
+    /// A grid run was interrupted (Ctrl-C or a termination signal) between or inside cells.
+    #[error("interrupted after {cells} cell(s) finished in {store}; rerun the same `mlbench run` command to continue (finished cells are kept, a cell in training resumes from its checkpoint)")]
+    GridInterrupted { cells: usize, store: PathBuf },
+
+    /// A fault inside mlbench (an invariant broken, a shape that cannot happen): not the user's
+    /// input.
+    #[error("internal error: {0}")]
+    Internal(String),
+
     /// A checksum or manifest check failed.
     #[error("{path}: {message}")]
     Verify { path: PathBuf, message: String },
@@ -164,11 +173,32 @@ impl Error {
             | Error::Json(_)
             | Error::Candle(_)
             | Error::NonFinite { .. }
-            | Error::Interrupted { .. } => false,
-            Error::Io { source, .. } => matches!(
-                source.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
-            ),
+            | Error::Internal(_)
+            | Error::Interrupted { .. }
+            | Error::GridInterrupted { .. } => false,
+            // What the user's files and folders are (missing, unreadable, not text, a file
+            // where a folder belongs, on a full or read-only disk) is theirs to fix; the rest
+            // (interrupted system calls, broken pipes, unexpected kinds) is not.
+            Error::Io { source, .. } => {
+                use std::io::ErrorKind as K;
+                matches!(
+                    source.kind(),
+                    K::NotFound
+                        | K::PermissionDenied
+                        | K::InvalidData
+                        | K::InvalidInput
+                        | K::InvalidFilename
+                        | K::NotADirectory
+                        | K::IsADirectory
+                        | K::AlreadyExists
+                        | K::DirectoryNotEmpty
+                        | K::ReadOnlyFilesystem
+                        | K::StorageFull
+                        | K::QuotaExceeded
+                        | K::FileTooLarge
+                        | K::UnexpectedEof
+                )
+            }
             _ => true,
         }
     }

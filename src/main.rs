@@ -28,9 +28,12 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = cli::run(cli) {
-        let interrupted = e
-            .chain()
-            .any(|c| matches!(c.downcast_ref(), Some(mlbench::Error::Interrupted { .. })));
+        let interrupted = e.chain().any(|c| {
+            matches!(
+                c.downcast_ref(),
+                Some(mlbench::Error::Interrupted { .. } | mlbench::Error::GridInterrupted { .. })
+            )
+        });
         let user = e
             .chain()
             .find_map(|c| c.downcast_ref::<mlbench::Error>())

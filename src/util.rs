@@ -140,6 +140,7 @@ pub fn write_atomic(
         f.sync_all().map_err(|e| Error::io("sync", &tmp, e))?;
         Ok(())
     })();
+    fault_point("write_atomic: written, not renamed");
     match result {
         Ok(()) => std::fs::rename(&tmp, path).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
@@ -148,6 +149,38 @@ pub fn write_atomic(
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             Err(e)
+        }
+    }
+}
+
+/// A fault-injection point for crash tests. With `MLBENCH_FAULT_AT=N` in the environment, the
+/// process kills itself (SIGKILL: no destructor, flush or lock release runs, as with `kill -9`)
+/// at the N-th point it passes (1-based, counted over every point of the process). With
+/// `MLBENCH_FAULT_LOG=1` each point passed is printed to stderr as `fault point N: what`, so a
+/// test can enumerate them. Without either variable a point costs one relaxed atomic load.
+pub fn fault_point(what: &str) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+    static TARGET: OnceLock<(usize, bool)> = OnceLock::new();
+    static COUNT: AtomicUsize = AtomicUsize::new(0);
+    let &(target, log) = TARGET.get_or_init(|| {
+        let at = std::env::var("MLBENCH_FAULT_AT")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        (at, std::env::var_os("MLBENCH_FAULT_LOG").is_some())
+    });
+    if target == 0 && !log {
+        return;
+    }
+    let n = COUNT.fetch_add(1, Ordering::Relaxed) + 1;
+    if log {
+        eprintln!("fault point {n}: {what}");
+    }
+    if n == target {
+        // SAFETY: kill(2) on our own pid with a valid signal number has no memory effects.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
         }
     }
 }

@@ -398,7 +398,10 @@ fn bad_input_is_refused_before_scoring() {
     // An adapter made for another model: q_proj of shape 7 x 5.
     let ad = mlbench::model::lora::Adapter::new(
         "x",
-        mlbench::model::lora::LoraConfig::default(),
+        mlbench::model::lora::LoraConfig {
+            r: 4,
+            ..Default::default()
+        },
         &[mlbench::model::lora::ModuleInfo {
             name: "model.layers.0.self_attn.q_proj".into(),
             out_features: 7,

@@ -444,7 +444,7 @@ fn shipped_experiment_files_are_valid_and_smoke_shrinks_the_nightly() {
             .and_then(|x| x.cells())
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         // Against the shipped datasets: languages, splits, budgets, templates.
-        mlbench::runner::grid::check_data(&shipped(), &cells)
+        mlbench::runner::grid::check_data(&shipped(), &cells, "the test grid")
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         seen += 1;
     }

@@ -6,6 +6,7 @@ use clap::Args;
 
 use super::{split_list, table, Global};
 use mlbench::eval::run::{evaluate, EvalConfig};
+use mlbench::Error;
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -49,9 +50,24 @@ pub struct EvalArgs {
     /// Output folder (samples.parquet, metrics.parquet, metrics.md, results.json).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace the results of an earlier evaluation in `--out` (refused otherwise).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
+    let earlier = ["results.json", "metrics.parquet", "samples.parquet"]
+        .iter()
+        .map(|f| a.out.join(f))
+        .find(|p| p.exists());
+    if let (Some(p), false) = (earlier, a.overwrite) {
+        return Err(Error::Invalid(format!(
+            "{} holds an earlier evaluation ({}); choose another --out or pass --overwrite",
+            a.out.display(),
+            p.display()
+        ))
+        .into());
+    }
     let cfg = EvalConfig {
         model: a.model,
         adapters: split_list(&a.adapters),

@@ -312,7 +312,20 @@ pub fn read_requests(path: &std::path::Path) -> Result<Vec<Request>, Error> {
             line: i + 1,
             message: format!("expected {{\"context\": \"...\", \"continuation\": \"...\"}}: {e}"),
         })?;
+        if r.continuation.is_empty() {
+            return Err(Error::BadSource {
+                path: path.to_path_buf(),
+                line: i + 1,
+                message: "`continuation` is empty: there is nothing to score (its log-probability would read 0)".into(),
+            });
+        }
         out.push(r);
+    }
+    if out.is_empty() {
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            message: "no request: expected one JSON object per line".into(),
+        });
     }
     Ok(out)
 }

@@ -10,7 +10,7 @@ use super::{split_list, Global};
 use mlbench::data::lang::{self, LangEntry};
 use mlbench::runner::compare::{history, newest_keys, of_run, runs, table, with_keys, Query};
 use mlbench::runner::experiment::{parse_shard, shard, Experiment};
-use mlbench::runner::grid::{run_cell, training_sibling, Outcome};
+use mlbench::runner::grid::{run_cell, training_sibling, Outcome, WhenBusy};
 use mlbench::runner::store::{Store, METRIC_COLUMNS, SAMPLE_COLUMNS};
 use mlbench::Error;
 
@@ -31,6 +31,9 @@ pub struct RunArgs {
     /// examples per language), stored as experiment `<name>-smoke`.
     #[arg(long)]
     pub smoke: bool,
+    /// Wait for cells that another process is working on (default: leave them to it).
+    #[arg(long)]
+    pub wait: bool,
 }
 
 /// Which results of a store to show (shared by `compare` and `report`).
@@ -128,7 +131,15 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
         let (i, n) = parse_shard(s)?;
         cells = shard(&cells, i, n);
     }
-    mlbench::runner::grid::check_data(&g.data_dir, &cells)?;
+    let context = format!("experiment `{}` ({})", exp.name, a.experiment.display());
+    if let Some(p) = cells.first().and_then(|c| c.eval.model_problem()) {
+        return Err(Error::Problems {
+            context,
+            problems: vec![p],
+        }
+        .into());
+    }
+    mlbench::runner::grid::check_data(&g.data_dir, &cells, &context)?;
     let store = Store::new(&a.store);
     if a.dry_run {
         for c in &cells {
@@ -137,9 +148,14 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
                 c.key,
                 c.label(),
                 if store.is_done(&c.key) {
-                    "done"
+                    "done".to_string()
                 } else {
-                    "to run"
+                    match mlbench::runner::lock::holder(&mlbench::runner::lock::cell_lock_path(
+                        &store.dir, &c.key,
+                    ))? {
+                        Some(h) => format!("running ({h})"),
+                        None => "to run".to_string(),
+                    }
                 }
             );
         }
@@ -149,41 +165,67 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
     let pb = g.bar("cells");
     pb.set_length(cells.len() as u64);
     let t0 = std::time::Instant::now();
-    let (mut done, mut skipped) = (0, 0);
+    let (mut done, mut skipped, mut busy) = (0, 0, 0);
+    let when_busy = if a.wait {
+        WhenBusy::Wait
+    } else {
+        WhenBusy::Skip
+    };
+    let interrupted = |done: usize| Error::GridInterrupted {
+        cells: done,
+        store: store.dir.clone(),
+    };
     for c in &cells {
         let mut say = |m: &str| pb.set_message(m.to_string());
         // A meta-lora cell trains (or reuses) its meta-lora+tta sibling's run when this
         // invocation runs both (never across shards: two processes would share one folder).
         let sibling = training_sibling(c, &cells);
-        match run_cell(&g.data_dir, &store, c, sibling, &super::STOP, &mut say)? {
+        let outcome = match run_cell(
+            &g.data_dir,
+            &store,
+            c,
+            sibling,
+            when_busy,
+            &super::STOP,
+            &mut say,
+        ) {
+            Err(Error::Interrupted { .. }) => return Err(interrupted(done).into()),
+            other => other?,
+        };
+        match outcome {
             Outcome::Skipped => skipped += 1,
             Outcome::Done { train_s, eval_s } => {
                 done += 1;
                 tracing::info!(cell = %c.label(), key = %c.key, train_s, eval_s, "cell finished");
             }
+            Outcome::Busy(holder) => {
+                busy += 1;
+                tracing::warn!(cell = %c.label(), key = %c.key, "claimed by {holder}: left to it");
+            }
         }
         pb.inc(1);
         if super::STOP.load(Ordering::SeqCst) {
-            return Err(Error::Interrupted {
-                step: done,
-                path: store.dir.clone(),
-            }
-            .into());
+            return Err(interrupted(done).into());
         }
     }
     pb.finish_and_clear();
     if !g.quiet {
         println!(
-            "{}: {done} cells run, {skipped} already in {} ({:.1} s)",
+            "{}: {done} cells run, {skipped} already in {}{} ({:.1} s)",
             exp.name,
             a.store.display(),
+            if busy > 0 {
+                format!(", {busy} left to other processes working on them")
+            } else {
+                String::new()
+            },
             t0.elapsed().as_secs_f64()
         );
     }
     // A whole grid that finished here is compacted (shards leave that to `mlbench merge` once
     // all of them are done). The grid's results are safe either way: a failed compaction only
     // warns.
-    if a.shard.is_none() && done > 0 {
+    if a.shard.is_none() && done > 0 && busy == 0 {
         match store.merge(&[]) {
             Ok(s) => tracing::info!(
                 cells = s.cells_total,

@@ -66,7 +66,11 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
             message: e.to_string(),
         })?;
         for (k, val) in t {
-            obj.insert(k, serde_json::to_value(val)?);
+            let j = mlbench::train::config::toml_to_json(&k, &val).map_err(|m| Error::Config {
+                path: p.clone(),
+                message: m,
+            })?;
+            obj.insert(k, j);
         }
     }
     let mut put = |k: &str, val: serde_json::Value| {
@@ -105,7 +109,8 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
             .ok_or_else(|| Error::Invalid(format!("--set `{kv}`: expected KEY=VALUE")))?;
         let k = k.trim().replace('-', "_");
         let parsed: serde_json::Value = match toml::from_str::<toml::Table>(&format!("x = {raw}")) {
-            Ok(t) => serde_json::to_value(&t["x"])?,
+            Ok(t) => mlbench::train::config::toml_to_json(&k, &t["x"])
+                .map_err(|m| Error::Invalid(format!("--set {m}")))?,
             Err(_) => raw.trim().into(),
         };
         put(&k, parsed);

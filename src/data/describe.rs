@@ -52,6 +52,7 @@ pub fn describe(data_dir: &Path, tasks: &[String]) -> Result<Vec<SplitStats>> {
     let mut out = Vec::new();
     for task in &tasks {
         let path = dataset_path(data_dir, task)?;
+        crate::data::schema::check_file(&path)?;
         let pl = PlRefPath::try_from_path(&path).map_err(|e| Error::CorruptParquet {
             path: path.clone(),
             message: e.to_string(),

@@ -162,6 +162,7 @@ pub fn known_tasks(data_dir: &Path) -> Vec<String> {
 }
 
 fn scan(path: &Path) -> Result<LazyFrame> {
+    schema::check_file(path)?;
     let pl = PlRefPath::try_from_path(path).map_err(|e| Error::CorruptParquet {
         path: path.to_path_buf(),
         message: e.to_string(),

@@ -19,7 +19,7 @@
 //! the file, column and row.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
 
@@ -202,6 +202,12 @@ fn is_nullable(name: &str) -> bool {
 /// task per file.
 pub fn validate(df: &DataFrame, path: &Path, expected_task: Option<&str>) -> Result<()> {
     check_columns(df, path)?;
+    if df.height() == 0 {
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            message: "the dataset file has no rows".into(),
+        });
+    }
     let str_col = |n: &str| -> Result<StringChunked> {
         Ok(df.column(n)?.as_materialized_series().str()?.clone())
     };
@@ -320,8 +326,45 @@ pub fn is_lang_code(c: &str) -> bool {
 /// Reads and validates a canonical dataset file.
 pub fn load(path: &Path, expected_task: Option<&str>) -> Result<DataFrame> {
     let df = read_parquet(path)?;
-    validate(&df, path, expected_task)?;
+    if expected_task.is_some() || !already_valid(path) {
+        validate(&df, path, expected_task)?;
+        mark_valid(path);
+    }
     Ok(df)
+}
+
+/// The one validation every reader of a dataset file goes through ([`load`]'s), for readers
+/// that scan only some columns (`data sample`, `data describe`, language lists): the whole
+/// file is read and validated once per process and file version (path, size, modification
+/// time), so they accept exactly the files that training and evaluation accept.
+pub fn check_file(path: &Path) -> Result<()> {
+    if already_valid(path) {
+        return Ok(());
+    }
+    load(path, None).map(|_| ())
+}
+
+type FileVersion = (PathBuf, u64, Option<std::time::SystemTime>);
+
+fn valid_files() -> &'static std::sync::Mutex<HashSet<FileVersion>> {
+    static SEEN: std::sync::OnceLock<std::sync::Mutex<HashSet<FileVersion>>> =
+        std::sync::OnceLock::new();
+    SEEN.get_or_init(Default::default)
+}
+
+fn version_of(path: &Path) -> Option<FileVersion> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((path.to_path_buf(), m.len(), m.modified().ok()))
+}
+
+fn already_valid(path: &Path) -> bool {
+    version_of(path).is_some_and(|v| valid_files().lock().is_ok_and(|s| s.contains(&v)))
+}
+
+fn mark_valid(path: &Path) {
+    if let (Some(v), Ok(mut s)) = (version_of(path), valid_files().lock()) {
+        s.insert(v);
+    }
 }
 
 /// The rows of a canonical frame as [`Example`]s, in frame order (the inverse of [`to_frame`]).

@@ -67,6 +67,44 @@ impl Default for EvalConfig {
     }
 }
 
+impl EvalConfig {
+    /// Everything that can be checked without data or model, listed at once: sizes in range,
+    /// a limit of at least one example, a model named.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        for (name, v, min, max) in [
+            ("batch_size", self.batch_size, 1, 1 << 16),
+            ("max_len", self.max_len, 8, 1 << 17),
+            ("limit", self.limit.unwrap_or(1), 1, usize::MAX),
+            ("shots", self.shots, 0, 64),
+        ] {
+            if v < min || v > max {
+                p.push(if max == usize::MAX {
+                    format!("{name} = {v} must be at least {min}")
+                } else {
+                    format!("{name} = {v} must be in {min}..={max}")
+                });
+            }
+        }
+        if self.model.trim().is_empty() {
+            p.push("no model: give --model (an HF folder or a Hub id)".into());
+        }
+        p
+    }
+
+    /// The model is a folder here or an `owner/name` Hub id (what can be known without
+    /// loading or fetching it).
+    pub fn model_problem(&self) -> Option<String> {
+        let local = Path::new(&self.model);
+        (!local.is_dir() && !crate::model::hub::is_hub_id(&self.model)).then(|| {
+            format!(
+                "model folder not found: {} (and it is not an owner/name Hub id)",
+                local.display()
+            )
+        })
+    }
+}
+
 /// One example ready to score.
 #[derive(Debug, Clone)]
 pub struct Item {
@@ -368,6 +406,13 @@ pub fn load_variants(m: &LoadedModel, cfg: &EvalConfig) -> Result<Vec<NamedVaria
             }
             continue;
         }
+        // A training run (its `adapter/`, `adapters/` or manifest) is read as one below; only
+        // a folder that is not a run is taken for a set of per-task adapters.
+        let shared = path.join("adapter");
+        let per = path.join("adapters");
+        let is_run = shared.join("adapter_config.json").exists()
+            || per.is_dir()
+            || path.join("manifest.json").exists();
         // A folder of per-task adapters itself (a run's `adapters/`): one per-task variant.
         let subfolders: Vec<PathBuf> = std::fs::read_dir(&path)
             .map(|rd| {
@@ -376,7 +421,7 @@ pub fn load_variants(m: &LoadedModel, cfg: &EvalConfig) -> Result<Vec<NamedVaria
                     .collect()
             })
             .unwrap_or_default();
-        if !subfolders.is_empty() {
+        if !is_run && !subfolders.is_empty() {
             match load_set(&path, &name, &load) {
                 Ok(set) => out.push(NamedVariant {
                     name,
@@ -387,8 +432,6 @@ pub fn load_variants(m: &LoadedModel, cfg: &EvalConfig) -> Result<Vec<NamedVaria
             }
             continue;
         }
-        let shared = path.join("adapter");
-        let per = path.join("adapters");
         if !shared.exists() && !per.exists() {
             problems.push(format!(
                 "adapter `{name}`: {} is neither a PEFT folder (adapter_config.json) nor a training run (adapter/ or adapters/)",
@@ -820,8 +863,12 @@ pub fn evaluate(
     out: &Path,
     progress: &mut ProgressFn,
 ) -> Result<EvalReport> {
-    if cfg.batch_size == 0 {
-        return Err(Error::Invalid("--batch-size must be at least 1".into()));
+    let problems = cfg.problems();
+    if !problems.is_empty() {
+        return Err(Error::Problems {
+            context: "the evaluation".into(),
+            problems,
+        });
     }
     if !cfg.base && cfg.adapters.is_empty() {
         return Err(Error::Invalid(

@@ -3,6 +3,15 @@
 //!
 //! In: `config.json` text. Out: a validated [`ModelConfig`] (every size checked to be positive
 //! and consistent before any tensor is allocated).
+//!
+//! Nothing that changes the model's outputs is guessed. The rope bases are read from either
+//! shape transformers writes: `rope_theta` (with Gemma 3's `rope_local_base_freq`) as 4.x
+//! saves them, or `rope_parameters` as 5.x does (one `{rope_type, rope_theta}` object, or one
+//! per layer type: `full_attention`, `sliding_attention`); a file with both must agree. A
+//! `rope_type` other than `default`, any rope scaling, `rms_norm_eps` missing, and for Gemma 3
+//! `head_dim` or `query_pre_attn_scalar` missing are errors naming the file and the key. Keys
+//! whose absence the HF format itself defines are read with that definition
+//! (`num_key_value_heads` = `num_attention_heads`, `head_dim` = hidden / heads for Llama).
 
 use std::path::Path;
 
@@ -88,12 +97,89 @@ struct RawConfig {
     final_logit_softcapping: Option<f64>,
     attn_logit_softcapping: Option<f64>,
     rope_scaling: Option<serde_json::Value>,
+    rope_parameters: Option<serde_json::Value>,
+    partial_rotary_factor: Option<f64>,
     hidden_act: Option<String>,
     hidden_activation: Option<String>,
     use_sliding_window: Option<bool>,
     bos_token_id: Option<serde_json::Value>,
     eos_token_id: Option<serde_json::Value>,
     pad_token_id: Option<serde_json::Value>,
+}
+
+/// The rope bases `(full-attention layers, sliding layers)` of a config, from `rope_parameters`
+/// or `rope_theta` / `rope_local_base_freq`; `local` is `None` when the file gives none.
+fn rope_bases(raw: &RawConfig) -> std::result::Result<(f64, Option<f64>), String> {
+    // One `{rope_type, rope_theta, ...}` object: its base, with anything but plain rope refused.
+    let entry = |v: &serde_json::Value, key: &str| -> std::result::Result<f64, String> {
+        let o = v
+            .as_object()
+            .ok_or_else(|| format!("`{key}` must be an object"))?;
+        let kind = o.get("rope_type").or_else(|| o.get("type"));
+        match kind.map(|k| k.as_str()) {
+            None | Some(Some("default")) => {}
+            Some(Some(k)) => {
+                return Err(format!(
+                    "`{key}.rope_type` = `{k}`: only `default` rope is implemented (no linear, dynamic, yarn, llama3, longrope scaling)"
+                ))
+            }
+            Some(None) => return Err(format!("`{key}.rope_type` must be a string")),
+        }
+        for (k, v) in o {
+            let harmless = matches!(k.as_str(), "rope_type" | "type" | "rope_theta")
+                || (k == "partial_rotary_factor" && v.as_f64() == Some(1.0));
+            if !harmless && !v.is_null() {
+                return Err(format!(
+                    "`{key}.{k}` is not implemented (plain rope reads only `rope_type` and `rope_theta`)"
+                ));
+            }
+        }
+        let theta = o
+            .get("rope_theta")
+            .ok_or_else(|| format!("missing `{key}.rope_theta`"))?
+            .as_f64()
+            .ok_or_else(|| format!("`{key}.rope_theta` must be a number"))?;
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(format!("`{key}.rope_theta` = {theta} must be positive"));
+        }
+        Ok(theta)
+    };
+    let (full, local) = match raw.rope_parameters.as_ref().filter(|v| !v.is_null()) {
+        None => (None, None),
+        Some(p) => {
+            let o = p.as_object().ok_or("`rope_parameters` must be an object")?;
+            let per_type = o.contains_key("full_attention") || o.contains_key("sliding_attention");
+            if per_type {
+                for k in o.keys() {
+                    if k != "full_attention" && k != "sliding_attention" {
+                        return Err(format!(
+                            "`rope_parameters.{k}`: unknown layer type (known: full_attention, sliding_attention)"
+                        ));
+                    }
+                }
+                let get = |k: &str| {
+                    o.get(k)
+                        .map(|v| entry(v, &format!("rope_parameters.{k}")))
+                        .transpose()
+                };
+                (get("full_attention")?, get("sliding_attention")?)
+            } else {
+                (Some(entry(p, "rope_parameters")?), None)
+            }
+        }
+    };
+    let agree = |name: &str, from_params: Option<f64>, flat: Option<f64>| match (from_params, flat)
+    {
+        (Some(a), Some(b)) if a != b => Err(format!(
+            "`{name}` = {b} contradicts `rope_parameters` ({a}); the file must say one thing"
+        )),
+        (a, b) => Ok(a.or(b)),
+    };
+    let full = agree("rope_theta", full, raw.rope_theta)?.ok_or(
+        "missing `rope_theta` (or `rope_parameters`): the rope base changes every output, so it is not guessed",
+    )?;
+    let local = agree("rope_local_base_freq", local, raw.rope_local_base_freq)?;
+    Ok((full, local))
 }
 
 fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
@@ -151,15 +237,20 @@ impl ModelConfig {
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
         let num_attention_heads = need(raw.num_attention_heads, "num_attention_heads")?;
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
-        let head_dim =
-            match raw.head_dim {
-                Some(h) => h,
-                None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
-                None => return Err(cfg(
+        let head_dim = match raw.head_dim {
+            Some(h) => h,
+            None if arch == Arch::Gemma3 => return Err(cfg(
+                "missing `head_dim` (Gemma 3's head size is not hidden_size / num_attention_heads)"
+                    .into(),
+            )),
+            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+            None => {
+                return Err(cfg(
                     "hidden_size is not a multiple of num_attention_heads and head_dim is missing"
                         .into(),
-                )),
-            };
+                ))
+            }
+        };
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(cfg(format!(
                 "head_dim {head_dim} must be positive and even (rope)"
@@ -201,6 +292,19 @@ impl ModelConfig {
                 }
             }
         }
+        if let Some(f) = raw.partial_rotary_factor {
+            if f != 1.0 {
+                return Err(cfg(format!(
+                    "`partial_rotary_factor` = {f} is not implemented (only 1.0)"
+                )));
+            }
+        }
+        let (rope_theta, rope_local) = rope_bases(&raw).map_err(cfg)?;
+        let rms_norm_eps = match raw.rms_norm_eps {
+            Some(e) if e.is_finite() && e > 0.0 => e,
+            Some(e) => return Err(cfg(format!("`rms_norm_eps` = {e} must be positive"))),
+            None => return Err(cfg("missing `rms_norm_eps`".into())),
+        };
         if raw.mlp_bias == Some(true) {
             return Err(cfg("mlp_bias = true is not supported".into()));
         }
@@ -240,7 +344,15 @@ impl ModelConfig {
                     .collect::<Result<_>>()?
             }
             (Arch::Gemma3, None) => {
-                let p = raw.sliding_window_pattern.unwrap_or(6).max(1);
+                let p = match raw.sliding_window_pattern {
+                    Some(p) if p > 0 => p,
+                    _ => {
+                        return Err(cfg(
+                            "missing `layer_types` (or a positive `sliding_window_pattern`): which layers slide is not guessed"
+                                .into(),
+                        ))
+                    }
+                };
                 (0..num_hidden_layers)
                     .map(|i| {
                         if (i + 1) % p == 0 {
@@ -266,6 +378,27 @@ impl ModelConfig {
             return Err(cfg("sliding layers need a positive `sliding_window`".into()));
         }
         let is_gemma = arch == Arch::Gemma3;
+        let rope_local_base_freq = match (is_gemma, rope_local) {
+            (false, _) => None,
+            (true, Some(b)) => Some(b),
+            (true, None) if layer_kinds.contains(&LayerKind::Sliding) => {
+                return Err(cfg(
+                    "missing `rope_local_base_freq` (or `rope_parameters.sliding_attention`): the sliding layers' rope base is not guessed"
+                        .into(),
+                ))
+            }
+            (true, None) => None,
+        };
+        let query_pre_attn_scalar = match (is_gemma, raw.query_pre_attn_scalar) {
+            (false, _) => None,
+            (true, Some(q)) if q.is_finite() && q > 0.0 => Some(q),
+            (true, Some(q)) => {
+                return Err(cfg(format!(
+                    "`query_pre_attn_scalar` = {q} must be positive"
+                )))
+            }
+            (true, None) => return Err(cfg("missing `query_pre_attn_scalar`".into())),
+        };
         Ok(ModelConfig {
             arch,
             vocab_size,
@@ -275,22 +408,12 @@ impl ModelConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: raw
-                .rms_norm_eps
-                .unwrap_or(if is_gemma { 1e-6 } else { 1e-5 }),
-            rope_theta: raw.rope_theta.unwrap_or(if is_gemma { 1e6 } else { 1e4 }),
-            rope_local_base_freq: if is_gemma {
-                Some(raw.rope_local_base_freq.unwrap_or(1e4))
-            } else {
-                None
-            },
+            rms_norm_eps,
+            rope_theta,
+            rope_local_base_freq,
             sliding_window,
             layer_kinds,
-            query_pre_attn_scalar: if is_gemma {
-                Some(raw.query_pre_attn_scalar.unwrap_or(head_dim as f64))
-            } else {
-                None
-            },
+            query_pre_attn_scalar,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(is_gemma),
             attention_bias: arch == Arch::Qwen2 || raw.attention_bias.unwrap_or(false),
             final_logit_softcapping: raw.final_logit_softcapping,
@@ -428,5 +551,117 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(m.contains("not a multiple of num_key_value_heads"), "{m}");
+    }
+
+    const SMOL5: &str = r#"{"architectures":["LlamaForCausalLM"],"model_type":"llama","vocab_size":49152,
+        "hidden_size":576,"intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,
+        "num_key_value_heads":3,"rms_norm_eps":1e-5,"hidden_act":"silu","tie_word_embeddings":true,
+        "rope_parameters":{"rope_theta":100000.0,"rope_type":"default"}}"#;
+
+    fn gemma5(params: &str) -> String {
+        format!(
+            r#"{{"model_type":"gemma3_text","vocab_size":262144,"hidden_size":640,"intermediate_size":2048,
+            "num_hidden_layers":6,"num_attention_heads":4,"num_key_value_heads":1,"head_dim":256,
+            "rms_norm_eps":1e-6,"sliding_window":512,"query_pre_attn_scalar":256,
+            "layer_types":["sliding_attention","sliding_attention","sliding_attention","sliding_attention","sliding_attention","full_attention"],
+            "rope_parameters":{params}}}"#
+        )
+    }
+
+    fn err(j: &str) -> String {
+        let e = ModelConfig::from_json(j, Path::new("m/config.json")).unwrap_err();
+        assert!(e.is_user_error(), "{e}");
+        let m = e.to_string();
+        assert!(m.contains("m/config.json"), "{m}");
+        m
+    }
+
+    #[test]
+    fn rope_parameters_of_transformers5_are_read() {
+        // SmolLM2 saved by transformers 5: the base is 1e5, not a built-in 1e4.
+        let c = ModelConfig::from_json(SMOL5, Path::new("c.json")).unwrap();
+        assert_eq!(c.rope_theta, 1e5);
+        // Gemma 3: one entry per layer type.
+        let g = ModelConfig::from_json(
+            &gemma5(
+                r#"{"full_attention":{"rope_theta":1000000.0,"rope_type":"default"},
+                "sliding_attention":{"rope_theta":10000.0,"rope_type":"default"}}"#,
+            ),
+            Path::new("c.json"),
+        )
+        .unwrap();
+        assert_eq!((g.rope_base(0), g.rope_base(5)), (1e4, 1e6));
+    }
+
+    #[test]
+    fn rope_scaling_types_that_are_not_implemented_are_refused() {
+        for kind in ["linear", "dynamic", "yarn", "llama3", "longrope"] {
+            let j = SMOL5.replace(
+                r#""rope_type":"default""#,
+                &format!(r#""rope_type":"{kind}","factor":8.0"#),
+            );
+            let m = err(&j);
+            assert!(m.contains(kind) && m.contains("rope_type"), "{m}");
+            let m = err(&gemma5(&format!(
+                r#"{{"full_attention":{{"rope_theta":1e6,"rope_type":"{kind}","factor":8.0}},"sliding_attention":{{"rope_theta":1e4}}}}"#
+            )));
+            assert!(
+                m.contains("rope_parameters.full_attention.rope_type"),
+                "{m}"
+            );
+        }
+        let m = err(&SMOL5.replace(
+            r#""rope_type":"default""#,
+            r#""rope_type":"default","factor":2.0"#,
+        ));
+        assert!(m.contains("rope_parameters.factor"), "{m}");
+        let m = err(&gemma5(
+            r#"{"full_attention":{"rope_theta":1e6},"chunked_attention":{"rope_theta":1e4}}"#,
+        ));
+        assert!(m.contains("chunked_attention"), "{m}");
+    }
+
+    #[test]
+    fn keys_that_change_the_math_are_never_defaulted() {
+        let no_rope = SMOL5.replace(
+            r#""rope_parameters":{"rope_theta":100000.0,"rope_type":"default"}"#,
+            r#""bos_token_id":1"#,
+        );
+        assert!(err(&no_rope).contains("rope_theta"));
+        let no_eps = SMOL5.replace(r#""rms_norm_eps":1e-5,"#, "");
+        assert!(err(&no_eps).contains("rms_norm_eps"));
+        let no_local = gemma5(r#"{"full_attention":{"rope_theta":1e6}}"#);
+        assert!(err(&no_local).contains("rope_local_base_freq"));
+        let no_scalar = gemma5(
+            r#"{"full_attention":{"rope_theta":1e6},"sliding_attention":{"rope_theta":1e4}}"#,
+        )
+        .replace(r#""query_pre_attn_scalar":256,"#, "");
+        assert!(err(&no_scalar).contains("query_pre_attn_scalar"));
+        let no_head = gemma5(
+            r#"{"full_attention":{"rope_theta":1e6},"sliding_attention":{"rope_theta":1e4}}"#,
+        )
+        .replace(r#""head_dim":256,"#, "");
+        assert!(err(&no_head).contains("head_dim"));
+        // Both shapes at once must agree.
+        let both = SMOL5.replace(
+            r#""rms_norm_eps":1e-5,"#,
+            r#""rms_norm_eps":1e-5,"rope_theta":10000.0,"#,
+        );
+        assert!(err(&both).contains("contradicts"));
+        let same = SMOL5.replace(
+            r#""rms_norm_eps":1e-5,"#,
+            r#""rms_norm_eps":1e-5,"rope_theta":100000.0,"#,
+        );
+        assert_eq!(
+            ModelConfig::from_json(&same, Path::new("c"))
+                .unwrap()
+                .rope_theta,
+            1e5
+        );
+        let partial = SMOL5.replace(
+            r#""rms_norm_eps":1e-5,"#,
+            r#""rms_norm_eps":1e-5,"partial_rotary_factor":0.5,"#,
+        );
+        assert!(err(&partial).contains("partial_rotary_factor"));
     }
 }

@@ -88,6 +88,16 @@ fn meta_f64(c: &Content, key: &str) -> Option<f64> {
         .and_then(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok())
 }
 
+/// A float that changes the math: absent or not a number is an error naming the file and key.
+fn need_f64(c: &Content, key: &str, path: &Path) -> Result<f64> {
+    meta_f64(c, key).ok_or_else(|| Error::Config {
+        path: path.to_path_buf(),
+        message: format!(
+            "metadata `{key}` is missing or not a number (mlbench does not guess a value that changes the model's outputs)"
+        ),
+    })
+}
+
 fn meta_u32(c: &Content, key: &str) -> Option<u32> {
     c.metadata.get(key).and_then(|v| {
         v.to_u32()
@@ -144,6 +154,24 @@ pub fn import(
         .unwrap_or(hidden / heads.max(1));
     let layers = meta_usize(&content, &format!("{a}.block_count"), gguf)?;
     let gemma = arch == Arch::Gemma3;
+    for key in [
+        format!("{a}.rope.scaling.type"),
+        format!("{a}.rope.scaling.factor"),
+    ] {
+        if let Some(v) = content.metadata.get(&key) {
+            let shown = v
+                .to_string()
+                .cloned()
+                .or_else(|_| v.to_f32().map(|f| f.to_string()))
+                .unwrap_or_else(|_| "?".into());
+            if !(shown == "none" || shown == "1") {
+                return Err(Error::Config {
+                    path: gguf.to_path_buf(),
+                    message: format!("metadata `{key}` = {shown}: rope scaling is not implemented"),
+                });
+            }
+        }
+    }
     let mut cfg = json!({
         "model_type": match arch { Arch::Gemma3 => "gemma3_text", Arch::Llama => "llama", Arch::Qwen2 => "qwen2" },
         "vocab_size": tokens.len(),
@@ -153,8 +181,8 @@ pub fn import(
         "num_attention_heads": heads,
         "num_key_value_heads": kv,
         "head_dim": head_dim,
-        "rms_norm_eps": meta_f64(&content, &format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(if gemma { 1e-6 } else { 1e-5 }),
-        "rope_theta": meta_f64(&content, &format!("{a}.rope.freq_base")).unwrap_or(if gemma { 1e6 } else { 1e4 }),
+        "rms_norm_eps": need_f64(&content, &format!("{a}.attention.layer_norm_rms_epsilon"), gguf)?,
+        "rope_theta": need_f64(&content, &format!("{a}.rope.freq_base"), gguf)?,
         "tie_word_embeddings": !content.tensor_infos.contains_key("output.weight"),
         "bos_token_id": meta_u32(&content, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta_u32(&content, "tokenizer.ggml.eos_token_id"),

@@ -398,14 +398,14 @@ unsafe fn exp_scale_avx512(row: &mut [f32], m: f32, inv: f32) {
 /// with the vectorised [`exp`]. A target outside `0..v` is an error.
 pub fn cross_entropy_rows(z: &mut [f32], v: usize, targets: &[u32], grad: bool) -> Result<f64> {
     if v == 0 || z.len() != v * targets.len() {
-        return Err(crate::error::Error::Invalid(format!(
+        return Err(crate::error::Error::Internal(format!(
             "cross-entropy: {} logits do not make {} rows of {v}",
             z.len(),
             targets.len()
         )));
     }
     if let Some(t) = targets.iter().find(|&&t| t as usize >= v) {
-        return Err(crate::error::Error::Invalid(format!(
+        return Err(crate::error::Error::Internal(format!(
             "cross-entropy: target {t} is outside the vocabulary of {v}"
         )));
     }
@@ -587,7 +587,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let (n, k) = x.dims2()?;
     let (out, kw) = w.dims2()?;
     if k != kw {
-        return Err(crate::error::Error::Invalid(format!(
+        return Err(crate::error::Error::Internal(format!(
             "linear: input {:?} does not fit weight {:?}",
             x.shape(),
             w.shape()
@@ -943,7 +943,7 @@ fn attention_dims(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<A
         || nkv == 0
         || nh % nkv != 0
     {
-        return Err(crate::error::Error::Invalid(format!(
+        return Err(crate::error::Error::Internal(format!(
             "attention shapes do not fit: q {:?}, k {:?}, v {:?}, mask {:?}",
             q.shape(),
             k.shape(),
@@ -984,7 +984,7 @@ fn attention_dims_2d(
         || kw * nh != qw * nkv
         || v.dims2()? != (btk, kw);
     if bad {
-        return Err(crate::error::Error::Invalid(format!(
+        return Err(crate::error::Error::Internal(format!(
             "attention shapes do not fit: q {:?}, k {:?}, v {:?}, mask {:?}, {nh} query and \
              {nkv} key/value heads",
             q.shape(),
@@ -1050,7 +1050,7 @@ pub mod attention_2d {
 
 /// The error of a slice kernel given tensors that are not f32 on the CPU.
 fn not_f32_cpu() -> crate::error::Error {
-    crate::error::Error::Invalid("this CPU kernel needs f32 tensors on the CPU".into())
+    crate::error::Error::Internal("this CPU kernel needs f32 tensors on the CPU".into())
 }
 
 /// `(d gate, d up)` of `act(gate) * up` for the output gradient `dy` (f32 CPU tensors of one

@@ -155,7 +155,7 @@ fn norm_bwd(n: &RmsNorm, x: &Tensor, g: &Tensor, width: usize) -> Result<Tensor>
     let g2 = g.contiguous()?.reshape((rows, width))?;
     match kernels::rms_norm_backward(&x2, &n.scale, &g2, n.eps)? {
         Some(d) => Ok(d.reshape(x.shape())?),
-        None => Err(crate::error::Error::Invalid(
+        None => Err(crate::error::Error::Internal(
             "the fused layer needs f32 tensors on the CPU".into(),
         )),
     }
@@ -251,7 +251,7 @@ pub(crate) fn layer(
     let m = match kernels::glu(kind, &g, &u)? {
         Some(m) => m,
         None => {
-            return Err(crate::error::Error::Invalid(
+            return Err(crate::error::Error::Internal(
                 "the fused layer needs f32 tensors on the CPU".into(),
             ))
         }

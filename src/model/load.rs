@@ -2,8 +2,9 @@
 //! `model.safetensors.index.json`), and writing one.
 //!
 //! In: a folder. Out: a [`Model`] with every expected tensor present and of the shape the config
-//! implies (missing tensors and shape mismatches are errors naming the tensor). Pickled
-//! `pytorch_model.bin` weights are refused.
+//! implies (missing tensors and shape mismatches are errors naming the tensor), every value
+//! finite (a NaN or infinity is an error naming the file, the tensor and the first bad index).
+//! Pickled `pytorch_model.bin` weights are refused.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -86,7 +87,9 @@ fn read_all(
                 path: f.clone(),
                 message: format!("tensor `{name}`: {e}"),
             })?;
-            out.insert(name, (t.to_dtype(dtype)?, f.clone()));
+            let t = t.to_dtype(dtype)?;
+            super::lora::check_finite(&t, f, &name)?;
+            out.insert(name, (t, f.clone()));
         }
     }
     Ok(out)
@@ -310,13 +313,13 @@ pub fn save_safetensors_typed(
         .map(|(n, b, s)| {
             safetensors::tensor::TensorView::new(st_dtype, s.clone(), b)
                 .map(|v| (n.clone(), v))
-                .map_err(|e| Error::Invalid(format!("tensor {n}: {e}")))
+                .map_err(|e| Error::Internal(format!("tensor {n}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
     let meta: std::collections::HashMap<String, String> =
         [("format".to_string(), "pt".to_string())].into();
     let bytes = safetensors::serialize(views, Some(meta))
-        .map_err(|e| Error::Invalid(format!("serialising {}: {e}", path.display())))?;
+        .map_err(|e| Error::Internal(format!("serialising {}: {e}", path.display())))?;
     write_bytes_atomic(path, &bytes)
 }
 

@@ -99,6 +99,31 @@ impl LoraConfig {
         Ok(())
     }
 
+    /// Checks that rank `r` fits every module the targets match: `r <= min(in, out)` (a larger
+    /// rank adds no capacity, only memory). Called before any weight is allocated.
+    pub fn fits(&self, modules: &[ModuleInfo]) -> std::result::Result<(), String> {
+        let mut smallest: Option<(&str, usize)> = None;
+        for m in modules {
+            if self
+                .target_modules
+                .matches(&m.name)
+                .map_err(|e| e.to_string())?
+            {
+                let d = m.in_features.min(m.out_features);
+                if smallest.is_none_or(|(_, s)| d < s) {
+                    smallest = Some((&m.name, d));
+                }
+            }
+        }
+        match smallest {
+            Some((name, d)) if self.r > d => Err(format!(
+                "lora_r = {} is larger than the smallest targeted module allows ({name}: min(in, out) = {d})",
+                self.r
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn peft_json(&self) -> serde_json::Value {
         serde_json::json!({
             "peft_type": "LORA",
@@ -154,6 +179,7 @@ impl Adapter {
         device: &Device,
     ) -> Result<Self> {
         config.validate()?;
+        config.fits(modules).map_err(Error::Invalid)?;
         let mut pairs = BTreeMap::new();
         let mut rng = Rng::new(seed);
         for m in modules {
@@ -225,13 +251,13 @@ impl Adapter {
             .map(|(n, b, s)| {
                 safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
                     .map(|v| (n.clone(), v))
-                    .map_err(|e| Error::Invalid(format!("safetensors view {n}: {e}")))
+                    .map_err(|e| Error::Internal(format!("safetensors view {n}: {e}")))
             })
             .collect::<Result<_>>()?;
         let meta: std::collections::HashMap<String, String> =
             [("format".to_string(), "pt".to_string())].into();
         let bytes = safetensors::serialize(views, Some(meta))
-            .map_err(|e| Error::Invalid(format!("serialising adapter: {e}")))?;
+            .map_err(|e| Error::Internal(format!("serialising adapter: {e}")))?;
         write_bytes_atomic(&dir.join("adapter_model.safetensors"), &bytes)?;
         let cfg = serde_json::to_vec_pretty(&self.config.peft_json())?;
         write_bytes_atomic(&dir.join("adapter_config.json"), &cfg)?;
@@ -240,7 +266,8 @@ impl Adapter {
 
     /// Loads a PEFT folder strictly against the model's `modules`: unsupported options are
     /// refused by name; every key must be `base_model.model.<module>.lora_{A,B}.weight` of a
-    /// linear module of the model, with its partner present and shapes `[r, in]` / `[out, r]`.
+    /// linear module of the model, with its partner present, shapes `[r, in]` / `[out, r]` and
+    /// every value finite.
     pub fn load_peft(
         dir: &Path,
         name: &str,
@@ -359,6 +386,7 @@ impl Adapter {
                     format!("shape {dims:?} does not fit the module: expected {want:?} {shown} (transposed or wrong rank?)"),
                 ));
             }
+            check_finite(&t, &st_path, &key)?;
             let e = halves.entry(module.to_string()).or_default();
             if which == 'A' {
                 e.0 = Some(t.to_dtype(dtype)?);
@@ -403,6 +431,33 @@ impl Adapter {
             config,
             pairs,
         })
+    }
+}
+
+/// Refuses a tensor holding a NaN or an infinity, naming `file`, the tensor `name` and the first
+/// bad flat index. f32 CPU tensors are scanned in place; others through an f32 copy.
+pub fn check_finite(t: &Tensor, file: &Path, name: &str) -> Result<()> {
+    let first_bad = |v: &[f32]| v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i]));
+    let found = if t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(c) => {
+                let o = layout.start_offset();
+                first_bad(&c.as_slice::<f32>()?[o..o + t.elem_count()])
+            }
+            _ => None,
+        }
+    } else {
+        first_bad(&t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    match found {
+        None => Ok(()),
+        Some((i, v)) => Err(Error::Config {
+            path: file.to_path_buf(),
+            message: format!(
+                "tensor `{name}` holds {v} at flat index {i}: weights must be finite numbers"
+            ),
+        }),
     }
 }
 

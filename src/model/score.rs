@@ -62,7 +62,7 @@ pub fn row_stats(logits: &Tensor, picks: &[(usize, u32)]) -> Result<RowStats> {
     let logits = logits.to_dtype(DType::F32)?.contiguous()?;
     let (n, v) = logits.dims2()?;
     if let Some(&(r, t)) = picks.iter().find(|&&(r, t)| r >= n || t as usize >= v) {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Internal(format!(
             "logit ({r}, {t}) is outside the [{n}, {v}] matrix"
         )));
     }

@@ -62,7 +62,7 @@ impl Tok {
         let enc = self
             .inner
             .encode(text, false)
-            .map_err(|e| Error::Invalid(format!("tokenizing {text:?}: {e}")))?;
+            .map_err(|e| Error::Internal(format!("tokenizing {text:?}: {e}")))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if self.add_bos {
             ids.extend(self.bos);
@@ -105,7 +105,7 @@ impl Tok {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, false)
-            .map_err(|e| Error::Invalid(format!("decoding: {e}")))
+            .map_err(|e| Error::Internal(format!("decoding: {e}")))
     }
 }
 

@@ -322,7 +322,7 @@ impl Model {
         let b = mask.len();
         let t = mask.first().map(|r| r.len()).unwrap_or(0);
         if b == 0 || t == 0 || mask.iter().any(|r| r.len() != t) {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Internal(format!(
                 "batch mask must be a non-empty rectangle, got {b} rows"
             )));
         }
@@ -356,7 +356,7 @@ impl Model {
             || vis.len() != b
             || vis.iter().any(|r| r.len() != t)
         {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Internal(format!(
                 "positions and groups must be non-empty rectangles of the same shape ({b} rows)"
             )));
         }
@@ -509,12 +509,12 @@ impl Model {
     ) -> Result<Tensor> {
         let tn = ids.first().map_or(0, Vec::len);
         if tn == 0 || ids.iter().any(|r| r.len() != tn) {
-            return Err(Error::Invalid(
+            return Err(Error::Internal(
                 "new tokens must be a non-empty rectangle".into(),
             ));
         }
         if pads.len() != ids.len() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Internal(format!(
                 "{} rows but {} padding lengths",
                 ids.len(),
                 pads.len()
@@ -525,7 +525,7 @@ impl Model {
             cache.rows = ids.len();
         }
         if cache.layers.len() != self.layers.len() || cache.rows != ids.len() {
-            return Err(Error::Invalid(
+            return Err(Error::Internal(
                 "the key/value cache belongs to another model or batch".into(),
             ));
         }
@@ -570,7 +570,7 @@ impl Model {
     ) -> Result<Tensor> {
         let (b, t) = (p.b, p.t);
         if ids.len() != b || ids.iter().any(|r| r.len() != t) {
-            return Err(Error::Invalid("ids and mask shapes differ".into()));
+            return Err(Error::Internal("ids and mask shapes differ".into()));
         }
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         if let Some(&bad) = flat.iter().find(|&&i| i as usize >= self.config.vocab_size) {
@@ -663,7 +663,7 @@ impl Model {
                 let attn = a.reshape((b * t, nh * hd))?;
                 return self.finish_layer(l, x, &attn, ctx, fast);
             }
-            return Err(Error::Invalid("fused attention refused its inputs".into()));
+            return Err(Error::Internal("fused attention refused its inputs".into()));
         }
         let q = q.transpose(1, 2)?.contiguous()?; // [B, nh, T, hd]
         let k = k.transpose(1, 2)?.contiguous()?;
@@ -755,7 +755,7 @@ impl Model {
     fn select_rows(&self, hidden: &Tensor, rows: &[u32]) -> Result<(Tensor, &Tensor)> {
         let (b, t, h) = hidden.dims3()?;
         if let Some(&r) = rows.iter().find(|&&r| r as usize >= b * t) {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Internal(format!(
                 "row {r} is outside the batch of {b} x {t}"
             )));
         }
@@ -781,7 +781,7 @@ impl Model {
     /// its logits.
     pub fn loss_at(&self, hidden: &Tensor, rows: &[u32], targets: &[u32]) -> Result<Tensor> {
         if rows.len() != targets.len() || rows.is_empty() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Internal(format!(
                 "{} rows but {} targets",
                 rows.len(),
                 targets.len()

@@ -176,6 +176,21 @@ pub fn table(metrics: &DataFrame, samples: &DataFrame, q: &Query) -> Result<Tabl
             },
         )));
     }
+    if let Some(b) = &q.baseline {
+        let present: std::collections::BTreeSet<&str> =
+            grid.keys().map(|(m, _)| m.as_str()).collect();
+        if !present.contains(b.as_str()) {
+            return Err(Error::Unknown {
+                kind: "baseline method",
+                code: b.clone(),
+                scope: format!(
+                    " in the selected results (methods: {})",
+                    present.iter().copied().collect::<Vec<_>>().join(", ")
+                ),
+                suggestions: crate::util::suggestions(b, present.iter().copied()),
+            });
+        }
+    }
     // Languages first, then micro and macro, per task.
     columns.sort_by_key(|c| {
         let (t, l) = c.split_once('/').unwrap_or((c, ""));

@@ -156,7 +156,9 @@ impl Experiment {
             .flatten()
         {
             for (key, val) in t {
-                obj.insert(key.clone(), serde_json::to_value(val)?);
+                let j = crate::train::config::toml_to_json(key, val)
+                    .map_err(|m| Error::Invalid(format!("experiment `{}`: {m}", self.name)))?;
+                obj.insert(key.clone(), j);
             }
         }
         obj.insert("method".into(), method.into());
@@ -203,6 +205,19 @@ impl Experiment {
         if self.seeds.is_empty() {
             problems.push("`seeds` is empty".into());
         }
+        // Duplicates would put one cell in the grid twice (two shards racing on it).
+        let mut dup = |what: &str, items: Vec<String>| {
+            let mut seen = std::collections::BTreeSet::new();
+            for i in items {
+                if !seen.insert(i.clone()) {
+                    problems.push(format!("`{what}` lists {i} twice"));
+                }
+            }
+        };
+        let canonical = |m: &String| Method::parse(m).map_or(m.clone(), |p| p.name().to_string());
+        dup("methods", self.methods.iter().map(canonical).collect());
+        dup("ks", self.ks.iter().map(|k| k.to_string()).collect());
+        dup("seeds", self.seeds.iter().map(|s| s.to_string()).collect());
         for name in self.method.keys() {
             if !self.methods.contains(name) {
                 problems.push(format!(
@@ -259,6 +274,12 @@ impl Experiment {
                         }
                     };
                     let eval = self.eval_config(seed);
+                    for p in eval.problems() {
+                        let msg = format!("[eval]: {p}");
+                        if !problems.contains(&msg) {
+                            problems.push(msg);
+                        }
+                    }
                     let key = crate::util::sha256_hex(&serde_json::to_vec(&serde_json::json!({
                         "experiment": self.name, "method": m, "k": k, "seed": seed,
                         "train": train, "eval": eval,

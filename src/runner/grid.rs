@@ -1,7 +1,9 @@
 //! Running a grid: cells in, finished cells in the store out. A cell trains its method (or
 //! nothing, for `base`), evaluates the result on every task x language, and is committed to the
 //! store in one rename. Finished cells are skipped; a cell interrupted while training resumes
-//! from its checkpoint, so a killed run loses at most the step in progress.
+//! from its checkpoint, so a killed run loses at most the step in progress. A cell is worked on
+//! only under its claim in the store ([`super::lock`]): a second process on the same store
+//! (a requeued array job, an overlapping shard) skips or waits for a cell that is claimed.
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -20,6 +22,31 @@ pub enum Outcome {
     Skipped,
     /// Trained (if it trains), evaluated and committed.
     Done { train_s: f64, eval_s: f64 },
+    /// Another live process holds the cell (or the training run it shares): its description.
+    Busy(String),
+}
+
+/// What to do with a cell another process has claimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenBusy {
+    /// Leave it to that process.
+    Skip,
+    /// Wait until it is released, then run it unless it was finished meanwhile.
+    Wait,
+}
+
+fn claim(
+    store: &Store,
+    key: &str,
+    when_busy: WhenBusy,
+) -> Result<std::result::Result<super::lock::Claim, String>> {
+    match when_busy {
+        WhenBusy::Wait => Ok(Ok(store.claim_cell(key)?)),
+        WhenBusy::Skip => Ok(match store.try_claim_cell(key)? {
+            super::lock::TryClaim::Claimed(c) => Ok(c),
+            super::lock::TryClaim::Busy(h) => Err(h),
+        }),
+    }
 }
 
 /// The `meta-lora+tta` cell among `cells` whose training run also serves `cell`, a
@@ -52,17 +79,40 @@ pub fn training_sibling<'a>(cell: &Cell, cells: &'a [Cell]) -> Option<&'a Cell> 
 /// Runs one cell. `stop` is the Ctrl-C flag (training checkpoints and returns
 /// [`Error::Interrupted`]). `sibling` is a cell whose training run serves this one too (see
 /// [`training_sibling`]): that run is trained (or found) in the sibling's work folder.
+#[allow(clippy::too_many_arguments)]
 pub fn run_cell(
     data_dir: &Path,
     store: &Store,
     cell: &Cell,
     sibling: Option<&Cell>,
+    when_busy: WhenBusy,
     stop: &AtomicBool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Outcome> {
     if store.is_done(&cell.key) {
         return Ok(Outcome::Skipped);
     }
+    let _own = match claim(store, &cell.key, when_busy)? {
+        Ok(c) => c,
+        Err(holder) => return Ok(Outcome::Busy(holder)),
+    };
+    // Another process may have finished it between the check and the claim.
+    if store.is_done(&cell.key) {
+        return Ok(Outcome::Skipped);
+    }
+    let sibling = sibling.filter(|_| cell.train.is_some());
+    let _shared = match sibling {
+        Some(s) => match claim(store, &s.key, when_busy)? {
+            Ok(c) => Some(c),
+            Err(holder) => {
+                return Ok(Outcome::Busy(format!(
+                    "{holder} (training the run this cell shares with {})",
+                    s.label()
+                )))
+            }
+        },
+        None => None,
+    };
     let work = store.work_dir(&cell.key);
     let mut eval = cell.eval.clone();
     let mut train_s = 0.0;
@@ -122,7 +172,7 @@ pub fn run_cell(
         })
         .collect();
     if records.is_empty() {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Internal(format!(
             "cell {}: the evaluation produced no records for `{variant}`",
             cell.label()
         )));
@@ -146,8 +196,9 @@ pub fn run_cell(
 }
 
 /// Checks the data side of every cell before anything runs (tasks, languages, splits, budgets
-/// larger than a split, examples the templates cannot render), listing every problem once.
-pub fn check_data(data_dir: &Path, cells: &[Cell]) -> Result<()> {
+/// larger than a split, examples the templates cannot render), listing every problem once;
+/// `context` names the experiment (its file) in the message.
+pub fn check_data(data_dir: &Path, cells: &[Cell], context: &str) -> Result<()> {
     let mut problems: Vec<String> = Vec::new();
     let mut push = |p: String| {
         if !problems.contains(&p) {
@@ -176,7 +227,7 @@ pub fn check_data(data_dir: &Path, cells: &[Cell]) -> Result<()> {
         Ok(())
     } else {
         Err(Error::Problems {
-            context: "the experiment's data".into(),
+            context: format!("the data of {context}"),
             problems,
         })
     }

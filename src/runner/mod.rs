@@ -3,10 +3,12 @@
 //!
 //! - [`experiment`]: experiment files and their grid of cells (method x K x seed), sharding;
 //! - [`store`]: the results store (one folder per finished cell, committed by a rename);
+//! - [`lock`]: claims on a store's cells and on its compaction (one worker per cell);
 //! - [`grid`]: running one cell (train, evaluate, commit);
 //! - [`compare`]: tables over the store (mean over seeds with intervals, paired tests).
 
 pub mod compare;
 pub mod experiment;
 pub mod grid;
+pub mod lock;
 pub mod store;

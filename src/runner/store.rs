@@ -13,20 +13,28 @@
 //! - `work/<key>/`: the training run and evaluation output of a cell in progress (a killed run
 //!   resumes from its checkpoint).
 //!
-//! A cell folder is written beside its final place and renamed into it, and a part is written
+//! - `locks/<key>.lock`, `locks/store.lock`: claims on a cell and on compaction (see
+//!   [`super::lock`]): a process works on a cell, or merges, only while it holds the claim.
+//!
+//! A cell folder is written beside its final place (`cells/.tmp-<key>-<pid>/`) and renamed into
+//! it, and a part is written
 //! to a temporary name and renamed, so a reader never sees a half-written file. Every row is in
 //! exactly one place except for the moment between a merge writing its part and removing the
 //! per-cell files it absorbed; [`Store::read`] keeps one copy of each cell's rows (newest part
 //! first, then cell folders), and so should a reader that globs
 //! `["STORE/parts/metrics-*.parquet", "STORE/cells/*/metrics.parquet"]` while a merge runs.
+//! Names that start with a dot are never cells: a `.tmp-` folder left by a process killed
+//! before its rename is ignored by every reader and removed by the next holder of that cell's
+//! claim (or by the next merge, when nobody holds it).
 
 use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
 
 use super::experiment::Cell;
+use super::lock::{self, TryClaim};
 use crate::error::{Error, Result};
-use crate::util::write_bytes_atomic;
+use crate::util::{fault_point, write_bytes_atomic};
 
 /// A results store rooted at a folder.
 #[derive(Debug, Clone)]
@@ -49,6 +57,40 @@ impl Store {
 
     pub fn is_done(&self, key: &str) -> bool {
         self.cell_dir(key).join("cell.json").exists()
+    }
+
+    /// Claims cell `key` for this process (see [`super::lock`]); on success, the temporary
+    /// folders a killed commit of this cell left behind are removed.
+    pub fn try_claim_cell(&self, key: &str) -> Result<TryClaim> {
+        let claim = lock::try_claim(&lock::cell_lock_path(&self.dir, key))?;
+        if matches!(claim, TryClaim::Claimed(_)) {
+            self.remove_stale_tmp(key)?;
+        }
+        Ok(claim)
+    }
+
+    /// [`Store::try_claim_cell`], waiting for the holder instead of returning.
+    pub fn claim_cell(&self, key: &str) -> Result<lock::Claim> {
+        let claim = lock::claim(&lock::cell_lock_path(&self.dir, key))?;
+        self.remove_stale_tmp(key)?;
+        Ok(claim)
+    }
+
+    /// Removes `cells/.tmp-<key>-*` (the caller holds the cell's claim, so none is live).
+    fn remove_stale_tmp(&self, key: &str) -> Result<()> {
+        let cells = self.dir.join("cells");
+        let Ok(rd) = std::fs::read_dir(&cells) else {
+            return Ok(());
+        };
+        let prefix = format!(".tmp-{key}-");
+        for e in rd.filter_map(|e| e.ok()) {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let p = e.path();
+                tracing::info!(path = %p.display(), "removing a cell folder a killed run left");
+                std::fs::remove_dir_all(&p).map_err(|e| Error::io("remove", &p, e))?;
+            }
+        }
+        Ok(())
     }
 
     /// Adds a finished cell: its metrics and samples frames (cell columns are appended here) and
@@ -117,9 +159,11 @@ impl Store {
                 &tmp.join(f),
                 ParquetCompression::Uncompressed,
             )?;
+            fault_point("commit: a cell file written in the temporary folder");
         }
         let doc = serde_json::json!({ "cell": cell, "code_version": version, "info": info });
         write_bytes_atomic(&tmp.join("cell.json"), &serde_json::to_vec_pretty(&doc)?)?;
+        fault_point("commit: cell.json written, folder not renamed");
         let dst = self.cell_dir(&cell.key);
         if dst.exists() {
             // Another shard finished the same cell first: keep theirs.
@@ -127,6 +171,7 @@ impl Store {
             return Ok(());
         }
         std::fs::rename(&tmp, &dst).map_err(|e| Error::io("rename", &tmp, e))?;
+        fault_point("commit: cell folder renamed into place");
         Ok(())
     }
 
@@ -135,6 +180,7 @@ impl Store {
         let mut v: Vec<String> = std::fs::read_dir(self.dir.join("cells"))
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
                     .filter(|e| e.path().join("cell.json").exists())
                     .map(|e| e.file_name().to_string_lossy().into_owned())
                     .collect()
@@ -220,14 +266,17 @@ impl Store {
             .filter(|p| p.exists())
             .collect();
         if !cells.is_empty() {
-            let shown = cells[0].clone();
-            let corrupt = |e: PolarsError| Error::CorruptParquet {
-                path: if cells.len() == 1 {
-                    shown.clone()
-                } else {
-                    self.dir.join("cells").join("*").join(file)
-                },
-                message: e.to_string(),
+            // A failed multi-file scan is retried file by file to name the one at fault.
+            let corrupt = |e: PolarsError| {
+                for p in &cells {
+                    if let Err(found) = read_parquet_columns(p, columns) {
+                        return found;
+                    }
+                }
+                Error::CorruptParquet {
+                    path: self.dir.join("cells"),
+                    message: e.to_string(),
+                }
             };
             let paths = cells
                 .iter()
@@ -259,6 +308,8 @@ impl Store {
     /// into this store, then compacts every cell's rows into one new part per file and removes
     /// the per-cell Parquet files and older parts it absorbed. Cells already here are kept.
     pub fn merge(&self, from: &[Store]) -> Result<MergeSummary> {
+        let _claim = lock::claim(&lock::store_lock_path(&self.dir))?;
+        self.remove_unclaimed_tmp()?;
         let mut imported = 0;
         let parts = self.dir.join("parts");
         for src in from {
@@ -317,12 +368,15 @@ impl Store {
             let stem = file.trim_end_matches(".parquet");
             let dst = parts.join(format!("{stem}-{generation}.parquet"));
             crate::data::schema::write_parquet(&mut df, &dst)?;
+            fault_point("merge: part written, absorbed files not removed");
             for p in old_parts {
                 std::fs::remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
+                fault_point("merge: an old part removed");
             }
             for k in &absorbed {
                 let p = self.cell_dir(k).join(file);
                 std::fs::remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
+                fault_point("merge: an absorbed cell file removed");
             }
             cells = cells.max(absorbed.len());
         }
@@ -333,6 +387,42 @@ impl Store {
             sample_rows: rows[1],
             cells_total: self.finished().len(),
         })
+    }
+}
+
+impl Store {
+    /// Removes the `.tmp-` folders under `cells/` whose cell nobody claims (a killed commit or
+    /// a killed merge's copy left them) and half-written parts. Called with the store claim
+    /// held.
+    fn remove_unclaimed_tmp(&self) -> Result<()> {
+        // A part half-written by a killed merge (only merges write parts, and we hold their
+        // claim).
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("parts")) {
+            for e in rd.filter_map(|e| e.ok()) {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with('.') && n.ends_with(".tmp") {
+                    let p = e.path();
+                    std::fs::remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
+                }
+            }
+        }
+        let Ok(rd) = std::fs::read_dir(self.dir.join("cells")) else {
+            return Ok(());
+        };
+        let names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".tmp-"))
+            .collect();
+        for n in names {
+            // `.tmp-<key>-<pid>`: keys are hex, so the key ends at the first `-` after the prefix.
+            let Some(key) = n[".tmp-".len()..].split('-').next() else {
+                continue;
+            };
+            // Holding the claim removes this key's leftovers; a busy claim keeps them.
+            drop(self.try_claim_cell(key)?);
+        }
+        Ok(())
     }
 }
 
@@ -413,6 +503,7 @@ fn copy_dir_atomic(src: &Path, dst: &Path) -> Result<()> {
                 .map_err(|err| Error::io("copy", e.path(), err))?;
         }
     }
+    fault_point("merge: a cell copied, not renamed");
     if dst.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("remove", &tmp, e))?;
         return Ok(());

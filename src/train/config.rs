@@ -129,6 +129,30 @@ pub enum Aggregate {
     Sum,
 }
 
+/// A TOML value as JSON for the configuration merge, refusing what JSON would silently turn
+/// into `null` (a NaN or infinite float, anywhere inside the value); the message names `key`.
+pub fn toml_to_json(key: &str, v: &toml::Value) -> std::result::Result<serde_json::Value, String> {
+    fn finite(v: &toml::Value) -> bool {
+        match v {
+            toml::Value::Float(f) => f.is_finite(),
+            toml::Value::Array(a) => a.iter().all(finite),
+            toml::Value::Table(t) => t.values().all(finite),
+            _ => true,
+        }
+    }
+    if !finite(v) {
+        return Err(format!("`{key}` = {v} is not a finite number"));
+    }
+    serde_json::to_value(v).map_err(|e| format!("`{key}`: {e}"))
+}
+
+/// The largest LoRA rank accepted before the model is known (it must also fit the modules).
+pub const MAX_LORA_R: usize = 4096;
+/// The most optimizer steps (or meta-iterations) a run may plan.
+pub const MAX_STEPS: usize = 1_000_000;
+/// The most passes over the training examples.
+pub const MAX_PASSES: f64 = 10_000.0;
+
 /// A training run's full configuration. Field names are the TOML keys; the command line's
 /// flags are the same names with `-` for `_`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -384,6 +408,41 @@ impl TrainConfig {
             p.push(format!(
                 "lora_dropout must be in [0, 1) (got {})",
                 self.lora_dropout
+            ));
+        }
+        // Upper bounds: a value past these is a typo or an attack, and would abort on
+        // allocation or run for years. Bounds that depend on the model and the pools (rank
+        // against the module sizes, steps against the pool) are checked once those are known.
+        for (name, v, max) in [
+            ("lora_r", self.lora_r, MAX_LORA_R),
+            ("batch_size", self.batch_size, 1 << 16),
+            ("micro_batch", self.micro_batch, 1 << 16),
+            ("max_len", self.max_len, 1 << 17),
+            ("inner_steps", self.inner_steps, 10_000),
+            ("n_support", self.n_support, 1 << 16),
+            ("n_query", self.n_query, 1 << 16),
+            (
+                "tasks_per_batch",
+                self.tasks_per_batch.unwrap_or(0),
+                1 << 16,
+            ),
+            (
+                "meta_iterations",
+                self.meta_iterations.unwrap_or(0),
+                MAX_STEPS,
+            ),
+            ("k", self.k.unwrap_or(0), 1 << 24),
+        ] {
+            if v > max {
+                p.push(format!(
+                    "{name} = {v} is larger than mlbench supports ({max})"
+                ));
+            }
+        }
+        if self.passes.is_finite() && self.passes > MAX_PASSES {
+            p.push(format!(
+                "passes = {} is larger than mlbench supports ({MAX_PASSES})",
+                self.passes
             ));
         }
         if self.lora_targets.is_empty() && !self.lora_mlp {

@@ -171,8 +171,14 @@ pub fn train(
             }
         }
     }
-    // The LoRA targets must match the model.
-    if let Err(e) = crate::model::lora::Adapter::new(
+    if let Some(p) = too_long(cfg, method, &units) {
+        late.push(p);
+    }
+    // The rank must fit the modules it adapts (and so what the machine holds for the model).
+    let fits = cfg.lora().fits(&loaded.model.modules());
+    if let Err(p) = fits {
+        late.push(p);
+    } else if let Err(e) = crate::model::lora::Adapter::new(
         "check",
         cfg.lora(),
         &loaded.model.modules(),
@@ -289,5 +295,26 @@ pub fn train(
         summary,
         units,
         manifest,
+    })
+}
+
+/// The optimizer steps (or meta-iterations) the run plans, counted without planning them, when
+/// they exceed [`super::config::MAX_STEPS`]: the problem to report.
+fn too_long(cfg: &TrainConfig, method: Method, units: &[TaskUnit]) -> Option<String> {
+    let steps_of = |n: usize| (cfg.passes * n as f64 / cfg.batch_size as f64).ceil();
+    let steps: f64 = if method.is_meta() {
+        meta_iterations(cfg, units) as f64
+    } else if method == Method::LoraPerTaskK {
+        units.iter().map(|u| steps_of(u.seqs.len())).sum()
+    } else if method == Method::Stage1Only {
+        (cfg.inner_steps * units.len()) as f64
+    } else {
+        steps_of(units.iter().map(|u| u.seqs.len()).sum())
+    };
+    let max = super::config::MAX_STEPS;
+    (steps > max as f64).then(|| {
+        format!(
+            "the run would take {steps:.0} optimizer steps (meta-iterations), more than mlbench supports ({max}): lower passes or meta_iterations"
+        )
     })
 }
