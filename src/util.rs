@@ -192,16 +192,34 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// `s` with the HTML special characters escaped (text and attribute values).
+pub fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
 /// Lower-case hex sha256 of a byte slice.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let d = Sha256::digest(bytes);
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Lower-case hex sha256 of a file's content.
+/// Lower-case hex sha256 of a file's content, read in 1 MiB pieces.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
-    Ok(sha256_hex(&bytes))
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io("read", path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io("read", path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Levenshtein distance on characters.

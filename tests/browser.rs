@@ -73,6 +73,8 @@ fn table() -> Table {
                 ],
             ),
         ],
+        missing: vec![],
+        real_k: Default::default(),
     }
 }
 
@@ -335,7 +337,7 @@ fn check(edit: impl FnOnce(String) -> String) -> Option<Vec<String>> {
     let tmp = tempfile::tempdir().unwrap();
     let report = tmp.path().join("report");
     let t = table();
-    mlbench::report::write_report(&t, &report, "browser check", "synthetic values").unwrap();
+    mlbench::report::write_report(&t, None, &report, "browser check", "synthetic values").unwrap();
     let index = report.join("index.html");
     let html = std::fs::read_to_string(&index).unwrap();
     std::fs::write(&index, edit(html)).unwrap();

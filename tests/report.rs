@@ -52,6 +52,8 @@ fn table() -> Table {
             "sib200/macro".into(),
         ],
         rows,
+        missing: vec![],
+        real_k: Default::default(),
     }
 }
 
@@ -59,7 +61,7 @@ fn table() -> Table {
 fn the_report_folder_has_an_html_page_with_inline_plots_and_the_tables() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("reports/demo");
-    mlbench::report::write_report(&table(), &out, "demo", "synthetic values").unwrap();
+    mlbench::report::write_report(&table(), None, &out, "demo", "synthetic values").unwrap();
     for f in [
         "index.html",
         "table.md",
@@ -100,6 +102,7 @@ fn the_report_folder_has_an_html_page_with_inline_plots_and_the_tables() {
     if let Ok(d) = std::env::var("MLBENCH_REPORT_DEMO") {
         mlbench::report::write_report(
             &table(),
+            None,
             std::path::Path::new(&d),
             "demo",
             "synthetic values",

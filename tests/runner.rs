@@ -202,7 +202,7 @@ fn a_killed_grid_resumes_without_recomputing_or_losing_cells_and_compares() {
         ],
         "{out}"
     );
-    assert!(out.contains("McNemar"));
+    assert!(out.contains("paired two-level bootstrap"), "{out}");
     let tex = std::fs::read_to_string(s.tmp.path().join("rep/table.tex")).unwrap();
     assert!(tex.contains("\\toprule") && tex.contains("meta-lora & 8"));
     let csv = std::fs::read_to_string(s.tmp.path().join("rep/table.csv")).unwrap();

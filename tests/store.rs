@@ -95,6 +95,7 @@ fn commit(
         train: None,
         eval: EvalConfig::default(),
         key,
+        candidate: None,
     };
     store
         .commit_as(
@@ -407,34 +408,44 @@ fn a_baseline_with_budgets_is_paired_at_the_same_k() {
         rep.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    // Hand-computed exact McNemar p of meta-lora K64 against lora-k at K64 and at K16, English.
+    // The paired bootstrap of meta-lora K64 against lora-k at K64 and at K16, English, from
+    // hand-built outcomes (one seed) and the bootstrap seed the table derives for the row.
     let s = store.read("samples.parquet").unwrap();
-    let (mm, kk, ll, cc) = (
+    let (mm, kk, ll, cc, ids) = (
         s.column("method").unwrap().str().unwrap(),
         s.column("k").unwrap().i64().unwrap(),
         s.column("lang").unwrap().str().unwrap(),
         s.column("correct").unwrap().bool().unwrap(),
+        s.column("id").unwrap().str().unwrap(),
     );
-    let outcome = |m: &str, k: i64| -> Vec<bool> {
-        (0..s.height())
-            .filter(|&i| {
-                mm.get(i) == Some(m) && kk.get(i) == Some(k) && ll.get(i) == Some("eng_Latn")
-            })
-            .map(|i| cc.get(i).unwrap())
-            .collect()
+    let outcome = |m: &str, k: i64| -> mlbench::runner::stats::Outcomes {
+        let mut by_id = std::collections::BTreeMap::new();
+        for i in 0..s.height() {
+            if mm.get(i) == Some(m) && kk.get(i) == Some(k) && ll.get(i) == Some("eng_Latn") {
+                by_id.insert(ids.get(i).unwrap().to_string(), cc.get(i).unwrap());
+            }
+        }
+        assert_eq!(by_id.len(), N);
+        [(0u64, [("eng_Latn".to_string(), by_id)].into())].into()
     };
+    let rng =
+        mlbench::util::derive_seed(0, &["paired", "meta-lora", "64", "lora-k", "toy/eng_Latn"]);
     let p_vs = |k: i64| {
-        let (a, b) = (outcome("meta-lora", 64), outcome("lora-k", k));
-        assert_eq!(a.len(), N);
-        let worse = a.iter().zip(&b).filter(|(x, y)| **x && !**y).count();
-        let better = a.iter().zip(&b).filter(|(x, y)| !**x && **y).count();
-        mlbench::runner::compare::mcnemar_exact(worse, better)
+        mlbench::runner::stats::paired_difference(
+            &outcome("meta-lora", 64),
+            &outcome("lora-k", k),
+            mlbench::runner::stats::Average::Micro,
+            mlbench::runner::compare::RESAMPLES,
+            rng,
+        )
+        .unwrap()
     };
-    let (same_k, other_k) = (p_vs(64), p_vs(16));
+    let (same, other) = (p_vs(64), p_vs(16));
     assert!(
-        (same_k - other_k).abs() > 1e-6,
-        "the case must tell K apart"
+        (same.diff - other.diff).abs() > 1e-6 && (same.p - other.p).abs() > 1e-6,
+        "the case must tell K apart: {same:?} {other:?}"
     );
+    let (same_k, other_k) = (same.p, other.p);
     let csv = std::fs::read_to_string(rep.join("table.csv")).unwrap();
     let line = csv
         .lines()

@@ -53,6 +53,7 @@ fn synth_unit(name: &str, n: usize, seed: u64, classes: u32) -> TaskUnit {
         examples: vec![],
         seqs,
         truncated: 0,
+        longest: 0,
     }
 }
 
@@ -130,8 +131,87 @@ fn run(
         stop: &stop,
         progress: &mut progress,
         config_hash: mlbench::train::run::config_hash(cfg).unwrap(),
+        dev: None,
     };
     t.run(resume)
+}
+
+#[test]
+fn early_stopping_keeps_the_best_dev_checkpoint_of_a_planted_dev_curve() {
+    let (_d, lm) = tiny_model(Arch::Llama);
+    let m = &lm.model;
+    let units = vec![synth_unit("t/a", 16, 1, 3)];
+    let cfg = TrainConfig {
+        method: "lora-full".into(),
+        model: "tiny".into(),
+        tasks: vec!["t".into()],
+        langs: vec!["a".into()],
+        k: None,
+        batch_size: 2,
+        micro_batch: 2,
+        passes: 2.0,
+        lr: 5e-3,
+        eval_every: 2,
+        patience: 2,
+        ..Default::default()
+    };
+    // 16 examples, two passes, batches of 2: 16 steps, a dev evaluation every 2. The planted
+    // curve peaks at the second evaluation (step 4), then two evaluations without a gain stop
+    // the run after step 8.
+    let planted = [0.30, 0.60, 0.55, 0.58, 0.90, 0.95, 0.99, 0.99];
+    let seen = std::cell::RefCell::new(Vec::<Adapter>::new());
+    let mut calls = 0usize;
+    let mut dev = |a: &Adapter| -> mlbench::Result<f64> {
+        seen.borrow_mut().push(copy_adapter(a)?);
+        calls += 1;
+        Ok(planted[calls - 1])
+    };
+    let out = tempfile::tempdir().unwrap();
+    let stop = AtomicBool::new(false);
+    let mut progress = |_: &Progress| {};
+    let summary = {
+        let mut t = Trainer {
+            model: m,
+            cfg: &cfg,
+            units: &units,
+            out: out.path(),
+            stop: &stop,
+            progress: &mut progress,
+            config_hash: mlbench::train::run::config_hash(&cfg).unwrap(),
+            dev: Some(&mut dev),
+        };
+        t.run(false).unwrap()
+    };
+    assert_eq!(
+        calls, 4,
+        "stopped after patience = 2 evaluations without a gain"
+    );
+    assert_eq!(summary.steps, 8, "the steps actually run");
+    assert_eq!(summary.dev_best, Some((4, 0.60)));
+    let devs: Vec<(u64, f64)> = summary
+        .log
+        .iter()
+        .filter(|r| r.stage == "dev")
+        .map(|r| (r.step, r.dev.unwrap()))
+        .collect();
+    assert_eq!(devs, vec![(2, 0.30), (4, 0.60), (6, 0.55), (8, 0.58)]);
+    // The run's adapter is the one scored at step 4, not the last one.
+    let saved = Adapter::load_peft(
+        &out.path().join("adapter"),
+        "x",
+        &m.modules(),
+        DType::F32,
+        &test_device(),
+    )
+    .unwrap();
+    let best = &seen.borrow()[1];
+    let last = &seen.borrow()[3];
+    let dist = |a: &Adapter, b: &Adapter| mlbench::train::loops::distance(a, b).unwrap();
+    assert!(dist(&saved, best) < 1e-6, "{}", dist(&saved, best));
+    assert!(
+        dist(&saved, last) > 1e-4,
+        "the last adapter differs from the best"
+    );
 }
 
 fn outer_losses(log: &[LogRow], stage: &str) -> Vec<f64> {

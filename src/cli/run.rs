@@ -9,7 +9,7 @@ use clap::Args;
 use super::{split_list, Global};
 use mlbench::data::lang::{self, LangEntry};
 use mlbench::runner::compare::{history, newest_keys, of_run, runs, table, with_keys, Query};
-use mlbench::runner::experiment::{parse_shard, shard, Experiment};
+use mlbench::runner::experiment::{parse_shard, shard, show, Cell, Experiment};
 use mlbench::runner::grid::{run_cell, training_sibling, Outcome, WhenBusy};
 use mlbench::runner::store::{Store, METRIC_COLUMNS, SAMPLE_COLUMNS};
 use mlbench::Error;
@@ -97,6 +97,13 @@ pub struct CompareArgs {
     /// Largest tolerated drop in points (metric x 100).
     #[arg(long, default_value_t = 1.0)]
     pub max_drop: f64,
+    /// The reference of the verdict table (default: the experiment's declared one, recorded in
+    /// the store by `mlbench run`).
+    #[arg(long)]
+    pub reference: Option<String>,
+    /// The non-inferiority margin in points (default: the experiment's declared one, else 2.0).
+    #[arg(long)]
+    pub margin: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -126,106 +133,84 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
     if a.smoke {
         exp.smoke();
     }
-    let mut cells = exp.cells()?;
-    if let Some(s) = &a.shard {
-        let (i, n) = parse_shard(s)?;
-        cells = shard(&cells, i, n);
-    }
+    let store = Store::new(&a.store);
     let context = format!("experiment `{}` ({})", exp.name, a.experiment.display());
-    if let Some(p) = cells.first().and_then(|c| c.eval.model_problem()) {
+    let shard_of = |cells: Vec<Cell>| -> anyhow::Result<Vec<Cell>> {
+        Ok(match &a.shard {
+            Some(s) => {
+                let (i, n) = parse_shard(s)?;
+                shard(&cells, i, n)
+            }
+            None => cells,
+        })
+    };
+    // Selection first: the candidates of every `[search.*]` space, scored on dev.
+    let all_candidates = exp.selection_cells()?;
+    apply_choices(&store, &mut exp, &all_candidates)?;
+    let candidates = shard_of(all_candidates.clone())?;
+    let cells = shard_of(exp.cells()?)?;
+    let mut checked: Vec<Cell> = candidates.clone();
+    checked.extend(cells.iter().cloned());
+    if let Some(p) = checked.first().and_then(|c| c.eval.model_problem()) {
         return Err(Error::Problems {
             context,
             problems: vec![p],
         }
         .into());
     }
-    mlbench::runner::grid::check_data(&g.data_dir, &cells, &context)?;
-    let store = Store::new(&a.store);
+    mlbench::runner::grid::check_data(&g.data_dir, &checked, &context)?;
     if a.dry_run {
-        for c in &cells {
-            println!(
-                "{}  {:<28} {}",
-                c.key,
-                c.label(),
-                if store.is_done(&c.key) {
-                    "done".to_string()
-                } else {
-                    match mlbench::runner::lock::holder(&mlbench::runner::lock::cell_lock_path(
-                        &store.dir, &c.key,
-                    ))? {
-                        Some(h) => format!("running ({h})"),
-                        None => "to run".to_string(),
-                    }
-                }
-            );
+        for c in candidates.iter().chain(&cells) {
+            let what = match &c.candidate {
+                Some(o) => format!("{} [selection: {}]", c.label(), show(o)),
+                None => c.label(),
+            };
+            println!("{}  {:<28} {}", c.key, what, cell_state(&store, &c.key)?);
+        }
+        for m in exp.methods.iter().filter(|m| exp.pending(m)) {
+            println!("(the grid cells of {m} are built once its selection is complete)");
         }
         return Ok(());
     }
+    record_declaration(&store, &exp, &a.experiment)?;
     super::catch_stop_signals();
-    let pb = g.bar("cells");
-    pb.set_length(cells.len() as u64);
+    let mut tally = Tally::default();
     let t0 = std::time::Instant::now();
-    let (mut done, mut skipped, mut busy) = (0, 0, 0);
-    let when_busy = if a.wait {
-        WhenBusy::Wait
+    run_cells(g, &a, &store, &candidates, &all_candidates, &mut tally)?;
+    let before = exp.chosen.len();
+    apply_choices(&store, &mut exp, &all_candidates)?;
+    let cells = if exp.chosen.len() != before {
+        shard_of(exp.cells()?)?
     } else {
-        WhenBusy::Skip
+        cells
     };
-    let interrupted = |done: usize| Error::GridInterrupted {
-        cells: done,
-        store: store.dir.clone(),
-    };
-    for c in &cells {
-        let mut say = |m: &str| pb.set_message(m.to_string());
-        // A meta-lora cell trains (or reuses) its meta-lora+tta sibling's run when this
-        // invocation runs both (never across shards: two processes would share one folder).
-        let sibling = training_sibling(c, &cells);
-        let outcome = match run_cell(
-            &g.data_dir,
-            &store,
-            c,
-            sibling,
-            when_busy,
-            &super::STOP,
-            &mut say,
-        ) {
-            Err(Error::Interrupted { .. }) => return Err(interrupted(done).into()),
-            other => other?,
-        };
-        match outcome {
-            Outcome::Skipped => skipped += 1,
-            Outcome::Done { train_s, eval_s } => {
-                done += 1;
-                tracing::info!(cell = %c.label(), key = %c.key, train_s, eval_s, "cell finished");
-            }
-            Outcome::Busy(holder) => {
-                busy += 1;
-                tracing::warn!(cell = %c.label(), key = %c.key, "claimed by {holder}: left to it");
-            }
-        }
-        pb.inc(1);
-        if super::STOP.load(Ordering::SeqCst) {
-            return Err(interrupted(done).into());
-        }
+    if !cells.is_empty() {
+        mlbench::runner::grid::check_data(&g.data_dir, &cells, &context)?;
     }
-    pb.finish_and_clear();
+    run_cells(g, &a, &store, &cells, &all_candidates, &mut tally)?;
+    let pending: Vec<&String> = exp.methods.iter().filter(|m| exp.pending(m)).collect();
     if !g.quiet {
         println!(
-            "{}: {done} cells run, {skipped} already in {}{} ({:.1} s)",
+            "{}: {} cells run, {} already in {}{} ({:.1} s)",
             exp.name,
+            tally.done,
+            tally.skipped,
             a.store.display(),
-            if busy > 0 {
-                format!(", {busy} left to other processes working on them")
+            if tally.busy > 0 {
+                format!(", {} left to other processes working on them", tally.busy)
             } else {
                 String::new()
             },
             t0.elapsed().as_secs_f64()
         );
+        for m in &pending {
+            println!("{m}: its selection is not complete (candidates left to other shards or processes); rerun when it is");
+        }
     }
     // A whole grid that finished here is compacted (shards leave that to `mlbench merge` once
     // all of them are done). The grid's results are safe either way: a failed compaction only
     // warns.
-    if a.shard.is_none() && done > 0 && busy == 0 {
+    if a.shard.is_none() && tally.done > 0 && tally.busy == 0 && pending.is_empty() {
         match store.merge(&[]) {
             Ok(s) => tracing::info!(
                 cells = s.cells_total,
@@ -235,6 +220,143 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
             Err(e) => tracing::warn!("the store was not compacted ({e}); `mlbench merge` retries"),
         }
     }
+    Ok(())
+}
+
+/// Cells run, found finished, and left to other processes.
+#[derive(Default)]
+struct Tally {
+    done: usize,
+    skipped: usize,
+    busy: usize,
+}
+
+/// `done`, `running (holder)` or `to run`.
+fn cell_state(store: &Store, key: &str) -> anyhow::Result<String> {
+    if store.is_done(key) {
+        return Ok("done".into());
+    }
+    Ok(
+        match mlbench::runner::lock::holder(&mlbench::runner::lock::cell_lock_path(
+            &store.dir, key,
+        ))? {
+            Some(h) => format!("running ({h})"),
+            None => "to run".into(),
+        },
+    )
+}
+
+/// Reads the finished candidates' scores, records the selection, and gives `exp` the choices
+/// made so far.
+fn apply_choices(store: &Store, exp: &mut Experiment, candidates: &[Cell]) -> anyhow::Result<()> {
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    let choices = mlbench::runner::select::choose(store, exp, candidates)?;
+    if choices
+        .iter()
+        .any(|c| c.candidates.iter().any(|x| x.2.is_some()))
+    {
+        mlbench::runner::select::write_record(store, exp, &choices)?;
+    }
+    for c in choices {
+        if let Some(o) = c.chosen {
+            tracing::info!(method = %c.method, chosen = %show(&o), "selected on {}", exp.study.selection_split);
+            exp.chosen.insert(c.method, o);
+        }
+    }
+    Ok(())
+}
+
+/// Writes `STORE/experiments/<name>.json`: the study declaration compare reads (reference,
+/// margin) and the experiment file it came from.
+fn record_declaration(
+    store: &Store,
+    exp: &Experiment,
+    file: &std::path::Path,
+) -> anyhow::Result<()> {
+    let doc = serde_json::json!({
+        "name": exp.name,
+        "file": file.display().to_string(),
+        "reference": exp.reference(),
+        "margin": exp.study.margin,
+        "study": exp.study,
+        "search": exp.search,
+        "methods": exp.methods,
+        "ks": exp.ks,
+        "seeds": exp.seeds,
+    });
+    let p = store
+        .dir
+        .join("experiments")
+        .join(format!("{}.json", exp.name));
+    mlbench::util::write_bytes_atomic(&p, &serde_json::to_vec_pretty(&doc)?)?;
+    Ok(())
+}
+
+/// Runs `cells`; a cell whose training configuration equals a selection candidate's (or its
+/// `meta-lora+tta` sibling's) reuses that training run.
+fn run_cells(
+    g: &Global,
+    a: &RunArgs,
+    store: &Store,
+    cells: &[Cell],
+    candidates: &[Cell],
+    tally: &mut Tally,
+) -> anyhow::Result<()> {
+    if cells.is_empty() {
+        return Ok(());
+    }
+    let pb = g.bar("cells");
+    pb.set_length(cells.len() as u64);
+    let when_busy = if a.wait {
+        WhenBusy::Wait
+    } else {
+        WhenBusy::Skip
+    };
+    let interrupted = |done: usize| Error::GridInterrupted {
+        cells: done,
+        store: store.dir.clone(),
+    };
+    for c in cells {
+        let mut say = |m: &str| pb.set_message(m.to_string());
+        // A meta-lora cell trains (or reuses) its meta-lora+tta sibling's run when this
+        // invocation runs both (never across shards: two processes would share one folder);
+        // the chosen candidate's run serves the grid cell with its settings.
+        let sibling = training_sibling(c, cells).or_else(|| {
+            candidates
+                .iter()
+                .find(|s| s.key != c.key && s.train.is_some() && s.train == c.train)
+        });
+        let outcome = match run_cell(
+            &g.data_dir,
+            store,
+            c,
+            sibling,
+            when_busy,
+            &super::STOP,
+            &mut say,
+        ) {
+            Err(Error::Interrupted { .. }) => return Err(interrupted(tally.done).into()),
+            other => other?,
+        };
+        match outcome {
+            Outcome::Skipped => tally.skipped += 1,
+            Outcome::Done { train_s, eval_s } => {
+                tally.done += 1;
+                tracing::info!(cell = %c.label(), key = %c.key, train_s, eval_s, "cell finished");
+            }
+            Outcome::Busy(holder) => {
+                tally.busy += 1;
+                tracing::warn!(cell = %c.label(), key = %c.key, "claimed by {holder}: left to it");
+            }
+        }
+        pb.inc(1);
+        if super::STOP.load(Ordering::SeqCst) {
+            return Err(interrupted(tally.done).into());
+        }
+    }
+    pb.finish_and_clear();
     Ok(())
 }
 
@@ -361,17 +483,65 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
         None => newest_keys(&metrics)?,
     };
     let metrics = with_keys(&metrics, &keys)?;
-    let samples = if a.baseline.is_some() {
-        with_keys(
-            &store.read_columns("samples.parquet", Some(SAMPLE_COLUMNS))?,
-            &keys,
-        )?
+    let declared = a
+        .sel
+        .experiment
+        .as_ref()
+        .and_then(|e| read_declaration(&store, e));
+    let reference = a.reference.clone().or_else(|| {
+        declared
+            .as_ref()
+            .and_then(|d| d["reference"].as_str().map(str::to_string))
+    });
+    let margin = a
+        .margin
+        .or_else(|| declared.as_ref().and_then(|d| d["margin"].as_f64()))
+        .unwrap_or(2.0);
+    if !(margin.is_finite() && margin > 0.0) {
+        return Err(Error::Invalid(format!(
+            "--margin {margin}: a positive number of accuracy points"
+        ))
+        .into());
+    }
+    // Per-example records for the paired statistics and the label diagnostics.
+    let samples = if reference.is_some() || a.baseline.is_some() {
+        let mut cols: Vec<&str> = SAMPLE_COLUMNS.to_vec();
+        cols.extend(["pred", "gold"]);
+        with_keys(&store.read_columns("samples.parquet", Some(&cols))?, &keys)?
     } else {
         polars::prelude::DataFrame::empty()
     };
     let q = a.sel.query(&metrics, a.baseline.clone())?;
     let t = table(&metrics, &samples, &q)?;
     print!("{}", t.text());
+    let study = match &reference {
+        Some(r) => Some(study_parts(
+            &store,
+            &keys,
+            &samples,
+            &t,
+            &q,
+            r,
+            margin,
+            a.sel.experiment.as_deref(),
+        )?),
+        None => None,
+    };
+    let mut t = t;
+    if let Some(st) = &study {
+        for r in st
+            .budget
+            .iter()
+            .filter(|r| r.k.is_none() && r.distinct_per_lang > 0.0)
+        {
+            t.real_k.insert(r.method.clone(), r.distinct_per_lang);
+        }
+        println!();
+        print!("{}", st.verdicts.text());
+        for w in mlbench::runner::study::collapse_warnings(&st.dists) {
+            tracing::warn!("{w}");
+        }
+    }
     if let Some(out) = &a.out {
         let title = format!(
             "mlbench: {}{}",
@@ -401,12 +571,73 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
                 q.methods.join(", ")
             },
         );
-        mlbench::report::write_report(&t, out, &title, &about)?;
+        mlbench::report::write_report(&t, study.as_ref(), out, &title, &about)?;
         if !g.quiet {
             eprintln!("report written to {}", out.join("index.html").display());
         }
     }
     Ok(())
+}
+
+/// The study declaration `mlbench run` recorded for experiment `name`.
+fn read_declaration(store: &Store, name: &str) -> Option<serde_json::Value> {
+    let p = store.dir.join("experiments").join(format!("{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+}
+
+/// The verdicts, budget, label distributions and setup of a comparison against `reference`.
+#[allow(clippy::too_many_arguments)]
+fn study_parts(
+    store: &Store,
+    keys: &std::collections::HashSet<String>,
+    samples: &polars::prelude::DataFrame,
+    t: &mlbench::runner::compare::Table,
+    q: &Query,
+    reference: &str,
+    margin: f64,
+    experiment: Option<&str>,
+) -> anyhow::Result<mlbench::report::Study> {
+    use mlbench::runner::{compare, study, verdict};
+    let rows: Vec<(String, Option<i64>)> = t.rows.iter().map(|(r, _)| r.clone()).collect();
+    if !rows.iter().any(|(m, _)| m == reference) {
+        return Err(Error::Unknown {
+            kind: "reference method",
+            code: reference.to_string(),
+            scope: format!(
+                " in the selected results (methods: {})",
+                rows.iter()
+                    .map(|r| r.0.as_str())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            suggestions: vec![],
+        }
+        .into());
+    }
+    let outcomes = compare::outcomes(samples, q)?;
+    let verdicts = verdict::verdicts(&outcomes, &rows, &t.columns, reference, margin);
+    let infos = study::cell_infos(store, keys)?;
+    let infos: Vec<study::CellInfo> = infos
+        .into_iter()
+        .filter(|c| {
+            experiment.is_none_or(|e| c.doc["cell"]["experiment"].as_str() == Some(e))
+                && (q.methods.is_empty() || q.methods.contains(&c.method))
+        })
+        .collect();
+    let budget = study::budget(&infos, &rows);
+    let dists = study::label_distributions(samples)?;
+    let selection = experiment.and_then(|e| mlbench::runner::select::read_record(store, e));
+    let setup = study::setup(&infos, selection.as_ref(), Some(reference), margin);
+    let curves = study::curves(store, &infos)?;
+    Ok(mlbench::report::Study {
+        verdicts,
+        budget,
+        dists,
+        setup,
+        curves,
+    })
 }
 
 /// The regression gate of `compare --against`.

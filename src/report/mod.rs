@@ -1,6 +1,10 @@
-//! Stage 6 of the data's journey: reports. A comparison table in; a report folder out, written
-//! beside its final place and renamed into it: `index.html` (self-contained, plots inline),
-//! `table.md`, `table.csv`, `table.tex`, and the plots as PNG and SVG ([`plot`]).
+//! Stage 6 of the data's journey: reports. A comparison table (and, for a study with a declared
+//! reference, its verdicts, budget, diagnostics and setup: [`Study`]) in; a report folder out,
+//! written beside its final place and renamed into it: `index.html` (self-contained, plots
+//! inline), `table.md`, `table.csv`, `table.tex`, the plots as PNG and SVG ([`plot`]), and for a
+//! study `verdicts.{md,csv,tex}`, `budget.{md,csv}`, `labels.md`, `setup.md` and
+//! `curves.{png,svg}`. The page follows `../shared/docs/study.md`, section 5: setup, verdicts,
+//! accuracy, budget, the efficiency plot, diagnostics, and a plain-words reading.
 
 pub mod history;
 pub mod plot;
@@ -8,7 +12,9 @@ pub mod plot;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::runner::compare::Table;
+use crate::runner::compare::{k_label, Table};
+use crate::runner::study::{self, BudgetRow, Curve, LabelDist, Setup};
+use crate::runner::verdict::{exploratory, VerdictTable};
 use crate::util::write_bytes_atomic;
 
 /// Standard base64 (RFC 4648) of `bytes`, for inline images.
@@ -36,10 +42,7 @@ pub fn base64(bytes: &[u8]) -> String {
 }
 
 pub(crate) fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    crate::util::html_escape(s)
 }
 
 /// The table as HTML.
@@ -124,31 +127,161 @@ th, td {{ border-bottom: 1px solid #ccc; padding: 4px 10px; text-align: right; }
 th:first-child, td:first-child, th:nth-child(2), td:nth-child(2) {{ text-align: left; }}
 small {{ color: #666; }}
 img {{ max-width: 100%; }}
+.wide {{ max-width: 100%; overflow-x: auto; }}
+td.superior, td.non-inferior {{ background: #e8f4ea; }}
+td.inferior {{ background: #f8e6e6; }}
 </style></head>
 "#,
         title = esc(title)
     )
 }
 
-/// Writes the report folder `out` for table `t`; `title` heads the page and `about` (plain
-/// text) says what was compared.
-pub fn write_report(t: &Table, out: &Path, title: &str, about: &str) -> Result<()> {
+/// The study parts of a report (see the module doc).
+pub struct Study {
+    pub verdicts: VerdictTable,
+    pub budget: Vec<BudgetRow>,
+    pub dists: Vec<LabelDist>,
+    pub setup: Setup,
+    pub curves: Vec<Curve>,
+}
+
+/// A plain-words reading of the verdicts: per row, what the confirmatory columns say, and what
+/// the numbers do not say.
+pub fn reading(v: &VerdictTable, dists: &[LabelDist]) -> String {
+    let mut s = String::new();
+    for ((m, k), js) in &v.rows {
+        let parts: Vec<String> = v
+            .columns
+            .iter()
+            .zip(js)
+            .filter(|(c, _)| !exploratory(c))
+            .filter_map(|(c, j)| {
+                j.as_ref().map(|j| {
+                    format!(
+                        "{c}: {:+.1} points [{:+.1}, {:+.1}], {}",
+                        100.0 * j.paired.diff,
+                        100.0 * j.paired.low,
+                        100.0 * j.paired.high,
+                        j.verdict.name()
+                    )
+                })
+            })
+            .collect();
+        if !parts.is_empty() {
+            s.push_str(&format!(
+                "{m} at K = {} against {}: {}. ",
+                k_label(m, *k),
+                v.reference,
+                parts.join("; ")
+            ));
+        }
+    }
+    let collapsed = study::collapse_warnings(dists);
+    if !collapsed.is_empty() {
+        s.push_str(&format!(
+            "{} cell(s) collapsed onto one label (see the diagnostics); their accuracies measure the collapse, not the method. ",
+            collapsed.len()
+        ));
+    }
+    s.push_str(&format!(
+        "What this does not say: an inconclusive verdict is not evidence of equivalence; a verdict holds for this model, these tasks and languages, these budgets and the declared margin of {:.1} points only; the hyper-parameters were chosen on the dev split for every method alike; per-language verdicts are exploratory.",
+        v.margin
+    ));
+    s
+}
+
+/// The study's HTML sections: (setup, verdicts and reading), budget, diagnostics.
+fn study_sections(st: &Study, dir: &Path) -> Result<[String; 3]> {
+    Ok([
+        format!(
+            r#"<h2>Setup</h2>
+{setup}<h2>Verdicts</h2>
+<div class="wide">{verdicts}</div><p><small>{vfoot}</small></p>
+<h2>Reading</h2>
+<p>{reading}</p>
+"#,
+            setup = st.setup.html(),
+            verdicts = st.verdicts.html(),
+            vfoot = esc(&st.verdicts.footnote()),
+            reading = esc(&reading(&st.verdicts, &st.dists)),
+        ),
+        format!(
+            r#"<h2>Budget</h2>
+<div class="wide">{budget}</div><p><small>{bnote}</small></p>
+"#,
+            budget = study::budget_html(&st.budget),
+            bnote = esc(study::BUDGET_NOTE),
+        ),
+        format!(
+            r#"<h2>Diagnostics</h2>
+<h3>Predicted labels against gold (test)</h3>
+<p><small>A cell is flagged when one label takes more than 80% of its predictions and less than 50% of the gold labels.</small></p>
+<div class="wide">{labels}</div>
+<h3>Training curves</h3>
+<img id="curves" alt="training loss, dev score and update norms per step" src="{curves}">
+"#,
+            labels = study::dists_html(&st.dists),
+            curves = png_uri(dir, "curves.png")?,
+        ),
+    ])
+}
+
+fn write_study_files(st: &Study, dir: &Path) -> Result<()> {
+    write_bytes_atomic(&dir.join("verdicts.md"), st.verdicts.markdown().as_bytes())?;
+    write_bytes_atomic(&dir.join("verdicts.csv"), st.verdicts.csv().as_bytes())?;
+    write_bytes_atomic(&dir.join("verdicts.tex"), st.verdicts.latex().as_bytes())?;
+    write_bytes_atomic(
+        &dir.join("budget.md"),
+        study::budget_markdown(&st.budget).as_bytes(),
+    )?;
+    write_bytes_atomic(
+        &dir.join("budget.csv"),
+        study::budget_csv(&st.budget).as_bytes(),
+    )?;
+    write_bytes_atomic(
+        &dir.join("labels.md"),
+        study::dists_markdown(&st.dists).as_bytes(),
+    )?;
+    write_bytes_atomic(&dir.join("setup.md"), st.setup.markdown().as_bytes())?;
+    plot::write_curves(&st.curves, dir)
+}
+
+/// Writes the report folder `out` for table `t` (and the study parts, when given); `title`
+/// heads the page and `about` (plain text) says what was compared.
+pub fn write_report(
+    t: &Table,
+    study: Option<&Study>,
+    out: &Path,
+    title: &str,
+    about: &str,
+) -> Result<()> {
     write_folder(out, |tmp| {
         write_bytes_atomic(&tmp.join("table.md"), t.markdown().as_bytes())?;
         write_bytes_atomic(&tmp.join("table.csv"), t.csv().as_bytes())?;
         write_bytes_atomic(&tmp.join("table.tex"), t.latex().as_bytes())?;
         plot::write_plots(t, tmp)?;
+        let ([head_part, budget_part, diag_part], files) = match study {
+            Some(st) => {
+                write_study_files(st, tmp)?;
+                (
+                    study_sections(st, tmp)?,
+                    " verdicts.md/.csv/.tex, budget.md/.csv, labels.md, setup.md, curves.png/.svg.",
+                )
+            }
+            None => (Default::default(), ""),
+        };
+        // The protocol's order: setup and verdicts, then accuracy, budget, plots, diagnostics.
         let html = format!(
             r#"{head}<body>
 <h1>{title}</h1>
 <p>{about}</p>
-<h2>Table</h2>
-{table}<p><small>{foot}</small></p>
-<h2>Data efficiency</h2>
+{head_part}<h2>Accuracy</h2>
+<div class="wide">{table}</div><p><small>{foot}</small></p>
+{budget_part}<h2>Data efficiency</h2>
 <img id="efficiency" alt="{metric} against examples per task" src="{eff}">
 <h2>Per language</h2>
 <img id="languages" alt="{metric} per language" src="{lang}">
-<p><small>Files: table.md, table.csv, table.tex, efficiency.png/.svg, languages.png/.svg. {version}</small></p>
+{diag_part}<p><small>Files: table.md, table.csv, table.tex, efficiency.png/.svg, languages.png/.svg.{files} {version}</small></p>
 </body></html>
 "#,
             head = html_head(title),

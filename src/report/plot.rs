@@ -9,7 +9,8 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::runner::compare::Table;
+use crate::runner::compare::{k_label, Table};
+use crate::runner::study::Curve;
 
 static FONT: &[u8] = include_bytes!("fonts/DejaVuSans.ttf");
 
@@ -76,6 +77,11 @@ fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Re
         .iter()
         .filter_map(|((_, k), _)| k.map(|k| k as f64))
         .collect();
+    // Methods without a budget but with a known real K (`lora-full`) stand at that K too.
+    let ks: Vec<f64> = ks
+        .into_iter()
+        .chain(t.real_k.values().copied().filter(|k| *k > 0.0))
+        .collect();
     let (kmin, kmax) = ks
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), &k| (a.min(k), b.max(k)));
@@ -127,11 +133,34 @@ fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Re
                 .and_then(|(_, es)| es[ci].as_ref());
             let style = ShapeStyle::from(color).stroke_width(2);
             if let Some(e) = reference {
+                // A horizontal reference with its band, and, where its real number of examples
+                // is known, a point with its interval at that K.
+                let (lo, hi) = (e.low.max(0.0), e.high.min(1.0));
+                chart
+                    .draw_series(std::iter::once(Polygon::new(
+                        vec![(kmin, lo), (kmax, lo), (kmax, hi), (kmin, hi)],
+                        color.mix(0.10),
+                    )))
+                    .map_err(plot_err)?;
                 chart
                     .draw_series(LineSeries::new(vec![(kmin, e.mean), (kmax, e.mean)], style))
                     .map_err(plot_err)?
-                    .label(m.as_str())
+                    .label(match t.real_k.get(m) {
+                        Some(k) => format!("{m} (K = {k:.0})"),
+                        None => m.clone(),
+                    })
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+                if let Some(&k) = t.real_k.get(m) {
+                    chart
+                        .draw_series([PathElement::new(
+                            vec![(k, lo), (k, hi)],
+                            color.stroke_width(2),
+                        )])
+                        .map_err(plot_err)?;
+                    chart
+                        .draw_series([Circle::new((k, e.mean), 4, color.filled())])
+                        .map_err(plot_err)?;
+                }
                 continue;
             }
             if pts.is_empty() {
@@ -287,4 +316,124 @@ pub fn write_plots(t: &Table, dir: &Path) -> Result<Vec<String>> {
     ]
     .map(String::from)
     .to_vec())
+}
+
+/// Which points of a curve a panel draws.
+type Series = Box<dyn Fn(&Curve) -> &Vec<(f64, f64)>>;
+
+/// Draws the training curves: one row of panels per method (loss per step for every K and
+/// seed; the dev score where early stopping ran; for meta methods the inner displacement and
+/// the outer update norm).
+fn curves_chart<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, cs: &[Curve]) -> Result<()> {
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut methods: Vec<&str> = Vec::new();
+    for c in cs {
+        if !methods.contains(&c.method.as_str()) {
+            methods.push(&c.method);
+        }
+    }
+    let (title, body) = root.split_vertically(40);
+    title
+        .titled("training curves", ("sans-serif", 22).into_font())
+        .map_err(plot_err)?;
+    if methods.is_empty() {
+        return root.present().map_err(plot_err);
+    }
+    let rows = body.split_evenly((methods.len(), 3));
+    for (mi, m) in methods.iter().enumerate() {
+        let mine: Vec<&Curve> = cs.iter().filter(|c| c.method == *m).collect();
+        let panels: [(&str, Series); 3] = [
+            ("loss", Box::new(|c: &Curve| &c.loss)),
+            ("dev score", Box::new(|c: &Curve| &c.dev)),
+            (
+                "update / inner displacement norm",
+                Box::new(|c: &Curve| {
+                    if c.inner_norm.is_empty() {
+                        &c.update_norm
+                    } else {
+                        &c.inner_norm
+                    }
+                }),
+            ),
+        ];
+        for (pi, (name, get)) in panels.iter().enumerate() {
+            let area = &rows[mi * 3 + pi];
+            let pts: Vec<(f64, f64)> = mine
+                .iter()
+                .flat_map(|c| get(c).iter().copied())
+                .filter(|p| p.1.is_finite())
+                .collect();
+            let xmax = pts.iter().map(|p| p.0).fold(1.0, f64::max);
+            let (ylo, yhi) = pts
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+            let (ylo, yhi) = if pts.is_empty() {
+                (0.0, 1.0)
+            } else if ylo == yhi {
+                (ylo - 0.5, yhi + 0.5)
+            } else {
+                (ylo, yhi)
+            };
+            let mut chart = ChartBuilder::on(area)
+                .caption(format!("{m}: {name}"), ("sans-serif", 14))
+                .margin(6)
+                .x_label_area_size(28)
+                .y_label_area_size(45)
+                .build_cartesian_2d(0f64..xmax, ylo..yhi)
+                .map_err(plot_err)?;
+            chart
+                .configure_mesh()
+                .x_desc("step")
+                .light_line_style(WHITE)
+                .draw()
+                .map_err(plot_err)?;
+            for (ci, c) in mine.iter().enumerate() {
+                let color = COLORS[ci % COLORS.len()];
+                let series: Vec<(f64, f64)> =
+                    get(c).iter().copied().filter(|p| p.1.is_finite()).collect();
+                if series.is_empty() {
+                    continue;
+                }
+                chart
+                    .draw_series(LineSeries::new(series, color.stroke_width(1)))
+                    .map_err(plot_err)?
+                    .label(format!("K={} s{}", k_label(&c.method, c.k), c.seed))
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color));
+            }
+            if pi == 0 {
+                chart
+                    .configure_series_labels()
+                    .position(SeriesLabelPosition::UpperRight)
+                    .label_font(("sans-serif", 10))
+                    .background_style(WHITE.mix(0.85))
+                    .border_style(BLACK)
+                    .draw()
+                    .map_err(plot_err)?;
+            }
+        }
+    }
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// Writes `curves.png` and `curves.svg` into `dir`.
+pub fn write_curves(cs: &[Curve], dir: &Path) -> Result<()> {
+    register_font()?;
+    let mut n = 0;
+    let mut seen: Vec<&str> = Vec::new();
+    for c in cs {
+        if !seen.contains(&c.method.as_str()) {
+            seen.push(&c.method);
+            n += 1;
+        }
+    }
+    let size = (1260, 40 + 260 * n.max(1) as u32);
+    curves_chart(
+        BitMapBackend::new(&dir.join("curves.png"), size).into_drawing_area(),
+        cs,
+    )?;
+    curves_chart(
+        SVGBackend::new(&dir.join("curves.svg"), size).into_drawing_area(),
+        cs,
+    )
 }

@@ -1,18 +1,22 @@
 //! Comparison tables over a results store: metric rows and per-example records in; a table with
 //! one row per method x K and one column per task x language (plus micro and macro averages)
-//! out, as text, Markdown, CSV and LaTeX (booktabs).
+//! out, as text, Markdown, CSV and LaTeX (booktabs); and, against a declared reference method
+//! and margin, the verdict table of the study protocol ([`verdicts`]).
 //!
 //! A cell of the table is the mean over seeds of the metric, with a 95% interval: Student's t
-//! over the seeds when there are two or more, else the single run's own interval (Wilson, or
-//! bootstrap for macro averages). A `*` marks a significant difference from the baseline method
-//! in an exact McNemar test on paired examples (same example id, same seed where the baseline
-//! has it, same K where the baseline has budgets), p < 0.05; pairs are pooled over seeds, and
-//! over languages for the micro column.
+//! over the seed means when there are two or more seeds, else the single run's own interval
+//! (Wilson, or bootstrap for macro averages). A `*` marks a difference from the baseline method
+//! whose paired two-level bootstrap ([`super::stats::paired_difference`]: seeds, then items
+//! within each language) gives p < 0.05. Pairs are formed only within a seed (the same example
+//! id, at the same K where the baseline has budgets): a seed the baseline lacks is reported as
+//! missing, never paired with another seed's run; micro and macro columns each get their own
+//! statistic (items pooled; mean of languages).
 
 use std::collections::BTreeMap;
 
 use polars::prelude::*;
 
+use super::stats::{self, Average, Outcomes};
 use crate::error::{Error, Result};
 
 /// What to compare.
@@ -53,7 +57,15 @@ pub struct Table {
     pub columns: Vec<String>,
     /// (method, K) and one entry per column.
     pub rows: Vec<Row>,
+    /// Seeds that could not be paired with the baseline, one line each.
+    pub missing: Vec<String>,
+    /// The real number of distinct training examples per task and language of the methods
+    /// without a budget (`lora-full`), where known: where the efficiency plot places them.
+    pub real_k: BTreeMap<String, f64>,
 }
+
+/// Bootstrap resamples of every paired comparison.
+pub const RESAMPLES: usize = 2000;
 
 fn strs(df: &DataFrame, c: &str) -> Result<Vec<String>> {
     Ok(df
@@ -62,21 +74,6 @@ fn strs(df: &DataFrame, c: &str) -> Result<Vec<String>> {
         .iter()
         .map(|x| x.unwrap_or("").to_string())
         .collect())
-}
-
-fn t975(df: usize) -> f64 {
-    const T: [f64; 30] = [
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-        2.052, 2.048, 2.045, 2.042,
-    ];
-    if df == 0 {
-        f64::NAN
-    } else if df <= 30 {
-        T[df - 1]
-    } else {
-        1.96
-    }
 }
 
 /// Two-sided exact McNemar test: `b` and `c` discordant pairs.
@@ -201,8 +198,9 @@ pub fn table(metrics: &DataFrame, samples: &DataFrame, q: &Query) -> Result<Tabl
             l.to_string(),
         )
     });
-    // Paired outcomes: (method, k, task, lang, seed, id) -> correct.
-    let paired = paired_outcomes(samples, q)?;
+    // Per-example outcomes: (method, k, task) -> seed -> lang -> id -> correct.
+    let outcomes = outcomes(samples, q)?;
+    let mut missing = Vec::new();
     let mut rows = Vec::new();
     for ((m, kk), cols) in &grid {
         let mut entries = Vec::with_capacity(columns.len());
@@ -213,20 +211,27 @@ pub fn table(metrics: &DataFrame, samples: &DataFrame, q: &Query) -> Result<Tabl
             };
             let vals: Vec<f64> = runs.values().map(|r| r.0).collect();
             let n = vals.len();
-            let mean = vals.iter().sum::<f64>() / n as f64;
-            let (low, high) = if n >= 2 {
-                let sd =
-                    (vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
-                let h = t975(n - 1) * sd / (n as f64).sqrt();
-                (mean - h, mean + h)
+            let (mean, low, high) = if n >= 2 {
+                stats::t_interval(&vals)
             } else {
                 let r = runs.values().next().expect("one run");
-                (r.1, r.2)
+                (r.0, r.1, r.2)
             };
             let p = match &q.baseline {
                 Some(b) if b != m => {
-                    let (t, l) = c.split_once('/').unwrap_or((c, ""));
-                    mcnemar_for(&paired, m, *kk, b, t, l)
+                    let paired = pair_with(&outcomes, m, *kk, b, c);
+                    if let Some(pd) = &paired {
+                        for s in &pd.missing {
+                            let line = format!(
+                                "{m} K={}: seed {s} has no `{b}` run to pair with",
+                                k_label(m, *kk)
+                            );
+                            if !missing.contains(&line) {
+                                missing.push(line);
+                            }
+                        }
+                    }
+                    paired.map(|pd| pd.p)
                 }
                 _ => None,
             };
@@ -254,14 +259,19 @@ pub fn table(metrics: &DataFrame, samples: &DataFrame, q: &Query) -> Result<Tabl
         baseline: q.baseline.clone(),
         columns,
         rows,
+        missing,
+        real_k: BTreeMap::new(),
     })
 }
 
-type Outcomes = BTreeMap<(String, Option<i64>, String, String), BTreeMap<(u64, String), bool>>;
+/// Per-example outcomes of every (method, K, task): seed -> language -> id -> correct.
+pub type CellOutcomes = BTreeMap<(String, Option<i64>, String), Outcomes>;
 
-fn paired_outcomes(samples: &DataFrame, q: &Query) -> Result<Outcomes> {
-    let mut out: Outcomes = BTreeMap::new();
-    if q.baseline.is_none() || samples.height() == 0 {
+/// The per-example outcomes of `samples` that `q` selects (all metrics' `correct`: the
+/// samples hold the primary metric's outcome).
+pub fn outcomes(samples: &DataFrame, q: &Query) -> Result<CellOutcomes> {
+    let mut out: CellOutcomes = BTreeMap::new();
+    if samples.height() == 0 {
         return Ok(out);
     }
     let (method, task, lang, id) = (
@@ -288,62 +298,71 @@ fn paired_outcomes(samples: &DataFrame, q: &Query) -> Result<Outcomes> {
         if q.experiment.as_ref().is_some_and(|e| &exp[i] != e) {
             continue;
         }
-        out.entry((method[i].clone(), k[i], task[i].clone(), lang[i].clone()))
+        out.entry((method[i].clone(), k[i], task[i].clone()))
             .or_default()
-            .insert((seed[i], id[i].clone()), correct[i]);
+            .entry(seed[i])
+            .or_default()
+            .entry(lang[i].clone())
+            .or_default()
+            .insert(id[i].clone(), correct[i]);
     }
     Ok(out)
 }
 
-fn mcnemar_for(
-    p: &Outcomes,
+/// The outcomes of one cell restricted to a column (`task/lang`, `task/micro`, `task/macro`)
+/// and the average that column takes.
+fn column_outcomes(o: &Outcomes, column: &str) -> (Outcomes, Average) {
+    let lang = column.split_once('/').map_or("", |(_, l)| l);
+    let avg = if lang == "macro" {
+        Average::Macro
+    } else {
+        Average::Micro
+    };
+    if lang == "micro" || lang == "macro" {
+        return (o.clone(), avg);
+    }
+    let only = o
+        .iter()
+        .map(|(s, by)| {
+            let kept = by
+                .iter()
+                .filter(|(l, _)| l.as_str() == lang)
+                .map(|(l, v)| (l.clone(), v.clone()))
+                .collect();
+            (*s, kept)
+        })
+        .collect();
+    (only, avg)
+}
+
+/// The reference's outcomes for a row at budget `k`: its cells at the same K when it has
+/// budgets, else its only ones (`lora-full` and `base` have no K).
+fn reference_of<'a>(
+    o: &'a CellOutcomes,
+    reference: &str,
+    k: Option<i64>,
+    task: &str,
+) -> Option<&'a Outcomes> {
+    o.get(&(reference.to_string(), k, task.to_string()))
+        .or_else(|| o.get(&(reference.to_string(), None, task.to_string())))
+}
+
+/// The paired difference of method `m` at `k` to `reference` in one column, with a bootstrap
+/// seeded by the row and column (so a report is reproducible).
+pub fn pair_with(
+    o: &CellOutcomes,
     m: &str,
     k: Option<i64>,
-    base: &str,
-    task: &str,
-    lang: &str,
-) -> Option<f64> {
-    let langs: Vec<String> = if lang == "micro" || lang == "macro" {
-        p.keys()
-            .filter(|(mm, kk, t, _)| mm == m && *kk == k && t == task)
-            .map(|(_, _, _, l)| l.clone())
-            .collect()
-    } else {
-        vec![lang.to_string()]
-    };
-    let (mut b, mut c, mut pairs) = (0usize, 0usize, 0usize);
-    for l in &langs {
-        let Some(mine) = p.get(&(m.to_string(), k, task.to_string(), l.clone())) else {
-            continue;
-        };
-        // The baseline's cells for this task/lang: at the same K when the baseline has budgets
-        // (`--baseline lora-k`), else its only ones (lora-full and base have no K).
-        let Some(theirs) = p
-            .get(&(base.to_string(), k, task.to_string(), l.clone()))
-            .or_else(|| {
-                p.iter()
-                    .find(|((mm, _, t, ll), _)| mm == base && t == task && ll == l)
-                    .map(|(_, v)| v)
-            })
-        else {
-            continue;
-        };
-        let first_seed = theirs.keys().next().map(|(s, _)| *s);
-        for ((s, id), &x) in mine {
-            let y = theirs
-                .get(&(*s, id.clone()))
-                .or_else(|| first_seed.and_then(|fs| theirs.get(&(fs, id.clone()))));
-            if let Some(&y) = y {
-                pairs += 1;
-                if x && !y {
-                    b += 1;
-                } else if !x && y {
-                    c += 1;
-                }
-            }
-        }
-    }
-    (pairs > 0).then(|| mcnemar_exact(b, c))
+    reference: &str,
+    column: &str,
+) -> Option<stats::Paired> {
+    let task = column.split_once('/').map_or(column, |(t, _)| t);
+    let mine = o.get(&(m.to_string(), k, task.to_string()))?;
+    let theirs = reference_of(o, reference, k, task)?;
+    let (x, avg) = column_outcomes(mine, column);
+    let (y, _) = column_outcomes(theirs, column);
+    let seed = crate::util::derive_seed(0, &["paired", m, &k_label(m, k), reference, column]);
+    stats::paired_difference(&x, &y, avg, RESAMPLES, seed)
 }
 
 fn fmt_entry(e: &Option<Entry>) -> String {
@@ -378,13 +397,16 @@ pub fn k_label(method: &str, k: Option<i64>) -> String {
 impl Table {
     pub fn footnote(&self) -> String {
         let mut s = format!(
-            "{} x 100, mean over seeds ± half the 95% interval (t over seeds; one seed: the run's own Wilson/bootstrap interval).",
+            "{} x 100, mean over seeds ± half the 95% interval (t over the seed means; one seed: the run's own Wilson/bootstrap interval).",
             self.metric
         );
         if let Some(b) = &self.baseline {
             s.push_str(&format!(
-                " * differs from `{b}` in an exact McNemar test on paired examples, p < 0.05."
+                " * differs from `{b}`: paired two-level bootstrap (seeds, then items; pairs within a seed only), p < 0.05."
             ));
+        }
+        for m in &self.missing {
+            s.push_str(&format!(" Missing pair: {m}."));
         }
         s
     }

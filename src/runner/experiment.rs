@@ -52,6 +52,41 @@ impl Default for EvalSection {
     }
 }
 
+/// The study declaration of an experiment (`[study]`), fixed before the run: what the verdict
+/// table compares against, with which margin, and how hyper-parameters are selected.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StudySection {
+    /// The method every other is compared with (default `lora-full` when the grid runs it).
+    pub reference: Option<String>,
+    /// Non-inferiority margin in accuracy points.
+    pub margin: f64,
+    /// The seed the `[search.METHOD]` candidates train at (default: the first seed).
+    pub selection_seed: Option<u64>,
+    /// The budget the candidates train at (default: 64 when the grid has it, else its largest).
+    pub selection_k: Option<usize>,
+    /// The split candidates are scored on; never the test split.
+    pub selection_split: String,
+    /// The metric (micro average over the experiment's languages) that picks the candidate.
+    pub selection_metric: String,
+    /// Let training cut prompts longer than `max_len` (refused otherwise; reported).
+    pub allow_truncation: bool,
+}
+
+impl Default for StudySection {
+    fn default() -> Self {
+        StudySection {
+            reference: None,
+            margin: 2.0,
+            selection_seed: None,
+            selection_k: None,
+            selection_split: "dev".into(),
+            selection_metric: "acc".into(),
+            allow_truncation: false,
+        }
+    }
+}
+
 /// An experiment file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,6 +114,17 @@ pub struct Experiment {
     pub method: BTreeMap<String, toml::Table>,
     #[serde(default)]
     pub eval: EvalSection,
+    #[serde(default)]
+    pub study: StudySection,
+    /// Search spaces per method: training key -> candidate values (`[search.lora-k]`
+    /// `lr = [1e-4, 3e-4]`); every combination is trained at the selection seed and budget,
+    /// scored on the selection split, and the best one runs the grid.
+    #[serde(default)]
+    pub search: BTreeMap<String, toml::Table>,
+    /// The settings selection chose per searched method (set by the runner from the store's
+    /// selection record; a searched method without a choice has no grid cells yet).
+    #[serde(skip)]
+    pub chosen: BTreeMap<String, Overrides>,
 }
 
 fn default_seeds() -> Vec<u64> {
@@ -105,7 +151,14 @@ pub struct Cell {
     /// Content key: sha256 of the experiment name, the resolved configurations and the code
     /// version.
     pub key: String,
+    /// For a selection candidate: the searched keys and their values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<Overrides>,
 }
+
+/// Training keys and values that override the experiment's for one method (a candidate of a
+/// search, or the chosen one).
+pub type Overrides = BTreeMap<String, toml::Value>;
 
 impl Cell {
     /// `meta-lora/k16/s0`-style label.
@@ -148,10 +201,18 @@ impl Experiment {
     }
 
     /// The training configuration of one method at one budget and seed.
-    fn train_config(&self, method: &str, k: Option<usize>, seed: u64) -> Result<TrainConfig> {
+    fn train_config(
+        &self,
+        method: &str,
+        k: Option<usize>,
+        seed: u64,
+        overrides: Option<&Overrides>,
+    ) -> Result<TrainConfig> {
         let mut v = serde_json::to_value(TrainConfig::default())?;
         let obj = v.as_object_mut().expect("object");
-        for t in [Some(&self.train), self.method.get(method)]
+        let over: Option<toml::Table> =
+            overrides.map(|o| o.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        for t in [Some(&self.train), self.method.get(method), over.as_ref()]
             .into_iter()
             .flatten()
         {
@@ -195,6 +256,193 @@ impl Experiment {
         }
     }
 
+    /// A method with a search space whose choice is not made yet.
+    pub fn pending(&self, method: &str) -> bool {
+        self.search.contains_key(method) && !self.chosen.contains_key(method)
+    }
+
+    /// The seed and budget selection candidates train at (`None` budget for `lora-full`).
+    pub fn selection_point(&self, method: &str) -> (u64, Option<usize>) {
+        let seed = self
+            .study
+            .selection_seed
+            .unwrap_or_else(|| self.seeds.first().copied().unwrap_or(0));
+        let uses_k = Method::parse(method).is_ok_and(|m| m.uses_pools());
+        let k = uses_k.then(|| {
+            self.study.selection_k.unwrap_or_else(|| {
+                if self.ks.contains(&64) {
+                    64
+                } else {
+                    self.ks.iter().copied().max().unwrap_or(0)
+                }
+            })
+        });
+        (seed, k)
+    }
+
+    /// Every combination of a method's search space, keys in name order, values in the order
+    /// given.
+    pub fn candidates(&self, method: &str) -> Vec<Overrides> {
+        let Some(space) = self.search.get(method) else {
+            return vec![];
+        };
+        let mut out: Vec<Overrides> = vec![Overrides::new()];
+        for (key, vals) in space {
+            let vals = vals.as_array().cloned().unwrap_or_default();
+            out = out
+                .into_iter()
+                .flat_map(|o| {
+                    vals.iter().map(move |v| {
+                        let mut o = o.clone();
+                        o.insert(key.clone(), v.clone());
+                        o
+                    })
+                })
+                .collect();
+        }
+        out
+    }
+
+    /// The selection cells: every candidate of every searched method, trained at the
+    /// selection seed and budget and scored on the selection split (never test), stored under
+    /// the experiment name `<name>/selection`.
+    pub fn selection_cells(&self) -> Result<Vec<Cell>> {
+        let version = crate::util::code_version();
+        let mut cells = Vec::new();
+        let problems = self.study_problems();
+        if !problems.is_empty() {
+            return Err(Error::Problems {
+                context: format!("experiment `{}`", self.name),
+                problems,
+            });
+        }
+        let mut problems = Vec::new();
+        for m in self.search.keys() {
+            let (seed, k) = self.selection_point(m);
+            for cand in self.candidates(m) {
+                let train = match self.train_config(m, k, seed, Some(&cand)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        problems.push(e.to_string());
+                        continue;
+                    }
+                };
+                for p in train.problems() {
+                    problems.push(format!("[search.{m}] candidate {}: {p}", show(&cand)));
+                }
+                let mut eval = self.eval_config(seed);
+                eval.split = Some(self.study.selection_split.clone());
+                let experiment = format!("{}/selection", self.name);
+                let key = crate::util::sha256_hex(&serde_json::to_vec(&serde_json::json!({
+                    "experiment": experiment, "method": m, "k": k, "seed": seed,
+                    "train": train, "eval": eval, "code": version,
+                }))?)[..16]
+                    .to_string();
+                cells.push(Cell {
+                    experiment,
+                    method: m.clone(),
+                    k,
+                    seed,
+                    train: Some(train),
+                    eval,
+                    key,
+                    candidate: Some(cand),
+                });
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::Problems {
+                context: format!("experiment `{}` (selection)", self.name),
+                problems,
+            });
+        }
+        Ok(cells)
+    }
+
+    /// The reference method of the verdict table: `[study] reference`, else `lora-full` when
+    /// the grid runs it.
+    pub fn reference(&self) -> Option<String> {
+        self.study.reference.clone().or_else(|| {
+            self.methods
+                .iter()
+                .any(|m| m == "lora-full")
+                .then(|| "lora-full".to_string())
+        })
+    }
+
+    /// Problems of `[study]` and `[search.*]` that need no data.
+    fn study_problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let st = &self.study;
+        if let Some(r) = &st.reference {
+            if !self.methods.contains(r) {
+                p.push(format!(
+                    "[study] reference = \"{r}\" is not among the grid's methods ({})",
+                    self.methods.join(", ")
+                ));
+            }
+        }
+        if !(st.margin.is_finite() && st.margin > 0.0) {
+            p.push(format!(
+                "[study] margin = {} must be a positive number of points",
+                st.margin
+            ));
+        }
+        if st.selection_split == "test" {
+            p.push(
+                "[study] selection_split = \"test\": selection never reads the test split".into(),
+            );
+        }
+        if let Some(k) = st.selection_k {
+            if !self.ks.contains(&k) {
+                p.push(format!("[study] selection_k = {k} is not in ks"));
+            }
+        }
+        if let Some(s) = st.selection_seed {
+            if !self.seeds.contains(&s) {
+                p.push(format!("[study] selection_seed = {s} is not in seeds"));
+            }
+        }
+        let known = serde_json::to_value(TrainConfig::default())
+            .ok()
+            .and_then(|v| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()))
+            .unwrap_or_default();
+        for (m, space) in &self.search {
+            if !self.methods.contains(m) || m == "base" {
+                p.push(format!(
+                    "[search.{m}] searches a method the grid does not train"
+                ));
+            }
+            if space.is_empty() {
+                p.push(format!("[search.{m}] is empty"));
+            }
+            for (key, v) in space {
+                if !known.contains(key)
+                    || matches!(
+                        key.as_str(),
+                        "method" | "model" | "tasks" | "langs" | "k" | "seed"
+                    )
+                {
+                    p.push(format!(
+                        "[search.{m}] `{key}` is not a training key that can be searched{}",
+                        crate::util::suggestions(key, known.iter().map(String::as_str))
+                            .first()
+                            .map(|s| format!(" (did you mean {s}?)"))
+                            .unwrap_or_default()
+                    ));
+                }
+                match v.as_array() {
+                    Some(a) if !a.is_empty() => {}
+                    Some(_) => p.push(format!("[search.{m}] `{key}` has no candidate value")),
+                    None => p.push(format!(
+                        "[search.{m}] `{key}` must be a list of candidate values"
+                    )),
+                }
+            }
+        }
+        p
+    }
+
     /// Every cell, with every problem that can be seen without data listed at once.
     pub fn cells(&self) -> Result<Vec<Cell>> {
         let mut problems = Vec::new();
@@ -218,6 +466,7 @@ impl Experiment {
         dup("methods", self.methods.iter().map(canonical).collect());
         dup("ks", self.ks.iter().map(|k| k.to_string()).collect());
         dup("seeds", self.seeds.iter().map(|s| s.to_string()).collect());
+        problems.extend(self.study_problems());
         for name in self.method.keys() {
             if !self.methods.contains(name) {
                 problems.push(format!(
@@ -226,7 +475,7 @@ impl Experiment {
             }
         }
         let version = crate::util::code_version();
-        for m in &self.methods {
+        for m in self.methods.iter().filter(|m| !self.pending(m)) {
             let (is_base, uses_k) = if m == "base" {
                 (true, false)
             } else {
@@ -257,7 +506,7 @@ impl Experiment {
                     let train = if is_base {
                         None
                     } else {
-                        match self.train_config(m, k, seed) {
+                        match self.train_config(m, k, seed, self.chosen.get(m)) {
                             Ok(c) => {
                                 for p in c.problems() {
                                     let msg = format!("{m} k={k:?} seed {seed}: {p}");
@@ -294,6 +543,7 @@ impl Experiment {
                         train,
                         eval,
                         key,
+                        candidate: None,
                     });
                 }
             }
@@ -350,4 +600,12 @@ pub fn shard(cells: &[Cell], i: usize, n: usize) -> Vec<Cell> {
         .filter(|c| mine.contains(c.key.as_str()))
         .cloned()
         .collect()
+}
+
+/// `key=value` pairs of overrides, for messages and tables.
+pub fn show(o: &Overrides) -> String {
+    o.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

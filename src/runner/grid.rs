@@ -116,6 +116,7 @@ pub fn run_cell(
     let work = store.work_dir(&cell.key);
     let mut eval = cell.eval.clone();
     let mut train_s = 0.0;
+    let mut run_dir = None;
     let variant = match &cell.train {
         None => {
             eval.base = true;
@@ -144,6 +145,7 @@ pub fn run_cell(
                 Method::LoraPerTaskK | Method::Stage1Only | Method::MetaLoraTta
             );
             let dir = run.join(if per_task { "adapters" } else { "adapter" });
+            run_dir = Some(run.clone());
             eval.adapters = vec![format!("cell={}", dir.display())];
             "cell".to_string()
         }
@@ -177,11 +179,19 @@ pub fn run_cell(
             cell.label()
         )));
     }
+    let training = match &run_dir {
+        Some(run) => training_facts(run, &cell.method)?,
+        None => serde_json::Value::Null,
+    };
     store.commit(
         cell,
         metrics_frame(&metrics)?,
         samples_frame(&records)?,
         serde_json::json!({
+            "training": training,
+            "model_sha256": model_sha256(&cell.eval.model)?,
+            "datasets_manifest_sha256": crate::util::sha256_file(&data_dir.join("manifest.json")).ok(),
+            "code_version": crate::util::code_version(),
             "train_seconds": train_s,
             // The cell whose work folder holds the training run, when not this one.
             "train_run_of": sibling.filter(|_| cell.train.is_some()).map(|s| s.key.clone()),
@@ -231,4 +241,58 @@ pub fn check_data(data_dir: &Path, cells: &[Cell], context: &str) -> Result<()> 
             problems,
         })
     }
+}
+
+/// What a cell's training run did, from its manifest, for the budget table and the setup
+/// block: optimizer steps, distinct examples per task and language, example visits, sequences
+/// and tokens forwarded (the adaptation phases counted for the methods whose result they are),
+/// the wall time, the longest example per unit, the selected length, the resolved settings.
+pub fn training_facts(run: &Path, method: &str) -> Result<serde_json::Value> {
+    let p = run.join("manifest.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io("read", &p, e))?;
+    let m: serde_json::Value = serde_json::from_str(&text)?;
+    let adapts =
+        Method::parse(method)?.per_task() && Method::parse(method)? != Method::LoraPerTaskK;
+    let count = |k: &str| {
+        let main = m["budget"]["main"][k].as_u64().unwrap_or(0);
+        let adapt = m["budget"]["adapt"][k].as_u64().unwrap_or(0);
+        main + if adapts { adapt } else { 0 }
+    };
+    let mut distinct = serde_json::Map::new();
+    let mut longest = serde_json::Map::new();
+    for u in m["units"].as_array().into_iter().flatten() {
+        let task = u["task"].as_str().unwrap_or("");
+        for (lang, n) in u["examples_per_lang"].as_object().into_iter().flatten() {
+            distinct.insert(format!("{task}/{lang}"), n.clone());
+        }
+        longest.insert(
+            u["name"].as_str().unwrap_or("").to_string(),
+            u["longest_tokens"].clone(),
+        );
+    }
+    Ok(serde_json::json!({
+        "optimizer_steps": m["resolved"]["optimizer_steps_run"],
+        "optimizer_steps_planned": m["resolved"]["optimizer_steps"],
+        "distinct_examples": distinct,
+        "example_visits": count("examples"),
+        "sequences_forwarded": count("sequences"),
+        "tokens_forwarded": count("tokens"),
+        "train_wall_seconds": m["wall_seconds"],
+        "longest_tokens": longest,
+        "early_stopping": m["early_stopping"],
+        "config": m["config"],
+        "resolved": m["resolved"],
+        "device": m["device"],
+        "dtype": m["dtype"],
+        "model_weights_sha256": m["model"]["weights_sha256"],
+    }))
+}
+
+/// The sha256 of a local model folder's weights (`None` for a Hub id not fetched here).
+fn model_sha256(model: &str) -> Result<Option<String>> {
+    let dir = Path::new(model);
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    crate::train::run::weights_sha256(dir).map(Some)
 }

@@ -5,10 +5,18 @@
 //! - [`store`]: the results store (one folder per finished cell, committed by a rename);
 //! - [`lock`]: claims on a store's cells and on its compaction (one worker per cell);
 //! - [`grid`]: running one cell (train, evaluate, commit);
-//! - [`compare`]: tables over the store (mean over seeds with intervals, paired tests).
+//! - [`select`]: choosing each searched method's settings on the dev split;
+//! - [`compare`]: tables over the store (mean over seeds with intervals, paired tests);
+//! - [`stats`]: seed-aware intervals, paired bootstrap differences, non-inferiority verdicts;
+//! - [`verdict`]: the verdict table of a study against its declared reference and margin;
+//! - [`study`]: the budget table, label-distribution diagnostics and the setup block.
 
 pub mod compare;
 pub mod experiment;
 pub mod grid;
 pub mod lock;
+pub mod select;
+pub mod stats;
 pub mod store;
+pub mod study;
+pub mod verdict;

@@ -15,7 +15,7 @@ use crate::model::lora::{read_safetensors, Adapter};
 use crate::util::write_bytes_atomic;
 
 /// One row of the per-step log (`log.parquet`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LogRow {
     /// Optimizer step (meta-iteration for meta methods), 0-based, within its phase.
     pub step: u64,
@@ -31,14 +31,36 @@ pub struct LogRow {
     /// Tokens run through the model (prompt + answer).
     pub tokens: u64,
     pub seconds: f64,
+    /// L2 norm of a weight change: on the last `support` row of a task, the inner displacement
+    /// `|theta_i - theta|`; on `outer` and `train` rows, the optimizer update `|theta' - theta|`.
+    #[serde(default)]
+    pub norm: Option<f64>,
+    /// On `dev` rows: the dev-split score of the adapter after `step` steps.
+    #[serde(default)]
+    pub dev: Option<f64>,
 }
 
 /// Examples and tokens a task unit contributed to gradients.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Seen {
+    /// Example visits: appearances of an example in a batch, a support or query set, or an
+    /// adaptation set (a support set counts once per meta-iteration, whatever `inner_steps`).
     pub examples: u64,
+    /// Tokens forwarded (prompt + answer), every inner and adaptation step included.
     pub tokens: u64,
     pub answer_tokens: u64,
+    /// Sequences forwarded (and backpropagated): a support example counts once per inner step.
+    #[serde(default)]
+    pub sequences: u64,
+}
+
+impl Seen {
+    pub fn add(&mut self, o: &Seen) {
+        self.examples += o.examples;
+        self.tokens += o.tokens;
+        self.answer_tokens += o.answer_tokens;
+        self.sequences += o.sequences;
+    }
 }
 
 /// Scalar part of a checkpoint (`state.json`).
@@ -56,6 +78,16 @@ pub struct Meta {
     pub log: Vec<LogRow>,
     /// Wall seconds of the run before this checkpoint.
     pub elapsed: f64,
+    /// Counts per kind of phase: `main` (training) and `adapt` (the adaptation phases of
+    /// `stage1-only` and `meta-lora+tta`).
+    #[serde(default)]
+    pub by_phase: BTreeMap<String, Seen>,
+    /// Early stopping: the best dev score so far and the step it was reached at.
+    #[serde(default)]
+    pub dev_best: Option<(u64, f64)>,
+    /// Early stopping: dev evaluations since the best one.
+    #[serde(default)]
+    pub since_best: u64,
 }
 
 /// Where a run's checkpoint lives.

@@ -211,6 +211,22 @@ pub struct TrainConfig {
     pub aggregate: Aggregate,
     /// Meta-iterations `M` (default: enough for `passes` over every pool).
     pub meta_iterations: Option<usize>,
+    // Length chosen on dev (the shared LoRA loop)
+    /// Score the adapter on `dev_split` every this many optimizer steps and keep the best one
+    /// (0: no dev evaluation; the run ends after `passes`).
+    pub eval_every: usize,
+    /// Stop after this many dev evaluations without a better score.
+    pub patience: usize,
+    /// The split dev evaluations read (never `test`).
+    pub dev_split: String,
+    /// At most this many dev examples per task and language (a fixed stratified subset).
+    pub dev_limit: Option<usize>,
+    /// Let prompts longer than `max_len` lose their start (refused otherwise).
+    pub allow_truncation: bool,
+    /// `lora-full` only: at most this many training examples per task and language (the first
+    /// of the sampler's stratified, seeded order), so one large split (AfriSenti Hausa, ~14k
+    /// tweets) cannot make most of a multi-task mix; `None` trains on every example.
+    pub full_cap: Option<usize>,
     // Robustness
     /// Checkpoint every this many optimizer steps (0: only at the end and on Ctrl-C).
     pub checkpoint_every: usize,
@@ -255,6 +271,12 @@ impl Default for TrainConfig {
             n_query: 4,
             aggregate: Aggregate::Mean,
             meta_iterations: None,
+            eval_every: 0,
+            patience: 3,
+            dev_split: "dev".into(),
+            dev_limit: None,
+            allow_truncation: false,
+            full_cap: None,
             checkpoint_every: 50,
         }
     }
@@ -444,6 +466,31 @@ impl TrainConfig {
                 "passes = {} is larger than mlbench supports ({MAX_PASSES})",
                 self.passes
             ));
+        }
+        if self.dev_split == "test" {
+            p.push("dev_split = \"test\": the length is never chosen on the test split".into());
+        }
+        if self.eval_every > 0 {
+            if let Some(m) = method.filter(|m| m.is_meta() || m.per_task()) {
+                p.push(format!(
+                    "eval_every (early stopping on dev) applies to the shared LoRA loop (lora-full, lora-k), not `{}`: choose its length with a [search] over passes or meta_iterations",
+                    m.name()
+                ));
+            }
+            if self.patience == 0 {
+                p.push("patience must be at least 1 when eval_every > 0".into());
+            }
+        }
+        match (self.full_cap, method) {
+            (Some(0), _) => p.push("full_cap must be at least 1".into()),
+            (Some(_), Some(m)) if m != Method::LoraFull => p.push(format!(
+                "full_cap caps lora-full's data; `{}` trains on its K-example pools",
+                m.name()
+            )),
+            _ => {}
+        }
+        if self.dev_limit == Some(0) {
+            p.push("dev_limit must be at least 1".into());
         }
         if self.lora_targets.is_empty() && !self.lora_mlp {
             p.push("lora_targets is empty".into());

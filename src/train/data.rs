@@ -33,6 +33,8 @@ pub struct TaskUnit {
     pub seqs: Vec<Seq>,
     /// Sequences whose prompt (or answer) was cut to fit `max_len`.
     pub truncated: usize,
+    /// The longest example in tokens before any cut (prompt + answer, BOS included).
+    pub longest: usize,
 }
 
 impl TaskUnit {
@@ -152,14 +154,20 @@ pub fn build_units(
         mut per_lang,
         specs,
     } = checked;
-    // Pools: the sampler's draw order, first K.
-    if let (true, Some(k)) = (method.uses_pools(), cfg.k) {
+    // Pools: the sampler's draw order, first K; for lora-full with `full_cap`, the first
+    // `full_cap` of each larger split (the same stratified, seeded order).
+    let budget = match (method.uses_pools(), cfg.k, cfg.full_cap) {
+        (true, Some(k), _) => Some((k, false)),
+        (false, _, Some(cap)) => Some((cap, true)),
+        _ => None,
+    };
+    if let Some((k, capped)) = budget {
         // One draw per task for all its languages (each language keeps its own stream).
         let mut pools: HashMap<(String, String), Vec<sample::PoolRow>> = HashMap::new();
         for (task, spec) in &specs {
             let langs: Vec<String> = per_lang
                 .iter()
-                .filter(|(t, _, _)| t == task)
+                .filter(|(t, _, ex)| t == task && (!capped || ex.len() > k))
                 .map(|(_, c, _)| c.clone())
                 .collect();
             if langs.is_empty() {
@@ -181,6 +189,9 @@ pub fn build_units(
             }
         }
         for (task, code, ex) in per_lang.iter_mut() {
+            if capped && ex.len() <= k {
+                continue;
+            }
             let mut pool = pools
                 .remove(&(task.clone(), code.clone()))
                 .unwrap_or_default();
@@ -222,12 +233,13 @@ pub fn build_units(
                 examples: ex,
                 seqs: vec![],
                 truncated: 0,
+                longest: 0,
             }),
         }
     }
     for u in units.iter_mut() {
         let spec = &specs[u.task.as_str()];
-        let built: Vec<(Seq, bool)> = u
+        let built: Vec<(Seq, bool, usize)> = u
             .examples
             .par_iter()
             .map(|x| {
@@ -240,11 +252,14 @@ pub fn build_units(
                         u.task, x.id, x.lang_code
                     )));
                 }
-                Ok(Seq::build(&c, &a, cfg.max_len, tok.add_bos))
+                let whole = c.len() + a.len();
+                let (seq, cut) = Seq::build(&c, &a, cfg.max_len, tok.add_bos);
+                Ok((seq, cut, whole))
             })
             .collect::<Result<_>>()?;
-        u.truncated = built.iter().filter(|(_, t)| *t).count();
-        u.seqs = built.into_iter().map(|(s, _)| s).collect();
+        u.truncated = built.iter().filter(|(_, t, _)| *t).count();
+        u.longest = built.iter().map(|(_, _, n)| *n).max().unwrap_or(0);
+        u.seqs = built.into_iter().map(|(s, _, _)| s).collect();
         if u.truncated > 0 {
             tracing::warn!(
                 unit = %u.name,

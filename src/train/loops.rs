@@ -43,6 +43,10 @@ pub struct Summary {
     /// Optimizer steps (meta-iterations for meta methods) of the main phase(s).
     pub steps: usize,
     pub seen: BTreeMap<String, Seen>,
+    /// Counts per kind of phase (`main`, `adapt`).
+    pub by_phase: BTreeMap<String, Seen>,
+    /// Early stopping: the best dev score and its step.
+    pub dev_best: Option<(u64, f64)>,
     pub log: Vec<LogRow>,
     pub elapsed: f64,
 }
@@ -56,6 +60,23 @@ pub fn copy_adapter(a: &Adapter) -> Result<Adapter> {
     }
     Ok(b)
 }
+
+/// `|a - b|`: the L2 distance between two adapters of the same shape (all LoRA weights).
+pub fn distance(a: &Adapter, b: &Adapter) -> Result<f64> {
+    let mut sq = 0f64;
+    for (x, y) in a.vars().iter().zip(b.vars()) {
+        let d = (x.as_tensor() - y.as_tensor())?;
+        sq += d
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    Ok(sq.sqrt())
+}
+
+/// The dev-split score of an adapter (higher is better): what early stopping reads.
+pub type DevScorer<'a> = dyn FnMut(&Adapter) -> Result<f64> + 'a;
 
 /// The fresh adapter every method starts from (the same init for a seed).
 pub fn init_adapter(model: &Model, cfg: &TrainConfig, name: &str) -> Result<Adapter> {
@@ -216,8 +237,8 @@ pub struct MetaGrad {
     /// Mean query loss over the tasks.
     pub query_loss: f64,
     pub rows: Vec<LogRow>,
-    /// `(unit, input tokens, answer tokens, examples)` per task.
-    pub counts: Vec<(usize, u64, u64, u64)>,
+    /// What each task of the batch contributed (its unit and counts).
+    pub counts: Vec<(usize, Seen)>,
 }
 
 /// Stage 1 and stage 2 for one meta-batch at shared weights `theta`: each task adapts a copy of
@@ -265,13 +286,17 @@ pub fn meta_gradient(
                         inner: j as u32,
                         loss: g.loss,
                         lr: Some(cfg.inner_lr),
-                        grad_norm: None,
                         tokens: g.input_tokens as u64,
                         seconds: secs,
+                        ..Default::default()
                     });
                     Ok(())
                 },
             )?;
+            // How far stage 1 moved this task's copy: small means multi-task LoRA in disguise.
+            if let Some(last) = rows.last_mut() {
+                last.norm = Some(distance(&adapted, theta)?);
+            }
             &adapted
         };
         let t1 = Instant::now();
@@ -289,18 +314,19 @@ pub fn meta_gradient(
             step: step as u64,
             task: name.to_string(),
             stage: "query".into(),
-            inner: 0,
             loss: g.loss,
-            lr: None,
-            grad_norm: None,
             tokens: g.input_tokens as u64,
             seconds: t1.elapsed().as_secs_f64(),
+            ..Default::default()
         });
         counts.push((
             t.unit,
-            support_tokens + g.input_tokens as u64,
-            support_answer + g.tokens as u64,
-            (t.support.len() * usize::from(s > 0) + t.query.len()) as u64,
+            Seen {
+                examples: (t.support.len() * usize::from(s > 0) + t.query.len()) as u64,
+                tokens: support_tokens + g.input_tokens as u64,
+                answer_tokens: support_answer + g.tokens as u64,
+                sequences: (t.support.len() * s + t.query.len()) as u64,
+            },
         ));
         acc = Some(match acc {
             None => g.grads,
@@ -312,7 +338,7 @@ pub fn meta_gradient(
         });
     }
     let n = tasks.len().max(1) as f64;
-    let mut grads = acc.ok_or_else(|| Error::Invalid("a meta-batch needs a task".into()))?;
+    let mut grads = acc.ok_or_else(|| Error::Internal("a meta-batch needs a task".into()))?;
     if cfg.aggregate == Aggregate::Mean {
         grads = grads
             .iter()
@@ -369,6 +395,8 @@ pub struct Trainer<'a> {
     pub stop: &'a AtomicBool,
     pub progress: &'a mut dyn FnMut(&Progress),
     pub config_hash: String,
+    /// Scores an adapter on the dev split (early stopping, when `eval_every > 0`).
+    pub dev: Option<&'a mut DevScorer<'a>>,
 }
 
 /// Wall time of a run across resumptions.
@@ -406,6 +434,9 @@ impl Trainer<'_> {
             seen: BTreeMap::new(),
             log: Vec::new(),
             elapsed: 0.0,
+            by_phase: BTreeMap::new(),
+            dev_best: None,
+            since_best: 0,
         };
         let mut resume_from = None;
         if resume {
@@ -463,6 +494,8 @@ impl Trainer<'_> {
         Ok(Summary {
             steps: steps_main,
             seen: meta.seen,
+            by_phase: meta.by_phase,
+            dev_best: meta.dev_best,
             log: meta.log,
             elapsed: clock.total(),
         })
@@ -539,7 +572,10 @@ impl Trainer<'_> {
                 &["adapt", &name],
                 |j, g, secs| {
                     check_finite(g, j, &name, "adapt")?;
-                    seen.examples += seqs.len() as u64;
+                    if j == 0 {
+                        seen.examples += seqs.len() as u64;
+                    }
+                    seen.sequences += seqs.len() as u64;
                     seen.tokens += g.input_tokens as u64;
                     seen.answer_tokens += g.tokens as u64;
                     rows.push(LogRow {
@@ -549,9 +585,9 @@ impl Trainer<'_> {
                         inner: j as u32,
                         loss: g.loss,
                         lr: Some(cfg.inner_lr),
-                        grad_norm: None,
                         tokens: g.input_tokens as u64,
                         seconds: secs,
+                        ..Default::default()
                     });
                     (self.progress)(&Progress {
                         phase: format!("adapt {name}"),
@@ -565,8 +601,11 @@ impl Trainer<'_> {
             )?;
             let mut adapted = adapted;
             adapted.name = st.adapter.name.clone();
+            if let Some(last) = rows.last_mut() {
+                last.norm = Some(distance(&adapted, &st.adapter)?);
+            }
             st.adapter = adapted;
-            add_seen(meta, &name, &seen);
+            add_seen(meta, "adapt", &name, &seen);
             meta.log.extend(rows);
             return Ok(cfg.inner_steps);
         }
@@ -593,23 +632,16 @@ impl Trainer<'_> {
         // killed run (not only a stopped one) loses little, also when steps are long (a
         // meta-iteration on a CPU takes minutes).
         let mut last_checkpoint = Instant::now();
+        let mut ran = total;
         for step in st.start_step..total {
             let t0 = Instant::now();
             let (mut g, loss, tokens, rows) = if is_meta {
                 let tasks = meta_batch(self.units, cfg, step)?;
                 let mg = meta_gradient(self.model, &st.adapter, &tasks, self.units, cfg, step)?;
-                for &(u, tok, ans, ex) in &mg.counts {
-                    add_seen(
-                        meta,
-                        &self.units[u].name,
-                        &Seen {
-                            examples: ex,
-                            tokens: tok,
-                            answer_tokens: ans,
-                        },
-                    );
+                for (u, seen) in &mg.counts {
+                    add_seen(meta, "main", &self.units[*u].name, seen);
                 }
-                let tokens: u64 = mg.counts.iter().map(|c| c.1).sum();
+                let tokens: u64 = mg.counts.iter().map(|c| c.1.tokens).sum();
                 (mg.grads, mg.query_loss, tokens, mg.rows)
             } else {
                 let items = plan.get(step).expect("the plan has a batch per step");
@@ -627,11 +659,13 @@ impl Trainer<'_> {
                     let s = &self.units[u].seqs[i];
                     add_seen(
                         meta,
+                        "main",
                         &self.units[u].name,
                         &Seen {
                             examples: 1,
                             tokens: s.ids.len() as u64,
                             answer_tokens: s.answer_tokens() as u64,
+                            sequences: 1,
                         },
                     );
                 }
@@ -648,10 +682,12 @@ impl Trainer<'_> {
                 });
             }
             let lr = lr_at(step, total, cfg.warmup, cfg.lr);
+            let before = copy_adapter(&st.adapter)?;
             st.opt
                 .as_mut()
                 .expect("training phases have an optimizer")
                 .step(&vars, &g, lr)?;
+            let update = distance(&st.adapter, &before)?;
             let secs = t0.elapsed().as_secs_f64();
             meta.log.extend(rows);
             meta.log.push(LogRow {
@@ -667,6 +703,8 @@ impl Trainer<'_> {
                 grad_norm: Some(norm),
                 tokens,
                 seconds: secs,
+                norm: Some(update),
+                dev: None,
             });
             (self.progress)(&Progress {
                 phase: phase_name.clone(),
@@ -676,6 +714,7 @@ impl Trainer<'_> {
                 tokens_per_s: tokens as f64 / secs.max(1e-9),
             });
             let done = step + 1;
+            let stop_early = self.dev_step(st, meta, done, total)?;
             let interrupted = self.stop.load(Ordering::SeqCst);
             let periodic = (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0)
                 || last_checkpoint.elapsed().as_secs() >= CHECKPOINT_SECS;
@@ -693,17 +732,84 @@ impl Trainer<'_> {
                     });
                 }
             }
+            if stop_early {
+                ran = done;
+                tracing::info!(
+                    step = done,
+                    best = ?meta.dev_best,
+                    "early stop: {} dev evaluations without a better score",
+                    meta.since_best
+                );
+                break;
+            }
         }
-        Ok(total)
+        if cfg.eval_every > 0 && !is_meta && unit.is_none() {
+            // The run's result is its best dev checkpoint.
+            let best = best_dir(self.out);
+            if best.join("adapter_config.json").exists() {
+                let mut a = Adapter::load_peft(
+                    &best,
+                    &st.adapter.name,
+                    &self.model.modules(),
+                    self.model.dtype,
+                    &self.model.device,
+                )?;
+                a.config = st.adapter.config.clone();
+                st.adapter = a;
+            }
+        }
+        Ok(ran)
     }
+
+    /// After step `done` of a shared LoRA phase with `eval_every > 0`: scores the adapter on
+    /// dev every `eval_every` steps and at the end, keeps the best one in `best/`, and says
+    /// whether `patience` evaluations have passed without a better score.
+    fn dev_step(
+        &mut self,
+        st: &PhaseState,
+        meta: &mut Meta,
+        done: usize,
+        total: usize,
+    ) -> Result<bool> {
+        let every = self.cfg.eval_every;
+        let Some(dev) = self.dev.as_mut() else {
+            return Ok(false);
+        };
+        if every == 0 || (done % every != 0 && done != total) {
+            return Ok(false);
+        }
+        let t0 = Instant::now();
+        let score = dev(&st.adapter)?;
+        meta.log.push(LogRow {
+            step: done as u64,
+            stage: "dev".into(),
+            seconds: t0.elapsed().as_secs_f64(),
+            dev: Some(score),
+            loss: f64::NAN,
+            ..Default::default()
+        });
+        // Ties keep the earlier (shorter) checkpoint.
+        if meta.dev_best.is_none_or(|(_, b)| score > b) {
+            meta.dev_best = Some((done as u64, score));
+            meta.since_best = 0;
+            st.adapter.save_peft(&best_dir(self.out))?;
+        } else {
+            meta.since_best += 1;
+        }
+        Ok(meta.since_best >= self.cfg.patience as u64)
+    }
+}
+
+/// Where the best dev checkpoint of a run with early stopping is kept.
+pub fn best_dir(out: &Path) -> std::path::PathBuf {
+    out.join("best")
 }
 
 /// The longest stretch of training between two checkpoints, seconds.
 const CHECKPOINT_SECS: u64 = 600;
 
-fn add_seen(meta: &mut Meta, unit: &str, s: &Seen) {
-    let e = meta.seen.entry(unit.to_string()).or_default();
-    e.examples += s.examples;
-    e.tokens += s.tokens;
-    e.answer_tokens += s.answer_tokens;
+/// Adds `s` to the counts of `unit` and of the phase kind (`main` or `adapt`).
+fn add_seen(meta: &mut Meta, kind: &str, unit: &str, s: &Seen) {
+    meta.seen.entry(unit.to_string()).or_default().add(s);
+    meta.by_phase.entry(kind.to_string()).or_default().add(s);
 }

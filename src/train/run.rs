@@ -71,6 +71,14 @@ pub fn write_log(out: &Path, rows: &[LogRow]) -> Result<()> {
                 .map(|r| r.tokens as f64 / r.seconds.max(1e-9))
                 .collect::<Vec<f64>>(),
         ),
+        Column::new(
+            "norm".into(),
+            rows.iter().map(|r| r.norm).collect::<Vec<Option<f64>>>(),
+        ),
+        Column::new(
+            "dev".into(),
+            rows.iter().map(|r| r.dev).collect::<Vec<Option<f64>>>(),
+        ),
     ])?;
     crate::data::schema::write_parquet(&mut df, &out.join("log.parquet"))
 }
@@ -174,6 +182,19 @@ pub fn train(
     if let Some(p) = too_long(cfg, method, &units) {
         late.push(p);
     }
+    if !cfg.allow_truncation {
+        for u in units.iter().filter(|u| u.truncated > 0) {
+            late.push(format!(
+                "{} of the {} training examples of {} are longer than max_len = {} (the longest has {} tokens): training would cut their prompts while evaluation reads them whole; raise max_len to at least {} or set allow_truncation = true",
+                u.truncated,
+                u.seqs.len(),
+                u.name,
+                cfg.max_len,
+                u.longest,
+                u.longest
+            ));
+        }
+    }
     // The rank must fit the modules it adapts (and so what the machine holds for the model).
     let fits = cfg.lora().fits(&loaded.model.modules());
     if let Err(p) = fits {
@@ -202,6 +223,15 @@ pub fn train(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let dev_items = if cfg.eval_every > 0 {
+        Some(dev_items(data_dir, cfg)?)
+    } else {
+        None
+    };
+    let mut score_dev = |a: &crate::model::lora::Adapter| -> Result<f64> {
+        let (items, specs, ecfg) = dev_items.as_ref().expect("built when eval_every > 0");
+        dev_score(&loaded, a, items, specs, ecfg)
+    };
     let mut trainer = Trainer {
         model: &loaded.model,
         cfg,
@@ -210,9 +240,13 @@ pub fn train(
         stop,
         progress,
         config_hash: config_hash(cfg)?,
+        dev: dev_items
+            .is_some()
+            .then_some(&mut score_dev as &mut super::loops::DevScorer),
     };
     let summary = trainer.run(resume)?;
     write_log(out, &summary.log)?;
+    let weights_sha256 = weights_sha256(&loaded.dir)?;
     let steps_planned = if method.is_meta() {
         meta_iterations(cfg, &units)
     } else if method == Method::LoraPerTaskK {
@@ -240,11 +274,17 @@ pub fn train(
         .map(|u| {
             let ids: Vec<&str> = u.examples.iter().map(|x| x.id.as_str()).collect();
             let seen = summary.seen.get(&u.name).cloned().unwrap_or_default();
+            let mut per_lang: std::collections::BTreeMap<&str, usize> = Default::default();
+            for x in &u.examples {
+                *per_lang.entry(x.lang_code.as_str()).or_default() += 1;
+            }
             serde_json::json!({
                 "name": u.name,
                 "task": u.task,
                 "langs": u.langs,
                 "examples": u.examples.len(),
+                "examples_per_lang": per_lang,
+                "longest_tokens": u.longest,
                 "ids": ids,
                 "ids_sha256": sha256_hex(ids.join("\n").as_bytes()),
                 "truncated": u.truncated,
@@ -267,7 +307,22 @@ pub fn train(
             "lora_scaling": cfg.lora().scaling(),
             "trainable_parameters": adapter.num_params(),
             "k_counts_per": "task and language",
+            "optimizer_steps_run": summary.steps,
         },
+        "budget": {
+            "main": summary.by_phase.get("main").cloned().unwrap_or_default(),
+            "adapt": summary.by_phase.get("adapt").cloned().unwrap_or_default(),
+        },
+        "early_stopping": (cfg.eval_every > 0).then(|| serde_json::json!({
+            "eval_every": cfg.eval_every,
+            "patience": cfg.patience,
+            "split": cfg.dev_split,
+            "dev_limit": cfg.dev_limit,
+            "best_step": summary.dev_best.map(|b| b.0),
+            "best_score": summary.dev_best.map(|b| b.1),
+            "evaluations": summary.log.iter().filter(|r| r.stage == "dev")
+                .map(|r| serde_json::json!([r.step, r.dev])).collect::<Vec<_>>(),
+        })),
         "seeds": {
             "seed": cfg.seed,
             "lora_init": derive_seed(cfg.seed, &["lora-init"]),
@@ -278,6 +333,7 @@ pub fn train(
             "dir": loaded.dir.display().to_string(),
             "arch": format!("{:?}", loaded.model.config.arch),
             "config_sha256": sha256_hex(&model_cfg),
+            "weights_sha256": weights_sha256,
         },
         "data_dir": data_dir.display().to_string(),
         "units": unit_json,
@@ -317,4 +373,75 @@ fn too_long(cfg: &TrainConfig, method: Method, units: &[TaskUnit]) -> Option<Str
             "the run would take {steps:.0} optimizer steps (meta-iterations), more than mlbench supports ({max}): lower passes or meta_iterations"
         )
     })
+}
+
+type DevItems = (
+    Vec<crate::eval::run::Item>,
+    std::collections::BTreeMap<String, crate::tasks::TaskSpec>,
+    crate::eval::run::EvalConfig,
+);
+
+/// The dev examples early stopping scores: `dev_split` of the run's tasks and languages, at
+/// most `dev_limit` per language (the evaluator's fixed stratified subset).
+fn dev_items(data_dir: &Path, cfg: &TrainConfig) -> Result<DevItems> {
+    let ecfg = crate::eval::run::EvalConfig {
+        model: cfg.model.clone(),
+        adapters: vec![],
+        base: false,
+        tasks: cfg.tasks.clone(),
+        langs: cfg.langs.clone(),
+        split: Some(cfg.dev_split.clone()),
+        limit: cfg.dev_limit,
+        device: cfg.device.clone(),
+        dtype: cfg.dtype.clone(),
+        ..Default::default()
+    };
+    let (items, specs) = crate::eval::run::prepare_items(data_dir, &ecfg)?;
+    Ok((items, specs, ecfg))
+}
+
+/// The micro-averaged primary metric of adapter `a` on the dev items.
+fn dev_score(
+    m: &crate::model::LoadedModel,
+    a: &crate::model::lora::Adapter,
+    items: &[crate::eval::run::Item],
+    specs: &std::collections::BTreeMap<String, crate::tasks::TaskSpec>,
+    ecfg: &crate::eval::run::EvalConfig,
+) -> Result<f64> {
+    use crate::eval::run::{score_all, NamedVariant, Variant};
+    let v = [NamedVariant {
+        name: "dev".into(),
+        source: None,
+        variant: Variant::Shared(super::loops::copy_adapter(a)?),
+    }];
+    let mut quiet = |_: &str, _: &str, _: &str, _: usize, _: usize| {};
+    let records = score_all(m, &v, items, specs, ecfg, &mut quiet)?;
+    let primary = |r: &crate::eval::run::Record| {
+        specs
+            .get(&r.task)
+            .and_then(|s| s.metrics.first())
+            .and_then(|mt| r.outcomes.get(&mt.name))
+            .copied()
+            .unwrap_or(false)
+    };
+    let n = records.len().max(1) as f64;
+    Ok(records.iter().filter(|r| primary(r)).count() as f64 / n)
+}
+
+/// The identity of a model folder's weights: the sha256 of its one safetensors file, or of the
+/// sorted `name sha256` lines of its shards.
+pub fn weights_sha256(dir: &Path) -> Result<String> {
+    let files = crate::model::load::weight_files(dir)?;
+    if let [one] = files.as_slice() {
+        return crate::util::sha256_file(one);
+    }
+    let mut lines = Vec::new();
+    for f in &files {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        lines.push(format!("{name} {}", crate::util::sha256_file(f)?));
+    }
+    Ok(sha256_hex(lines.join("\n").as_bytes()))
 }

@@ -1,0 +1,295 @@
+//! The verdict table of the study protocol (`../shared/docs/study.md`, section 3): per method
+//! and K, the difference to a declared reference method with its 95% paired two-level bootstrap
+//! interval, and whether the method is superior, non-inferior, inferior or inconclusive against
+//! a margin declared before the run.
+//!
+//! In: per-example outcomes ([`super::compare::outcomes`]), the rows (method, K) and columns
+//! (`task/micro`, `task/macro`, `task/<lang>`) to show, the reference and the margin in points.
+//! Out: a [`VerdictTable`], as text, Markdown, CSV, LaTeX and HTML.
+//!
+//! Micro and macro columns are the confirmatory ones; per-language verdicts are shown as
+//! exploratory (many comparisons, no correction). Seeds of a method that the reference lacks
+//! are listed as missing pairs and left out, never paired with another seed's run. The
+//! reference's own row and rows without any pair are left out.
+
+use super::compare::{k_label, pair_with, CellOutcomes};
+use super::stats::{verdict, Paired, Verdict};
+
+/// One verdict: the paired difference (fractions) and what it says against the margin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judged {
+    pub paired: Paired,
+    pub verdict: Verdict,
+}
+
+/// One row of the verdict table: (method, K) and one verdict per column.
+pub type VerdictRow = ((String, Option<i64>), Vec<Option<Judged>>);
+
+/// The verdict table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerdictTable {
+    pub reference: String,
+    /// Non-inferiority margin in accuracy points.
+    pub margin: f64,
+    /// `task/micro`, `task/macro`, then `task/<lang>` (exploratory).
+    pub columns: Vec<String>,
+    pub rows: Vec<VerdictRow>,
+    /// Missing pairs, one line each.
+    pub missing: Vec<String>,
+}
+
+/// Is `column` a language column (exploratory) rather than an average?
+pub fn exploratory(column: &str) -> bool {
+    !matches!(
+        column.split_once('/').map(|(_, l)| l),
+        Some("micro") | Some("macro")
+    )
+}
+
+/// Builds the verdict table over `rows` (the comparison table's, in its order) and the table's
+/// `columns` (reordered: averages first).
+pub fn verdicts(
+    o: &CellOutcomes,
+    rows: &[(String, Option<i64>)],
+    columns: &[String],
+    reference: &str,
+    margin: f64,
+) -> VerdictTable {
+    let mut cols: Vec<String> = columns
+        .iter()
+        .filter(|c| !exploratory(c))
+        .cloned()
+        .collect();
+    cols.extend(columns.iter().filter(|c| exploratory(c)).cloned());
+    let mut out_rows = Vec::new();
+    let mut missing = Vec::new();
+    for (m, k) in rows {
+        if m == reference {
+            continue;
+        }
+        let judged: Vec<Option<Judged>> = cols
+            .iter()
+            .map(|c| {
+                pair_with(o, m, *k, reference, c).map(|p| Judged {
+                    verdict: verdict(p.low, p.high, margin / 100.0),
+                    paired: p,
+                })
+            })
+            .collect();
+        for j in judged.iter().flatten() {
+            for s in &j.paired.missing {
+                let line = format!(
+                    "{m} K={}: seed {s} has no `{reference}` run to pair with",
+                    k_label(m, *k)
+                );
+                if !missing.contains(&line) {
+                    missing.push(line);
+                }
+            }
+        }
+        if judged.iter().any(Option::is_some) {
+            out_rows.push(((m.clone(), *k), judged));
+        }
+    }
+    VerdictTable {
+        reference: reference.to_string(),
+        margin,
+        columns: cols,
+        rows: out_rows,
+        missing,
+    }
+}
+
+fn cell(j: &Option<Judged>) -> String {
+    match j {
+        None => "-".into(),
+        Some(j) => format!(
+            "{:+.1} [{:+.1}, {:+.1}] {}",
+            100.0 * j.paired.diff,
+            100.0 * j.paired.low,
+            100.0 * j.paired.high,
+            j.verdict.name()
+        ),
+    }
+}
+
+fn header(c: &str) -> String {
+    if exploratory(c) {
+        format!("{c} (expl.)")
+    } else {
+        c.to_string()
+    }
+}
+
+impl VerdictTable {
+    /// What the table shows, in one paragraph.
+    pub fn footnote(&self) -> String {
+        let mut s = format!(
+            "Difference to `{r}` in accuracy points (method - {r}), mean over seeds, with the 95% interval of a paired two-level bootstrap (resample seeds, then test items within each seed and language; {n} resamples; pairs only within a seed). Verdict against the declared margin of {m:.1} points: lower bound > 0 superior; > -{m:.1} non-inferior; upper bound < -{m:.1} inferior; otherwise inconclusive. Micro (items pooled) and macro (mean of languages) are the confirmatory columns; per-language verdicts (expl.) are exploratory, with no correction for multiple comparisons.",
+            r = self.reference,
+            m = self.margin,
+            n = super::compare::RESAMPLES,
+        );
+        for m in &self.missing {
+            s.push_str(&format!(" Missing pair: {m}."));
+        }
+        s
+    }
+
+    fn grid(&self) -> Vec<Vec<String>> {
+        let mut rows = vec![{
+            let mut h = vec!["method".to_string(), "K".to_string()];
+            h.extend(self.columns.iter().map(|c| header(c)));
+            h
+        }];
+        for ((m, k), js) in &self.rows {
+            let mut r = vec![m.clone(), k_label(m, *k)];
+            r.extend(js.iter().map(cell));
+            rows.push(r);
+        }
+        rows
+    }
+
+    /// Plain text for the terminal.
+    pub fn text(&self) -> String {
+        let rows = self.grid();
+        let widths: Vec<usize> = (0..rows[0].len())
+            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+            .collect();
+        let mut out = format!(
+            "Verdicts against `{}` (margin {:.1} points)\n",
+            self.reference, self.margin
+        );
+        for (i, r) in rows.iter().enumerate() {
+            let line: Vec<String> = r
+                .iter()
+                .zip(&widths)
+                .map(|(x, w)| format!("{x:<w$}"))
+                .collect();
+            out.push_str(line.join("  ").trim_end());
+            out.push('\n');
+            if i == 0 {
+                let dashes: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+                out.push_str(&dashes.join("  "));
+                out.push('\n');
+            }
+        }
+        out.push_str(&self.footnote());
+        out.push('\n');
+        out
+    }
+
+    /// Markdown table.
+    pub fn markdown(&self) -> String {
+        let rows = self.grid();
+        let mut s = format!("| {} |\n", rows[0].join(" | "));
+        s.push_str(&format!("|{}\n", "---|".repeat(rows[0].len())));
+        for r in &rows[1..] {
+            s.push_str(&format!("| {} |\n", r.join(" | ")));
+        }
+        s.push_str(&format!("\n{}\n", self.footnote()));
+        s
+    }
+
+    /// CSV: one line per method x K x column.
+    pub fn csv(&self) -> String {
+        let mut s = String::from(
+            "method,k,column,exploratory,diff,ci_low,ci_high,p,verdict,margin,reference,seeds_paired,seeds_missing,items\n",
+        );
+        for ((m, k), js) in &self.rows {
+            for (c, j) in self.columns.iter().zip(js) {
+                if let Some(j) = j {
+                    let seeds =
+                        |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(" ");
+                    s.push_str(&format!(
+                        "{m},{},{c},{},{:.6},{:.6},{:.6},{:.4},{},{},{},{},{},{}\n",
+                        k_label(m, *k),
+                        exploratory(c),
+                        j.paired.diff,
+                        j.paired.low,
+                        j.paired.high,
+                        j.paired.p,
+                        j.verdict.name(),
+                        self.margin,
+                        self.reference,
+                        seeds(&j.paired.seeds),
+                        seeds(&j.paired.missing),
+                        j.paired.items
+                    ));
+                }
+            }
+        }
+        s
+    }
+
+    /// LaTeX (booktabs) table.
+    pub fn latex(&self) -> String {
+        let esc = |x: &str| x.replace('_', "\\_").replace('%', "\\%");
+        let mut s = format!(
+            "\\begin{{tabular}}{{ll{}}}\n\\toprule\n",
+            "l".repeat(self.columns.len())
+        );
+        let heads: Vec<String> = self.columns.iter().map(|c| esc(&header(c))).collect();
+        s.push_str(&format!(
+            "method & $K$ & {} \\\\\n\\midrule\n",
+            heads.join(" & ")
+        ));
+        for ((m, k), js) in &self.rows {
+            let cells: Vec<String> = js
+                .iter()
+                .map(|j| match j {
+                    None => "--".into(),
+                    Some(j) => format!(
+                        "${:+.1}$ [${:+.1}$, ${:+.1}$] {}",
+                        100.0 * j.paired.diff,
+                        100.0 * j.paired.low,
+                        100.0 * j.paired.high,
+                        j.verdict.name()
+                    ),
+                })
+                .collect();
+            s.push_str(&format!(
+                "{} & {} & {} \\\\\n",
+                esc(m),
+                k_label(m, *k),
+                cells.join(" & ")
+            ));
+        }
+        s.push_str("\\bottomrule\n\\end{tabular}\n");
+        s.push_str(&format!("% {}\n", self.footnote()));
+        s
+    }
+
+    /// HTML table (the report's).
+    pub fn html(&self) -> String {
+        let esc = crate::util::html_escape;
+        let rows = self.grid();
+        let mut s = String::from("<table class=\"verdicts\">\n<thead><tr>");
+        for h in &rows[0] {
+            s.push_str(&format!("<th>{}</th>", esc(h)));
+        }
+        s.push_str("</tr></thead>\n<tbody>\n");
+        for ((m, k), js) in &self.rows {
+            s.push_str(&format!(
+                "<tr><td>{}</td><td>{}</td>",
+                esc(m),
+                k_label(m, *k)
+            ));
+            for j in js {
+                match j {
+                    None => s.push_str("<td>-</td>"),
+                    Some(j) => s.push_str(&format!(
+                        "<td class=\"{v}\">{:+.1} <small>[{:+.1}, {:+.1}]</small> <b>{v}</b></td>",
+                        100.0 * j.paired.diff,
+                        100.0 * j.paired.low,
+                        100.0 * j.paired.high,
+                        v = j.verdict.name()
+                    )),
+                }
+            }
+            s.push_str("</tr>\n");
+        }
+        s.push_str("</tbody>\n</table>\n");
+        s
+    }
+}

@@ -1,0 +1,402 @@
+//! The study protocol end to end on a tiny model: selection on dev (never reading test), a
+//! full-data reference with its length chosen on dev, budget accounting, the verdict table, a
+//! missing reference seed reported as missing, the report's study parts, and the bad input of
+//! `[study]` and `[search.*]`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use mlbench::data::schema::Example;
+use mlbench::model::config::Arch;
+
+/// A toy task with train, dev and test splits in two languages (3 classes).
+fn data(dir: &Path, poison_test: bool) -> PathBuf {
+    let data = dir.join("data");
+    std::fs::create_dir_all(data.join("tasks")).unwrap();
+    let mut rows: Vec<Example> = toy_examples("toy", &["eng_Latn", "fra_Latn"], 3, 6, "train");
+    for (split, n) in [("dev", 3), ("test", 4)] {
+        let mut more = toy_examples("toy", &["eng_Latn", "fra_Latn"], 3, n, split);
+        for r in more.iter_mut() {
+            r.id = format!("{split}-{}", r.id);
+            if poison_test && split == "test" {
+                r.label = Some(0);
+            }
+        }
+        rows.extend(more);
+    }
+    write_dataset(&data, "toy", &rows);
+    std::fs::write(data.join("tasks/toy.toml"), TOY_SPEC).unwrap();
+    data
+}
+
+fn experiment(dir: &Path, model: &Path, seeds: &str) -> PathBuf {
+    let p = dir.join("study.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"name = "study"
+model = {model:?}
+tasks = ["toy"]
+langs = ["en", "fr"]
+methods = ["base", "lora-k", "lora-full"]
+ks = [2, 4]
+seeds = {seeds}
+[train]
+passes = 1.0
+[method.lora-full]
+passes = 2.0
+eval_every = 3
+patience = 2
+[search.lora-k]
+lr = [1e-3, 2e-2]
+[study]
+margin = 5.0
+selection_k = 4
+"#
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn cli(data: &Path, args: &[&str]) -> std::process::Output {
+    let mut a = vec!["--data-dir", data.to_str().unwrap(), "-q"];
+    a.extend_from_slice(args);
+    mlbench(&a)
+}
+
+struct Ran {
+    _tmp: tempfile::TempDir,
+    data: PathBuf,
+    store: PathBuf,
+    dir: PathBuf,
+}
+
+fn run_study(poison_test: bool, seeds: &str, extra: &[&str]) -> Ran {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let data = data(&dir, poison_test);
+    let model = dir.join("tiny");
+    mlbench::model::tiny::write_tiny(Arch::Llama, &model, 0).unwrap();
+    let exp = experiment(&dir, &model, seeds);
+    let store = dir.join("store");
+    let mut a = vec![
+        "run",
+        exp.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+    ];
+    a.extend_from_slice(extra);
+    let o = cli(&data, &a);
+    assert!(o.status.success(), "{}", stderr(&o));
+    Ran {
+        _tmp: tmp,
+        data,
+        store,
+        dir,
+    }
+}
+
+fn selection(r: &Ran) -> serde_json::Value {
+    let p = r.store.join("selection/study.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+#[test]
+fn a_study_selects_on_dev_reports_verdicts_budget_and_diagnostics() {
+    let r = run_study(false, "[0, 1]", &[]);
+    // Selection: both candidates scored on dev, the choice recorded and used by the grid.
+    let sel = selection(&r);
+    let lk = &sel["lora-k"];
+    assert_eq!(lk["split"], "dev");
+    assert_eq!(lk["candidates"].as_array().unwrap().len(), 2);
+    assert!(lk["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["score"].is_number()));
+    let chosen_lr = lk["chosen"]["lr"].as_f64().unwrap();
+    let store = mlbench::runner::store::Store::new(&r.store);
+    let mut grid_lrs = Vec::new();
+    for key in store.finished() {
+        let doc: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(store.cell_dir(&key).join("cell.json")).unwrap(),
+        )
+        .unwrap();
+        let cell = &doc["cell"];
+        if cell["experiment"] == "study" && cell["method"] == "lora-k" {
+            grid_lrs.push(cell["train"]["lr"].as_f64().unwrap());
+            assert!(
+                cell["eval"]["split"].is_null(),
+                "grid cells are scored on test"
+            );
+        }
+        if cell["experiment"] == "study/selection" {
+            assert_eq!(cell["eval"]["split"], "dev");
+        }
+        // Budget facts of every training cell.
+        if cell["method"] == "lora-full" {
+            let t = &doc["info"]["training"];
+            assert_eq!(
+                t["distinct_examples"]["toy/eng_Latn"], 18,
+                "all 18 training examples"
+            );
+            assert!(t["early_stopping"]["best_step"].is_number(), "{t}");
+            assert!(t["sequences_forwarded"].as_u64().unwrap() >= 36);
+        }
+    }
+    assert_eq!(grid_lrs.len(), 4, "K 2 and 4 x seeds 0 and 1");
+    assert!(grid_lrs.iter().all(|&x| x == chosen_lr));
+    // The comparison against the declared reference, with the report's study parts.
+    let rep = r.dir.join("report");
+    let o = cli(
+        &r.data,
+        &[
+            "compare",
+            "--store",
+            r.store.to_str().unwrap(),
+            "--experiment",
+            "study",
+            "--out",
+            rep.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("Verdicts against `lora-full` (margin 5.0 points)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("toy/micro") && out.contains("toy/macro"),
+        "{out}"
+    );
+    let verdicts = std::fs::read_to_string(rep.join("verdicts.csv")).unwrap();
+    let rows: Vec<&str> = verdicts.lines().skip(1).collect();
+    assert!(
+        rows.iter()
+            .any(|l| l.starts_with("lora-k,2,toy/micro,false,")),
+        "{verdicts}"
+    );
+    assert!(
+        rows.iter()
+            .any(|l| l.starts_with("lora-k,4,toy/macro,false,")),
+        "{verdicts}"
+    );
+    assert!(
+        rows.iter()
+            .any(|l| l.starts_with("lora-k,4,toy/eng_Latn,true,")),
+        "{verdicts}"
+    );
+    for l in &rows {
+        let v = l.split(',').nth(8).unwrap();
+        assert!(
+            ["superior", "non-inferior", "inferior", "inconclusive"].contains(&v),
+            "{l}"
+        );
+    }
+    let budget = std::fs::read_to_string(rep.join("budget.csv")).unwrap();
+    assert!(
+        budget.lines().any(|l| l.starts_with("lora-full,full,2,")),
+        "{budget}"
+    );
+    assert!(
+        budget.lines().any(|l| l.starts_with("lora-k,4,2,")),
+        "{budget}"
+    );
+    let setup = std::fs::read_to_string(rep.join("setup.md")).unwrap();
+    for needle in [
+        "model weights sha256",
+        "datasets manifest sha256",
+        "lora-k: selected on dev",
+        "lora-full: length chosen on dev",
+        "longest training example",
+    ] {
+        assert!(setup.contains(needle), "{needle}: {setup}");
+    }
+    let html = std::fs::read_to_string(rep.join("index.html")).unwrap();
+    let order = [
+        "<h2>Setup</h2>",
+        "<h2>Verdicts</h2>",
+        "<h2>Accuracy</h2>",
+        "<h2>Budget</h2>",
+        "<h2>Data efficiency</h2>",
+        "<h2>Diagnostics</h2>",
+    ];
+    let pos: Vec<usize> = order
+        .iter()
+        .map(|h| html.find(h).unwrap_or_else(|| panic!("{h}")))
+        .collect();
+    assert!(
+        pos.windows(2).all(|w| w[0] < w[1]),
+        "sections in the protocol's order"
+    );
+    assert!(rep.join("curves.png").exists() && rep.join("labels.md").exists());
+}
+
+#[test]
+fn selection_never_reads_the_test_split() {
+    // The same study on data whose test labels are all wrong: the dev scores and the choice
+    // are the same; only the test accuracies differ.
+    let clean = run_study(false, "[0]", &["--shard", "0/1"]);
+    let poisoned = run_study(true, "[0]", &["--shard", "0/1"]);
+    assert_eq!(
+        selection(&clean)["lora-k"]["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["score"].clone())
+            .collect::<Vec<_>>(),
+        selection(&poisoned)["lora-k"]["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["score"].clone())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        selection(&clean)["lora-k"]["chosen"],
+        selection(&poisoned)["lora-k"]["chosen"]
+    );
+    let test_acc = |r: &Ran| -> Vec<f64> {
+        let m = mlbench::runner::store::Store::new(&r.store)
+            .read("metrics.parquet")
+            .unwrap();
+        let exp = m.column("experiment").unwrap().str().unwrap().clone();
+        let lang = m.column("lang").unwrap().str().unwrap().clone();
+        let v = m.column("value").unwrap().f64().unwrap().clone();
+        let key = m.column("key").unwrap().str().unwrap().clone();
+        let mut rows: Vec<(String, f64)> = (0..m.height())
+            .filter(|&i| exp.get(i) == Some("study") && lang.get(i) == Some("micro"))
+            .map(|i| (key.get(i).unwrap().to_string(), v.get(i).unwrap()))
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows.into_iter().map(|r| r.1).collect()
+    };
+    assert_ne!(
+        test_acc(&clean),
+        test_acc(&poisoned),
+        "the poison reached the test split"
+    );
+}
+
+#[test]
+fn a_missing_reference_seed_is_reported_not_replaced() {
+    let r = run_study(false, "[0, 1]", &["--shard", "0/1"]);
+    let store = mlbench::runner::store::Store::new(&r.store);
+    // Remove lora-full's seed-1 cell.
+    for key in store.finished() {
+        let p = store.cell_dir(&key).join("cell.json");
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        if doc["cell"]["method"] == "lora-full" && doc["cell"]["seed"] == 1 {
+            std::fs::remove_dir_all(store.cell_dir(&key)).unwrap();
+        }
+    }
+    let rep = r.dir.join("report");
+    let o = cli(
+        &r.data,
+        &[
+            "compare",
+            "--store",
+            r.store.to_str().unwrap(),
+            "--experiment",
+            "study",
+            "--out",
+            rep.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("lora-k K=4: seed 1 has no `lora-full` run to pair with"),
+        "{out}"
+    );
+    let csv = std::fs::read_to_string(rep.join("verdicts.csv")).unwrap();
+    let micro = csv
+        .lines()
+        .find(|l| l.starts_with("lora-k,4,toy/micro,"))
+        .unwrap();
+    let f: Vec<&str> = micro.split(',').collect();
+    assert_eq!(
+        (f[11], f[12]),
+        ("0", "1"),
+        "paired seed 0, seed 1 missing: {micro}"
+    );
+}
+
+#[test]
+fn bad_study_declarations_are_refused_before_anything_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path(), false);
+    let model = tmp.path().join("tiny");
+    mlbench::model::tiny::write_tiny(Arch::Llama, &model, 0).unwrap();
+    let exp = experiment(tmp.path(), &model, "[0]");
+    let text = std::fs::read_to_string(&exp).unwrap();
+    for (from, to, needle) in [
+        (
+            "lr = [1e-3, 2e-2]",
+            "learning_rate = [1e-3]",
+            "[search.lora-k] `learning_rate` is not a training key",
+        ),
+        (
+            "lr = [1e-3, 2e-2]",
+            "lr = []",
+            "[search.lora-k] `lr` has no candidate value",
+        ),
+        (
+            "lr = [1e-3, 2e-2]",
+            "lr = 1e-3",
+            "must be a list of candidate values",
+        ),
+        (
+            "margin = 5.0",
+            "margin = -1.0\nreference = \"lora-full\"",
+            "margin = -1 must be a positive number",
+        ),
+        (
+            "margin = 5.0",
+            "reference = \"lora-ful\"",
+            "reference = \"lora-ful\" is not among",
+        ),
+        (
+            "selection_k = 4",
+            "selection_k = 8",
+            "selection_k = 8 is not in ks",
+        ),
+        (
+            "selection_k = 4",
+            "selection_split = \"test\"",
+            "selection never reads the test split",
+        ),
+        (
+            "selection_k = 4",
+            "selection_split = \"validation\"",
+            "no `validation` split",
+        ),
+        (
+            "[search.lora-k]",
+            "[search.meta-lora]",
+            "[search.meta-lora] searches a method the grid does not train",
+        ),
+    ] {
+        let bad = tmp.path().join("bad.toml");
+        std::fs::write(&bad, text.replace(from, to)).unwrap();
+        let o = cli(
+            &data,
+            &[
+                "run",
+                bad.to_str().unwrap(),
+                "--store",
+                tmp.path().join("s").to_str().unwrap(),
+            ],
+        );
+        assert_user_error(&o, &[needle]);
+        assert!(
+            !tmp.path().join("s").join("cells").exists(),
+            "{needle}: nothing ran"
+        );
+    }
+}
