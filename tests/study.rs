@@ -400,3 +400,53 @@ fn bad_study_declarations_are_refused_before_anything_runs() {
         );
     }
 }
+
+#[test]
+fn selecting_or_stopping_on_a_split_the_task_trains_on_is_refused() {
+    // A task that trains on its dev split (as XCOPA does).
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path(), false);
+    std::fs::write(
+        data.join("tasks/toy.toml"),
+        TOY_SPEC.replace(
+            "scoring = \"multiple_choice\"",
+            "scoring = \"multiple_choice\"\ntrain_split = \"dev\"",
+        ),
+    )
+    .unwrap();
+    let model = tmp.path().join("tiny");
+    mlbench::model::tiny::write_tiny(Arch::Llama, &model, 0).unwrap();
+    let exp = experiment(tmp.path(), &model, "[0]");
+    let text = std::fs::read_to_string(&exp)
+        .unwrap()
+        .replace("ks = [2, 4]", "ks = [2]")
+        .replace("selection_k = 4", "selection_k = 2");
+    std::fs::write(&exp, text).unwrap();
+    let o = cli(&data, &["run", exp.to_str().unwrap(), "--dry-run"]);
+    assert_user_error(
+        &o,
+        &["task `toy` trains on its `dev` split, so selecting on it"],
+    );
+    let o = cli(
+        &data,
+        &[
+            "train",
+            "--method",
+            "lora-full",
+            "--model",
+            model.to_str().unwrap(),
+            "--task",
+            "toy",
+            "--langs",
+            "en",
+            "--set",
+            "eval_every=2",
+            "--out",
+            tmp.path().join("r").to_str().unwrap(),
+        ],
+    );
+    assert_user_error(
+        &o,
+        &["early stopping on `dev` would choose the length on training data"],
+    );
+}

@@ -216,6 +216,20 @@ pub fn check_data(data_dir: &Path, cells: &[Cell], context: &str) -> Result<()> 
         }
     };
     let mut seen_k = std::collections::BTreeSet::new();
+    // A selection split that is also a task's training split would select on training data
+    // (XCOPA trains on its `dev` split): refused, not worked around.
+    for c in cells.iter().filter(|c| c.candidate.is_some()) {
+        let split = c.eval.split.clone().unwrap_or_default();
+        for t in &c.eval.tasks {
+            if let Ok(spec) = crate::tasks::TaskSpec::for_task(data_dir, t) {
+                if spec.train_split == split {
+                    push(format!(
+                        "task `{t}` trains on its `{split}` split, so selecting on it would select on training data: leave `{t}` out of a searched experiment or choose another selection_split"
+                    ));
+                }
+            }
+        }
+    }
     for c in cells {
         if let Some(cfg) = &c.train {
             if seen_k.insert((cfg.method.clone(), c.k)) {

@@ -81,6 +81,11 @@ pub fn check_data(data_dir: &Path, cfg: &TrainConfig) -> Result<(Checked, Vec<St
         let task = &task;
         let df = schema::load(&path, None)?;
         let split = spec.train_split.clone();
+        if cfg.eval_every > 0 && cfg.dev_split == split {
+            problems.push(format!(
+                "task `{task}` trains on its `{split}` split, so early stopping on `{split}` would choose the length on training data: set dev_split to another split or eval_every = 0"
+            ));
+        }
         // Only the chosen languages' rows of the split become examples (a dataset can hold
         // hundreds of languages).
         let wanted: std::collections::HashSet<&str> =
