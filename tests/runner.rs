@@ -440,9 +440,15 @@ fn shipped_experiment_files_are_valid_and_smoke_shrinks_the_nightly() {
         if p.extension().is_none_or(|x| x != "toml") {
             continue;
         }
-        let cells = Experiment::load(&p)
-            .and_then(|x| x.cells())
+        let exp = Experiment::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let mut cells = exp
+            .cells()
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        // The selection candidates too (their split, their settings).
+        cells.extend(
+            exp.selection_cells()
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+        );
         // Against the shipped datasets: languages, splits, budgets, templates.
         mlbench::runner::grid::check_data(&shipped(), &cells, "the test grid")
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));

@@ -182,8 +182,9 @@ impl Experiment {
     }
 
     /// Shrinks the grid to a few CPU minutes (nightly `--smoke`): the first seed, the smallest
-    /// budget, two meta-iterations or a fifth of a pass, 20 test examples per language, and the
-    /// experiment named `<name>-smoke` so its cells never mix with the full run's.
+    /// budget, two meta-iterations or a fifth of a pass, 20 test examples per language, no
+    /// `[search]` (each method with the file's settings), and the experiment named
+    /// `<name>-smoke` so its cells never mix with the full run's.
     pub fn smoke(&mut self) {
         self.name = format!("{}-smoke", self.name);
         self.seeds.truncate(1);
@@ -198,6 +199,8 @@ impl Experiment {
             t.remove("meta_iterations");
         }
         self.eval.limit = Some(self.eval.limit.map_or(20, |l| l.min(20)));
+        // No selection in a smoke run: every method runs with the file's own settings.
+        self.search.clear();
     }
 
     /// The training configuration of one method at one budget and seed.

@@ -2,8 +2,12 @@
 //! lora-per-task-k), the first-order MeTA-LoRA loop (meta-lora, stage2-only, and the first phase
 //! of meta-lora+tta) and stage-1 adaptation (stage1-only, the tta phases).
 //!
-//! In: the model, the task units, the configuration. Out: PEFT adapter folders under the run
-//! folder, the step log and per-unit counts. Every random choice (batch order, task sampling,
+//! In: the model, the task units, the configuration (and, for a length chosen on dev, a dev
+//! scorer). Out: PEFT adapter folders under the run folder, the step log (losses, update norms,
+//! MeTA-LoRA's inner displacements, dev scores) and per-unit and per-phase counts. With
+//! `eval_every > 0` the shared LoRA loop scores the adapter on dev every `eval_every` steps,
+//! keeps the best one in `best/` and stops after `patience` evaluations without a gain; the
+//! run's adapter is then the best one. Every random choice (batch order, task sampling,
 //! support/query split, dropout masks) is drawn from a stream derived from the run seed and the
 //! step, so a run is a pure function of its configuration and a resumed run continues bit-exactly
 //! from the checkpoint's weights and optimizer moments.
