@@ -12,14 +12,14 @@
 # studies-save.sh), so a later session resumes where this one stopped. A cell's key includes
 # the code version: resume with a binary built from the commit that started the grid
 # (studies/PINNED names it), or the grid starts afresh beside the old cells.
-# MLBENCH_MATMUL=bf16 is the studies' precision (checked against f32 in
-# benchmarks/perf/README.md); it is part of the code version too.
+# The studies run in f32 (the default): the machines of this project are not all AMX machines,
+# and `--matmul bf16` is part of the code version, so a study started in bf16 could not be
+# resumed on a machine without AMX.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/mlbench}
 [ -x "$BIN" ] || cargo build --release --locked
 [ -d models/gemma-3-270m ] || scripts/fetch-models.sh gemma3 "$BIN"
-export MLBENCH_MATMUL=${MLBENCH_MATMUL:-bf16}
 
 "$BIN" run benchmarks/sib200-multilingual.toml --store studies/sib200
 "$BIN" run benchmarks/multitask.toml --store studies/multitask
