@@ -154,7 +154,7 @@ pub fn reading(v: &VerdictTable, dists: &[LabelDist]) -> String {
             .columns
             .iter()
             .zip(js)
-            .filter(|(c, _)| !exploratory(c))
+            .filter(|(c, _)| !exploratory(c, &v.columns))
             .filter_map(|(c, j)| {
                 j.as_ref().map(|j| {
                     format!(

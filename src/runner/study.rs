@@ -732,7 +732,14 @@ pub fn setup(
         "code version",
         join(distinct(infos.iter().map(|c| s(c, &["code_version"])))),
     );
-    put("selection", "hyper-parameters and lengths were chosen on the dev split, for every method alike; a true few-shot setting would not have a dev split this large".into());
+    put(
+        "selection",
+        if selection.is_some() {
+            "the searched hyper-parameters and lengths were chosen on the dev split, for every searched method alike (lora-full's length by early stopping on dev where set); a true few-shot setting would not have a dev split this large".into()
+        } else {
+            "none: every method ran with the experiment file's settings (no [search])".into()
+        },
+    );
     Setup { lines }
 }
 

@@ -8,7 +8,8 @@
 //! Out: a [`VerdictTable`], as text, Markdown, CSV, LaTeX and HTML.
 //!
 //! Micro and macro columns are the confirmatory ones; per-language verdicts are shown as
-//! exploratory (many comparisons, no correction). Seeds of a method that the reference lacks
+//! exploratory (many comparisons, no correction), except for a task evaluated in one language,
+//! whose language column is its analysis. Seeds of a method that the reference lacks
 //! are listed as missing pairs and left out, never paired with another seed's run. The
 //! reference's own row and rows without any pair are left out.
 
@@ -38,12 +39,22 @@ pub struct VerdictTable {
     pub missing: Vec<String>,
 }
 
-/// Is `column` a language column (exploratory) rather than an average?
-pub fn exploratory(column: &str) -> bool {
+/// Is `column` a language column rather than an average?
+pub fn is_language(column: &str) -> bool {
     !matches!(
         column.split_once('/').map(|(_, l)| l),
         Some("micro") | Some("macro")
     )
+}
+
+/// Is `column` exploratory among `columns`: a language column of a task that has averages (a
+/// task evaluated in one language has no averages, and its language is the analysis).
+pub fn exploratory(column: &str, columns: &[String]) -> bool {
+    let task = column.split_once('/').map_or(column, |(t, _)| t);
+    is_language(column)
+        && columns
+            .iter()
+            .any(|c| !is_language(c) && c.split_once('/').map(|(t, _)| t) == Some(task))
 }
 
 /// Builds the verdict table over `rows` (the comparison table's, in its order) and the table's
@@ -57,10 +68,10 @@ pub fn verdicts(
 ) -> VerdictTable {
     let mut cols: Vec<String> = columns
         .iter()
-        .filter(|c| !exploratory(c))
+        .filter(|c| !exploratory(c, columns))
         .cloned()
         .collect();
-    cols.extend(columns.iter().filter(|c| exploratory(c)).cloned());
+    cols.extend(columns.iter().filter(|c| exploratory(c, columns)).cloned());
     let mut out_rows = Vec::new();
     let mut missing = Vec::new();
     for (m, k) in rows {
@@ -113,8 +124,8 @@ fn cell(j: &Option<Judged>) -> String {
     }
 }
 
-fn header(c: &str) -> String {
-    if exploratory(c) {
+fn header(c: &str, columns: &[String]) -> String {
+    if exploratory(c, columns) {
         format!("{c} (expl.)")
     } else {
         c.to_string()
@@ -139,7 +150,7 @@ impl VerdictTable {
     fn grid(&self) -> Vec<Vec<String>> {
         let mut rows = vec![{
             let mut h = vec!["method".to_string(), "K".to_string()];
-            h.extend(self.columns.iter().map(|c| header(c)));
+            h.extend(self.columns.iter().map(|c| header(c, &self.columns)));
             h
         }];
         for ((m, k), js) in &self.rows {
@@ -204,7 +215,7 @@ impl VerdictTable {
                     s.push_str(&format!(
                         "{m},{},{c},{},{:.6},{:.6},{:.6},{:.4},{},{},{},{},{},{}\n",
                         k_label(m, *k),
-                        exploratory(c),
+                        exploratory(c, &self.columns),
                         j.paired.diff,
                         j.paired.low,
                         j.paired.high,
@@ -229,7 +240,11 @@ impl VerdictTable {
             "\\begin{{tabular}}{{ll{}}}\n\\toprule\n",
             "l".repeat(self.columns.len())
         );
-        let heads: Vec<String> = self.columns.iter().map(|c| esc(&header(c))).collect();
+        let heads: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| esc(&header(c, &self.columns)))
+            .collect();
         s.push_str(&format!(
             "method & $K$ & {} \\\\\n\\midrule\n",
             heads.join(" & ")
