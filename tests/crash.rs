@@ -11,23 +11,12 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 
 use common::*;
-use mlbench::model::config::Arch;
 use mlbench::runner::store::Store;
 use polars::prelude::*;
 
 fn grid(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let data = dir.join("data");
-    std::fs::create_dir_all(data.join("tasks")).unwrap();
-    let mut rows = toy_examples("toy", &["eng_Latn", "fra_Latn"], 3, 4, "train");
-    let mut test = toy_examples("toy", &["eng_Latn", "fra_Latn"], 3, 2, "test");
-    for r in test.iter_mut() {
-        r.id = format!("t{}", r.id);
-    }
-    rows.extend(test);
-    write_dataset(&data, "toy", &rows);
-    std::fs::write(data.join("tasks/toy.toml"), TOY_SPEC).unwrap();
-    let model = dir.join("tiny");
-    mlbench::model::tiny::write_tiny(Arch::Llama, &model, 0).unwrap();
+    let data = toy_data(dir, &[("train", 4), ("test", 2)]);
+    let model = tiny_llama(dir);
     let exp = dir.join("exp.toml");
     std::fs::write(
         &exp,

@@ -9,7 +9,6 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use mlbench::model::config::Arch;
 use polars::prelude::*;
 
 /// One malformed input: the command line and what its message must name.
@@ -39,18 +38,8 @@ impl World {
     fn new() -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
-        let data = root.join("data");
-        std::fs::create_dir_all(data.join("tasks")).unwrap();
-        let mut rows = toy_examples("toy", &["eng_Latn", "fra_Latn"], 3, 4, "train");
-        let mut test = toy_examples("toy", &["eng_Latn", "fra_Latn"], 3, 2, "test");
-        for r in test.iter_mut() {
-            r.id = format!("t{}", r.id);
-        }
-        rows.extend(test);
-        write_dataset(&data, "toy", &rows);
-        std::fs::write(data.join("tasks/toy.toml"), TOY_SPEC).unwrap();
-        let model = root.join("tiny");
-        mlbench::model::tiny::write_tiny(Arch::Llama, &model, 0).unwrap();
+        let data = toy_data(&root, &[("train", 4), ("test", 2)]);
+        let model = tiny_llama(&root);
         let adapter = root.join("adapter");
         let o = mlbench(&[
             "-q",

@@ -10,8 +10,6 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use mlbench::model::config::Arch;
-use mlbench::model::tiny;
 use mlbench::runner::lock::{try_claim, TryClaim};
 
 /// A toy task (`toy`, English and French, 3 classes: 6 train and 3 test examples per class and
@@ -25,18 +23,8 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
-        std::fs::create_dir_all(data.join("tasks")).unwrap();
-        let mut rows = toy_examples("toy", &["eng_Latn", "fra_Latn"], 3, 6, "train");
-        let mut test = toy_examples("toy", &["eng_Latn", "fra_Latn"], 3, 3, "test");
-        for r in test.iter_mut() {
-            r.id = format!("t{}", r.id);
-        }
-        rows.extend(test);
-        write_dataset(&data, "toy", &rows);
-        std::fs::write(data.join("tasks/toy.toml"), TOY_SPEC).unwrap();
-        let model = tmp.path().join("tiny");
-        tiny::write_tiny(Arch::Llama, &model, 0).unwrap();
+        let data = toy_data(tmp.path(), &[("train", 6), ("test", 3)]);
+        let model = tiny_llama(tmp.path());
         Fixture { tmp, data, model }
     }
 
@@ -791,4 +779,119 @@ fn item10_messages_name_the_key_the_file_and_the_way_on() {
         err.contains("rerun the same `mlbench run` command") && !err.contains("--resume"),
         "{err}"
     );
+}
+
+/// Runs `mlbench` as the fixture's CLI with extra environment variables.
+fn cli_env(f: &Fixture, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mlbench"));
+    c.args(["--data-dir", f.data.to_str().unwrap()])
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("SLURM_ARRAY_TASK_ID")
+        .env_remove("SLURM_ARRAY_TASK_COUNT")
+        .env_remove("SLURM_ARRAY_TASK_MIN")
+        .env_remove("SLURM_ARRAY_TASK_MAX");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn a_slurm_array_task_runs_its_shard_and_the_tasks_cover_the_grid_once() {
+    let f = Fixture::new();
+    let exp = f.experiment(
+        "slurm",
+        "[\"base\"]",
+        "seeds = [0, 1, 2]\n[eval]\nshots = 1\n",
+    );
+    let store = f.path("store");
+    let mut total = 0;
+    // An array 4-6: task ids from SLURM_ARRAY_TASK_MIN, the count from MIN and MAX.
+    for id in ["4", "5", "6"] {
+        let o = cli_env(
+            &f,
+            &[
+                "run",
+                exp.to_str().unwrap(),
+                "--store",
+                store.to_str().unwrap(),
+            ],
+            &[
+                ("SLURM_ARRAY_TASK_ID", id),
+                ("SLURM_ARRAY_TASK_MIN", "4"),
+                ("SLURM_ARRAY_TASK_MAX", "6"),
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains(&format!(
+                "shard {}/3 from the Slurm array",
+                id.parse::<u32>().unwrap() - 4
+            )),
+            "{}",
+            stderr(&o)
+        );
+        let out = stdout(&o);
+        let n: usize = out
+            .split(": ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(n, 1, "{out}");
+        total += n;
+        // A task of an array does not compact: the other tasks may still be running.
+        assert!(!store.join("parts").exists());
+    }
+    assert_eq!(total, 3);
+    assert_eq!(cells_in(&store).len(), 3);
+}
+
+#[test]
+fn long_work_prints_progress_lines_when_stderr_is_not_a_terminal() {
+    let f = Fixture::new();
+    let out = f.path("run");
+    let args = [
+        "train",
+        "--method",
+        "lora-k",
+        "--model",
+        f.model.to_str().unwrap(),
+        "--task",
+        "toy",
+        "--langs",
+        "en,fr",
+        "--k",
+        "4",
+        "--set",
+        "passes=2",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let o = cli_env(&f, &args, &[("MLBENCH_PROGRESS_SECS", "0")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("train: ") && l.contains("eta"))
+        .collect();
+    assert!(lines.len() >= 2, "{}", stderr(&o));
+    assert!(lines.iter().any(|l| l.contains("loss")), "{lines:?}");
+    // --quiet keeps it silent.
+    let out2 = f.path("run2");
+    let mut quiet = vec!["-q"];
+    quiet.extend(args.iter().map(|a| {
+        if *a == out.to_str().unwrap() {
+            out2.to_str().unwrap()
+        } else {
+            a
+        }
+    }));
+    let o = cli_env(&f, &quiet, &[("MLBENCH_PROGRESS_SECS", "0")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("eta"), "{}", stderr(&o));
 }

@@ -9,25 +9,21 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use mlbench::data::schema::Example;
-use mlbench::model::config::Arch;
 
 /// A toy task with train, dev and test splits in two languages (3 classes).
 fn data(dir: &Path, poison_test: bool) -> PathBuf {
-    let data = dir.join("data");
-    std::fs::create_dir_all(data.join("tasks")).unwrap();
-    let mut rows: Vec<Example> = toy_examples("toy", &["eng_Latn", "fra_Latn"], 3, 6, "train");
-    for (split, n) in [("dev", 3), ("test", 4)] {
-        let mut more = toy_examples("toy", &["eng_Latn", "fra_Latn"], 3, n, split);
-        for r in more.iter_mut() {
-            r.id = format!("{split}-{}", r.id);
-            if poison_test && split == "test" {
-                r.label = Some(0);
-            }
+    let data = toy_data(dir, &[("train", 6), ("dev", 3), ("test", 4)]);
+    if poison_test {
+        // Every test label set to class 0; train and dev untouched.
+        let p = data.join("toy.parquet");
+        let mut rows: Vec<Example> =
+            mlbench::data::schema::from_frame(&mlbench::data::schema::read_parquet(&p).unwrap())
+                .unwrap();
+        for r in rows.iter_mut().filter(|r| r.split == "test") {
+            r.label = Some(0);
         }
-        rows.extend(more);
+        write_dataset(&data, "toy", &rows);
     }
-    write_dataset(&data, "toy", &rows);
-    std::fs::write(data.join("tasks/toy.toml"), TOY_SPEC).unwrap();
     data
 }
 
@@ -78,8 +74,7 @@ fn run_study(poison_test: bool, seeds: &str, extra: &[&str]) -> Ran {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let data = data(&dir, poison_test);
-    let model = dir.join("tiny");
-    mlbench::model::tiny::write_tiny(Arch::Llama, &model, 0).unwrap();
+    let model = tiny_llama(&dir);
     let exp = experiment(&dir, &model, seeds);
     let store = dir.join("store");
     let mut a = vec![
@@ -331,8 +326,7 @@ fn a_missing_reference_seed_is_reported_not_replaced() {
 fn bad_study_declarations_are_refused_before_anything_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let data = data(tmp.path(), false);
-    let model = tmp.path().join("tiny");
-    mlbench::model::tiny::write_tiny(Arch::Llama, &model, 0).unwrap();
+    let model = tiny_llama(tmp.path());
     let exp = experiment(tmp.path(), &model, "[0]");
     let text = std::fs::read_to_string(&exp).unwrap();
     for (from, to, needle) in [
@@ -414,8 +408,7 @@ fn selecting_or_stopping_on_a_split_the_task_trains_on_is_refused() {
         ),
     )
     .unwrap();
-    let model = tmp.path().join("tiny");
-    mlbench::model::tiny::write_tiny(Arch::Llama, &model, 0).unwrap();
+    let model = tiny_llama(tmp.path());
     let exp = experiment(tmp.path(), &model, "[0]");
     let text = std::fs::read_to_string(&exp)
         .unwrap()

@@ -84,10 +84,16 @@ pub fn run(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
         dtype: a.dtype,
     };
     let pb = g.bar("eval");
+    let mut beat = super::Beat::new(g, "eval");
     let mut progress = |variant: &str, task: &str, lang: &str, done: usize, total: usize| {
         pb.set_prefix(format!("{variant} {task}/{lang}"));
         pb.set_length(total as u64);
         pb.set_position(done as u64);
+        beat.tick(
+            done as u64,
+            total as u64,
+            &format!("{variant} {task}/{lang}"),
+        );
     };
     let report = evaluate(&g.data_dir, &cfg, &a.out, &mut progress);
     pb.finish_and_clear();

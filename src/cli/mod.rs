@@ -108,6 +108,52 @@ impl Global {
     }
 }
 
+/// Periodic progress lines for long work when stderr is not a terminal (cron, Slurm, `nohup`),
+/// where the progress bar is hidden: at most one `tracing` line every `MLBENCH_PROGRESS_SECS`
+/// seconds (default 60) with the position, the elapsed time, an estimate of what is left and
+/// the latest message. Silent with `--quiet` or on a terminal.
+pub struct Beat {
+    what: String,
+    on: bool,
+    every: std::time::Duration,
+    start: std::time::Instant,
+    last: Option<std::time::Instant>,
+}
+
+impl Beat {
+    pub fn new(g: &Global, what: &str) -> Beat {
+        let every = std::env::var("MLBENCH_PROGRESS_SECS")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(60);
+        Beat {
+            what: what.to_string(),
+            on: !g.quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            every: std::time::Duration::from_secs(every),
+            start: std::time::Instant::now(),
+            last: None,
+        }
+    }
+
+    /// Notes progress `pos` of `len` with `message`; logs it when the interval has passed.
+    pub fn tick(&mut self, pos: u64, len: u64, message: &str) {
+        if !self.on || self.last.is_some_and(|t| t.elapsed() < self.every) {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        let secs = self.start.elapsed().as_secs_f64();
+        let eta = if pos > 0 && len >= pos {
+            format!("{:.0} s", secs / pos as f64 * (len - pos) as f64)
+        } else {
+            "?".into()
+        };
+        tracing::info!(
+            "{}: {pos}/{len}, {secs:.0} s elapsed, eta {eta}: {message}",
+            self.what
+        );
+    }
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     use mlbench::model::kernels::{set_matmul_precision, MatmulPrecision};

@@ -21,7 +21,8 @@ pub struct RunArgs {
     /// Results store folder.
     #[arg(long, default_value = "results")]
     pub store: PathBuf,
-    /// Run only shard i of N (0-based), e.g. `--shard 3/8` for array jobs sharing the store.
+    /// Run only shard i of N (0-based), e.g. `--shard 3/8` for array jobs sharing the store;
+    /// default in a Slurm array: the task's index of the array's count.
     #[arg(long)]
     pub shard: Option<String>,
     /// List the cells (and whether they are finished) without running anything.
@@ -135,8 +136,14 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
     }
     let store = Store::new(&a.store);
     let context = format!("experiment `{}` ({})", exp.name, a.experiment.display());
+    let shard_spec = a.shard.clone().or_else(slurm_shard);
+    if a.shard.is_none() {
+        if let Some(s) = &shard_spec {
+            tracing::info!("shard {s} from the Slurm array environment");
+        }
+    }
     let shard_of = |cells: Vec<Cell>| -> anyhow::Result<Vec<Cell>> {
-        Ok(match &a.shard {
+        Ok(match &shard_spec {
             Some(s) => {
                 let (i, n) = parse_shard(s)?;
                 shard(&cells, i, n)
@@ -210,7 +217,7 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
     // A whole grid that finished here is compacted (shards leave that to `mlbench merge` once
     // all of them are done). The grid's results are safe either way: a failed compaction only
     // warns.
-    if a.shard.is_none() && tally.done > 0 && tally.busy == 0 && pending.is_empty() {
+    if shard_spec.is_none() && tally.done > 0 && tally.busy == 0 && pending.is_empty() {
         match store.merge(&[]) {
             Ok(s) => tracing::info!(
                 cells = s.cells_total,
@@ -221,6 +228,21 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The shard `i/N` of a Slurm array task: `SLURM_ARRAY_TASK_ID` minus `SLURM_ARRAY_TASK_MIN`
+/// (0 when unset) of `SLURM_ARRAY_TASK_COUNT` (else `MAX - MIN + 1`); `None` outside an array.
+fn slurm_shard() -> Option<String> {
+    let get = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let id = get("SLURM_ARRAY_TASK_ID")?;
+    let min = get("SLURM_ARRAY_TASK_MIN").unwrap_or(0);
+    let n = get("SLURM_ARRAY_TASK_COUNT")
+        .or_else(|| get("SLURM_ARRAY_TASK_MAX").map(|max| max.saturating_sub(min) + 1))?;
+    Some(format!("{}/{n}", id.saturating_sub(min)))
 }
 
 /// Cells run, found finished, and left to other processes.
@@ -318,8 +340,12 @@ fn run_cells(
         cells: done,
         store: store.dir.clone(),
     };
-    for c in cells {
-        let mut say = |m: &str| pb.set_message(m.to_string());
+    let mut beat = super::Beat::new(g, "cells");
+    for (i, c) in cells.iter().enumerate() {
+        let mut say = |m: &str| {
+            pb.set_message(m.to_string());
+            beat.tick(i as u64, cells.len() as u64, m);
+        };
         // A meta-lora cell trains (or reuses) its meta-lora+tta sibling's run when this
         // invocation runs both (never across shards: two processes would share one folder);
         // the chosen candidate's run serves the grid cell with its settings.

@@ -148,11 +148,14 @@ pub fn run(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
         );
         pb
     };
+    let mut beat = super::Beat::new(g, "train");
     let mut progress = |p: &mlbench::train::loops::Progress| {
         pb.set_prefix(p.phase.clone());
         pb.set_length(p.total as u64);
         pb.set_position(p.step as u64);
-        pb.set_message(format!("loss {:.4} · {:.0} tok/s", p.loss, p.tokens_per_s));
+        let msg = format!("loss {:.4} · {:.0} tok/s", p.loss, p.tokens_per_s);
+        beat.tick(p.step as u64, p.total as u64, &format!("{} {msg}", p.phase));
+        pb.set_message(msg);
     };
     let t0 = std::time::Instant::now();
     let report = mlbench::train::run::train(

@@ -365,6 +365,33 @@ pub fn pair_with(
     stats::paired_difference(&x, &y, avg, RESAMPLES, seed)
 }
 
+/// Rows of cells (the first one the header) as aligned plain-text columns, with a rule of
+/// dashes under the header.
+pub fn text_grid(rows: &[Vec<String>]) -> String {
+    let Some(first) = rows.first() else {
+        return String::new();
+    };
+    let widths: Vec<usize> = (0..first.len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for (i, r) in rows.iter().enumerate() {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(x, w)| format!("{x:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+        if i == 0 {
+            let dashes: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+            out.push_str(&dashes.join("  "));
+            out.push('\n');
+        }
+    }
+    out
+}
+
 fn fmt_entry(e: &Option<Entry>) -> String {
     match e {
         None => "-".into(),
@@ -422,29 +449,7 @@ impl Table {
             r.extend(es.iter().map(fmt_entry));
             rows.push(r);
         }
-        let widths: Vec<usize> = (0..rows[0].len())
-            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-            .collect();
-        let mut out = String::new();
-        for (i, r) in rows.iter().enumerate() {
-            let line: Vec<String> = r
-                .iter()
-                .zip(&widths)
-                .map(|(x, w)| format!("{x:<w$}"))
-                .collect();
-            out.push_str(line.join("  ").trim_end());
-            out.push('\n');
-            if i == 0 {
-                out.push_str(
-                    &widths
-                        .iter()
-                        .map(|w| "-".repeat(*w))
-                        .collect::<Vec<_>>()
-                        .join("  "),
-                );
-                out.push('\n');
-            }
-        }
+        let mut out = text_grid(&rows);
         out.push_str(&self.footnote());
         out.push('\n');
         out

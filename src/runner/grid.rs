@@ -135,7 +135,13 @@ pub fn run_cell(
                     cell.label(),
                     if resume { " (resume)" } else { "" }
                 ));
-                let mut p = |_: &crate::train::loops::Progress| {};
+                let label = cell.label();
+                let mut p = |p: &crate::train::loops::Progress| {
+                    progress(&format!(
+                        "{label} train {} {}/{} loss {:.4} ({:.0} tokens/s)",
+                        p.phase, p.step, p.total, p.loss, p.tokens_per_s
+                    ))
+                };
                 crate::train::run::train(data_dir, cfg, &run, resume, stop, &mut p)?;
             }
             train_s = t0.elapsed().as_secs_f64();

@@ -163,28 +163,11 @@ impl VerdictTable {
 
     /// Plain text for the terminal.
     pub fn text(&self) -> String {
-        let rows = self.grid();
-        let widths: Vec<usize> = (0..rows[0].len())
-            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-            .collect();
         let mut out = format!(
             "Verdicts against `{}` (margin {:.1} points)\n",
             self.reference, self.margin
         );
-        for (i, r) in rows.iter().enumerate() {
-            let line: Vec<String> = r
-                .iter()
-                .zip(&widths)
-                .map(|(x, w)| format!("{x:<w$}"))
-                .collect();
-            out.push_str(line.join("  ").trim_end());
-            out.push('\n');
-            if i == 0 {
-                let dashes: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
-                out.push_str(&dashes.join("  "));
-                out.push('\n');
-            }
-        }
+        out.push_str(&super::compare::text_grid(&self.grid()));
         out.push_str(&self.footnote());
         out.push('\n');
         out

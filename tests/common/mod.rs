@@ -121,3 +121,31 @@ pub fn entry(mean: f64, half: f64, p: Option<f64>) -> Option<mlbench::runner::co
         p,
     })
 }
+
+/// A data folder `dir/data` holding the `toy` task (English and French, 3 classes) with
+/// `per_class` examples per class and language in each split (ids prefixed by the split after
+/// the first), and its spec; returns the folder.
+pub fn toy_data(dir: &Path, splits: &[(&str, usize)]) -> PathBuf {
+    let data = dir.join("data");
+    std::fs::create_dir_all(data.join("tasks")).unwrap();
+    let mut rows = Vec::new();
+    for (i, (split, per_class)) in splits.iter().enumerate() {
+        let mut more = toy_examples("toy", &["eng_Latn", "fra_Latn"], 3, *per_class, split);
+        if i > 0 {
+            for r in more.iter_mut() {
+                r.id = format!("{split}-{}", r.id);
+            }
+        }
+        rows.extend(more);
+    }
+    write_dataset(&data, "toy", &rows);
+    std::fs::write(data.join("tasks/toy.toml"), TOY_SPEC).unwrap();
+    data
+}
+
+/// A tiny random Llama model folder at `dir/tiny`.
+pub fn tiny_llama(dir: &Path) -> PathBuf {
+    let model = dir.join("tiny");
+    mlbench::model::tiny::write_tiny(mlbench::model::config::Arch::Llama, &model, 0).unwrap();
+    model
+}
