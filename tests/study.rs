@@ -443,3 +443,30 @@ fn selecting_or_stopping_on_a_split_the_task_trains_on_is_refused() {
         &["early stopping on `dev` would choose the length on training data"],
     );
 }
+
+#[test]
+fn a_dry_run_lists_the_candidates_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path(), false);
+    let model = tiny_llama(tmp.path());
+    let exp = experiment(tmp.path(), &model, "[0]");
+    let store = tmp.path().join("store");
+    let o = cli(
+        &data,
+        &[
+            "run",
+            exp.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--dry-run",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.matches("[selection: lr=").count(), 2, "{out}");
+    assert!(
+        out.contains("the grid cells of lora-k are built once its selection is complete"),
+        "{out}"
+    );
+    assert!(!store.exists(), "a dry run writes nothing");
+}

@@ -153,7 +153,7 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
     };
     // Selection first: the candidates of every `[search.*]` space, scored on dev.
     let all_candidates = exp.selection_cells()?;
-    apply_choices(&store, &mut exp, &all_candidates)?;
+    apply_choices(&store, &mut exp, &all_candidates, !a.dry_run)?;
     let candidates = shard_of(all_candidates.clone())?;
     let cells = shard_of(exp.cells()?)?;
     let mut checked: Vec<Cell> = candidates.clone();
@@ -185,7 +185,7 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
     let t0 = std::time::Instant::now();
     run_cells(g, &a, &store, &candidates, &all_candidates, &mut tally)?;
     let before = exp.chosen.len();
-    apply_choices(&store, &mut exp, &all_candidates)?;
+    apply_choices(&store, &mut exp, &all_candidates, true)?;
     let cells = if exp.chosen.len() != before {
         shard_of(exp.cells()?)?
     } else {
@@ -268,16 +268,22 @@ fn cell_state(store: &Store, key: &str) -> anyhow::Result<String> {
     )
 }
 
-/// Reads the finished candidates' scores, records the selection, and gives `exp` the choices
-/// made so far.
-fn apply_choices(store: &Store, exp: &mut Experiment, candidates: &[Cell]) -> anyhow::Result<()> {
+/// Reads the finished candidates' scores, records the selection (when `record`: not in a dry
+/// run), and gives `exp` the choices made so far.
+fn apply_choices(
+    store: &Store,
+    exp: &mut Experiment,
+    candidates: &[Cell],
+    record: bool,
+) -> anyhow::Result<()> {
     if candidates.is_empty() {
         return Ok(());
     }
     let choices = mlbench::runner::select::choose(store, exp, candidates)?;
-    if choices
-        .iter()
-        .any(|c| c.candidates.iter().any(|x| x.2.is_some()))
+    if record
+        && choices
+            .iter()
+            .any(|c| c.candidates.iter().any(|x| x.2.is_some()))
     {
         mlbench::runner::select::write_record(store, exp, &choices)?;
     }
