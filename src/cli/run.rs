@@ -87,6 +87,13 @@ pub struct CompareArgs {
     /// Write a report folder here (index.html, tables, plots).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Write the table (and the verdicts) as JSON here, for dashboards and scripts.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write the table in Bencher Metric Format here: one benchmark per method x K x column,
+    /// the metric (x 100) as the measure with its interval as lower and upper values.
+    #[arg(long)]
+    pub bmf: Option<PathBuf>,
     /// Regression gate: compare the run `--run` against this one (a code version as stored, or
     /// `previous`); exit status 3 when a metric fell by more than `--max-drop` points with a
     /// significant paired test.
@@ -573,6 +580,14 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
         for w in mlbench::runner::study::collapse_warnings(&st.dists) {
             tracing::warn!("{w}");
         }
+    }
+    if let Some(p) = &a.json {
+        let doc = mlbench::runner::compare::table_json(&t, study.as_ref().map(|s| &s.verdicts));
+        mlbench::util::write_bytes_atomic(p, &serde_json::to_vec_pretty(&doc)?)?;
+    }
+    if let Some(p) = &a.bmf {
+        let doc = mlbench::runner::compare::bencher_metric_format(&t, q.experiment.as_deref());
+        mlbench::util::write_bytes_atomic(p, &serde_json::to_vec_pretty(&doc)?)?;
     }
     if let Some(out) = &a.out {
         let title = format!(

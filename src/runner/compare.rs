@@ -365,6 +365,75 @@ pub fn pair_with(
     stats::paired_difference(&x, &y, avg, RESAMPLES, seed)
 }
 
+/// The table (and the verdicts, when given) as JSON: `{"metric", "baseline", "rows": [{"method",
+/// "k", "column", "mean", "ci_low", "ci_high", "seeds", "p_vs_baseline"}], "verdicts": [{"method",
+/// "k", "column", "exploratory", "diff", "ci_low", "ci_high", "p", "verdict", "seeds_missing"}],
+/// "reference", "margin"}`; fractions, not points.
+pub fn table_json(t: &Table, verdicts: Option<&super::verdict::VerdictTable>) -> serde_json::Value {
+    let mut rows = Vec::new();
+    for ((m, k), es) in &t.rows {
+        for (c, e) in t.columns.iter().zip(es) {
+            if let Some(e) = e {
+                rows.push(serde_json::json!({
+                    "method": m, "k": k_label(m, *k), "column": c, "mean": e.mean,
+                    "ci_low": e.low, "ci_high": e.high, "seeds": e.seeds, "p_vs_baseline": e.p,
+                }));
+            }
+        }
+    }
+    let mut doc = serde_json::json!({
+        "metric": t.metric, "baseline": t.baseline, "rows": rows, "missing_pairs": t.missing,
+    });
+    if let Some(v) = verdicts {
+        let mut out = Vec::new();
+        for ((m, k), js) in &v.rows {
+            for (c, j) in v.columns.iter().zip(js) {
+                if let Some(j) = j {
+                    out.push(serde_json::json!({
+                        "method": m, "k": k_label(m, *k), "column": c,
+                        "exploratory": super::verdict::exploratory(c, &v.columns),
+                        "diff": j.paired.diff, "ci_low": j.paired.low, "ci_high": j.paired.high,
+                        "p": j.paired.p, "verdict": j.verdict.name(),
+                        "seeds_paired": j.paired.seeds, "seeds_missing": j.paired.missing,
+                    }));
+                }
+            }
+        }
+        doc["verdicts"] = out.into();
+        doc["reference"] = v.reference.clone().into();
+        doc["margin"] = v.margin.into();
+    }
+    doc
+}
+
+/// The table in Bencher Metric Format (<https://bencher.dev>): one benchmark per method, K and
+/// column, named `<experiment>/<method>/K<k>/<column>`, with the table's metric as the measure
+/// (the mean over seeds, x 100) and its interval as `lower_value` and `upper_value`.
+pub fn bencher_metric_format(t: &Table, experiment: Option<&str>) -> serde_json::Value {
+    let mut doc = serde_json::Map::new();
+    for ((m, k), es) in &t.rows {
+        for (c, e) in t.columns.iter().zip(es) {
+            if let Some(e) = e {
+                let name = format!(
+                    "{}/{m}/K{}/{c}",
+                    experiment.unwrap_or("mlbench"),
+                    k_label(m, *k)
+                );
+                let measure = |v: f64| (v * 100.0 * 1e6).round() / 1e6;
+                doc.insert(
+                    name,
+                    serde_json::json!({ t.metric.as_str(): {
+                        "value": measure(e.mean),
+                        "lower_value": measure(e.low),
+                        "upper_value": measure(e.high),
+                    }}),
+                );
+            }
+        }
+    }
+    serde_json::Value::Object(doc)
+}
+
 /// Rows of cells (the first one the header) as aligned plain-text columns, with a rule of
 /// dashes under the header.
 pub fn text_grid(rows: &[Vec<String>]) -> String {
