@@ -1,7 +1,10 @@
 //! Plots of a comparison table, as PNG and SVG with a bundled font (no system fonts needed):
-//! the data-efficiency plot (metric against examples per task, log x; one line per method with
-//! its interval as a band; `lora-full` and `base` as horizontal references; one panel per
-//! column of the table) and a per-language chart (each method at its largest budget).
+//! the data-efficiency plot (the metric x 100 against examples per task, log x; one line per
+//! method with its interval as a band; `lora-full` and `base` as horizontal references with
+//! their bands, `lora-full` also at its real K; one panel per column of the table) and a
+//! per-language chart (each method at its largest budget, with 95% interval bars). Colours are
+//! the Okabe-Ito palette, each method also has its own marker and solid or dashed line, and the
+//! legend sits in a strip below the data.
 
 use std::path::Path;
 
@@ -29,23 +32,133 @@ pub(crate) fn register_font() -> Result<()> {
     }
 }
 
+/// The Okabe-Ito palette (distinguishable with the common colour-vision deficiencies), blue
+/// first; the yellow last (it reads poorly on white).
 pub(crate) const COLORS: [RGBColor; 8] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
+    RGBColor(0, 114, 178),
+    RGBColor(213, 94, 0),
+    RGBColor(0, 158, 115),
+    RGBColor(204, 121, 167),
+    RGBColor(230, 159, 0),
+    RGBColor(86, 180, 233),
+    RGBColor(0, 0, 0),
+    RGBColor(240, 228, 66),
 ];
+
+/// How series `i` is drawn besides its colour: a marker (circle, triangle, square, diamond-ish
+/// cross) and, for every other series, a dashed line.
+#[derive(Clone, Copy)]
+pub(crate) struct Look {
+    pub color: RGBColor,
+    pub index: usize,
+}
+
+impl Look {
+    pub fn dashed(self) -> bool {
+        self.index % 2 == 1
+    }
+
+    /// Draws the marker at `(x, y)` of a chart.
+    fn mark<DB: DrawingBackend, CT: plotters::coord::CoordTranslate<From = (f64, f64)>>(
+        self,
+        chart: &mut ChartContext<DB, CT>,
+        pts: &[(f64, f64)],
+    ) -> Result<()> {
+        let c = self.color;
+        match self.index % 4 {
+            0 => chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled()))),
+            1 => chart.draw_series(pts.iter().map(|p| TriangleMarker::new(*p, 5, c.filled()))),
+            2 => chart
+                .draw_series(pts.iter().map(|p| {
+                    EmptyElement::at(*p) + Rectangle::new([(-4, -4), (4, 4)], c.filled())
+                })),
+            _ => chart.draw_series(pts.iter().map(|p| Cross::new(*p, 5, c.stroke_width(2)))),
+        }
+        .map(|_| ())
+        .map_err(plot_err)
+    }
+
+    /// Draws the line through `pts`, solid or dashed.
+    fn line<DB: DrawingBackend, CT: plotters::coord::CoordTranslate<From = (f64, f64)>>(
+        self,
+        chart: &mut ChartContext<DB, CT>,
+        pts: Vec<(f64, f64)>,
+    ) -> Result<()> {
+        let style = ShapeStyle::from(self.color).stroke_width(2);
+        if self.dashed() {
+            chart
+                .draw_series(DashedLineSeries::new(pts, 8, 5, style))
+                .map_err(plot_err)?;
+        } else {
+            chart
+                .draw_series(LineSeries::new(pts, style))
+                .map_err(plot_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// A legend strip outside the data: one entry per series (a line sample with its marker, and
+/// its name), left to right.
+pub(crate) fn legend_strip<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    entries: &[(String, Look)],
+) -> Result<()> {
+    let (w, h) = area.dim_in_pixel();
+    let per = (w as i32 / entries.len().max(1) as i32).clamp(90, 260);
+    let y = h as i32 / 2;
+    for (i, (name, look)) in entries.iter().enumerate() {
+        let x = 20 + i as i32 * per;
+        let style = ShapeStyle::from(look.color).stroke_width(2);
+        if look.dashed() {
+            for s in 0..3 {
+                area.draw(&PathElement::new(
+                    vec![(x + s * 10, y), (x + s * 10 + 6, y)],
+                    style,
+                ))
+                .map_err(plot_err)?;
+            }
+        } else {
+            area.draw(&PathElement::new(vec![(x, y), (x + 28, y)], style))
+                .map_err(plot_err)?;
+        }
+        let c = look.color;
+        let m = (x + 14, y);
+        match look.index % 4 {
+            0 => area.draw(&Circle::new(m, 4, c.filled())),
+            1 => area.draw(&TriangleMarker::new(m, 5, c.filled())),
+            2 => area.draw(&Rectangle::new(
+                [(m.0 - 4, m.1 - 4), (m.0 + 4, m.1 + 4)],
+                c.filled(),
+            )),
+            _ => area.draw(&Cross::new(m, 5, c.stroke_width(2))),
+        }
+        .map_err(plot_err)?;
+        area.draw(&Text::new(
+            name.clone(),
+            (x + 36, y - 7),
+            ("sans-serif", 14).into_font(),
+        ))
+        .map_err(plot_err)?;
+    }
+    Ok(())
+}
+
+/// The y-axis label of a metric shown x 100.
+pub(crate) fn percent_label(metric: &str) -> String {
+    if metric.starts_with("acc") {
+        format!("Accuracy (%){}", metric.strip_prefix("acc").unwrap_or(""))
+    } else {
+        format!("{metric} (x 100)")
+    }
+}
 
 pub(crate) fn plot_err<E: std::fmt::Debug>(e: E) -> Error {
     Error::Invalid(format!("drawing a plot: {e:?}"))
 }
 
-/// Methods of a table in row order, each with its colour.
-fn methods(t: &Table) -> Vec<(String, RGBColor)> {
+/// Methods of a table in row order, each with how it is drawn.
+fn methods(t: &Table) -> Vec<(String, Look)> {
     let mut v: Vec<String> = Vec::new();
     for ((m, _), _) in &t.rows {
         if !v.contains(m) {
@@ -54,7 +167,15 @@ fn methods(t: &Table) -> Vec<(String, RGBColor)> {
     }
     v.into_iter()
         .enumerate()
-        .map(|(i, m)| (m, COLORS[i % COLORS.len()]))
+        .map(|(i, m)| {
+            (
+                m,
+                Look {
+                    color: COLORS[i % COLORS.len()],
+                    index: i,
+                },
+            )
+        })
         .collect()
 }
 
@@ -63,10 +184,12 @@ fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Re
     let cols = t.columns.len().max(1);
     let ncols = cols.min(3);
     let nrows = cols.div_ceil(ncols);
-    let (title, body) = root.split_vertically(40);
+    let (title, rest) = root.split_vertically(40);
+    let (h, _) = (rest.dim_in_pixel().1, ());
+    let (body, legend) = rest.split_vertically(h.saturating_sub(36));
     title
         .titled(
-            &format!("{} against examples per task", t.metric),
+            &format!("{} against examples per task", percent_label(&t.metric)),
             ("sans-serif", 22).into_font(),
         )
         .map_err(plot_err)?;
@@ -95,6 +218,7 @@ fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Re
     let mut ticks: Vec<f64> = ks.clone();
     ticks.sort_by(f64::total_cmp);
     ticks.dedup();
+    let pct = |v: f64| 100.0 * v.clamp(0.0, 1.0);
     for (ci, (col, area)) in t.columns.iter().zip(panels.iter()).enumerate() {
         let mut chart = ChartBuilder::on(area)
             .caption(col, ("sans-serif", 16))
@@ -105,17 +229,23 @@ fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Re
             // so its default key points would leave the axis unlabelled.
             .build_cartesian_2d(
                 (kmin..kmax).log_scale().with_key_points(ticks.clone()),
-                0f64..1f64,
+                0f64..100f64,
             )
             .map_err(plot_err)?;
         chart
             .configure_mesh()
             .x_desc("examples per task (K)")
-            .y_desc(t.metric.as_str())
+            .y_desc(percent_label(&t.metric))
             .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .disable_x_mesh()
+            .y_labels(6)
+            .light_line_style(WHITE)
+            .bold_line_style(RGBColor(225, 225, 225))
             .draw()
             .map_err(plot_err)?;
-        for (m, color) in &ms {
+        for (m, look) in &ms {
+            let color = look.color;
             let pts: Vec<(f64, f64, f64, f64)> = t
                 .rows
                 .iter()
@@ -123,7 +253,7 @@ fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Re
                 .filter_map(|((_, k), es)| {
                     es[ci]
                         .as_ref()
-                        .map(|e| (k.unwrap() as f64, e.mean, e.low.max(0.0), e.high.min(1.0)))
+                        .map(|e| (k.unwrap() as f64, pct(e.mean), pct(e.low), pct(e.high)))
                 })
                 .collect();
             let reference = t
@@ -131,25 +261,17 @@ fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Re
                 .iter()
                 .find(|((mm, k), _)| mm == m && k.is_none())
                 .and_then(|(_, es)| es[ci].as_ref());
-            let style = ShapeStyle::from(color).stroke_width(2);
             if let Some(e) = reference {
                 // A horizontal reference with its band, and, where its real number of examples
                 // is known, a point with its interval at that K.
-                let (lo, hi) = (e.low.max(0.0), e.high.min(1.0));
+                let (lo, mid, hi) = (pct(e.low), pct(e.mean), pct(e.high));
                 chart
                     .draw_series(std::iter::once(Polygon::new(
                         vec![(kmin, lo), (kmax, lo), (kmax, hi), (kmin, hi)],
-                        color.mix(0.10),
+                        color.mix(0.12),
                     )))
                     .map_err(plot_err)?;
-                chart
-                    .draw_series(LineSeries::new(vec![(kmin, e.mean), (kmax, e.mean)], style))
-                    .map_err(plot_err)?
-                    .label(match t.real_k.get(m) {
-                        Some(k) => format!("{m} (K = {k:.0})"),
-                        None => m.clone(),
-                    })
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+                look.line(&mut chart, vec![(kmin, mid), (kmax, mid)])?;
                 if let Some(&k) = t.real_k.get(m) {
                     chart
                         .draw_series([PathElement::new(
@@ -157,9 +279,7 @@ fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Re
                             color.stroke_width(2),
                         )])
                         .map_err(plot_err)?;
-                    chart
-                        .draw_series([Circle::new((k, e.mean), 4, color.filled())])
-                        .map_err(plot_err)?;
+                    look.mark(&mut chart, &[(k, mid)])?;
                 }
                 continue;
             }
@@ -170,20 +290,14 @@ fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Re
                 let mut band: Vec<(f64, f64)> = pts.iter().map(|p| (p.0, p.3)).collect();
                 band.extend(pts.iter().rev().map(|p| (p.0, p.2)));
                 chart
-                    .draw_series(std::iter::once(Polygon::new(band, color.mix(0.18))))
+                    .draw_series(std::iter::once(Polygon::new(band, color.mix(0.15))))
                     .map_err(plot_err)?;
             }
-            chart
-                .draw_series(LineSeries::new(pts.iter().map(|p| (p.0, p.1)), style))
-                .map_err(plot_err)?
-                .label(m.as_str())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
-            chart
-                .draw_series(
-                    pts.iter()
-                        .map(|p| Circle::new((p.0, p.1), 3, color.filled())),
-                )
-                .map_err(plot_err)?;
+            look.line(&mut chart, pts.iter().map(|p| (p.0, p.1)).collect())?;
+            look.mark(
+                &mut chart,
+                &pts.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>(),
+            )?;
             // Each point's own interval, also where a single budget leaves no band.
             chart
                 .draw_series(
@@ -193,17 +307,18 @@ fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Re
                 )
                 .map_err(plot_err)?;
         }
-        if ci == 0 {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .label_font(("sans-serif", 12))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()
-                .map_err(plot_err)?;
-        }
     }
+    let entries: Vec<(String, Look)> = ms
+        .iter()
+        .map(|(m, look)| {
+            let name = match t.real_k.get(m) {
+                Some(k) => format!("{m} (K = {k:.0})"),
+                None => m.clone(),
+            };
+            (name, *look)
+        })
+        .collect();
+    legend_strip(&legend, &entries)?;
     root.present().map_err(plot_err)?;
     Ok(())
 }
@@ -212,35 +327,38 @@ fn by_language<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> R
     root.fill(&WHITE).map_err(plot_err)?;
     let ms = methods(t);
     let n = t.columns.len();
+    let h = root.dim_in_pixel().1;
+    let (body, legend) = root.split_vertically(h.saturating_sub(36));
     // Each method at its largest budget (or its only row).
-    let rows: Vec<(
-        &String,
-        &RGBColor,
-        &Vec<Option<crate::runner::compare::Entry>>,
-    )> = ms
+    let rows: Vec<(&String, Look, &Vec<Option<crate::runner::compare::Entry>>)> = ms
         .iter()
-        .filter_map(|(m, c)| {
+        .filter_map(|(m, look)| {
             t.rows
                 .iter()
                 .filter(|((mm, _), _)| mm == m)
                 .max_by_key(|((_, k), _)| k.unwrap_or(i64::MAX))
-                .map(|(_, es)| (m, c, es))
+                .map(|(_, es)| (m, *look, es))
         })
         .collect();
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(&body)
         .caption(
-            format!("{} per language (each method at its largest K)", t.metric),
+            format!(
+                "{} per language, each method at its largest K",
+                percent_label(&t.metric)
+            ),
             ("sans-serif", 20),
         )
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(50)
-        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..1f64)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..100f64)
         .map_err(plot_err)?;
     let labels: Vec<String> = t.columns.clone();
     chart
         .configure_mesh()
         .disable_x_mesh()
+        .light_line_style(WHITE)
+        .bold_line_style(RGBColor(225, 225, 225))
         .x_labels(n.max(1))
         .x_label_formatter(&|x| {
             let i = x.round();
@@ -250,36 +368,40 @@ fn by_language<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> R
                 String::new()
             }
         })
-        .y_desc(t.metric.as_str())
+        .y_desc(percent_label(&t.metric))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()
         .map_err(plot_err)?;
     let w = 0.8 / rows.len().max(1) as f64;
-    for (j, (m, color, es)) in rows.iter().enumerate() {
-        let bars: Vec<Rectangle<(f64, f64)>> = es
+    let pct = |v: f64| 100.0 * v.clamp(0.0, 1.0);
+    for (j, (_, look, es)) in rows.iter().enumerate() {
+        let c = look.color;
+        let placed: Vec<(f64, &crate::runner::compare::Entry)> = es
             .iter()
             .enumerate()
-            .filter_map(|(i, e)| {
-                e.as_ref().map(|e| {
-                    let x0 = i as f64 - 0.4 + j as f64 * w;
-                    Rectangle::new([(x0, 0.0), (x0 + w * 0.95, e.mean)], color.filled())
-                })
-            })
+            .filter_map(|(i, e)| e.as_ref().map(|e| (i as f64 - 0.4 + j as f64 * w, e)))
             .collect();
-        let c = **color;
         chart
-            .draw_series(bars)
-            .map_err(plot_err)?
-            .label(m.as_str())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
+            .draw_series(placed.iter().map(|(x0, e)| {
+                Rectangle::new(
+                    [(*x0, 0.0), (x0 + w * 0.95, pct(e.mean))],
+                    c.mix(0.85).filled(),
+                )
+            }))
+            .map_err(plot_err)?;
+        // The interval of each bar.
+        chart
+            .draw_series(placed.iter().map(|(x0, e)| {
+                let x = x0 + w * 0.475;
+                PathElement::new(
+                    vec![(x, pct(e.low)), (x, pct(e.high))],
+                    BLACK.stroke_width(1),
+                )
+            }))
+            .map_err(plot_err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(("sans-serif", 12))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
+    let entries: Vec<(String, Look)> = rows.iter().map(|(m, l, _)| ((*m).clone(), *l)).collect();
+    legend_strip(&legend, &entries)?;
     root.present().map_err(plot_err)?;
     Ok(())
 }
