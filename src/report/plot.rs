@@ -104,11 +104,10 @@ pub(crate) fn legend_strip<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     entries: &[(String, Look)],
 ) -> Result<()> {
-    let (w, h) = area.dim_in_pixel();
-    let per = (w as i32 / entries.len().max(1) as i32).clamp(90, 260);
+    let h = area.dim_in_pixel().1;
     let y = h as i32 / 2;
-    for (i, (name, look)) in entries.iter().enumerate() {
-        let x = 20 + i as i32 * per;
+    let mut x = 20;
+    for (name, look) in entries {
         let style = ShapeStyle::from(look.color).stroke_width(2);
         if look.dashed() {
             for s in 0..3 {
@@ -140,8 +139,19 @@ pub(crate) fn legend_strip<DB: DrawingBackend>(
             ("sans-serif", 14).into_font(),
         ))
         .map_err(plot_err)?;
+        x += legend_width(name);
     }
     Ok(())
+}
+
+/// The pixels one legend entry takes (line sample, marker, name, gap).
+fn legend_width(name: &str) -> i32 {
+    60 + 8 * name.chars().count() as i32
+}
+
+/// The width a legend strip of these names needs.
+fn legend_need(names: &[String]) -> u32 {
+    40 + names.iter().map(|n| legend_width(n)).sum::<i32>().max(0) as u32
 }
 
 /// The y-axis label of a metric shown x 100.
@@ -411,8 +421,20 @@ pub fn write_plots(t: &Table, dir: &Path) -> Result<Vec<String>> {
     register_font()?;
     let n = t.columns.len().max(1);
     let ncols = n.min(3);
-    let size = (420 * ncols as u32, 40 + 320 * n.div_ceil(ncols) as u32);
-    let lang_size = ((160 * n as u32).clamp(640, 2400), 420);
+    // Wide enough for the legend strip (method names, lora-full with its real K).
+    let names: Vec<String> = methods(t)
+        .into_iter()
+        .map(|(m, _)| match t.real_k.get(&m) {
+            Some(k) => format!("{m} (K = {k:.0})"),
+            None => m,
+        })
+        .collect();
+    let need = legend_need(&names);
+    let size = (
+        (420 * ncols as u32).max(need),
+        40 + 36 + 320 * n.div_ceil(ncols) as u32,
+    );
+    let lang_size = ((160 * n as u32).clamp(640, 2400).max(need), 420);
     let path = |f: &str| dir.join(f);
     efficiency(
         BitMapBackend::new(&path("efficiency.png"), size).into_drawing_area(),
