@@ -895,3 +895,23 @@ fn long_work_prints_progress_lines_when_stderr_is_not_a_terminal() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stderr(&o).contains("eta"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_cell_key_names_the_model_weights_not_only_the_path() {
+    let f = Fixture::new();
+    let exp = f.experiment("ident", "[\"base\"]", "");
+    let key = || {
+        mlbench::runner::experiment::Experiment::load(&exp)
+            .unwrap()
+            .cells()
+            .unwrap()[0]
+            .key
+            .clone()
+    };
+    let before = key();
+    assert_eq!(before, key(), "the same weights, the same key");
+    // Other random weights at the same path (a `model tiny` folder where the real model was).
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    mlbench::model::tiny::write_tiny(mlbench::model::config::Arch::Llama, &f.model, 1).unwrap();
+    assert_ne!(before, key());
+}
