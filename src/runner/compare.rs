@@ -560,47 +560,96 @@ impl Table {
         s
     }
 
-    /// LaTeX (booktabs) table body.
+    /// LaTeX (booktabs): one `table` per task (a wide multi-task table would overflow a page),
+    /// the task as a spanning header over its languages and averages, the best mean of each
+    /// column in bold, and a caption that states the interval and the test.
     pub fn latex(&self) -> String {
         let esc = |x: &str| {
             x.replace('_', "\\_")
                 .replace('%', "\\%")
                 .replace('&', "\\&")
+                .replace('±', "$\\pm$")
+                .replace('<', "$<$")
+                .replace('>', "$>$")
+                .replace('`', "")
         };
-        let mut s = format!(
-            "\\begin{{tabular}}{{ll{}}}\n\\toprule\n",
-            "r".repeat(self.columns.len())
-        );
-        s.push_str(&format!(
-            "method & $K$ & {} \\\\\n\\midrule\n",
-            self.columns
+        let mut tasks: Vec<&str> = Vec::new();
+        for c in &self.columns {
+            let t = c.split_once('/').map_or(c.as_str(), |(t, _)| t);
+            if !tasks.contains(&t) {
+                tasks.push(t);
+            }
+        }
+        let mut s = String::new();
+        for task in tasks {
+            let idx: Vec<usize> = (0..self.columns.len())
+                .filter(|&i| self.columns[i].split_once('/').map(|(t, _)| t) == Some(task))
+                .collect();
+            // The best mean per column (ties all bold).
+            let best: Vec<f64> = idx
                 .iter()
-                .map(|c| esc(c))
-                .collect::<Vec<_>>()
-                .join(" & ")
-        ));
-        for ((m, k), es) in &self.rows {
-            let (a, b) = row_label(m, *k);
-            let cells: Vec<String> = es
-                .iter()
-                .map(|e| match e {
-                    None => "--".into(),
-                    Some(e) => format!(
-                        "{:.1}$\\pm${:.1}{}",
-                        100.0 * e.mean,
-                        100.0 * (e.high - e.low) / 2.0,
-                        if e.p.is_some_and(|p| p < 0.05) {
-                            "$^*$"
-                        } else {
-                            ""
-                        }
-                    ),
+                .map(|&i| {
+                    self.rows
+                        .iter()
+                        .filter_map(|(_, es)| es[i].as_ref().map(|e| e.mean))
+                        .fold(f64::MIN, f64::max)
                 })
                 .collect();
-            s.push_str(&format!("{} & {b} & {} \\\\\n", esc(&a), cells.join(" & ")));
+            s.push_str("\\begin{table}[t]\n\\centering\n\\small\n");
+            s.push_str(&format!(
+                "\\caption{{{} on {}. {}}}\n",
+                esc(&self.metric),
+                esc(task),
+                esc(&self.footnote())
+            ));
+            s.push_str(&format!(
+                "\\begin{{tabular}}{{ll{}}}\n\\toprule\n",
+                "r".repeat(idx.len())
+            ));
+            s.push_str(&format!(
+                " & & \\multicolumn{{{}}}{{c}}{{{}}} \\\\\n\\cmidrule(lr){{3-{}}}\n",
+                idx.len(),
+                esc(task),
+                2 + idx.len()
+            ));
+            let heads: Vec<String> = idx
+                .iter()
+                .map(|&i| esc(self.columns[i].split_once('/').map_or("", |(_, l)| l)))
+                .collect();
+            s.push_str(&format!(
+                "method & $K$ & {} \\\\\n\\midrule\n",
+                heads.join(" & ")
+            ));
+            for ((m, k), es) in &self.rows {
+                let (a, b) = row_label(m, *k);
+                let cells: Vec<String> = idx
+                    .iter()
+                    .zip(&best)
+                    .map(|(&i, &top)| match &es[i] {
+                        None => "--".into(),
+                        Some(e) => {
+                            let v = format!("{:.1}", 100.0 * e.mean);
+                            let v = if (e.mean - top).abs() < 1e-12 {
+                                format!("\\textbf{{{v}}}")
+                            } else {
+                                v
+                            };
+                            format!(
+                                "{v}$\\pm${:.1}{}",
+                                100.0 * (e.high - e.low) / 2.0,
+                                if e.p.is_some_and(|p| p < 0.05) {
+                                    "$^*$"
+                                } else {
+                                    ""
+                                }
+                            )
+                        }
+                    })
+                    .collect();
+                s.push_str(&format!("{} & {b} & {} \\\\\n", esc(&a), cells.join(" & ")));
+            }
+            s.push_str("\\bottomrule\n\\end{tabular}\n\\end{table}\n\n");
         }
-        s.push_str("\\bottomrule\n\\end{tabular}\n");
-        s.push_str(&format!("% {}\n", self.footnote()));
         s
     }
 }
