@@ -91,6 +91,20 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Every file below `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 fn cells_in(store: &Path) -> BTreeSet<String> {
     mlbench::runner::store::Store::new(store)
         .finished()
@@ -178,6 +192,13 @@ fn item02_a_temporary_cell_folder_is_never_a_cell_and_is_removed() {
     assert!(o.status.success(), "{}", stderr(&o));
     let done = cells_in(&store);
     assert_eq!(done.len(), 2);
+    // A `**` glob over the store meets each cell's metrics once: the evaluation's own copy in
+    // `work/` is gone once the cell is committed.
+    let copies: Vec<_> = walk(&store)
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == "metrics.parquet"))
+        .collect();
+    assert_eq!(copies.len(), 2, "{copies:?}");
     // What a kill between writing cell.json and the rename leaves: a full copy under `.tmp-`.
     let key = done.iter().next().unwrap().clone();
     let cell = store.join("cells").join(&key);

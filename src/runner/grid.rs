@@ -1,6 +1,6 @@
 //! Running a grid: cells in, finished cells in the store out. A cell trains its method (or
-//! nothing, for `base`), evaluates the result on every task x language, and is committed to the
-//! store in one rename. Finished cells are skipped; a cell interrupted while training resumes
+//! nothing, for `base`), evaluates the result on every task x language (in `work/<key>/eval/`,
+//! removed once the cell is committed), and is committed to the store in one rename. Finished cells are skipped; a cell interrupted while training resumes
 //! from its checkpoint, so a killed run loses at most the step in progress. A cell is worked on
 //! only under its claim in the store ([`super::lock`]): a second process on the same store
 //! (a requeued array job, an overlapping shard) skips or waits for a cell that is claimed.
@@ -208,6 +208,12 @@ pub fn run_cell(
                 .unwrap_or(0),
         }),
     )?;
+    // The evaluation's own files now live in the cell: a reader that globs the whole store
+    // (`STORE/**/metrics.parquet`) must not meet them twice.
+    let ev = work.join("eval");
+    if ev.exists() {
+        std::fs::remove_dir_all(&ev).map_err(|e| Error::io("remove", &ev, e))?;
+    }
     Ok(Outcome::Done { train_s, eval_s })
 }
 
