@@ -156,15 +156,8 @@ pub fn reading(v: &VerdictTable, dists: &[LabelDist]) -> String {
             .zip(js)
             .filter(|(c, _)| !exploratory(c, &v.columns))
             .filter_map(|(c, j)| {
-                j.as_ref().map(|j| {
-                    format!(
-                        "{c}: {:+.1} points [{:+.1}, {:+.1}], {}",
-                        100.0 * j.paired.diff,
-                        100.0 * j.paired.low,
-                        100.0 * j.paired.high,
-                        j.verdict.name()
-                    )
-                })
+                j.as_ref()
+                    .map(|j| format!("{c}: {}", j.describe(|x| format!("{x:+.1}"))))
             })
             .collect();
         if !parts.is_empty() {

@@ -23,6 +23,19 @@ pub struct Judged {
     pub verdict: Verdict,
 }
 
+impl Judged {
+    /// `diff [low, high] verdict` in points, each number written by `num`.
+    pub fn describe(&self, num: impl Fn(f64) -> String) -> String {
+        format!(
+            "{} [{}, {}] {}",
+            num(100.0 * self.paired.diff),
+            num(100.0 * self.paired.low),
+            num(100.0 * self.paired.high),
+            self.verdict.name()
+        )
+    }
+}
+
 /// One row of the verdict table: (method, K) and one verdict per column.
 pub type VerdictRow = ((String, Option<i64>), Vec<Option<Judged>>);
 
@@ -114,13 +127,7 @@ pub fn verdicts(
 fn cell(j: &Option<Judged>) -> String {
     match j {
         None => "-".into(),
-        Some(j) => format!(
-            "{:+.1} [{:+.1}, {:+.1}] {}",
-            100.0 * j.paired.diff,
-            100.0 * j.paired.low,
-            100.0 * j.paired.high,
-            j.verdict.name()
-        ),
+        Some(j) => j.describe(|x| format!("{x:+.1}")),
     }
 }
 
@@ -237,13 +244,7 @@ impl VerdictTable {
                 .iter()
                 .map(|j| match j {
                     None => "--".into(),
-                    Some(j) => format!(
-                        "${:+.1}$ [${:+.1}$, ${:+.1}$] {}",
-                        100.0 * j.paired.diff,
-                        100.0 * j.paired.low,
-                        100.0 * j.paired.high,
-                        j.verdict.name()
-                    ),
+                    Some(j) => j.describe(|x| format!("${x:+.1}$")),
                 })
                 .collect();
             s.push_str(&format!(
