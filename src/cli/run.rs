@@ -684,6 +684,7 @@ fn study_parts(
         dists,
         setup,
         curves,
+        selected: selection.is_some(),
     })
 }
 

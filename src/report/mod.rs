@@ -143,11 +143,13 @@ pub struct Study {
     pub dists: Vec<LabelDist>,
     pub setup: Setup,
     pub curves: Vec<Curve>,
+    /// Whether the methods' settings were chosen on dev (a `[search]` ran).
+    pub selected: bool,
 }
 
 /// A plain-words reading of the verdicts: per row, what the confirmatory columns say, and what
 /// the numbers do not say.
-pub fn reading(v: &VerdictTable, dists: &[LabelDist]) -> String {
+pub fn reading(v: &VerdictTable, dists: &[LabelDist], selected: bool) -> String {
     let mut s = String::new();
     for ((m, k), js) in &v.rows {
         let parts: Vec<String> = v
@@ -177,9 +179,18 @@ pub fn reading(v: &VerdictTable, dists: &[LabelDist]) -> String {
         ));
     }
     s.push_str(&format!(
-        "What this does not say: an inconclusive verdict is not evidence of equivalence; a verdict holds for this model, these tasks and languages, these budgets and the declared margin of {:.1} points only; the hyper-parameters were chosen on the dev split for every method alike; per-language verdicts are exploratory.",
+        "What this does not say: an inconclusive verdict is not evidence of equivalence; a verdict holds for this model, these tasks and languages, these budgets and the declared margin of {:.1} points only",
         v.margin
     ));
+    s.push_str(if selected {
+        "; the hyper-parameters were chosen on the dev split for every searched method alike"
+    } else {
+        "; no method was tuned (each ran with the experiment file's settings), so a method's verdict may change with its settings"
+    });
+    if v.columns.iter().any(|c| exploratory(c, &v.columns)) {
+        s.push_str("; per-language verdicts are exploratory");
+    }
+    s.push('.');
     s
 }
 
@@ -196,7 +207,7 @@ fn study_sections(st: &Study, dir: &Path) -> Result<[String; 3]> {
             setup = st.setup.html(),
             verdicts = st.verdicts.html(),
             vfoot = esc(&st.verdicts.footnote()),
-            reading = esc(&reading(&st.verdicts, &st.dists)),
+            reading = esc(&reading(&st.verdicts, &st.dists, st.selected)),
         ),
         format!(
             r#"<h2>Budget</h2>
