@@ -99,6 +99,50 @@ fn selection(r: &Ran) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
+/// `mlbench compare` of the study with its report in `rep`, the JSON and the Bencher Metric
+/// Format files; checks the machine-readable outputs and returns the run.
+fn compare_study(r: &Ran, rep: &Path) -> std::process::Output {
+    let (json, bmf) = (r.dir.join("t.json"), r.dir.join("bmf.json"));
+    let o = cli(
+        &r.data,
+        &[
+            "compare",
+            "--store",
+            r.store.to_str().unwrap(),
+            "--experiment",
+            "study",
+            "--out",
+            rep.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+            "--bmf",
+            bmf.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The machine-readable outputs: the table and verdicts as JSON, and Bencher Metric Format.
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(j["reference"], "lora-full");
+    assert!(j["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["method"] == "lora-k" && v["k"] == "4" && v["column"] == "toy/micro"));
+    let b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&bmf).unwrap()).unwrap();
+    let m = &b["study/lora-k/K4/toy/micro"]["acc"];
+    assert!(
+        m["lower_value"].as_f64().unwrap() <= m["value"].as_f64().unwrap(),
+        "{b}"
+    );
+    assert!(
+        m["value"].as_f64().unwrap() <= m["upper_value"].as_f64().unwrap(),
+        "{b}"
+    );
+    o
+}
+
 #[test]
 fn a_study_selects_on_dev_reports_verdicts_budget_and_diagnostics() {
     let r = run_study(false, "[0, 1]", &[]);
@@ -146,44 +190,7 @@ fn a_study_selects_on_dev_reports_verdicts_budget_and_diagnostics() {
     assert!(grid_lrs.iter().all(|&x| x == chosen_lr));
     // The comparison against the declared reference, with the report's study parts.
     let rep = r.dir.join("report");
-    let (json, bmf) = (r.dir.join("t.json"), r.dir.join("bmf.json"));
-    let o = cli(
-        &r.data,
-        &[
-            "compare",
-            "--store",
-            r.store.to_str().unwrap(),
-            "--experiment",
-            "study",
-            "--out",
-            rep.to_str().unwrap(),
-            "--json",
-            json.to_str().unwrap(),
-            "--bmf",
-            bmf.to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    // The machine-readable outputs: the table and verdicts as JSON, and Bencher Metric Format.
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(j["reference"], "lora-full");
-    assert!(j["verdicts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|v| v["method"] == "lora-k" && v["k"] == "4" && v["column"] == "toy/micro"));
-    let b: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&bmf).unwrap()).unwrap();
-    let m = &b["study/lora-k/K4/toy/micro"]["acc"];
-    assert!(
-        m["lower_value"].as_f64().unwrap() <= m["value"].as_f64().unwrap(),
-        "{b}"
-    );
-    assert!(
-        m["value"].as_f64().unwrap() <= m["upper_value"].as_f64().unwrap(),
-        "{b}"
-    );
+    let o = compare_study(&r, &rep);
     let out = stdout(&o);
     assert!(
         out.contains("Verdicts against `lora-full` (margin 5.0 points)"),
@@ -316,44 +323,7 @@ fn a_missing_reference_seed_is_reported_not_replaced() {
         }
     }
     let rep = r.dir.join("report");
-    let (json, bmf) = (r.dir.join("t.json"), r.dir.join("bmf.json"));
-    let o = cli(
-        &r.data,
-        &[
-            "compare",
-            "--store",
-            r.store.to_str().unwrap(),
-            "--experiment",
-            "study",
-            "--out",
-            rep.to_str().unwrap(),
-            "--json",
-            json.to_str().unwrap(),
-            "--bmf",
-            bmf.to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    // The machine-readable outputs: the table and verdicts as JSON, and Bencher Metric Format.
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(j["reference"], "lora-full");
-    assert!(j["verdicts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|v| v["method"] == "lora-k" && v["k"] == "4" && v["column"] == "toy/micro"));
-    let b: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&bmf).unwrap()).unwrap();
-    let m = &b["study/lora-k/K4/toy/micro"]["acc"];
-    assert!(
-        m["lower_value"].as_f64().unwrap() <= m["value"].as_f64().unwrap(),
-        "{b}"
-    );
-    assert!(
-        m["value"].as_f64().unwrap() <= m["upper_value"].as_f64().unwrap(),
-        "{b}"
-    );
+    let o = compare_study(&r, &rep);
     let out = stdout(&o);
     assert!(
         out.contains("lora-k K=4: seed 1 has no `lora-full` run to pair with"),

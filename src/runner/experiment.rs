@@ -609,34 +609,13 @@ pub fn shard(cells: &[Cell], i: usize, n: usize) -> Vec<Cell> {
 
 /// What identifies a model in a cell key: the sha256 of a local folder's weights (so a random
 /// `model tiny` folder and the real model at the same path never share a key), or the Hub id
-/// (with its revision) as given; hashed once per process and file version.
+/// (with its revision) as given (the hash is computed once per process and file version).
 pub fn model_identity(model: &str) -> Result<String> {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    type Seen = Mutex<HashMap<(String, u64, Option<std::time::SystemTime>), String>>;
-    static SEEN: OnceLock<Seen> = OnceLock::new();
     let dir = Path::new(model);
-    if !dir.is_dir() {
+    if !dir.is_dir() || crate::model::load::weight_files(dir).is_err() {
         return Ok(model.to_string());
     }
-    let Ok(files) = crate::model::load::weight_files(dir) else {
-        return Ok(model.to_string());
-    };
-    let meta = files.first().and_then(|f| std::fs::metadata(f).ok());
-    let version = (
-        model.to_string(),
-        meta.as_ref().map_or(0, |m| m.len()),
-        meta.and_then(|m| m.modified().ok()),
-    );
-    let seen = SEEN.get_or_init(Default::default);
-    if let Some(h) = seen.lock().ok().and_then(|s| s.get(&version).cloned()) {
-        return Ok(h);
-    }
-    let h = crate::train::run::weights_sha256(dir)?;
-    if let Ok(mut s) = seen.lock() {
-        s.insert(version, h.clone());
-    }
-    Ok(h)
+    crate::train::run::weights_sha256(dir)
 }
 
 /// `key=value` pairs of overrides, for messages and tables.

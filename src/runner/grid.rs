@@ -195,7 +195,7 @@ pub fn run_cell(
         samples_frame(&records)?,
         serde_json::json!({
             "training": training,
-            "model_sha256": model_sha256(&cell.eval.model)?,
+            "model_sha256": super::experiment::model_identity(&cell.eval.model)?,
             "datasets_manifest_sha256": crate::util::sha256_file(&data_dir.join("manifest.json")).ok(),
             "code_version": crate::util::code_version(),
             "train_seconds": train_s,
@@ -277,8 +277,8 @@ pub fn training_facts(run: &Path, method: &str) -> Result<serde_json::Value> {
     let p = run.join("manifest.json");
     let text = std::fs::read_to_string(&p).map_err(|e| Error::io("read", &p, e))?;
     let m: serde_json::Value = serde_json::from_str(&text)?;
-    let adapts =
-        Method::parse(method)?.per_task() && Method::parse(method)? != Method::LoraPerTaskK;
+    let m_kind = Method::parse(method)?;
+    let adapts = m_kind.per_task() && m_kind != Method::LoraPerTaskK;
     let count = |k: &str| {
         let main = m["budget"]["main"][k].as_u64().unwrap_or(0);
         let adapt = m["budget"]["adapt"][k].as_u64().unwrap_or(0);
@@ -312,13 +312,4 @@ pub fn training_facts(run: &Path, method: &str) -> Result<serde_json::Value> {
         "dtype": m["dtype"],
         "model_weights_sha256": m["model"]["weights_sha256"],
     }))
-}
-
-/// The sha256 of a local model folder's weights (`None` for a Hub id not fetched here).
-fn model_sha256(model: &str) -> Result<Option<String>> {
-    let dir = Path::new(model);
-    if !dir.is_dir() {
-        return Ok(None);
-    }
-    crate::train::run::weights_sha256(dir).map(Some)
 }
