@@ -720,3 +720,111 @@ fn row_stats_matches_a_plain_f64_computation() {
     let err = mlbench::model::score::row_stats(&logits, &[(7, 0)]).unwrap_err();
     assert!(err.to_string().contains("outside"), "{err}");
 }
+
+/// Gradients of `ad`'s LoRA weights as flat f64 vectors, in `vars()` order.
+fn flat_grads(g: &mlbench::train::step::Grads) -> Vec<Vec<f64>> {
+    g.grads
+        .iter()
+        .map(|t| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// The largest difference between two gradient lists, relative to the largest reference value.
+fn worst_relative(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
+    let scale = b
+        .iter()
+        .flatten()
+        .fold(0f64, |m, x| m.max(x.abs()))
+        .max(1e-9);
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f64, f64::max)
+        / scale
+}
+
+#[test]
+fn a_shared_prefix_gives_the_padded_batch_loss_and_gradients() {
+    use mlbench::train::step::{grads, Seq, StepOptions};
+    // Sequences of different lengths that share 7 tokens before their first difference, with
+    // answers of 1 to 3 tokens; one answer starts right after the shared tokens. The tiny Gemma
+    // has a sliding window of 4, so its sliding layers cut into the prefix.
+    let prefix: Vec<u32> = vec![2, 40, 41, 42, 43, 44, 45];
+    let rests: [(&[u32], usize); 4] = [
+        (&[50, 51, 52, 60], 3),
+        (&[53, 61, 62], 1),
+        (&[54, 55, 56, 57, 58, 63, 64, 65], 5),
+        (&[66], 0),
+    ];
+    let seqs: Vec<Seq> = rests
+        .iter()
+        .map(|(rest, a)| {
+            let mut ids = prefix.clone();
+            ids.extend_from_slice(rest);
+            Seq {
+                ids,
+                answer_start: prefix.len() + a,
+            }
+        })
+        .collect();
+    let refs: Vec<&Seq> = seqs.iter().collect();
+    for arch in ARCHS {
+        let (_d64, m64) = tiny_model(arch, DType::F64);
+        let (_d32, m32) = tiny_model(arch, DType::F32);
+        assert!(m32.model.shares_prefixes() && !m64.model.shares_prefixes());
+        let ad64 = random_adapter(&m64.model, 7);
+        let ad32 = random_adapter(&m32.model, 7);
+        let run = |m: &Model, ad: &Adapter, micro: usize, share_prefix: bool| {
+            let opt = StepOptions {
+                micro,
+                dropout_seed: 3,
+                share_prefix,
+            };
+            grads(m, ad, &refs, opt).unwrap()
+        };
+        let reference = run(&m64.model, &ad64, 4, false);
+        let padded = run(&m32.model, &ad32, 4, false);
+        let (shared, shared_micro) = (
+            run(&m32.model, &ad32, 4, true),
+            run(&m32.model, &ad32, 2, true),
+        );
+        for (what, g) in [
+            ("padded f32", &padded),
+            ("shared prefix", &shared),
+            ("shared prefix, micro-batches of 2", &shared_micro),
+        ] {
+            assert!(
+                (g.loss - padded.loss).abs() < 1e-5,
+                "{arch:?} {what}: loss {} vs padded {}",
+                g.loss,
+                padded.loss
+            );
+            assert!((g.loss - reference.loss).abs() < 1e-4);
+            let against_f64 = worst_relative(&flat_grads(g), &flat_grads(&reference));
+            assert!(
+                against_f64 < 1e-3,
+                "{arch:?} {what}: off the f64 gradient by {against_f64}"
+            );
+            assert_eq!(
+                (g.tokens, g.input_tokens),
+                (reference.tokens, reference.input_tokens)
+            );
+        }
+        let against_padded = worst_relative(&flat_grads(&shared), &flat_grads(&padded));
+        assert!(
+            against_padded < 1e-4,
+            "{arch:?}: shared off the padded gradient by {against_padded}"
+        );
+        // The same seed twice gives the same bits.
+        let again = run(&m32.model, &ad32, 4, true);
+        assert_eq!(flat_grads(&again), flat_grads(&shared));
+    }
+}

@@ -221,6 +221,15 @@ fn outer_losses(log: &[LogRow], stage: &str) -> Vec<f64> {
         .collect()
 }
 
+/// Step options as the loops use them (shared prefixes on, the default).
+fn step_opts(micro: usize, dropout_seed: u64) -> mlbench::train::step::StepOptions {
+    mlbench::train::step::StepOptions {
+        micro,
+        dropout_seed,
+        share_prefix: true,
+    }
+}
+
 #[test]
 fn masked_loss_is_the_answer_token_mean_and_ignores_padding_and_micro_batches() {
     let (_d, lm) = tiny_model(Arch::Llama);
@@ -255,8 +264,8 @@ fn masked_loss_is_the_answer_token_mean_and_ignores_padding_and_micro_batches() 
         }
     }
     let want = nll / 6.0;
-    let whole = grads(m, &ad, &refs, 3, 1).unwrap();
-    let micro = grads(m, &ad, &refs, 1, 1).unwrap();
+    let whole = grads(m, &ad, &refs, step_opts(3, 1)).unwrap();
+    let micro = grads(m, &ad, &refs, step_opts(1, 1)).unwrap();
     assert_eq!(whole.tokens, 6);
     assert!((whole.loss - want).abs() < 1e-5, "{} vs {want}", whole.loss);
     assert!((micro.loss - want).abs() < 1e-5, "{} vs {want}", micro.loss);
@@ -288,13 +297,13 @@ fn meta_gradient_is_the_query_gradient_at_the_adapted_weights() {
     for t in &tasks {
         let copy = copy_adapter(&theta).unwrap();
         for _ in 0..2 {
-            let g = grads(m, &copy, &t.support, 8, 0).unwrap();
+            let g = grads(m, &copy, &t.support, step_opts(8, 0)).unwrap();
             for (v, g) in copy.vars().iter().zip(&g.grads) {
                 v.set(&(v.as_tensor() - (g * 0.5).unwrap()).unwrap())
                     .unwrap();
             }
         }
-        let gq = grads(m, &copy, &t.query, 8, 0).unwrap();
+        let gq = grads(m, &copy, &t.query, step_opts(8, 0)).unwrap();
         want = if want.is_empty() {
             gq.grads
         } else {
@@ -308,7 +317,7 @@ fn meta_gradient_is_the_query_gradient_at_the_adapted_weights() {
     let d = max_diff(&mg.grads, &want);
     assert!(d < 1e-5, "meta-gradient differs from its definition by {d}");
     // The inner steps matter: the gradient at theta itself is different.
-    let at_theta = grads(m, &theta, &tasks[0].query, 8, 0).unwrap();
+    let at_theta = grads(m, &theta, &tasks[0].query, step_opts(8, 0)).unwrap();
     let single = meta_gradient(m, &theta, &tasks[..1], &units, &cfg, 0).unwrap();
     assert!(max_diff(&single.grads, &at_theta.grads) > 1e-4);
     // theta itself was not touched by the inner steps.
@@ -356,7 +365,7 @@ fn stage2_only_equals_multitask_lora_on_the_same_query_batches() {
         );
         let mut union: Vec<&Seq> = tasks.iter().flat_map(|t| t.query.clone()).collect();
         union.sort_by_key(|s| s.ids.len());
-        let mut g = grads(m, &theta, &union, 64, 0).unwrap();
+        let mut g = grads(m, &theta, &union, step_opts(64, 0)).unwrap();
         ref_losses.push(g.loss);
         clip(&mut g.grads, cfg.clip).unwrap();
         opt.step(&vars, &g.grads, lr_at(step, 6, cfg.warmup, cfg.lr))

@@ -1,8 +1,8 @@
 //! One graph node per decoder layer for LoRA training on the CPU in f32.
 //!
 //! In: a layer, its input `x: [B * T, H]` (tracked), the batch's rope tables and attention
-//! mask, and the training context (adapter, dropout RNG). Out: the layer's output
-//! `[B * T, H]`, attached to the gradient graph as a single op whose inputs are `x` and the
+//! layout ([`Attend`]: padded rows, or rows continuing one shared prefix), and the training
+//! context (adapter, dropout RNG). Out: the layer's output `[B * T, H]`, attached to the gradient graph as a single op whose inputs are `x` and the
 //! layer's LoRA weights (each side concatenated into one flat tensor), with the layer's
 //! backward pass written out here from the kernels' own backward passes.
 //!
@@ -21,13 +21,153 @@ use super::kernels::{self, Glu};
 use super::transformer::{Ctx, Layer, Linear, RmsNorm};
 use crate::error::Result;
 
-/// The batch-level inputs a layer needs besides `x`.
+/// The batch-level inputs a layer needs besides `x`: the rope tables `[B, T, hd / 2]` of its
+/// `B * T` tokens and how they attend.
 pub(crate) struct Batch<'a> {
     pub b: usize,
     pub t: usize,
     pub cos: &'a Tensor,
     pub sin: &'a Tensor,
-    pub mask: &'a Tensor,
+    pub attend: Attend,
+}
+
+/// Which keys each query of a batch attends to.
+#[derive(Clone)]
+pub(crate) enum Attend {
+    /// `B` rows of `T` tokens, each attending within itself: additive mask `[B, 1, T, T]`.
+    Rows { mask: Tensor },
+    /// One prefix of `P` tokens attending causally within itself (`prefix_mask: [1, 1, P, P]`),
+    /// then `rows` rows of `len` tokens, each attending to the prefix and to itself (`mask:
+    /// [rows, 1, len, P + len]`). The tokens are laid out prefix first, then row by row.
+    Shared {
+        prefix: usize,
+        rows: usize,
+        len: usize,
+        prefix_mask: Tensor,
+        mask: Tensor,
+    },
+}
+
+impl Attend {
+    /// Attention output `[N, nh * hd]` for rope'd queries `[N, nh * hd]` and keys and values
+    /// `[N, nkv * hd]`.
+    fn forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f32,
+        heads: (usize, usize),
+    ) -> Result<Tensor> {
+        match self {
+            Attend::Rows { mask } => kernels::attention_2d::forward(q, k, v, mask, scale, heads),
+            Attend::Shared {
+                prefix,
+                rows,
+                len,
+                prefix_mask,
+                mask,
+            } => {
+                let (p, n) = (*prefix, rows * len);
+                let ap = kernels::attention_2d::forward(
+                    &q.narrow(0, 0, p)?,
+                    &k.narrow(0, 0, p)?,
+                    &v.narrow(0, 0, p)?,
+                    prefix_mask,
+                    scale,
+                    heads,
+                )?;
+                let ar = kernels::attention_2d::forward(
+                    &q.narrow(0, p, n)?.contiguous()?,
+                    &self.row_keys(k)?,
+                    &self.row_keys(v)?,
+                    mask,
+                    scale,
+                    heads,
+                )?;
+                Ok(Tensor::cat(&[ap, ar], 0)?)
+            }
+        }
+    }
+
+    /// `(dq, dk, dv)` of [`Attend::forward`] for the output gradient `da`. A shared prefix's
+    /// key and value gradients add its own queries' share to every row's.
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        da: &Tensor,
+        scale: f32,
+        heads: (usize, usize),
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        match self {
+            Attend::Rows { mask } => {
+                kernels::attention_2d::backward(q, k, v, mask, da, scale, heads)
+            }
+            Attend::Shared {
+                prefix,
+                rows,
+                len,
+                prefix_mask,
+                mask,
+            } => {
+                let (p, n) = (*prefix, rows * len);
+                let (dqp, dkp, dvp) = kernels::attention_2d::backward(
+                    &q.narrow(0, 0, p)?,
+                    &k.narrow(0, 0, p)?,
+                    &v.narrow(0, 0, p)?,
+                    prefix_mask,
+                    &da.narrow(0, 0, p)?.contiguous()?,
+                    scale,
+                    heads,
+                )?;
+                let (dqr, dkr, dvr) = kernels::attention_2d::backward(
+                    &q.narrow(0, p, n)?.contiguous()?,
+                    &self.row_keys(k)?,
+                    &self.row_keys(v)?,
+                    mask,
+                    &da.narrow(0, p, n)?.contiguous()?,
+                    scale,
+                    heads,
+                )?;
+                // Rows' key gradients `[rows, P + len, w]`: the prefix part is summed over the
+                // rows onto the prefix's own.
+                let split = |own: Tensor, d: Tensor| -> Result<Tensor> {
+                    let w = d.dim(1)?;
+                    let d = d.reshape((*rows, p + len, w))?;
+                    let to_prefix = d.narrow(1, 0, p)?.sum(0)?;
+                    let to_rows = d.narrow(1, p, *len)?.reshape((n, w))?;
+                    Ok(Tensor::cat(&[(own + to_prefix)?, to_rows], 0)?)
+                };
+                Ok((
+                    Tensor::cat(&[dqp, dqr], 0)?,
+                    split(dkp, dkr)?,
+                    split(dvp, dvr)?,
+                ))
+            }
+        }
+    }
+
+    /// Each row's keys (or values) preceded by the prefix's: `[rows * (P + len), w]` from the
+    /// batch's `[P + rows * len, w]`.
+    fn row_keys(&self, k: &Tensor) -> Result<Tensor> {
+        let Attend::Shared {
+            prefix, rows, len, ..
+        } = self
+        else {
+            return Ok(k.clone());
+        };
+        let w = k.dim(1)?;
+        let kp = k
+            .narrow(0, 0, *prefix)?
+            .unsqueeze(0)?
+            .broadcast_as((*rows, *prefix, w))?;
+        let kr = k
+            .narrow(0, *prefix, rows * len)?
+            .reshape((*rows, *len, w))?;
+        Ok(Tensor::cat(&[kp, kr], 1)?.reshape((rows * (prefix + len), w))?)
+    }
 }
 
 /// A LoRA pair as one layer's op uses it: detached weights, scaling and this step's dropout
@@ -229,7 +369,7 @@ pub(crate) fn layer(
     };
     let qr = rope(&qn, batch.cos, batch.sin, (b, t, nh, hd))?;
     let kr = rope(&kn, batch.cos, batch.sin, (b, t, nkv, hd))?;
-    let a = kernels::attention_2d::forward(&qr, &kr, &v, batch.mask, scale, (nh, nkv))?;
+    let a = batch.attend.forward(&qr, &kr, &v, scale, (nh, nkv))?;
     let lo = Lin::new(&l.o, &a, ctx, &mut vars)?;
     let o0 = lo.forward(&a)?;
     let o = if gemma {
@@ -286,7 +426,7 @@ pub(crate) fn layer(
     let lins = [lq, lk, lv, lo, lg, lu, ld];
     let layer = l.clone();
     let (cos, neg_sin) = (batch.cos.clone(), batch.sin.neg()?);
-    let mask = batch.mask.clone();
+    let attend = batch.attend.clone();
     let x_tracked = x.track_op();
     let backward = move |dy: &Tensor| -> Result<LayerGrads> {
         let s = &saved;
@@ -319,8 +459,7 @@ pub(crate) fn layer(
             dx1.clone()
         };
         let (da, gr_o) = asked(lo.backward(&s.a, &do0, true)?);
-        let (dqr, dkr, dv) =
-            kernels::attention_2d::backward(&s.qr, &s.kr, &s.v, &mask, &da, scale, (nh, nkv))?;
+        let (dqr, dkr, dv) = attend.backward(&s.qr, &s.kr, &s.v, &da, scale, (nh, nkv))?;
         let dqn = rope(&dqr, &cos, &neg_sin, (b, t, nh, hd))?;
         let dkn = rope(&dkr, &cos, &neg_sin, (b, t, nkv, hd))?;
         let dq0 = match &l.q_norm {

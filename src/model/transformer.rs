@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Tensor, D};
 use super::autograd::with_grad;
 use super::config::{Arch, LayerKind, ModelConfig};
 use super::kernels;
+use super::layer_train::Attend;
 use super::lora::{Adapter, ModuleInfo};
 use crate::error::{Error, Result};
 use crate::util::Rng;
@@ -270,6 +271,21 @@ struct Prepared {
     mask_sliding: Option<Tensor>,
     /// Rope tables per rope base.
     rope: HashMap<u64, RopeTables>,
+    /// `Some` for rows that continue one shared prefix ([`Model::hidden_shared_prefix`]); the
+    /// batch is then one row of `T = P + R * S` tokens and the masks above are the rows' own
+    /// (`[R, 1, S, P + S]`).
+    shared: Option<SharedLayout>,
+}
+
+/// The attention layout of a shared-prefix batch: `prefix` tokens run once, then `rows` rows of
+/// `len` tokens (right-padded) that each see the prefix and their own earlier tokens.
+pub(crate) struct SharedLayout {
+    pub(crate) prefix: usize,
+    pub(crate) rows: usize,
+    pub(crate) len: usize,
+    /// Causal masks of the prefix over itself, `[1, 1, P, P]`, for full and sliding layers.
+    prefix_full: Tensor,
+    prefix_sliding: Option<Tensor>,
 }
 
 /// Keys and values of the tokens a batch has run so far, per layer (after rope; `[B, T,
@@ -393,6 +409,7 @@ impl Model {
             mask_full,
             mask_sliding,
             rope: rope_t,
+            shared: None,
         })
     }
 
@@ -485,7 +502,110 @@ impl Model {
             mask_full,
             mask_sliding,
             rope: self.rope_tables(&pos)?,
+            shared: None,
         })
+    }
+
+    /// Masks and rope tables of a shared-prefix batch: `prefix` tokens at positions `0..P`,
+    /// then rows of `lens[r]` tokens at positions `P..`, right-padded to the longest (`S`).
+    /// Row query `j` (position `P + j`) sees prefix key `i` and own key `j' <= j`, within the
+    /// sliding window on sliding layers; a padding query sees nothing.
+    fn prepare_shared(&self, prefix: usize, lens: &[usize]) -> Result<Prepared> {
+        let (p, rows) = (prefix, lens.len());
+        let s = lens.iter().copied().max().unwrap_or(0);
+        if p == 0 || rows == 0 || s == 0 {
+            return Err(Error::Internal(format!(
+                "a shared-prefix batch needs a prefix and rows (prefix {p}, {rows} rows of {s})"
+            )));
+        }
+        let within = |d: usize, w: Option<usize>| w.is_none_or(|w| d < w);
+        let prefix_mask = |w: Option<usize>| -> Result<Tensor> {
+            let mut m = vec![NEG; p * p];
+            for q in 0..p {
+                for k in (0..=q).filter(|&k| within(q - k, w)) {
+                    m[q * p + k] = 0.0;
+                }
+            }
+            Ok(Tensor::from_vec(m, (1, 1, p, p), &self.device)?.to_dtype(self.dtype)?)
+        };
+        let row_mask = |w: Option<usize>| -> Result<Tensor> {
+            let tk = p + s;
+            let mut m = vec![NEG; rows * s * tk];
+            for (r, &len) in lens.iter().enumerate() {
+                for q in 0..len {
+                    let at = (r * s + q) * tk;
+                    for k in (0..p).filter(|&k| within(p + q - k, w)) {
+                        m[at + k] = 0.0;
+                    }
+                    for k in (0..=q).filter(|&k| within(q - k, w)) {
+                        m[at + p + k] = 0.0;
+                    }
+                }
+            }
+            Ok(Tensor::from_vec(m, (rows, 1, s, tk), &self.device)?.to_dtype(self.dtype)?)
+        };
+        let sliding = self.config.layer_kinds.contains(&LayerKind::Sliding);
+        let window = self.config.sliding_window;
+        let pos: Vec<i64> = (0..p)
+            .chain((0..rows).flat_map(|_| p..p + s))
+            .map(|x| x as i64)
+            .collect();
+        Ok(Prepared {
+            b: 1,
+            t: pos.len(),
+            mask_full: row_mask(None)?,
+            mask_sliding: if sliding {
+                Some(row_mask(window)?)
+            } else {
+                None
+            },
+            rope: self.rope_tables(&[pos])?,
+            shared: Some(SharedLayout {
+                prefix: p,
+                rows,
+                len: s,
+                prefix_full: prefix_mask(None)?,
+                prefix_sliding: if sliding {
+                    Some(prefix_mask(window)?)
+                } else {
+                    None
+                },
+            }),
+        })
+    }
+
+    /// Whether [`Model::hidden_shared_prefix`] runs for this model in training: LoRA training
+    /// on the CPU in f32, where each layer is one fused graph node (`layer_train`).
+    pub fn shares_prefixes(&self) -> bool {
+        self.dtype == DType::F32 && self.device.is_cpu()
+    }
+
+    /// Training hidden states of rows that all begin with `prefix`: the prefix runs once and
+    /// each row of `rows` (its tokens after the prefix, right-padded to the longest, `S`)
+    /// continues it, seeing the prefix and its own earlier tokens. Returns `[1, P + R * S,
+    /// hidden]`: prefix token `i` is flat row `i`, token `j` of row `r` is `P + r * S + j`.
+    /// Equal to [`Model::hidden`] over the full rows at those tokens, with the prefix's work
+    /// done once instead of `R` times (with LoRA dropout, the prefix's tokens get one dropout
+    /// draw for all rows). `None` without running anything when the model cannot
+    /// ([`Model::shares_prefixes`]) or `ctx` is not a training context.
+    pub fn hidden_shared_prefix(
+        &self,
+        prefix: &[u32],
+        rows: &[Vec<u32>],
+        ctx: &Ctx,
+    ) -> Result<Option<Tensor>> {
+        if !self.shares_prefixes() || !ctx.training() {
+            return Ok(None);
+        }
+        let lens: Vec<usize> = rows.iter().map(Vec::len).collect();
+        let p = self.prepare_shared(prefix.len(), &lens)?;
+        let s = p.shared.as_ref().map_or(0, |l| l.len);
+        let mut flat = prefix.to_vec();
+        for r in rows {
+            flat.extend(r);
+            flat.resize(flat.len() + s - r.len(), 0);
+        }
+        Ok(Some(self.hidden_run(&[flat], p, ctx, None)?))
     }
 
     /// Hidden states `[1, tn, hidden]` of `ids` (one row) continuing the tokens held in
@@ -623,14 +743,34 @@ impl Model {
         // Training on the CPU in f32: the whole layer is one graph node with its backward
         // written out (`layer_train`).
         if ctx.training() && kv.is_none() && self.dtype == DType::F32 && self.device.is_cpu() {
+            let attend = match &p.shared {
+                None => Attend::Rows { mask: mask.clone() },
+                Some(sh) => Attend::Shared {
+                    prefix: sh.prefix,
+                    rows: sh.rows,
+                    len: sh.len,
+                    prefix_mask: match l.kind {
+                        LayerKind::Sliding => sh.prefix_sliding.as_ref(),
+                        LayerKind::Full => None,
+                    }
+                    .unwrap_or(&sh.prefix_full)
+                    .clone(),
+                    mask: mask.clone(),
+                },
+            };
             let batch = super::layer_train::Batch {
                 b,
                 t,
                 cos: &rt.cos_half,
                 sin: &rt.sin_half,
-                mask,
+                attend,
             };
             return super::layer_train::layer(c, l, x, &batch, ctx);
+        }
+        if p.shared.is_some() {
+            return Err(Error::Internal(
+                "a shared-prefix batch runs only in the fused training layer".into(),
+            ));
         }
         let h = l.input_norm.run(x, fast)?;
         let q = l.q.forward(&h, ctx)?.reshape((b, t, nh, hd))?;

@@ -199,6 +199,10 @@ pub struct TrainConfig {
     pub passes: f64,
     /// Longest sequence in tokens; longer prompts lose tokens from the left.
     pub max_len: usize,
+    /// Run the tokens a micro-batch's sequences all begin with (the prompt's preamble) once per
+    /// micro-batch instead of once per sequence (CPU f32). The same loss and gradient up to
+    /// rounding without LoRA dropout; with it, the preamble's tokens share one dropout draw.
+    pub share_prefix: bool,
     // MeTA-LoRA
     /// Stage-1 steps `s` (forced to 0 by `stage2-only`).
     pub inner_steps: usize,
@@ -263,6 +267,7 @@ impl Default for TrainConfig {
             micro_batch: 8,
             passes: 5.0,
             max_len: 256,
+            share_prefix: true,
             inner_steps: 3,
             inner_lr: 1e-3,
             inner_optimizer: InnerOptimizer::Sgd,
@@ -296,6 +301,15 @@ impl TrainConfig {
     /// The method, parsed.
     pub fn method(&self) -> Result<Method> {
         Method::parse(&self.method)
+    }
+
+    /// How one gradient computation runs, with the dropout seed of this step.
+    pub fn step_options(&self, dropout_seed: u64) -> super::step::StepOptions {
+        super::step::StepOptions {
+            micro: self.micro_batch,
+            dropout_seed,
+            share_prefix: self.share_prefix,
+        }
     }
 
     /// The stage-1 steps the method runs (`stage2-only`: 0).

@@ -216,8 +216,7 @@ pub fn adapt(
             model,
             &a,
             seqs,
-            cfg.micro_batch,
-            derive_seed(cfg.seed, &key),
+            cfg.step_options(derive_seed(cfg.seed, &key)),
         )?;
         match adam.as_mut() {
             None => sgd_step(&vars, &g.grads, cfg.inner_lr)?,
@@ -309,8 +308,7 @@ pub fn meta_gradient(
             model,
             at,
             &q,
-            cfg.micro_batch,
-            derive_seed(cfg.seed, &["meta", &st, name, "query"]),
+            cfg.step_options(derive_seed(cfg.seed, &["meta", &st, name, "query"])),
         )?;
         check_finite(&g, step, name, "query")?;
         qloss += g.loss;
@@ -655,8 +653,10 @@ impl Trainer<'_> {
                     self.model,
                     &st.adapter,
                     &seqs,
-                    cfg.micro_batch,
-                    derive_seed(cfg.seed, &["lora", &phase_name, &step.to_string()]),
+                    cfg.step_options(derive_seed(
+                        cfg.seed,
+                        &["lora", &phase_name, &step.to_string()],
+                    )),
                 )?;
                 check_finite(&g, step, &phase_name, "train")?;
                 for &(u, i) in items {
