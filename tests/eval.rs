@@ -518,3 +518,119 @@ fn a_limit_takes_a_label_stratified_subset_in_file_order() {
         again.iter().map(|i| &i.id).collect::<Vec<_>>()
     );
 }
+
+/// A reader of lm-evaluation-harness outputs written against the harness's documented fields
+/// (results: `results`/`groups`/`group_subtasks`/`n-shot`/`n-samples`/`versions`/
+/// `higher_is_better`/`config`; samples: `doc_id`, `arguments`, `filtered_resps`, the hashes and
+/// one value per metric), checked against mlbench's own metrics file.
+#[test]
+fn lm_eval_shaped_results_and_sample_logs_agree_with_the_metrics() {
+    use serde_json::Value;
+    let d = data();
+    let out = d._tmp.path().join("harness");
+    // The harness's flag names: --num-fewshot and --output-path.
+    let o = mlbench(&[
+        "--data-dir",
+        d.dir.to_str().unwrap(),
+        "-q",
+        "eval",
+        "--model",
+        d.model.to_str().unwrap(),
+        "--task",
+        "toy",
+        "--langs",
+        "en,fr",
+        "--num-fewshot",
+        "1",
+        "--output-path",
+        out.to_str().unwrap(),
+        "--log-samples",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = mlbench::data::schema::read_parquet(&out.join("metrics.parquet")).unwrap();
+    let ours = |lang: &str, metric: &str| -> f64 {
+        let s = |c: &str| m.column(c).unwrap().str().unwrap().clone();
+        let (langs, metrics) = (s("lang"), s("metric"));
+        let value = m.column("value").unwrap().f64().unwrap().clone();
+        (0..m.height())
+            .find(|&i| langs.get(i) == Some(lang) && metrics.get(i) == Some(metric))
+            .and_then(|i| value.get(i))
+            .unwrap()
+    };
+    let dir = out.join("lm-eval/base");
+    let res: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+    let subtasks: Vec<&str> = res["group_subtasks"]["toy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(subtasks, ["toy_eng_Latn", "toy_fra_Latn"]);
+    let micro = ours("micro", "acc");
+    assert!((res["groups"]["toy"]["acc,none"].as_f64().unwrap() - micro).abs() < 1e-12);
+    assert!(res["config"]["model_args"]
+        .as_str()
+        .unwrap()
+        .starts_with("pretrained="));
+    let secs: f64 = res["total_evaluation_time_seconds"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(secs > 0.0 && res["date"].as_f64().unwrap() > 1.7e9);
+    for (lang, task) in [("eng_Latn", subtasks[0]), ("fra_Latn", subtasks[1])] {
+        let r = &res["results"][task];
+        for metric in ["acc", "acc_norm", "acc_bytes"] {
+            let got = r[format!("{metric},none")].as_f64().unwrap();
+            assert!((got - ours(lang, metric)).abs() < 1e-12, "{task} {metric}");
+            assert!(r[format!("{metric}_stderr,none")].as_f64().unwrap() > 0.0);
+        }
+        assert_eq!(res["n-shot"][task], 1);
+        assert_eq!(res["versions"][task], 3);
+        assert_eq!(res["higher_is_better"][task]["acc"], true);
+        assert_eq!(res["n-samples"][task]["effective"], 12);
+        let text = std::fs::read_to_string(dir.join(format!("samples_{task}.jsonl"))).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 12);
+        let mut ids: Vec<u64> = lines
+            .iter()
+            .map(|s| s["doc_id"].as_u64().unwrap())
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (0..12).collect::<Vec<u64>>());
+        let mut hits = 0.0;
+        for s in &lines {
+            let args = s["arguments"].as_array().unwrap();
+            assert_eq!(args.len(), 3, "one request per choice");
+            let context = args[0][0].as_str().unwrap();
+            assert!(
+                context.contains("Q: ") && context.ends_with("A:"),
+                "{context:?}"
+            );
+            assert_eq!(
+                s["prompt_hash"].as_str().unwrap(),
+                mlbench::util::sha256_hex(context.as_bytes())
+            );
+            // The harness's acc: the argmax of the choices' log-likelihoods is the target.
+            let lls: Vec<f64> = s["filtered_resps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r[0].as_f64().unwrap())
+                .collect();
+            let best = (0..lls.len()).fold(0, |b, i| if lls[i] > lls[b] { i } else { b });
+            let acc = f64::from(u8::from(best as u64 == s["target"].as_u64().unwrap()));
+            assert_eq!(s["acc"].as_f64().unwrap(), acc);
+            assert!(s["metrics"]
+                .as_array()
+                .unwrap()
+                .contains(&Value::from("acc")));
+            hits += acc;
+        }
+        assert!((hits / 12.0 - ours(lang, "acc")).abs() < 1e-12);
+    }
+}

@@ -29,7 +29,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub split: Option<String>,
     /// In-context examples per prompt, drawn (seeded) from the task's few-shot split.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, alias = "num-fewshot", default_value_t = 0)]
     pub shots: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -47,9 +47,15 @@ pub struct EvalArgs {
     pub device: String,
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Output folder (samples.parquet, metrics.parquet, metrics.md, results.json).
-    #[arg(long)]
+    /// Output folder (samples.parquet, metrics.parquet, metrics.md, results.json, and
+    /// lm-eval/<variant>/results.json in lm-evaluation-harness's shape).
+    #[arg(long, alias = "output-path")]
     pub out: PathBuf,
+    /// Also write lm-evaluation-harness sample logs:
+    /// lm-eval/<variant>/samples_<task>_<lang>.jsonl (prompts, continuations, log-likelihoods
+    /// or generations, per-example metrics).
+    #[arg(long)]
+    pub log_samples: bool,
     /// Replace the results of an earlier evaluation in `--out` (refused otherwise).
     #[arg(long)]
     pub overwrite: bool,
@@ -95,9 +101,13 @@ pub fn run(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
             &format!("{variant} {task}/{lang}"),
         );
     };
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
     let report = evaluate(&g.data_dir, &cfg, &a.out, &mut progress);
     pb.finish_and_clear();
     let report = report?;
+    mlbench::eval::lmeval::write(&g.data_dir, &cfg, &a.out, &report, started, a.log_samples)?;
     tracing::info!(
         secs = report.seconds,
         examples_per_s = report.examples_per_s,
