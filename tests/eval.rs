@@ -522,9 +522,10 @@ fn a_limit_takes_a_label_stratified_subset_in_file_order() {
 /// A reader of lm-evaluation-harness outputs written against the harness's documented fields
 /// (results: `results`/`groups`/`group_subtasks`/`n-shot`/`n-samples`/`versions`/
 /// `higher_is_better`/`config`; samples: `doc_id`, `arguments`, `filtered_resps`, the hashes and
-/// one value per metric), checked against mlbench's own metrics file.
+/// one value per metric), then the Every Eval Ever export of the same folder, both checked
+/// against mlbench's own metrics file.
 #[test]
-fn lm_eval_shaped_results_and_sample_logs_agree_with_the_metrics() {
+fn lm_eval_and_every_eval_ever_outputs_agree_with_the_metrics() {
     use serde_json::Value;
     let d = data();
     let out = d._tmp.path().join("harness");
@@ -633,4 +634,133 @@ fn lm_eval_shaped_results_and_sample_logs_agree_with_the_metrics() {
         }
         assert!((hits / 12.0 - ours(lang, "acc")).abs() < 1e-12);
     }
+
+    // The same folder in the Every Eval Ever schema (0.2.1): the required fields and closed key
+    // sets of its eval.schema.json and instance_level_eval.schema.json, scores and correctness
+    // agreeing with metrics.parquet.
+    let eee = d._tmp.path().join("eee");
+    let o = mlbench(&[
+        "-q",
+        "export",
+        "--format",
+        "eee",
+        "--from",
+        out.to_str().unwrap(),
+        "--out",
+        eee.to_str().unwrap(),
+        "--organization",
+        "tests",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let agg: Value =
+        serde_json::from_slice(&std::fs::read(eee.join("base.json")).unwrap()).unwrap();
+    let required = [
+        "schema_version",
+        "evaluation_id",
+        "retrieved_timestamp",
+        "source_metadata",
+        "model_info",
+        "eval_library",
+        "evaluation_results",
+    ];
+    let optional = [
+        "dedupe_identity",
+        "evaluation_timestamp",
+        "detailed_evaluation_results",
+    ];
+    for k in required {
+        assert!(agg.get(k).is_some(), "aggregate lacks {k}");
+    }
+    for k in agg.as_object().unwrap().keys() {
+        assert!(
+            required.contains(&k.as_str()) || optional.contains(&k.as_str()),
+            "{k}"
+        );
+    }
+    assert_eq!(agg["source_metadata"]["source_type"], "evaluation_run");
+    assert_eq!(agg["source_metadata"]["source_organization_name"], "tests");
+    let strings = |v: &Value| {
+        v.as_object()
+            .map_or(true, |m| m.values().all(Value::is_string))
+    };
+    assert!(strings(&agg["model_info"]["additional_details"]));
+    let mut found = 0;
+    for e in agg["evaluation_results"].as_array().unwrap() {
+        for k in [
+            "evaluation_name",
+            "source_data",
+            "metric_config",
+            "score_details",
+        ] {
+            assert!(e.get(k).is_some(), "result lacks {k}");
+        }
+        assert_eq!(e["source_data"]["source_type"], "other");
+        assert!(strings(&e["source_data"]["additional_details"]));
+        assert!(strings(&e["metric_config"]["additional_details"]));
+        assert!(e["metric_config"]["lower_is_better"].is_boolean());
+        let score = e["score_details"]["score"].as_f64().unwrap();
+        let ci = &e["score_details"]["uncertainty"]["confidence_interval"];
+        assert!(ci["lower"].as_f64().unwrap() <= score && score <= ci["upper"].as_f64().unwrap());
+        let metric = e["metric_config"]["additional_details"]["metric"]
+            .as_str()
+            .unwrap();
+        let name = e["evaluation_name"].as_str().unwrap();
+        if let Some(lang) = name.strip_prefix("toy_") {
+            assert!(
+                (score - ours(lang, metric)).abs() < 1e-12,
+                "{name} {metric}"
+            );
+            found += 1;
+        }
+    }
+    assert_eq!(found, 3 * 4, "3 metrics x (2 languages, micro, macro)");
+    let detail = &agg["detailed_evaluation_results"];
+    let bytes = std::fs::read(eee.join(detail["file_path"].as_str().unwrap())).unwrap();
+    assert_eq!(
+        detail["checksum"].as_str().unwrap(),
+        mlbench::util::sha256_hex(&bytes)
+    );
+    let lines: Vec<Value> = String::from_utf8(bytes)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(detail["total_rows"], 24);
+    assert_eq!(lines.len(), 24);
+    let instance_keys = [
+        "schema_version",
+        "evaluation_id",
+        "model_id",
+        "evaluation_name",
+        "sample_id",
+        "sample_hash",
+        "interaction_type",
+        "input",
+        "output",
+        "messages",
+        "answer_attribution",
+        "evaluation",
+        "token_usage",
+        "performance",
+        "error",
+        "metadata",
+    ];
+    let mut correct_en = 0.0;
+    for l in &lines {
+        for k in l.as_object().unwrap().keys() {
+            assert!(instance_keys.contains(&k.as_str()), "{k}");
+        }
+        assert_eq!(l["evaluation_id"], agg["evaluation_id"]);
+        assert_eq!(l["interaction_type"], "single_turn");
+        assert!(l["input"]["raw"].is_string() && l["input"]["reference"].is_array());
+        assert!(l["output"]["raw"].is_array());
+        assert!(strings(&l["metadata"]));
+        let a = &l["answer_attribution"][0];
+        assert_eq!(a["extracted_value"], l["output"]["raw"][0]);
+        assert!(l["evaluation"]["score"].is_number());
+        if l["evaluation_name"] == "toy_eng_Latn" && l["evaluation"]["is_correct"] == true {
+            correct_en += 1.0;
+        }
+    }
+    assert!((correct_en / 12.0 - ours("eng_Latn", "acc")).abs() < 1e-12);
 }

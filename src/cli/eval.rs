@@ -140,3 +140,38 @@ pub fn run(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Formats `mlbench export` writes.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// Every Eval Ever (EvalEval's schema 0.2.1): an aggregate JSON per variant, and instance
+    /// JSONL when the evaluation kept sample logs.
+    Eee,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The format to write.
+    #[arg(long, value_enum)]
+    pub format: ExportFormat,
+    /// An evaluation folder (`mlbench eval --out`); evaluate with `--log-samples` to get
+    /// instance-level files too.
+    #[arg(long = "from")]
+    pub from: PathBuf,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Who ran the evaluation (the schema's source organization).
+    #[arg(long, default_value = "unspecified")]
+    pub organization: String,
+}
+
+pub fn export(_g: &Global, a: ExportArgs) -> anyhow::Result<()> {
+    let written = match a.format {
+        ExportFormat::Eee => mlbench::eval::eee::export(&a.from, &a.out, &a.organization)?,
+    };
+    for p in written {
+        tracing::info!("wrote {}", p.display());
+    }
+    Ok(())
+}

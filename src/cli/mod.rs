@@ -79,6 +79,8 @@ pub enum Command {
     Train(Box<train::TrainArgs>),
     /// Evaluate the base model and adapters on task test sets (per-example records, metrics).
     Eval(Box<eval::EvalArgs>),
+    /// Write an evaluation in another tool's schema (`--format eee`: Every Eval Ever).
+    Export(eval::ExportArgs),
     /// Run an experiment file's grid (method x K x seed) into a results store.
     Run(run::RunArgs),
     /// Compare methods from a results store: tables with intervals and paired tests.
@@ -170,6 +172,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => model::run_generate(&cli.global, a),
         Command::Train(a) => train::run(&cli.global, *a),
         Command::Eval(a) => eval::run(&cli.global, *a),
+        Command::Export(a) => eval::export(&cli.global, a),
         Command::Run(a) => run::run(&cli.global, a),
         Command::Compare(a) => run::compare(&cli.global, a),
         Command::Merge(a) => run::merge(&cli.global, a),

@@ -4,11 +4,13 @@
 //! - [`choices`]: multiple-choice log-likelihoods with the context computed once per example;
 //! - [`metrics`]: acc, acc_norm, acc_bytes, exact_match, standard errors, Wilson and bootstrap
 //!   intervals, micro and macro averages;
+//! - [`eee`]: an evaluation folder in the Every Eval Ever schema (aggregate and instances);
 //! - [`lmeval`]: the same results in lm-evaluation-harness's shapes (results file, sample logs);
 //! - [`run`]: prompts (zero- and n-shot), variants (base, adapters, per-task adapter sets),
 //!   scoring of every variant on one loaded base, and the output files.
 
 pub mod choices;
+pub mod eee;
 pub mod lmeval;
 pub mod metrics;
 pub mod run;
