@@ -681,7 +681,7 @@ fn lm_eval_and_every_eval_ever_outputs_agree_with_the_metrics() {
     assert_eq!(agg["source_metadata"]["source_organization_name"], "tests");
     let strings = |v: &Value| {
         v.as_object()
-            .map_or(true, |m| m.values().all(Value::is_string))
+            .is_none_or(|m| m.values().all(Value::is_string))
     };
     assert!(strings(&agg["model_info"]["additional_details"]));
     let mut found = 0;
