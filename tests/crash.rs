@@ -12,7 +12,6 @@ use std::path::Path;
 
 use common::*;
 use mlbench::runner::store::Store;
-use polars::prelude::*;
 
 fn grid(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let data = toy_data(dir, &[("train", 4), ("test", 2)]);
@@ -52,15 +51,6 @@ fn run(data: &Path, exp: &Path, store: &Path, env: &[(&str, String)]) -> std::pr
     c.output().unwrap()
 }
 
-/// The store's rows of `file`, without the finish times, in a canonical order.
-fn rows(store: &Path, file: &str, order: &[&str]) -> DataFrame {
-    let df = Store::new(store).read(file).unwrap();
-    df.drop("finished_at_unix")
-        .unwrap()
-        .sort(order.to_vec(), SortMultipleOptions::default())
-        .unwrap()
-}
-
 #[test]
 fn a_grid_killed_at_every_write_and_rename_reads_back_as_if_never_killed() {
     let dir = tempfile::tempdir().unwrap();
@@ -83,12 +73,12 @@ fn a_grid_killed_at_every_write_and_rename_reads_back_as_if_never_killed() {
     let commits = points.iter().filter(|p| p.contains("commit:")).count();
     assert_eq!(commits, 2 * 4, "four points per cell commit: {points:#?}");
     assert!(points.iter().any(|p| p.contains("merge:")), "{points:#?}");
-    let want_m = rows(
+    let want_m = store_rows(
         &reference,
         "metrics.parquet",
         &["key", "task", "lang", "metric"],
     );
-    let want_s = rows(
+    let want_s = store_rows(
         &reference,
         "samples.parquet",
         &["key", "task", "lang", "id"],
@@ -118,12 +108,12 @@ fn a_grid_killed_at_every_write_and_rename_reads_back_as_if_never_killed() {
             .filter(|n| n.starts_with('.'))
             .collect();
         assert!(leftovers.is_empty(), "after {what}: {leftovers:?}");
-        let got_m = rows(
+        let got_m = store_rows(
             &store,
             "metrics.parquet",
             &["key", "task", "lang", "metric"],
         );
-        let got_s = rows(&store, "samples.parquet", &["key", "task", "lang", "id"]);
+        let got_s = store_rows(&store, "samples.parquet", &["key", "task", "lang", "id"]);
         assert!(
             got_m.equals_missing(&want_m),
             "metrics after {what}:\n{got_m}\n{want_m}"

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use mlbench::runner::store::Store;
-use polars::prelude::*;
 
 /// Whether `CI` is set to something other than empty, `0` or `false`.
 fn in_ci() -> bool {
@@ -191,17 +190,6 @@ impl Drop for Cluster {
     }
 }
 
-/// The store's rows of `file`, without the finish times, in a canonical order.
-fn rows(store: &Path, file: &str, order: &[&str]) -> DataFrame {
-    Store::new(store)
-        .read(file)
-        .unwrap()
-        .drop("finished_at_unix")
-        .unwrap()
-        .sort(order.to_vec(), SortMultipleOptions::default())
-        .unwrap()
-}
-
 #[test]
 fn a_slurm_array_and_its_dependent_merge_give_the_single_process_store() {
     let tools = ["sbatch", "squeue", "sinfo", "slurmctld", "slurmd", "munged"];
@@ -293,7 +281,10 @@ fn a_slurm_array_and_its_dependent_merge_give_the_single_process_store() {
         ("metrics.parquet", &["key", "task", "lang", "metric"][..]),
         ("samples.parquet", &["key", "task", "lang", "id"][..]),
     ] {
-        let (got, want) = (rows(&store, file, order), rows(&reference, file, order));
+        let (got, want) = (
+            store_rows(&store, file, order),
+            store_rows(&reference, file, order),
+        );
         assert!(got.equals_missing(&want), "{file}:\n{got}\n{want}");
     }
 }

@@ -149,3 +149,16 @@ pub fn tiny_llama(dir: &Path) -> PathBuf {
     mlbench::model::tiny::write_tiny(mlbench::model::config::Arch::Llama, &model, 0).unwrap();
     model
 }
+
+/// A results store's rows of `file` (`metrics.parquet` or `samples.parquet`) without the
+/// finish times, sorted by `order`: two stores of the same grid compare equal.
+pub fn store_rows(store: &Path, file: &str, order: &[&str]) -> polars::prelude::DataFrame {
+    use polars::prelude::SortMultipleOptions;
+    mlbench::runner::store::Store::new(store)
+        .read(file)
+        .unwrap()
+        .drop("finished_at_unix")
+        .unwrap()
+        .sort(order.to_vec(), SortMultipleOptions::default())
+        .unwrap()
+}
