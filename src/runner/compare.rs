@@ -843,10 +843,7 @@ fn run_values(
 }
 
 /// The per-example outcomes per cell and run (of `(before, after)`): (seed, id) -> correct.
-fn run_outcomes(
-    samples: &DataFrame,
-    (before, after): (&str, &str),
-) -> Result<RunOutcomes> {
+fn run_outcomes(samples: &DataFrame, (before, after): (&str, &str)) -> Result<RunOutcomes> {
     let (sm, st, sl, sid, sv) = (
         strs(samples, "method")?,
         strs(samples, "task")?,

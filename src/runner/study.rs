@@ -574,36 +574,20 @@ pub fn setup(
 /// test split, budgets, seeds and the declared reference.
 fn grid_lines(infos: &[CellInfo], reference: Option<&str>, margin: f64) -> Vec<(String, String)> {
     let mut lines = Vec::new();
-    put(
-        &mut lines,
-        "experiment",
-        across(infos, &["cell", "experiment"]),
-    );
-    put(
-        &mut lines,
-        "model",
-        across(infos, &["cell", "eval", "model"]),
-    );
-    put(
-        &mut lines,
-        "model weights sha256",
-        across(infos, &["info", "model_sha256"]),
-    );
-    put(
-        &mut lines,
-        "datasets manifest sha256",
-        across(infos, &["info", "datasets_manifest_sha256"]),
-    );
-    put(
-        &mut lines,
-        "tasks",
-        across(infos, &["cell", "eval", "tasks"]),
-    );
-    put(
-        &mut lines,
-        "languages",
-        across(infos, &["cell", "eval", "langs"]),
-    );
+    let recorded: [(&str, &[&str]); 6] = [
+        ("experiment", &["cell", "experiment"]),
+        ("model", &["cell", "eval", "model"]),
+        ("model weights sha256", &["info", "model_sha256"]),
+        (
+            "datasets manifest sha256",
+            &["info", "datasets_manifest_sha256"],
+        ),
+        ("tasks", &["cell", "eval", "tasks"]),
+        ("languages", &["cell", "eval", "langs"]),
+    ];
+    for (k, path) in recorded {
+        put(&mut lines, k, across(infos, path));
+    }
     put(
         &mut lines,
         "test split, cap",
@@ -669,27 +653,7 @@ fn method_lines(
         return;
     };
     let cfg = &c.training()["config"];
-    let keys = [
-        "lr",
-        "passes",
-        "batch_size",
-        "inner_lr",
-        "inner_steps",
-        "n_support",
-        "n_query",
-        "tasks_per_batch",
-        "meta_iterations",
-        "eval_every",
-        "patience",
-        "max_len",
-        "unit",
-    ];
-    let set: Vec<String> = keys
-        .iter()
-        .filter(|k| !cfg[**k].is_null())
-        .map(|k| format!("{k}={}", cfg[*k]))
-        .collect();
-    put(lines, &format!("{m}: settings"), set.join(" "));
+    put(lines, &format!("{m}: settings"), settings(cfg));
     if let Some(es) = c.training()["early_stopping"].as_object() {
         put(
             lines,
@@ -737,6 +701,31 @@ fn method_lines(
             ),
         );
     }
+}
+
+/// The training settings a run recorded, `key=value` separated by spaces (unset ones left out).
+fn settings(cfg: &serde_json::Value) -> String {
+    let keys = [
+        "lr",
+        "passes",
+        "batch_size",
+        "inner_lr",
+        "inner_steps",
+        "n_support",
+        "n_query",
+        "tasks_per_batch",
+        "meta_iterations",
+        "eval_every",
+        "patience",
+        "max_len",
+        "unit",
+    ];
+    let set: Vec<String> = keys
+        .iter()
+        .filter(|k| !cfg[**k].is_null())
+        .map(|k| format!("{k}={}", cfg[*k]))
+        .collect();
+    set.join(" ")
 }
 
 /// Early stopping's record of a run (seed `seed`): the best dev score, its step and settings.
