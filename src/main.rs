@@ -9,6 +9,8 @@ use tracing_subscriber::EnvFilter;
 fn main() {
     mlbench::util::tune_allocator();
     // `mlbench ... | head` ends quietly instead of panicking on a closed pipe.
+    // SAFETY: `signal` with SIG_DFL installs no handler code of ours, and it is called before
+    // other threads start, so nothing races on the signal table.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }

@@ -196,6 +196,8 @@ pub static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::
 extern "C" fn on_stop_signal(_: libc::c_int) {
     STOP.store(true, std::sync::atomic::Ordering::SeqCst);
     // A second signal ends the process at once.
+    // SAFETY: `signal` is async-signal-safe (POSIX), so calling it inside a handler is allowed,
+    // and SIG_DFL installs no code of ours.
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_DFL);
         libc::signal(libc::SIGTERM, libc::SIG_DFL);
@@ -205,6 +207,8 @@ extern "C" fn on_stop_signal(_: libc::c_int) {
 /// Routes SIGINT and SIGTERM (Slurm, Kubernetes) to [`STOP`].
 pub fn catch_stop_signals() {
     let h = on_stop_signal as *const () as libc::sighandler_t;
+    // SAFETY: `h` is an `extern "C" fn(c_int)`, the signature `signal` expects, and the handler
+    // only stores to an atomic and calls the async-signal-safe `signal`.
     unsafe {
         libc::signal(libc::SIGINT, h);
         libc::signal(libc::SIGTERM, h);

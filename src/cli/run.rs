@@ -498,35 +498,87 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
     if let Some(against) = &a.against {
         return gate(&store, &metrics, against, &a);
     }
-    // One result per cell: the run asked for, else each cell's newest.
-    let keys = match &a.run {
-        Some(v) => {
-            let names: Vec<String> = runs(&metrics)?.into_iter().map(|(v, _)| v).collect();
-            if !names.contains(v) {
-                return Err(Error::Unknown {
-                    kind: "run",
-                    code: v.clone(),
-                    scope: format!(" in {} (runs: {})", store.dir.display(), names.join(", ")),
-                    suggestions: vec![],
-                }
-                .into());
-            }
-            of_run(&metrics, v)?
-                .column("key")?
-                .str()?
-                .iter()
-                .flatten()
-                .map(str::to_string)
-                .collect()
-        }
-        None => newest_keys(&metrics)?,
-    };
+    let keys = compared_keys(&store, &metrics, a.run.as_ref())?;
     let metrics = with_keys(&metrics, &keys)?;
+    let (reference, margin) = reference_and_margin(&store, &a)?;
+    // Per-example records for the paired statistics and the label diagnostics.
+    let samples = if reference.is_some() || a.baseline.is_some() {
+        let mut cols: Vec<&str> = SAMPLE_COLUMNS.to_vec();
+        cols.extend(["pred", "gold"]);
+        with_keys(&store.read_columns("samples.parquet", Some(&cols))?, &keys)?
+    } else {
+        polars::prelude::DataFrame::empty()
+    };
+    let q = a.sel.query(&metrics, a.baseline.clone())?;
+    let mut t = table(&metrics, &samples, &q)?;
+    print!("{}", t.text());
+    let study = match &reference {
+        Some(r) => Some(study_parts(
+            &store,
+            &keys,
+            &samples,
+            &t,
+            &q,
+            r,
+            margin,
+            a.sel.experiment.as_deref(),
+        )?),
+        None => None,
+    };
+    if let Some(st) = &study {
+        for r in st
+            .budget
+            .iter()
+            .filter(|r| r.k.is_none() && r.distinct_per_lang > 0.0)
+        {
+            t.real_k.insert(r.method.clone(), r.distinct_per_lang);
+        }
+        println!();
+        print!("{}", st.verdicts.text());
+        for w in mlbench::runner::study::collapse_warnings(&st.dists) {
+            tracing::warn!("{w}");
+        }
+    }
+    write_comparison(g, &a, &t, study.as_ref(), &q)
+}
+
+/// The cells a comparison reads: those of run `run` (a code version of the store), else each
+/// cell's newest result.
+fn compared_keys(
+    store: &Store,
+    metrics: &polars::prelude::DataFrame,
+    run: Option<&String>,
+) -> anyhow::Result<std::collections::HashSet<String>> {
+    let Some(v) = run else {
+        return Ok(newest_keys(metrics)?);
+    };
+    let names: Vec<String> = runs(metrics)?.into_iter().map(|(v, _)| v).collect();
+    if !names.contains(v) {
+        return Err(Error::Unknown {
+            kind: "run",
+            code: v.clone(),
+            scope: format!(" in {} (runs: {})", store.dir.display(), names.join(", ")),
+            suggestions: vec![],
+        }
+        .into());
+    }
+    Ok(of_run(metrics, v)?
+        .column("key")?
+        .str()?
+        .iter()
+        .flatten()
+        .map(str::to_string)
+        .collect())
+}
+
+/// The reference method and margin of a comparison: the flags, else the experiment's
+/// declaration (the margin defaults to 2 points and must be positive).
+fn reference_and_margin(store: &Store, a: &CompareArgs) -> anyhow::Result<(Option<String>, f64)> {
     let declared = a
         .sel
         .experiment
         .as_ref()
-        .and_then(|e| read_declaration(&store, e));
+        .and_then(|e| read_declaration(store, e));
     let reference = a.reference.clone().or_else(|| {
         declared
             .as_ref()
@@ -542,51 +594,24 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
-    // Per-example records for the paired statistics and the label diagnostics.
-    let samples = if reference.is_some() || a.baseline.is_some() {
-        let mut cols: Vec<&str> = SAMPLE_COLUMNS.to_vec();
-        cols.extend(["pred", "gold"]);
-        with_keys(&store.read_columns("samples.parquet", Some(&cols))?, &keys)?
-    } else {
-        polars::prelude::DataFrame::empty()
-    };
-    let q = a.sel.query(&metrics, a.baseline.clone())?;
-    let t = table(&metrics, &samples, &q)?;
-    print!("{}", t.text());
-    let study = match &reference {
-        Some(r) => Some(study_parts(
-            &store,
-            &keys,
-            &samples,
-            &t,
-            &q,
-            r,
-            margin,
-            a.sel.experiment.as_deref(),
-        )?),
-        None => None,
-    };
-    let mut t = t;
-    if let Some(st) = &study {
-        for r in st
-            .budget
-            .iter()
-            .filter(|r| r.k.is_none() && r.distinct_per_lang > 0.0)
-        {
-            t.real_k.insert(r.method.clone(), r.distinct_per_lang);
-        }
-        println!();
-        print!("{}", st.verdicts.text());
-        for w in mlbench::runner::study::collapse_warnings(&st.dists) {
-            tracing::warn!("{w}");
-        }
-    }
+    Ok((reference, margin))
+}
+
+/// Writes what `--json`, `--bmf` and `--out` ask for: the table (and verdicts) as JSON, in
+/// Bencher's format, and the report folder.
+fn write_comparison(
+    g: &Global,
+    a: &CompareArgs,
+    t: &mlbench::runner::compare::Table,
+    study: Option<&mlbench::report::Study>,
+    q: &Query,
+) -> anyhow::Result<()> {
     if let Some(p) = &a.json {
-        let doc = mlbench::runner::compare::table_json(&t, study.as_ref().map(|s| &s.verdicts));
+        let doc = mlbench::runner::compare::table_json(t, study.map(|s| &s.verdicts));
         mlbench::util::write_bytes_atomic(p, &serde_json::to_vec_pretty(&doc)?)?;
     }
     if let Some(p) = &a.bmf {
-        let doc = mlbench::runner::compare::bencher_metric_format(&t, q.experiment.as_deref());
+        let doc = mlbench::runner::compare::bencher_metric_format(t, q.experiment.as_deref());
         mlbench::util::write_bytes_atomic(p, &serde_json::to_vec_pretty(&doc)?)?;
     }
     if let Some(out) = &a.out {
@@ -598,32 +623,31 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
                 .map(|b| format!(" (baseline {b})"))
                 .unwrap_or_default()
         );
-        let about = format!(
-            "Store {}; metric {}; tasks {}; languages {}; methods {}.",
-            a.sel.store.display(),
-            q.metric,
-            if q.tasks.is_empty() {
-                "all".into()
-            } else {
-                q.tasks.join(", ")
-            },
-            if q.langs.is_empty() {
-                "all".into()
-            } else {
-                q.langs.join(", ")
-            },
-            if q.methods.is_empty() {
-                "all".into()
-            } else {
-                q.methods.join(", ")
-            },
-        );
-        mlbench::report::write_report(&t, study.as_ref(), out, &title, &about)?;
+        mlbench::report::write_report(t, study, out, &title, &report_about(a, q))?;
         if !g.quiet {
             eprintln!("report written to {}", out.join("index.html").display());
         }
     }
     Ok(())
+}
+
+/// The line under a comparison report's title: the store and what was selected.
+fn report_about(a: &CompareArgs, q: &Query) -> String {
+    let all_or = |v: &[String]| {
+        if v.is_empty() {
+            "all".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    format!(
+        "Store {}; metric {}; tasks {}; languages {}; methods {}.",
+        a.sel.store.display(),
+        q.metric,
+        all_or(&q.tasks),
+        all_or(&q.langs),
+        all_or(&q.methods),
+    )
 }
 
 /// The study declaration `mlbench run` recorded for experiment `name`.

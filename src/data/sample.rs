@@ -228,182 +228,246 @@ pub fn sample_pools(data_dir: &Path, req: &PoolRequest) -> Result<Vec<PoolRow>> 
     }
     let mut out = Vec::new();
     for task in &req.tasks {
-        let path = dataset_path(data_dir, task)?;
-        let lf = scan(&path)?;
-        let schema = lf
-            .clone()
-            .collect_schema()
-            .map_err(|e| Error::CorruptParquet {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
-        for (name, ty) in [
-            ("lang", "str"),
-            ("lang_code", "str"),
-            ("split", "str"),
-            ("id", "str"),
-            ("label", "i64"),
-            ("choices", "list[str]"),
-        ] {
-            let dt = schema.get(name).ok_or_else(|| Error::MissingColumn {
-                path: path.clone(),
-                column: name.into(),
-                expected: ty.into(),
-            })?;
-            let ok = match ty {
-                "str" => dt == &DataType::String,
-                "i64" => dt.is_integer() || dt == &DataType::Null,
-                _ => matches!(dt, DataType::List(_) | DataType::Null),
-            };
-            if !ok {
-                return Err(Error::ColumnType {
-                    path: path.clone(),
-                    column: name.into(),
-                    found: dt.to_string(),
-                    expected: ty.into(),
-                });
-            }
-        }
-        let t0 = std::time::Instant::now();
-        let entries = task_languages(&path)?;
-        tracing::debug!(task = %task, secs = t0.elapsed().as_secs_f64(), "languages scanned");
-        let codes = codes_for(task, &req.langs);
-        if codes.is_empty() {
-            return Err(Error::Invalid(format!(
-                "no language given for task `{task}`"
-            )));
-        }
-        let chosen = lang::resolve_list(task, &codes, &entries)?;
-        let mut pred = col("split").eq(lit(req.split.clone()));
-        if chosen.len() < entries.len() {
-            let any_lang = chosen
-                .iter()
-                .map(|e| col("lang").eq(lit(e.lang.clone())))
-                .reduce(|a, b| a.or(b))
-                .expect("at least one language");
-            pred = pred.and(any_lang);
-        }
-        let df = collect(
-            lf.filter(pred).select([
-                col("lang"),
-                col("id"),
-                col("label").cast(DataType::Int64),
-                col("choices"),
-            ]),
-            &path,
-        )?;
-        tracing::debug!(task = %task, rows = df.height(), secs = t0.elapsed().as_secs_f64(), "train rows read");
-        let langs_col = df.column("lang")?.str()?.clone();
-        let ids_col = df.column("id")?.str()?.clone();
-        let labels_col = df.column("label")?.i64()?.clone();
-        let n_choices = list_lengths(df.column("choices")?.as_materialized_series())?;
-        let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        for row in 0..df.height() {
-            let l = langs_col.get(row).ok_or_else(|| Error::BadValue {
-                path: path.clone(),
-                row,
-                id: ids_col.get(row).unwrap_or("").into(),
-                column: "lang".into(),
-                message: "is null".into(),
-            })?;
-            groups.entry(l).or_default().push(row);
-        }
-        let draw_one = |e: &LangEntry| -> Result<Vec<PoolRow>> {
-            let mut out = Vec::new();
-            let rows = groups.get(e.lang.as_str()).cloned().unwrap_or_default();
-            if rows.is_empty() {
-                let splits = splits_of(&path, &e.lang)?;
-                return Err(Error::MissingSplit {
-                    task: task.clone(),
-                    lang: e.lang_code.clone(),
-                    split: req.split.clone(),
-                    available: splits,
-                });
-            }
-            let mut ids = Vec::with_capacity(rows.len());
-            let mut labels = Vec::with_capacity(rows.len());
-            let mut seen = std::collections::HashSet::with_capacity(rows.len());
-            for &r in &rows {
-                let id =
-                    ids_col
-                        .get(r)
-                        .filter(|s| !s.is_empty())
-                        .ok_or_else(|| Error::BadValue {
-                            path: path.clone(),
-                            row: r,
-                            id: String::new(),
-                            column: "id".into(),
-                            message: "is null or empty".into(),
-                        })?;
-                if !seen.insert(id) {
-                    return Err(Error::BadValue {
-                        path: path.clone(),
-                        row: r,
-                        id: id.into(),
-                        column: "id".into(),
-                        message: format!(
-                            "duplicate id in language `{}` split `{}`",
-                            e.lang, req.split
-                        ),
-                    });
-                }
-                let y = labels_col.get(r);
-                if let Some(y) = y {
-                    let n = n_choices[r];
-                    if y < 0 || y as usize >= n {
-                        return Err(Error::BadValue {
-                            path: path.clone(),
-                            row: r,
-                            id: id.into(),
-                            column: "label".into(),
-                            message: format!("label {y} is outside 0..{n} (the number of choices)"),
-                        });
-                    }
-                }
-                ids.push(id);
-                labels.push(y);
-            }
-            let max_k = *req.ks.iter().max().expect("non-empty");
-            if max_k > ids.len() {
-                return Err(Error::BudgetTooLarge {
-                    task: task.clone(),
-                    lang: e.lang_code.clone(),
-                    split: req.split.clone(),
-                    k: max_k,
-                    available: ids.len(),
-                });
-            }
-            let key: Vec<&str> = if req.aligned {
-                vec![task.as_str()]
-            } else {
-                vec![task.as_str(), e.lang_code.as_str()]
-            };
-            let order = draw_order(&ids, &labels, req.seed, &key);
-            for &k in &req.ks {
-                for (draw, &i) in order.iter().take(k).enumerate() {
-                    out.push(PoolRow {
-                        task: task.clone(),
-                        lang: e.lang.clone(),
-                        lang_code: e.lang_code.clone(),
-                        split: req.split.clone(),
-                        id: ids[i].to_string(),
-                        label: labels[i],
-                        seed: req.seed,
-                        k,
-                        draw,
-                    });
-                }
-            }
-            Ok(out)
-        };
-        // Languages are independent streams: draw them in parallel, report errors in order.
-        let per_lang: Vec<Result<Vec<PoolRow>>> = chosen.par_iter().map(|e| draw_one(e)).collect();
-        for r in per_lang {
-            out.extend(r?);
-        }
+        out.extend(task_pools(data_dir, task, req)?);
     }
     tracing::debug!(rows = out.len(), "pools drawn");
     Ok(out)
+}
+
+/// The pools of one task: its file checked, the chosen languages' rows of the split read,
+/// every language drawn.
+fn task_pools(data_dir: &Path, task: &str, req: &PoolRequest) -> Result<Vec<PoolRow>> {
+    let path = dataset_path(data_dir, task)?;
+    let lf = scan(&path)?;
+    check_pool_columns(&lf, &path)?;
+    let t0 = std::time::Instant::now();
+    let entries = task_languages(&path)?;
+    tracing::debug!(task = %task, secs = t0.elapsed().as_secs_f64(), "languages scanned");
+    let codes = codes_for(task, &req.langs);
+    if codes.is_empty() {
+        return Err(Error::Invalid(format!(
+            "no language given for task `{task}`"
+        )));
+    }
+    let chosen = lang::resolve_list(task, &codes, &entries)?;
+    let mut pred = col("split").eq(lit(req.split.clone()));
+    if chosen.len() < entries.len() {
+        let any_lang = chosen
+            .iter()
+            .map(|e| col("lang").eq(lit(e.lang.clone())))
+            .reduce(|a, b| a.or(b))
+            .expect("at least one language");
+        pred = pred.and(any_lang);
+    }
+    let df = collect(
+        lf.filter(pred).select([
+            col("lang"),
+            col("id"),
+            col("label").cast(DataType::Int64),
+            col("choices"),
+        ]),
+        &path,
+    )?;
+    tracing::debug!(task = %task, rows = df.height(), secs = t0.elapsed().as_secs_f64(), "train rows read");
+    let rows = SplitRows::read(&df, task, &path, req)?;
+    // Languages are independent streams: draw them in parallel, report errors in order.
+    let per_lang: Vec<Result<Vec<PoolRow>>> = chosen.par_iter().map(|e| rows.draw(e)).collect();
+    let mut out = Vec::new();
+    for r in per_lang {
+        out.extend(r?);
+    }
+    Ok(out)
+}
+
+/// The columns the sampler reads, present with their types.
+fn check_pool_columns(lf: &LazyFrame, path: &Path) -> Result<()> {
+    let schema = lf
+        .clone()
+        .collect_schema()
+        .map_err(|e| Error::CorruptParquet {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    for (name, ty) in [
+        ("lang", "str"),
+        ("lang_code", "str"),
+        ("split", "str"),
+        ("id", "str"),
+        ("label", "i64"),
+        ("choices", "list[str]"),
+    ] {
+        let dt = schema.get(name).ok_or_else(|| Error::MissingColumn {
+            path: path.to_path_buf(),
+            column: name.into(),
+            expected: ty.into(),
+        })?;
+        let ok = match ty {
+            "str" => dt == &DataType::String,
+            "i64" => dt.is_integer() || dt == &DataType::Null,
+            _ => matches!(dt, DataType::List(_) | DataType::Null),
+        };
+        if !ok {
+            return Err(Error::ColumnType {
+                path: path.to_path_buf(),
+                column: name.into(),
+                found: dt.to_string(),
+                expected: ty.into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The split's rows of one task as the draws read them: ids, labels and numbers of choices,
+/// and the rows of each language.
+struct SplitRows<'a> {
+    task: &'a str,
+    path: &'a Path,
+    req: &'a PoolRequest,
+    ids: StringChunked,
+    labels: Int64Chunked,
+    n_choices: Vec<usize>,
+    groups: BTreeMap<String, Vec<usize>>,
+}
+
+impl<'a> SplitRows<'a> {
+    /// Reads the columns of `df` and groups its rows by language (a null language is an error).
+    fn read(
+        df: &DataFrame,
+        task: &'a str,
+        path: &'a Path,
+        req: &'a PoolRequest,
+    ) -> Result<SplitRows<'a>> {
+        let langs_col = df.column("lang")?.str()?.clone();
+        let ids = df.column("id")?.str()?.clone();
+        let labels = df.column("label")?.i64()?.clone();
+        let n_choices = list_lengths(df.column("choices")?.as_materialized_series())?;
+        let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for row in 0..df.height() {
+            let l = langs_col.get(row).ok_or_else(|| Error::BadValue {
+                path: path.to_path_buf(),
+                row,
+                id: ids.get(row).unwrap_or("").into(),
+                column: "lang".into(),
+                message: "is null".into(),
+            })?;
+            match groups.get_mut(l) {
+                Some(rows) => rows.push(row),
+                None => {
+                    groups.insert(l.to_string(), vec![row]);
+                }
+            }
+        }
+        Ok(SplitRows {
+            task,
+            path,
+            req,
+            ids,
+            labels,
+            n_choices,
+            groups,
+        })
+    }
+
+    /// The pool rows of one language for every K: its checked ids and labels in draw order,
+    /// first K of them.
+    fn draw(&self, e: &LangEntry) -> Result<Vec<PoolRow>> {
+        let (task, req) = (self.task, self.req);
+        let rows = self
+            .groups
+            .get(e.lang.as_str())
+            .cloned()
+            .unwrap_or_default();
+        if rows.is_empty() {
+            let splits = splits_of(self.path, &e.lang)?;
+            return Err(Error::MissingSplit {
+                task: task.to_string(),
+                lang: e.lang_code.clone(),
+                split: req.split.clone(),
+                available: splits,
+            });
+        }
+        let (ids, labels) = self.checked(&rows, e)?;
+        let max_k = *req.ks.iter().max().expect("non-empty");
+        if max_k > ids.len() {
+            return Err(Error::BudgetTooLarge {
+                task: task.to_string(),
+                lang: e.lang_code.clone(),
+                split: req.split.clone(),
+                k: max_k,
+                available: ids.len(),
+            });
+        }
+        let key: Vec<&str> = if req.aligned {
+            vec![task]
+        } else {
+            vec![task, e.lang_code.as_str()]
+        };
+        let order = draw_order(&ids, &labels, req.seed, &key);
+        let mut out = Vec::new();
+        for &k in &req.ks {
+            for (draw, &i) in order.iter().take(k).enumerate() {
+                out.push(PoolRow {
+                    task: task.to_string(),
+                    lang: e.lang.clone(),
+                    lang_code: e.lang_code.clone(),
+                    split: req.split.clone(),
+                    id: ids[i].to_string(),
+                    label: labels[i],
+                    seed: req.seed,
+                    k,
+                    draw,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The ids and labels of `rows` (one language), checked: ids present and unique, labels
+    /// within the example's choices.
+    fn checked(&self, rows: &[usize], e: &LangEntry) -> Result<(Vec<&str>, Vec<Option<i64>>)> {
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut labels = Vec::with_capacity(rows.len());
+        let mut seen = std::collections::HashSet::with_capacity(rows.len());
+        for &r in rows {
+            let bad = |id: &str, column: &str, message: String| Error::BadValue {
+                path: self.path.to_path_buf(),
+                row: r,
+                id: id.into(),
+                column: column.into(),
+                message,
+            };
+            let id = self
+                .ids
+                .get(r)
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| bad("", "id", "is null or empty".into()))?;
+            if !seen.insert(id) {
+                return Err(bad(
+                    id,
+                    "id",
+                    format!(
+                        "duplicate id in language `{}` split `{}`",
+                        e.lang, self.req.split
+                    ),
+                ));
+            }
+            let y = self.labels.get(r);
+            if let Some(y) = y {
+                let n = self.n_choices[r];
+                if y < 0 || y as usize >= n {
+                    return Err(bad(
+                        id,
+                        "label",
+                        format!("label {y} is outside 0..{n} (the number of choices)"),
+                    ));
+                }
+            }
+            ids.push(id);
+            labels.push(y);
+        }
+        Ok((ids, labels))
+    }
 }
 
 /// Length of every list in a list column (0 for nulls), read from the Arrow offsets.

@@ -24,6 +24,16 @@ pub struct ChoiceRequest {
 
 const LOGIT_ROWS: usize = 256;
 
+/// One request packed into a row: ids, positions and visibility groups; and for each
+/// continuation the packed indices whose logits predict its tokens.
+struct Packed {
+    ids: Vec<u32>,
+    pos: Vec<i64>,
+    vis: Vec<u16>,
+    /// Per continuation: (row index in `ids` predicting token j, target token j).
+    preds: Vec<Vec<(usize, u32)>>,
+}
+
 /// Scores every continuation of every request; `out[i][j]` belongs to continuation `j` of
 /// request `i`. Results do not depend on `batch_size` (up to float rounding).
 pub fn score_choices(
@@ -33,56 +43,11 @@ pub fn score_choices(
     batch_size: usize,
     max_len: usize,
 ) -> Result<Vec<Vec<Score>>> {
-    // Packed rows: ids, positions, groups; and for each continuation the packed indices whose
-    // logits predict its tokens.
-    struct Packed {
-        ids: Vec<u32>,
-        pos: Vec<i64>,
-        vis: Vec<u16>,
-        /// Per continuation: (row index in `ids` predicting token j, target token j).
-        preds: Vec<Vec<(usize, u32)>>,
-    }
-    let mut packed: Vec<Packed> = Vec::with_capacity(reqs.len());
-    for (i, r) in reqs.iter().enumerate() {
-        if r.continuations.len() >= PAD as usize {
-            return Err(Error::Invalid(format!(
-                "request {i}: too many continuations"
-            )));
-        }
-        let longest = r.continuations.iter().map(Vec::len).max().unwrap_or(0);
-        if r.context.is_empty() {
-            return Err(Error::Invalid(format!("request {i}: empty context")));
-        }
-        if longest + 1 > max_len {
-            return Err(Error::Invalid(format!(
-                "request {i}: a continuation of {longest} tokens does not fit the window of {max_len}"
-            )));
-        }
-        let keep = r.context.len().min(max_len + 1 - longest);
-        let ctx = &r.context[r.context.len() - keep..];
-        let mut p = Packed {
-            ids: ctx.to_vec(),
-            pos: (0..ctx.len() as i64).collect(),
-            vis: vec![0; ctx.len()],
-            preds: Vec::with_capacity(r.continuations.len()),
-        };
-        let last_ctx = ctx.len() - 1;
-        for (j, c) in r.continuations.iter().enumerate() {
-            let mut pr = Vec::with_capacity(c.len());
-            let mut prev = last_ctx;
-            for (k, &tok) in c.iter().enumerate() {
-                pr.push((prev, tok));
-                if k + 1 < c.len() {
-                    p.ids.push(tok);
-                    p.pos.push((ctx.len() + k) as i64);
-                    p.vis.push(j as u16 + 1);
-                    prev = p.ids.len() - 1;
-                }
-            }
-            p.preds.push(pr);
-        }
-        packed.push(p);
-    }
+    let packed: Vec<Packed> = reqs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| pack(i, r, max_len))
+        .collect::<Result<_>>()?;
     let mut out: Vec<Vec<Score>> = reqs
         .iter()
         .map(|r| Vec::with_capacity(r.continuations.len()))
@@ -91,19 +56,90 @@ pub fn score_choices(
     order.sort_by_key(|&i| std::cmp::Reverse(packed[i].ids.len()));
     let ctx = Ctx::eval(adapter);
     for chunk in order.chunks(batch_size.max(1)) {
+        let batch = Batch::of(chunk, &packed);
+        let hidden = model.hidden_packed(&batch.ids, batch.pos, batch.vis, &ctx)?;
+        let stats = target_stats(model, &hidden, &batch.rows, &batch.wanted)?;
+        let mut w = 0;
+        for &i in chunk {
+            for pr in &packed[i].preds {
+                out[i].push(stats.score(pr, &batch.wanted, &mut w));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Packs request `i`: its context (cut from the left to fit `max_len` with its longest
+/// continuation), then every continuation but its last token, each restarting at the position
+/// after the context.
+fn pack(i: usize, r: &ChoiceRequest, max_len: usize) -> Result<Packed> {
+    if r.continuations.len() >= PAD as usize {
+        return Err(Error::Invalid(format!(
+            "request {i}: too many continuations"
+        )));
+    }
+    let longest = r.continuations.iter().map(Vec::len).max().unwrap_or(0);
+    if r.context.is_empty() {
+        return Err(Error::Invalid(format!("request {i}: empty context")));
+    }
+    if longest + 1 > max_len {
+        return Err(Error::Invalid(format!(
+            "request {i}: a continuation of {longest} tokens does not fit the window of {max_len}"
+        )));
+    }
+    let keep = r.context.len().min(max_len + 1 - longest);
+    let ctx = &r.context[r.context.len() - keep..];
+    let mut p = Packed {
+        ids: ctx.to_vec(),
+        pos: (0..ctx.len() as i64).collect(),
+        vis: vec![0; ctx.len()],
+        preds: Vec::with_capacity(r.continuations.len()),
+    };
+    let last_ctx = ctx.len() - 1;
+    for (j, c) in r.continuations.iter().enumerate() {
+        let mut pr = Vec::with_capacity(c.len());
+        let mut prev = last_ctx;
+        for (k, &tok) in c.iter().enumerate() {
+            pr.push((prev, tok));
+            if k + 1 < c.len() {
+                p.ids.push(tok);
+                p.pos.push((ctx.len() + k) as i64);
+                p.vis.push(j as u16 + 1);
+                prev = p.ids.len() - 1;
+            }
+        }
+        p.preds.push(pr);
+    }
+    Ok(p)
+}
+
+/// One batch of packed rows, padded to the longest: ids, positions, visibility groups; the
+/// unique flat rows needing logits, and (unique row, target) per prediction in request order.
+struct Batch {
+    ids: Vec<Vec<u32>>,
+    pos: Vec<Vec<i64>>,
+    vis: Vec<Vec<u16>>,
+    rows: Vec<u32>,
+    wanted: Vec<(usize, u32)>,
+}
+
+impl Batch {
+    /// The batch of requests `chunk` (indices into `packed`).
+    fn of(chunk: &[usize], packed: &[Packed]) -> Batch {
         let t = chunk
             .iter()
             .map(|&i| packed[i].ids.len())
             .max()
             .unwrap_or(0);
-        let mut ids = Vec::with_capacity(chunk.len());
-        let mut pos = Vec::with_capacity(chunk.len());
-        let mut vis = Vec::with_capacity(chunk.len());
-        // Unique flat rows needing logits, and (unique row, target) per prediction.
-        let mut rows: Vec<u32> = Vec::new();
+        let mut b = Batch {
+            ids: Vec::with_capacity(chunk.len()),
+            pos: Vec::with_capacity(chunk.len()),
+            vis: Vec::with_capacity(chunk.len()),
+            rows: Vec::new(),
+            wanted: Vec::new(),
+        };
         let mut row_of = std::collections::HashMap::new();
-        let mut wanted: Vec<(usize, u32)> = Vec::new();
-        for (b, &i) in chunk.iter().enumerate() {
+        for (bi, &i) in chunk.iter().enumerate() {
             let p = &packed[i];
             let n = p.ids.len();
             let mut r = p.ids.clone();
@@ -112,60 +148,81 @@ pub fn score_choices(
             ps.resize(t, 0);
             let mut vs = p.vis.clone();
             vs.resize(t, PAD);
-            ids.push(r);
-            pos.push(ps);
-            vis.push(vs);
+            b.ids.push(r);
+            b.pos.push(ps);
+            b.vis.push(vs);
             debug_assert!(n <= t);
             for pr in &p.preds {
                 for &(at, tok) in pr {
-                    let flat = (b * t + at) as u32;
+                    let flat = (bi * t + at) as u32;
                     let u = *row_of.entry(flat).or_insert_with(|| {
-                        rows.push(flat);
-                        rows.len() - 1
+                        b.rows.push(flat);
+                        b.rows.len() - 1
                     });
-                    wanted.push((u, tok));
+                    b.wanted.push((u, tok));
                 }
             }
         }
-        let hidden = model.hidden_packed(&ids, pos, vis, &ctx)?;
-        // Log-probabilities of the wanted targets and argmax flags, LOGIT_ROWS rows at a time.
-        let mut lse: Vec<f32> = Vec::with_capacity(rows.len());
-        let mut amax: Vec<u32> = Vec::with_capacity(rows.len());
-        let mut tlogit: Vec<f32> = vec![0.0; wanted.len()];
-        for (ci, rs) in rows.chunks(LOGIT_ROWS).enumerate() {
-            let base = ci * LOGIT_ROWS;
-            let logits = model.logits_at(&hidden, rs)?;
-            let (picks, slots): (Vec<(usize, u32)>, Vec<usize>) = wanted
-                .iter()
-                .enumerate()
-                .filter(|(_, (u, _))| *u >= base && *u < base + rs.len())
-                .map(|(w, &(u, tok))| ((u - base, tok), w))
-                .unzip();
-            let st = row_stats(&logits, &picks)?;
-            lse.extend(st.lse);
-            amax.extend(st.argmax);
-            for (w, x) in slots.into_iter().zip(st.picked) {
-                tlogit[w] = x;
-            }
+        b
+    }
+}
+
+/// Per unique row: the log-sum-exp of its logits and its argmax; per prediction: the logit of
+/// its target.
+struct TargetStats {
+    lse: Vec<f32>,
+    amax: Vec<u32>,
+    tlogit: Vec<f32>,
+}
+
+impl TargetStats {
+    /// The score of one continuation from its predictions `pr`, which start at prediction `*w`
+    /// (advanced past them).
+    fn score(&self, pr: &[(usize, u32)], wanted: &[(usize, u32)], w: &mut usize) -> Score {
+        let mut lp = 0f64;
+        let mut greedy = true;
+        for &(_, tok) in pr {
+            let (u, _) = wanted[*w];
+            lp += f64::from(self.tlogit[*w]) - f64::from(self.lse[u]);
+            greedy &= self.amax[u] == tok;
+            *w += 1;
         }
-        let mut w = 0;
-        for &i in chunk {
-            for pr in &packed[i].preds {
-                let mut lp = 0f64;
-                let mut greedy = true;
-                for &(_, tok) in pr {
-                    let (u, _) = wanted[w];
-                    lp += f64::from(tlogit[w]) - f64::from(lse[u]);
-                    greedy &= amax[u] == tok;
-                    w += 1;
-                }
-                out[i].push(Score {
-                    logprob: lp,
-                    greedy,
-                    tokens: pr.len(),
-                });
-            }
+        Score {
+            logprob: lp,
+            greedy,
+            tokens: pr.len(),
         }
     }
-    Ok(out)
+}
+
+/// Log-probabilities of the wanted targets and argmax flags, computed from the logits of
+/// `rows`, LOGIT_ROWS rows at a time.
+fn target_stats(
+    model: &Model,
+    hidden: &candle_core::Tensor,
+    rows: &[u32],
+    wanted: &[(usize, u32)],
+) -> Result<TargetStats> {
+    let mut st = TargetStats {
+        lse: Vec::with_capacity(rows.len()),
+        amax: Vec::with_capacity(rows.len()),
+        tlogit: vec![0.0; wanted.len()],
+    };
+    for (ci, rs) in rows.chunks(LOGIT_ROWS).enumerate() {
+        let base = ci * LOGIT_ROWS;
+        let logits = model.logits_at(hidden, rs)?;
+        let (picks, slots): (Vec<(usize, u32)>, Vec<usize>) = wanted
+            .iter()
+            .enumerate()
+            .filter(|(_, (u, _))| *u >= base && *u < base + rs.len())
+            .map(|(w, &(u, tok))| ((u - base, tok), w))
+            .unzip();
+        let rs_stats = row_stats(&logits, &picks)?;
+        st.lse.extend(rs_stats.lse);
+        st.amax.extend(rs_stats.argmax);
+        for (w, x) in slots.into_iter().zip(rs_stats.picked) {
+            st.tlogit[w] = x;
+        }
+    }
+    Ok(st)
 }

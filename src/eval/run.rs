@@ -183,12 +183,6 @@ pub fn prepare_items(
             path,
             langs: chosen,
         } = opened;
-        let task = &task;
-        let missing: Vec<String> = spec
-            .eval_fields_used()
-            .into_iter()
-            .filter(|f| !["text", "lang", "lang_code", "id"].contains(&f.as_str()))
-            .collect();
         let df = schema::load(&path, None)?;
         let rows = schema::from_frame(&df)?;
         let split = cfg.split.clone().unwrap_or_else(|| spec.eval_split.clone());
@@ -199,127 +193,18 @@ pub fn prepare_items(
         if spec.scoring == Scoring::Generate && spec.generation.is_none() {
             problems.push(format!("task `{task}`: generation settings missing"));
         }
-        for e in chosen {
+        let t = TaskRows {
+            task: &task,
+            spec: &spec,
+            cfg,
+            split: &split,
+            shot_split: &shot_split,
+        };
+        for e in &chosen {
             let in_lang: Vec<&Example> = rows.iter().filter(|r| r.lang == e.lang).collect();
-            let mut eval: Vec<&Example> = in_lang
-                .iter()
-                .copied()
-                .filter(|r| r.split == split)
-                .collect();
-            if eval.is_empty() {
-                let mut available: Vec<String> = in_lang.iter().map(|r| r.split.clone()).collect();
-                available.sort();
-                available.dedup();
-                problems.push(
-                    Error::MissingSplit {
-                        task: task.clone(),
-                        lang: e.lang_code.clone(),
-                        split: split.clone(),
-                        available,
-                    }
-                    .to_string(),
-                );
-                continue;
-            }
-            if let Some(n) = cfg.limit.filter(|&n| n < eval.len()) {
-                // A label-stratified subset (the sampler's draw order, seeded by the task and
-                // language only, so every variant and seed sees the same examples), kept in file
-                // order: test splits are often sorted by label, so the first N would be one class.
-                let ids: Vec<&str> = eval.iter().map(|x| x.id.as_str()).collect();
-                let labels: Vec<Option<i64>> = eval.iter().map(|x| x.label).collect();
-                let mut keep: Vec<usize> =
-                    sample::draw_order(&ids, &labels, 0, &[task, &e.lang_code, "eval-limit"])
-                        .into_iter()
-                        .take(n)
-                        .collect();
-                keep.sort_unstable();
-                eval = keep.into_iter().map(|i| eval[i]).collect();
-            }
-            // Template fields the data lacks (optional columns that are null here).
-            for f in &missing {
-                if let Some(x) = eval
-                    .iter()
-                    .find(|x| <Example as crate::tasks::Fields>::field(x, f).is_none())
-                {
-                    problems.push(format!(
-                        "task `{task}`: the template uses `{{{f}}}` but example `{}` ({}) has no `{f}` value",
-                        x.id, e.lang_code
-                    ));
-                    break;
-                }
-            }
-            let shots: Vec<&Example> = in_lang
-                .iter()
-                .copied()
-                .filter(|r| r.split == shot_split)
-                .collect();
-            if cfg.shots > 0 && shots.len() < cfg.shots + usize::from(shot_split == split) {
-                problems.push(format!(
-                    "task `{task}`/{}: {} in-context examples asked for but split `{shot_split}` has {}",
-                    e.lang_code,
-                    cfg.shots,
-                    shots.len()
-                ));
-                continue;
-            }
-            let shot_text: Vec<(String, String)> = match shots
-                .iter()
-                .map(|s| {
-                    let r = spec.render_example(s)?;
-                    Ok((
-                        s.id.clone(),
-                        format!("{}{}", r.context, r.answer.unwrap_or_default()),
-                    ))
-                })
-                .collect::<Result<Vec<_>>>()
-            {
-                Ok(v) => v,
-                Err(err) => {
-                    problems.push(format!("{err} (few-shot split `{shot_split}`)"));
-                    continue;
-                }
-            };
-            for x in eval {
-                let r = match spec.render_eval_example(x) {
-                    Ok(r) => r,
-                    Err(err) => {
-                        problems.push(format!("{err} (split `{split}`)"));
-                        break;
-                    }
-                };
-                if spec.scoring == Scoring::MultipleChoice && r.gold.is_none() {
-                    problems.push(format!(
-                        "task `{task}`: example `{}` ({}) has no label to score against",
-                        x.id, e.lang_code
-                    ));
-                    break;
-                }
-                let mut prompt = String::new();
-                if cfg.shots > 0 {
-                    let mut pool: Vec<&(String, String)> =
-                        shot_text.iter().filter(|(id, _)| *id != x.id).collect();
-                    let mut rng = Rng::new(derive_seed(
-                        cfg.seed,
-                        &["fewshot", task, &e.lang_code, &x.id],
-                    ));
-                    rng.shuffle(&mut pool);
-                    for (_, t) in pool.iter().take(cfg.shots) {
-                        prompt.push_str(t);
-                        prompt.push_str(&spec.prompt.fewshot_separator);
-                    }
-                }
-                prompt.push_str(&r.context);
-                items.push(Item {
-                    task: task.clone(),
-                    lang_code: e.lang_code.clone(),
-                    id: x.id.clone(),
-                    prompt,
-                    target: x.target.clone(),
-                    rendered: r,
-                });
-            }
+            t.lang_items(&e.lang_code, &in_lang, &mut items, &mut problems);
         }
-        specs.insert(task.clone(), spec);
+        specs.insert(task, spec);
     }
     if !problems.is_empty() {
         return Err(Error::Problems {
@@ -328,6 +213,173 @@ pub fn prepare_items(
         });
     }
     Ok((items, specs))
+}
+
+/// One task's data as `prepare_items` reads it: the task, its spec, the configuration, the
+/// split to evaluate and the split the in-context examples come from.
+struct TaskRows<'a> {
+    task: &'a String,
+    spec: &'a TaskSpec,
+    cfg: &'a EvalConfig,
+    split: &'a String,
+    shot_split: &'a String,
+}
+
+impl TaskRows<'_> {
+    /// The items of one language (`in_lang`: its rows of every split) into `items`, or its
+    /// problems into `problems`.
+    fn lang_items(
+        &self,
+        lang_code: &str,
+        in_lang: &[&Example],
+        items: &mut Vec<Item>,
+        problems: &mut Vec<String>,
+    ) {
+        let (task, cfg) = (self.task, self.cfg);
+        let (split, shot_split) = (self.split, self.shot_split);
+        let mut eval: Vec<&Example> = in_lang
+            .iter()
+            .copied()
+            .filter(|r| &r.split == split)
+            .collect();
+        if eval.is_empty() {
+            let mut available: Vec<String> = in_lang.iter().map(|r| r.split.clone()).collect();
+            available.sort();
+            available.dedup();
+            problems.push(
+                Error::MissingSplit {
+                    task: task.clone(),
+                    lang: lang_code.to_string(),
+                    split: split.clone(),
+                    available,
+                }
+                .to_string(),
+            );
+            return;
+        }
+        if let Some(n) = cfg.limit.filter(|&n| n < eval.len()) {
+            eval = self.limited(eval, n, lang_code);
+        }
+        problems.extend(self.missing_field(&eval, lang_code));
+        let shots: Vec<&Example> = in_lang
+            .iter()
+            .copied()
+            .filter(|r| &r.split == shot_split)
+            .collect();
+        if cfg.shots > 0 && shots.len() < cfg.shots + usize::from(shot_split == split) {
+            problems.push(format!(
+                "task `{task}`/{}: {} in-context examples asked for but split `{shot_split}` has {}",
+                lang_code,
+                cfg.shots,
+                shots.len()
+            ));
+            return;
+        }
+        let shot_text: Vec<(String, String)> = match self.shot_texts(&shots) {
+            Ok(v) => v,
+            Err(err) => {
+                problems.push(format!("{err} (few-shot split `{shot_split}`)"));
+                return;
+            }
+        };
+        for x in eval {
+            match self.item(x, lang_code, &shot_text) {
+                Ok(it) => items.push(it),
+                Err(p) => {
+                    problems.push(p);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A label-stratified subset of `n` of `eval` (the sampler's draw order, seeded by the task
+    /// and language only, so every variant and seed sees the same examples), kept in file
+    /// order: test splits are often sorted by label, so the first N would be one class.
+    fn limited<'e>(&self, eval: Vec<&'e Example>, n: usize, lang_code: &str) -> Vec<&'e Example> {
+        let ids: Vec<&str> = eval.iter().map(|x| x.id.as_str()).collect();
+        let labels: Vec<Option<i64>> = eval.iter().map(|x| x.label).collect();
+        let mut keep: Vec<usize> =
+            sample::draw_order(&ids, &labels, 0, &[self.task, lang_code, "eval-limit"])
+                .into_iter()
+                .take(n)
+                .collect();
+        keep.sort_unstable();
+        keep.into_iter().map(|i| eval[i]).collect()
+    }
+
+    /// The first template field the data lacks (an optional column that is null here), named
+    /// with the first example without it.
+    fn missing_field(&self, eval: &[&Example], lang_code: &str) -> Option<String> {
+        let task = self.task;
+        self.spec
+            .eval_fields_used()
+            .into_iter()
+            .filter(|f| !["text", "lang", "lang_code", "id"].contains(&f.as_str()))
+            .find_map(|f| {
+                let x = eval
+                    .iter()
+                    .find(|x| <Example as crate::tasks::Fields>::field(x, &f).is_none())?;
+                Some(format!(
+                    "task `{task}`: the template uses `{{{f}}}` but example `{}` ({}) has no `{f}` value",
+                    x.id, lang_code
+                ))
+            })
+    }
+
+    /// The in-context examples, rendered with their answers: `(id, text)`.
+    fn shot_texts(&self, shots: &[&Example]) -> Result<Vec<(String, String)>> {
+        shots
+            .iter()
+            .map(|s| {
+                let r = self.spec.render_example(s)?;
+                Ok((
+                    s.id.clone(),
+                    format!("{}{}", r.context, r.answer.unwrap_or_default()),
+                ))
+            })
+            .collect()
+    }
+
+    /// One example as an item: its prompt (the seeded in-context examples, then its own
+    /// context), or the problem that stops the language.
+    fn item(
+        &self,
+        x: &Example,
+        lang_code: &str,
+        shot_text: &[(String, String)],
+    ) -> std::result::Result<Item, String> {
+        let (task, spec, cfg) = (self.task, self.spec, self.cfg);
+        let r = spec
+            .render_eval_example(x)
+            .map_err(|err| format!("{err} (split `{}`)", self.split))?;
+        if spec.scoring == Scoring::MultipleChoice && r.gold.is_none() {
+            return Err(format!(
+                "task `{task}`: example `{}` ({}) has no label to score against",
+                x.id, lang_code
+            ));
+        }
+        let mut prompt = String::new();
+        if cfg.shots > 0 {
+            let mut pool: Vec<&(String, String)> =
+                shot_text.iter().filter(|(id, _)| *id != x.id).collect();
+            let mut rng = Rng::new(derive_seed(cfg.seed, &["fewshot", task, lang_code, &x.id]));
+            rng.shuffle(&mut pool);
+            for (_, t) in pool.iter().take(cfg.shots) {
+                prompt.push_str(t);
+                prompt.push_str(&spec.prompt.fewshot_separator);
+            }
+        }
+        prompt.push_str(&r.context);
+        Ok(Item {
+            task: task.clone(),
+            lang_code: lang_code.to_string(),
+            id: x.id.clone(),
+            prompt,
+            target: x.target.clone(),
+            rendered: r,
+        })
+    }
 }
 
 /// Resolves `--adapters` entries against the loaded model. A PEFT folder is one shared adapter;
@@ -504,7 +556,43 @@ pub fn score_all(
     cfg: &EvalConfig,
     progress: &mut ProgressFn,
 ) -> Result<Vec<Record>> {
-    // Groups of items per (task, lang), in item order.
+    let groups = item_groups(items);
+    check_variants(variants, &groups)?;
+    let requests = choice_requests(&m.tok, items, specs)?;
+    let mut records = Vec::with_capacity(items.len() * variants.len());
+    for v in variants {
+        for ((task, lang), idx) in &groups {
+            let spec = &specs[task];
+            let g = Group {
+                m,
+                variant: &v.name,
+                adapter: adapter_for(&v.variant, task, lang).map_err(Error::Invalid)?,
+                task,
+                lang,
+                idx,
+                cfg,
+            };
+            progress(&v.name, task, lang, 0, idx.len());
+            let metric_names: Vec<String> = spec.metrics.iter().map(|m| m.name.clone()).collect();
+            match spec.scoring {
+                Scoring::MultipleChoice => {
+                    let scores = g.choice_scores(&requests, progress)?;
+                    for (&i, sc) in idx.iter().zip(scores) {
+                        records.push(g.choice_record(&items[i], &sc, &metric_names));
+                    }
+                }
+                Scoring::Generate => {
+                    let gen = spec.generation.as_ref().expect("checked");
+                    g.generate(items, gen, &metric_names, &mut records, progress)?;
+                }
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// The items per (task, language), in item order.
+fn item_groups(items: &[Item]) -> Vec<((String, String), Vec<usize>)> {
     let mut groups: Vec<((String, String), Vec<usize>)> = Vec::new();
     for (i, it) in items.iter().enumerate() {
         let key = (it.task.clone(), it.lang_code.clone());
@@ -513,9 +601,17 @@ pub fn score_all(
             None => groups.push((key, vec![i])),
         }
     }
+    groups
+}
+
+/// Every variant has an adapter for every (task, language) group, or every gap is listed.
+fn check_variants(
+    variants: &[NamedVariant],
+    groups: &[((String, String), Vec<usize>)],
+) -> Result<()> {
     let mut problems = Vec::new();
     for v in variants {
-        for ((t, l), _) in &groups {
+        for ((t, l), _) in groups {
             if let Err(e) = adapter_for(&v.variant, t, l) {
                 problems.push(format!("variant `{}`: {e}", v.name));
             }
@@ -527,9 +623,17 @@ pub fn score_all(
             problems,
         });
     }
-    // Tokenise once, in parallel.
-    let tok = &m.tok;
-    let requests: Vec<Option<ChoiceRequest>> = items
+    Ok(())
+}
+
+/// The multiple-choice items tokenised (once, in parallel): the context and each choice's
+/// continuation; `None` for items of other tasks.
+fn choice_requests(
+    tok: &crate::model::tokenizer::Tok,
+    items: &[Item],
+    specs: &BTreeMap<String, TaskSpec>,
+) -> Result<Vec<Option<ChoiceRequest>>> {
+    items
         .par_iter()
         .map(|it| -> Result<Option<ChoiceRequest>> {
             if specs[&it.task].scoring != Scoring::MultipleChoice {
@@ -556,120 +660,157 @@ pub fn score_all(
                 continuations,
             }))
         })
-        .collect::<Result<_>>()?;
-    let mut records = Vec::with_capacity(items.len() * variants.len());
-    for v in variants {
-        for ((task, lang), idx) in &groups {
-            let spec = &specs[task];
-            let adapter = adapter_for(&v.variant, task, lang).map_err(Error::Invalid)?;
-            progress(&v.name, task, lang, 0, idx.len());
-            let metric_names: Vec<String> = spec.metrics.iter().map(|m| m.name.clone()).collect();
-            match spec.scoring {
-                Scoring::MultipleChoice => {
-                    let reqs: Vec<ChoiceRequest> = idx
-                        .iter()
-                        .map(|&i| requests[i].clone().expect("mc"))
-                        .collect();
-                    let mut scores = Vec::with_capacity(reqs.len());
-                    for (ci, chunk) in reqs.chunks(cfg.batch_size.max(1) * 8).enumerate() {
-                        scores.extend(score_choices(
-                            &m.model,
-                            adapter,
-                            chunk,
-                            cfg.batch_size,
-                            cfg.max_len,
-                        )?);
-                        progress(
-                            &v.name,
-                            task,
-                            lang,
-                            (ci * cfg.batch_size * 8 + chunk.len()).min(idx.len()),
-                            idx.len(),
-                        );
-                    }
-                    for (&i, sc) in idx.iter().zip(scores) {
-                        let it = &items[i];
-                        let lps: Vec<f64> = sc.iter().map(|s| s.logprob).collect();
-                        let (p, pn, pb) = metrics::mc_predictions(&lps, &it.rendered.choices);
-                        let gold = it.rendered.gold.expect("checked");
-                        let mut outcomes = BTreeMap::new();
-                        for name in &metric_names {
-                            let ok = match name.as_str() {
-                                "acc_norm" => pn == gold,
-                                "acc_bytes" => pb == gold,
-                                _ => p == gold,
-                            };
-                            outcomes.insert(name.clone(), ok);
-                        }
-                        records.push(Record {
-                            variant: v.name.clone(),
-                            task: task.clone(),
-                            lang: lang.clone(),
-                            id: it.id.clone(),
-                            prompt_sha: sha256_hex(it.prompt.as_bytes())[..16].to_string(),
-                            logprobs: Some(lps),
-                            pred: Some(p as i64),
-                            pred_norm: Some(pn as i64),
-                            pred_bytes: Some(pb as i64),
-                            gold: Some(gold as i64),
-                            generated: None,
-                            extracted: None,
-                            target: it.rendered.answer.clone(),
-                            outcomes,
-                        });
-                    }
-                }
-                Scoring::Generate => {
-                    let g = spec.generation.as_ref().expect("checked");
-                    let re = regex::Regex::new(&g.answer_regex)
-                        .map_err(|e| Error::Invalid(format!("task `{task}`: answer_regex: {e}")))?;
-                    // Problems decode together, `batch_size` at a time (one forward per new
-                    // token for the chunk instead of one per problem).
-                    let mut n_done = 0;
-                    for chunk in idx.chunks(cfg.batch_size.max(1)) {
-                        let prompts: Vec<&str> =
-                            chunk.iter().map(|&i| items[i].prompt.as_str()).collect();
-                        let texts = crate::model::score::generate_batch(
-                            &m.model,
-                            tok,
-                            adapter,
-                            &prompts,
-                            g.max_tokens,
-                            &g.until,
-                        )?;
-                        for (&i, text) in chunk.iter().zip(texts) {
-                            let it = &items[i];
-                            let ext = metrics::extract(&re, &text);
-                            let want = it.target.as_deref().map(metrics::normalize_answer);
-                            let ok = match (&ext, &want) {
-                                (Some(x), Some(w)) => metrics::normalize_answer(x) == *w,
-                                _ => false,
-                            };
-                            records.push(Record {
-                                variant: v.name.clone(),
-                                task: task.clone(),
-                                lang: lang.clone(),
-                                id: it.id.clone(),
-                                prompt_sha: sha256_hex(it.prompt.as_bytes())[..16].to_string(),
-                                logprobs: None,
-                                pred: None,
-                                pred_norm: None,
-                                pred_bytes: None,
-                                gold: None,
-                                generated: Some(text),
-                                extracted: ext,
-                                target: it.target.clone(),
-                                outcomes: metric_names.iter().map(|m| (m.clone(), ok)).collect(),
-                            });
-                        }
-                        n_done += chunk.len();
-                        progress(&v.name, task, lang, n_done, idx.len());
-                    }
-                }
-            }
+        .collect()
+}
+
+/// One (variant, task, language) group being scored: the model, the variant's name and
+/// adapter, the group's item indices and the configuration.
+struct Group<'a> {
+    m: &'a LoadedModel,
+    variant: &'a str,
+    adapter: Option<&'a Adapter>,
+    task: &'a String,
+    lang: &'a String,
+    idx: &'a [usize],
+    cfg: &'a EvalConfig,
+}
+
+impl Group<'_> {
+    /// The scores of every choice of the group's items, `batch_size * 8` items at a time.
+    fn choice_scores(
+        &self,
+        requests: &[Option<ChoiceRequest>],
+        progress: &mut ProgressFn,
+    ) -> Result<Vec<Vec<crate::model::score::Score>>> {
+        let (cfg, idx) = (self.cfg, self.idx);
+        let reqs: Vec<ChoiceRequest> = idx
+            .iter()
+            .map(|&i| requests[i].clone().expect("mc"))
+            .collect();
+        let mut scores = Vec::with_capacity(reqs.len());
+        for (ci, chunk) in reqs.chunks(cfg.batch_size.max(1) * 8).enumerate() {
+            scores.extend(score_choices(
+                &self.m.model,
+                self.adapter,
+                chunk,
+                cfg.batch_size,
+                cfg.max_len,
+            )?);
+            progress(
+                self.variant,
+                self.task,
+                self.lang,
+                (ci * cfg.batch_size * 8 + chunk.len()).min(idx.len()),
+                idx.len(),
+            );
+        }
+        Ok(scores)
+    }
+
+    /// The record of a multiple-choice item from its choices' scores: the predictions (raw,
+    /// length-normalised, per byte) and each metric's outcome.
+    fn choice_record(
+        &self,
+        it: &Item,
+        sc: &[crate::model::score::Score],
+        metric_names: &[String],
+    ) -> Record {
+        let lps: Vec<f64> = sc.iter().map(|s| s.logprob).collect();
+        let (p, pn, pb) = metrics::mc_predictions(&lps, &it.rendered.choices);
+        let gold = it.rendered.gold.expect("checked");
+        let mut outcomes = BTreeMap::new();
+        for name in metric_names {
+            let ok = match name.as_str() {
+                "acc_norm" => pn == gold,
+                "acc_bytes" => pb == gold,
+                _ => p == gold,
+            };
+            outcomes.insert(name.clone(), ok);
+        }
+        Record {
+            variant: self.variant.to_string(),
+            task: self.task.clone(),
+            lang: self.lang.clone(),
+            id: it.id.clone(),
+            prompt_sha: sha256_hex(it.prompt.as_bytes())[..16].to_string(),
+            logprobs: Some(lps),
+            pred: Some(p as i64),
+            pred_norm: Some(pn as i64),
+            pred_bytes: Some(pb as i64),
+            gold: Some(gold as i64),
+            generated: None,
+            extracted: None,
+            target: it.rendered.answer.clone(),
+            outcomes,
         }
     }
-    Ok(records)
+
+    /// Generates the answers of the group's items and records them. Problems decode together,
+    /// `batch_size` at a time (one forward per new token for the chunk instead of one per
+    /// problem).
+    fn generate(
+        &self,
+        items: &[Item],
+        g: &crate::tasks::Generation,
+        metric_names: &[String],
+        records: &mut Vec<Record>,
+        progress: &mut ProgressFn,
+    ) -> Result<()> {
+        let task = self.task;
+        let re = regex::Regex::new(&g.answer_regex)
+            .map_err(|e| Error::Invalid(format!("task `{task}`: answer_regex: {e}")))?;
+        let mut n_done = 0;
+        for chunk in self.idx.chunks(self.cfg.batch_size.max(1)) {
+            let prompts: Vec<&str> = chunk.iter().map(|&i| items[i].prompt.as_str()).collect();
+            let texts = crate::model::score::generate_batch(
+                &self.m.model,
+                &self.m.tok,
+                self.adapter,
+                &prompts,
+                g.max_tokens,
+                &g.until,
+            )?;
+            for (&i, text) in chunk.iter().zip(texts) {
+                records.push(self.generated_record(&items[i], &re, text, metric_names));
+            }
+            n_done += chunk.len();
+            progress(self.variant, task, self.lang, n_done, self.idx.len());
+        }
+        Ok(())
+    }
+
+    /// The record of a generated answer: the text, the answer extracted by `re`, and whether it
+    /// matches the target (every metric alike).
+    fn generated_record(
+        &self,
+        it: &Item,
+        re: &regex::Regex,
+        text: String,
+        metric_names: &[String],
+    ) -> Record {
+        let ext = metrics::extract(re, &text);
+        let want = it.target.as_deref().map(metrics::normalize_answer);
+        let ok = match (&ext, &want) {
+            (Some(x), Some(w)) => metrics::normalize_answer(x) == *w,
+            _ => false,
+        };
+        Record {
+            variant: self.variant.to_string(),
+            task: self.task.clone(),
+            lang: self.lang.clone(),
+            id: it.id.clone(),
+            prompt_sha: sha256_hex(it.prompt.as_bytes())[..16].to_string(),
+            logprobs: None,
+            pred: None,
+            pred_norm: None,
+            pred_bytes: None,
+            gold: None,
+            generated: Some(text),
+            extracted: ext,
+            target: it.target.clone(),
+            outcomes: metric_names.iter().map(|m| (m.clone(), ok)).collect(),
+        }
+    }
 }
 
 /// Metrics per variant x task x language, then micro (all examples pooled) and macro (mean

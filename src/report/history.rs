@@ -1,14 +1,15 @@
 //! Metric trends over runs (`mlbench report --history`): one comparison table per run (code
 //! version, oldest first) in; a report folder out with `history.png`/`.svg` (one panel per
-//! table column, x = run, one line per method and K with its interval as a band),
-//! `history.csv`, `history.md` and a self-contained `index.html`.
+//! table column, x = run, one line per method and K with its interval as a band; legend entries,
+//! markers and bands drawn by [`super::plot`]'s helpers), `history.csv`, `history.md` and a
+//! self-contained `index.html`.
 
 use std::path::Path;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::plot::{plot_err, register_font, COLORS};
+use super::plot::{band, legend_entry, marker, plot_err, register_font, Look, COLORS};
 use super::{esc, html_head, png_uri, write_folder};
 use crate::error::Result;
 use crate::runner::compare::{Entry, Table};
@@ -74,8 +75,8 @@ fn label(s: &(String, Option<i64>)) -> String {
     }
 }
 
-/// Colour (per method) and marker (per K) of each series.
-fn styles(series: &[(String, Option<i64>)]) -> Vec<(RGBColor, usize)> {
+/// Colour (per method) and marker (per K) of each series; lines are solid.
+fn styles(series: &[(String, Option<i64>)]) -> Vec<Look> {
     let mut methods: Vec<&str> = Vec::new();
     let mut ks: Vec<Option<i64>> = Vec::new();
     for (m, k) in series {
@@ -92,34 +93,16 @@ fn styles(series: &[(String, Option<i64>)]) -> Vec<(RGBColor, usize)> {
         .map(|(m, k)| {
             let mi = methods.iter().position(|x| x == m).unwrap_or(0);
             let ki = ks.iter().position(|x| x == k).unwrap_or(0);
-            (COLORS[mi % COLORS.len()], ki)
+            Look {
+                color: COLORS[mi % COLORS.len()],
+                marker: ki,
+                dashed: false,
+            }
         })
         .collect()
 }
 
-/// Marker `shape` (0 circle, 1 triangle, 2 square, 3 cross, then repeating) at `at`.
-fn marker<DB: DrawingBackend>(
-    area: &DrawingArea<DB, Shift>,
-    at: (i32, i32),
-    color: RGBColor,
-    shape: usize,
-) -> Result<()> {
-    let (x, y) = at;
-    match shape % 4 {
-        0 => area.draw(&Circle::new(at, 4, color.filled())),
-        1 => area.draw(&Polygon::new(
-            vec![(x, y - 5), (x - 5, y + 4), (x + 5, y + 4)],
-            color.filled(),
-        )),
-        2 => area.draw(&Rectangle::new(
-            [(x - 4, y - 4), (x + 4, y + 4)],
-            color.filled(),
-        )),
-        _ => area.draw(&Cross::new(at, 5, color.stroke_width(2))),
-    }
-    .map_err(plot_err)
-}
-
+/// The history plot: a title, one panel per column over the runs, the legend beside them.
 fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, runs: &[Run]) -> Result<()> {
     root.fill(&WHITE).map_err(plot_err)?;
     let (cols, series) = axes(runs);
@@ -137,87 +120,75 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, runs: &[Run]) -> Resul
     let (w, _) = body.dim_in_pixel();
     let (plots, legend) = body.split_horizontally(w.saturating_sub(LEGEND_W));
     // The legend, once, beside the panels.
-    for (i, (s, (color, shape))) in series.iter().zip(&looks).enumerate() {
-        let y = 30 + 20 * i as i32;
-        legend
-            .draw(&PathElement::new(
-                vec![(8, y), (36, y)],
-                color.stroke_width(2),
-            ))
-            .map_err(plot_err)?;
-        marker(&legend, (22, y), *color, *shape)?;
-        legend
-            .draw(&Text::new(
-                label(s),
-                (44, y - 7),
-                ("sans-serif", 13).into_font(),
-            ))
-            .map_err(plot_err)?;
+    for (i, (s, look)) in series.iter().zip(&looks).enumerate() {
+        legend_entry(&legend, (8, 30 + 20 * i as i32), *look, &label(s), 13)?;
     }
     let panels = plots.split_evenly((nrows, ncols));
+    for (col, area) in cols.iter().zip(panels.iter()) {
+        panel(area, runs, col, &metric, (&series, &looks))?;
+    }
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// One panel of the history plot: column `col` over the runs, each series as a line with its
+/// interval band and a marker per run.
+fn panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    runs: &[Run],
+    col: &str,
+    metric: &str,
+    (series, looks): (&[(String, Option<i64>)], &[Look]),
+) -> Result<()> {
     let n = runs.len();
     let names: Vec<String> = runs
         .iter()
         .map(|(_, t, _)| utc_date(*t)[5..].to_string())
         .collect();
-    for (col, area) in cols.iter().zip(panels.iter()) {
-        let mut chart = ChartBuilder::on(area)
-            .caption(col, ("sans-serif", 16))
-            .margin(10)
-            .x_label_area_size(30)
-            .y_label_area_size(45)
-            .build_cartesian_2d(-0.3f64..(n as f64 - 0.7).max(0.3), 0f64..1f64)
-            .map_err(plot_err)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(n.clamp(1, 10))
-            .x_label_formatter(&|x| {
-                let i = x.round();
-                if (x - i).abs() < 1e-6 && i >= 0.0 {
-                    names.get(i as usize).cloned().unwrap_or_default()
-                } else {
-                    String::new()
-                }
+    let mut chart = ChartBuilder::on(area)
+        .caption(col, ("sans-serif", 16))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(45)
+        .build_cartesian_2d(-0.3f64..(n as f64 - 0.7).max(0.3), 0f64..1f64)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n.clamp(1, 10))
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 {
+                names.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .x_desc("run (finish date, UTC)")
+        .y_desc(metric)
+        .draw()
+        .map_err(plot_err)?;
+    for (s, look) in series.iter().zip(looks) {
+        let pts: Vec<(f64, f64, f64, f64)> = runs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, _, t))| {
+                entry(t, s, col).map(|e| (i as f64, e.mean, e.low.max(0.0), e.high.min(1.0)))
             })
-            .x_desc("run (finish date, UTC)")
-            .y_desc(metric.as_str())
-            .draw()
-            .map_err(plot_err)?;
-        for (s, (color, shape)) in series.iter().zip(&looks) {
-            let pts: Vec<(f64, f64, f64, f64)> = runs
-                .iter()
-                .enumerate()
-                .filter_map(|(i, (_, _, t))| {
-                    entry(t, s, col).map(|e| (i as f64, e.mean, e.low.max(0.0), e.high.min(1.0)))
-                })
-                .collect();
-            if pts.is_empty() {
-                continue;
-            }
-            if pts.len() > 1 {
-                let mut band: Vec<(f64, f64)> = pts.iter().map(|p| (p.0, p.3)).collect();
-                band.extend(pts.iter().rev().map(|p| (p.0, p.2)));
-                chart
-                    .draw_series(std::iter::once(Polygon::new(band, color.mix(0.12))))
-                    .map_err(plot_err)?;
-            }
-            chart
-                .draw_series(LineSeries::new(
-                    pts.iter().map(|p| (p.0, p.1)),
-                    color.stroke_width(2),
-                ))
-                .map_err(plot_err)?;
-            let plotting = chart.plotting_area();
-            for p in &pts {
-                let at = plotting.map_coordinate(&(p.0, p.1));
-                let abs = plotting.strip_coord_spec();
-                let (ox, oy) = abs.get_base_pixel();
-                marker(&abs, (at.0 - ox, at.1 - oy), *color, *shape)?;
-            }
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        band(&mut chart, &pts, look.color, 0.12)?;
+        look.line(&mut chart, pts.iter().map(|p| (p.0, p.1)).collect())?;
+        let plotting = chart.plotting_area();
+        for p in &pts {
+            let at = plotting.map_coordinate(&(p.0, p.1));
+            let abs = plotting.strip_coord_spec();
+            let (ox, oy) = abs.get_base_pixel();
+            marker(&abs, (at.0 - ox, at.1 - oy), *look)?;
         }
     }
-    root.present().map_err(plot_err)?;
     Ok(())
 }
 

@@ -4,7 +4,8 @@
 //! their bands, `lora-full` also at its real K; one panel per column of the table) and a
 //! per-language chart (each method at its largest budget, with 95% interval bars). Colours are
 //! the Okabe-Ito palette, each method also has its own marker and solid or dashed line, and the
-//! legend sits in a strip below the data.
+//! legend sits in a strip below the data. The drawing pieces here (a series' [`Look`], its
+//! marker, a legend entry, an interval band) serve the history plot too ([`super::history`]).
 
 use std::path::Path;
 
@@ -12,7 +13,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::runner::compare::{k_label, Table};
+use crate::runner::compare::{k_label, Entry, Table};
 use crate::runner::study::Curve;
 
 static FONT: &[u8] = include_bytes!("fonts/DejaVuSans.ttf");
@@ -45,17 +46,24 @@ pub(crate) const COLORS: [RGBColor; 8] = [
     RGBColor(240, 228, 66),
 ];
 
-/// How series `i` is drawn besides its colour: a marker (circle, triangle, square, diamond-ish
-/// cross) and, for every other series, a dashed line.
+/// How a series is drawn besides its colour: a marker (`marker % 4`: circle, triangle, square,
+/// cross) and a solid or dashed line.
 #[derive(Clone, Copy)]
 pub(crate) struct Look {
     pub color: RGBColor,
-    pub index: usize,
+    pub marker: usize,
+    pub dashed: bool,
 }
 
 impl Look {
-    pub fn dashed(self) -> bool {
-        self.index % 2 == 1
+    /// The look of series `i` of a plot: colour `i` of the palette, marker `i`, and a dashed
+    /// line for every other series.
+    pub fn nth(i: usize) -> Look {
+        Look {
+            color: COLORS[i % COLORS.len()],
+            marker: i,
+            dashed: i % 2 == 1,
+        }
     }
 
     /// Draws the marker at `(x, y)` of a chart.
@@ -65,7 +73,7 @@ impl Look {
         pts: &[(f64, f64)],
     ) -> Result<()> {
         let c = self.color;
-        match self.index % 4 {
+        match self.marker % 4 {
             0 => chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled()))),
             1 => chart.draw_series(pts.iter().map(|p| TriangleMarker::new(*p, 5, c.filled()))),
             2 => chart
@@ -79,13 +87,13 @@ impl Look {
     }
 
     /// Draws the line through `pts`, solid or dashed.
-    fn line<DB: DrawingBackend, CT: plotters::coord::CoordTranslate<From = (f64, f64)>>(
+    pub fn line<DB: DrawingBackend, CT: plotters::coord::CoordTranslate<From = (f64, f64)>>(
         self,
         chart: &mut ChartContext<DB, CT>,
         pts: Vec<(f64, f64)>,
     ) -> Result<()> {
         let style = ShapeStyle::from(self.color).stroke_width(2);
-        if self.dashed() {
+        if self.dashed {
             chart
                 .draw_series(DashedLineSeries::new(pts, 8, 5, style))
                 .map_err(plot_err)?;
@@ -98,47 +106,87 @@ impl Look {
     }
 }
 
+/// Draws the marker of `look` at pixel `at` of `area` (legends, and points placed by pixel).
+pub(crate) fn marker<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    at: (i32, i32),
+    look: Look,
+) -> Result<()> {
+    let (c, (x, y)) = (look.color, at);
+    match look.marker % 4 {
+        0 => area.draw(&Circle::new(at, 4, c.filled())),
+        1 => area.draw(&TriangleMarker::new(at, 5, c.filled())),
+        2 => area.draw(&Rectangle::new(
+            [(x - 4, y - 4), (x + 4, y + 4)],
+            c.filled(),
+        )),
+        _ => area.draw(&Cross::new(at, 5, c.stroke_width(2))),
+    }
+    .map_err(plot_err)
+}
+
+/// One legend entry whose line sample starts at pixel `at` of `area`: a 28-pixel line (three
+/// dashes when the look is dashed), the marker in its middle, then `name` in `font_size`.
+pub(crate) fn legend_entry<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    at: (i32, i32),
+    look: Look,
+    name: &str,
+    font_size: u32,
+) -> Result<()> {
+    let (x, y) = at;
+    let style = ShapeStyle::from(look.color).stroke_width(2);
+    if look.dashed {
+        for s in 0..3 {
+            area.draw(&PathElement::new(
+                vec![(x + s * 10, y), (x + s * 10 + 6, y)],
+                style,
+            ))
+            .map_err(plot_err)?;
+        }
+    } else {
+        area.draw(&PathElement::new(vec![(x, y), (x + 28, y)], style))
+            .map_err(plot_err)?;
+    }
+    marker(area, (x + 14, y), look)?;
+    area.draw(&Text::new(
+        name.to_string(),
+        (x + 36, y - 7),
+        ("sans-serif", font_size).into_font(),
+    ))
+    .map_err(plot_err)
+}
+
+/// The interval band of a series of points `(x, mean, low, high)` in x order: one polygon along
+/// the upper ends and back along the lower ends, in `color` at `opacity`. A single point has no
+/// band (its interval is drawn as a bar by the caller, where wanted).
+pub(crate) fn band<DB: DrawingBackend, CT: plotters::coord::CoordTranslate<From = (f64, f64)>>(
+    chart: &mut ChartContext<DB, CT>,
+    pts: &[(f64, f64, f64, f64)],
+    color: RGBColor,
+    opacity: f64,
+) -> Result<()> {
+    if pts.len() < 2 {
+        return Ok(());
+    }
+    let mut edge: Vec<(f64, f64)> = pts.iter().map(|p| (p.0, p.3)).collect();
+    edge.extend(pts.iter().rev().map(|p| (p.0, p.2)));
+    chart
+        .draw_series(std::iter::once(Polygon::new(edge, color.mix(opacity))))
+        .map_err(plot_err)?;
+    Ok(())
+}
+
 /// A legend strip outside the data: one entry per series (a line sample with its marker, and
 /// its name), left to right.
 pub(crate) fn legend_strip<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     entries: &[(String, Look)],
 ) -> Result<()> {
-    let h = area.dim_in_pixel().1;
-    let y = h as i32 / 2;
+    let y = area.dim_in_pixel().1 as i32 / 2;
     let mut x = 20;
     for (name, look) in entries {
-        let style = ShapeStyle::from(look.color).stroke_width(2);
-        if look.dashed() {
-            for s in 0..3 {
-                area.draw(&PathElement::new(
-                    vec![(x + s * 10, y), (x + s * 10 + 6, y)],
-                    style,
-                ))
-                .map_err(plot_err)?;
-            }
-        } else {
-            area.draw(&PathElement::new(vec![(x, y), (x + 28, y)], style))
-                .map_err(plot_err)?;
-        }
-        let c = look.color;
-        let m = (x + 14, y);
-        match look.index % 4 {
-            0 => area.draw(&Circle::new(m, 4, c.filled())),
-            1 => area.draw(&TriangleMarker::new(m, 5, c.filled())),
-            2 => area.draw(&Rectangle::new(
-                [(m.0 - 4, m.1 - 4), (m.0 + 4, m.1 + 4)],
-                c.filled(),
-            )),
-            _ => area.draw(&Cross::new(m, 5, c.stroke_width(2))),
-        }
-        .map_err(plot_err)?;
-        area.draw(&Text::new(
-            name.clone(),
-            (x + 36, y - 7),
-            ("sans-serif", 14).into_font(),
-        ))
-        .map_err(plot_err)?;
+        legend_entry(area, (x, y), *look, name, 14)?;
         x += legend_width(name);
     }
     Ok(())
@@ -177,34 +225,32 @@ fn methods(t: &Table) -> Vec<(String, Look)> {
     }
     v.into_iter()
         .enumerate()
-        .map(|(i, m)| {
-            (
-                m,
-                Look {
-                    color: COLORS[i % COLORS.len()],
-                    index: i,
-                },
-            )
-        })
+        .map(|(i, m)| (m, Look::nth(i)))
         .collect()
 }
 
-fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Result<()> {
-    root.fill(&WHITE).map_err(plot_err)?;
-    let cols = t.columns.len().max(1);
-    let ncols = cols.min(3);
-    let nrows = cols.div_ceil(ncols);
-    let (title, rest) = root.split_vertically(40);
-    let (h, _) = (rest.dim_in_pixel().1, ());
-    let (body, legend) = rest.split_vertically(h.saturating_sub(36));
-    title
-        .titled(
-            &format!("{} against examples per task", percent_label(&t.metric)),
-            ("sans-serif", 22).into_font(),
-        )
-        .map_err(plot_err)?;
-    let panels = body.split_evenly((nrows, ncols));
-    let ms = methods(t);
+/// The name of a method in a legend: with its real K where it has one (`lora-full`).
+fn legend_name(t: &Table, m: &str) -> String {
+    match t.real_k.get(m) {
+        Some(k) => format!("{m} (K = {k:.0})"),
+        None => m.to_string(),
+    }
+}
+
+/// A metric value as a percentage, clamped to 0..=100.
+fn pct(v: f64) -> f64 {
+    100.0 * v.clamp(0.0, 1.0)
+}
+
+/// The x axis of the efficiency plot: the budgets (and real Ks) with a margin on each side,
+/// and a tick at each of them.
+struct BudgetAxis {
+    min: f64,
+    max: f64,
+    ticks: Vec<f64>,
+}
+
+fn budget_axis(t: &Table) -> BudgetAxis {
     let ks: Vec<f64> = t
         .rows
         .iter()
@@ -218,118 +264,157 @@ fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Re
     let (kmin, kmax) = ks
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), &k| (a.min(k), b.max(k)));
-    let (kmin, kmax) = if ks.is_empty() {
+    let (min, max) = if ks.is_empty() {
         (1.0, 100.0)
     } else if kmin == kmax {
         (kmin / 2.0, kmax * 2.0)
     } else {
         (kmin / 1.3, kmax * 1.3)
     };
-    let mut ticks: Vec<f64> = ks.clone();
+    let mut ticks: Vec<f64> = ks;
     ticks.sort_by(f64::total_cmp);
     ticks.dedup();
-    let pct = |v: f64| 100.0 * v.clamp(0.0, 1.0);
+    BudgetAxis { min, max, ticks }
+}
+
+/// The data-efficiency plot: a title, one panel per column of the table, the legend below.
+fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Result<()> {
+    root.fill(&WHITE).map_err(plot_err)?;
+    let cols = t.columns.len().max(1);
+    let ncols = cols.min(3);
+    let nrows = cols.div_ceil(ncols);
+    let (title, rest) = root.split_vertically(40);
+    let h = rest.dim_in_pixel().1;
+    let (body, legend) = rest.split_vertically(h.saturating_sub(36));
+    title
+        .titled(
+            &format!("{} against examples per task", percent_label(&t.metric)),
+            ("sans-serif", 22).into_font(),
+        )
+        .map_err(plot_err)?;
+    let panels = body.split_evenly((nrows, ncols));
+    let ms = methods(t);
+    let axis = budget_axis(t);
     for (ci, (col, area)) in t.columns.iter().zip(panels.iter()).enumerate() {
-        let mut chart = ChartBuilder::on(area)
-            .caption(col, ("sans-serif", 16))
-            .margin(8)
-            .x_label_area_size(35)
-            .y_label_area_size(45)
-            // Ticks at the budgets themselves: a log axis over 16..64 holds no power of ten,
-            // so its default key points would leave the axis unlabelled.
-            .build_cartesian_2d(
-                (kmin..kmax).log_scale().with_key_points(ticks.clone()),
-                0f64..100f64,
-            )
-            .map_err(plot_err)?;
-        chart
-            .configure_mesh()
-            .x_desc("examples per task (K)")
-            .y_desc(percent_label(&t.metric))
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_label_formatter(&|y| format!("{y:.0}"))
-            .disable_x_mesh()
-            .y_labels(6)
-            .light_line_style(WHITE)
-            .bold_line_style(RGBColor(225, 225, 225))
-            .draw()
-            .map_err(plot_err)?;
-        for (m, look) in &ms {
-            let color = look.color;
-            let pts: Vec<(f64, f64, f64, f64)> = t
-                .rows
-                .iter()
-                .filter(|((mm, k), _)| mm == m && k.is_some())
-                .filter_map(|((_, k), es)| {
-                    es[ci]
-                        .as_ref()
-                        .map(|e| (k.unwrap() as f64, pct(e.mean), pct(e.low), pct(e.high)))
-                })
-                .collect();
-            let reference = t
-                .rows
-                .iter()
-                .find(|((mm, k), _)| mm == m && k.is_none())
-                .and_then(|(_, es)| es[ci].as_ref());
-            if let Some(e) = reference {
-                // A horizontal reference with its band, and, where its real number of examples
-                // is known, a point with its interval at that K.
-                let (lo, mid, hi) = (pct(e.low), pct(e.mean), pct(e.high));
-                chart
-                    .draw_series(std::iter::once(Polygon::new(
-                        vec![(kmin, lo), (kmax, lo), (kmax, hi), (kmin, hi)],
-                        color.mix(0.12),
-                    )))
-                    .map_err(plot_err)?;
-                look.line(&mut chart, vec![(kmin, mid), (kmax, mid)])?;
-                if let Some(&k) = t.real_k.get(m) {
-                    chart
-                        .draw_series([PathElement::new(
-                            vec![(k, lo), (k, hi)],
-                            color.stroke_width(2),
-                        )])
-                        .map_err(plot_err)?;
-                    look.mark(&mut chart, &[(k, mid)])?;
-                }
-                continue;
-            }
-            if pts.is_empty() {
-                continue;
-            }
-            if pts.len() > 1 {
-                let mut band: Vec<(f64, f64)> = pts.iter().map(|p| (p.0, p.3)).collect();
-                band.extend(pts.iter().rev().map(|p| (p.0, p.2)));
-                chart
-                    .draw_series(std::iter::once(Polygon::new(band, color.mix(0.15))))
-                    .map_err(plot_err)?;
-            }
-            look.line(&mut chart, pts.iter().map(|p| (p.0, p.1)).collect())?;
-            look.mark(
-                &mut chart,
-                &pts.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>(),
-            )?;
-            // Each point's own interval, also where a single budget leaves no band.
-            chart
-                .draw_series(
-                    pts.iter().map(|p| {
-                        PathElement::new(vec![(p.0, p.2), (p.0, p.3)], color.stroke_width(1))
-                    }),
-                )
-                .map_err(plot_err)?;
-        }
+        efficiency_panel(area, t, (ci, col.as_str()), &axis, &ms)?;
     }
     let entries: Vec<(String, Look)> = ms
         .iter()
-        .map(|(m, look)| {
-            let name = match t.real_k.get(m) {
-                Some(k) => format!("{m} (K = {k:.0})"),
-                None => m.clone(),
-            };
-            (name, *look)
-        })
+        .map(|(m, look)| (legend_name(t, m), *look))
         .collect();
     legend_strip(&legend, &entries)?;
     root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// One panel of the efficiency plot: column `ci` (named `col`) of the table, every method as
+/// a line over its budgets or as a horizontal reference.
+fn efficiency_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    t: &Table,
+    (ci, col): (usize, &str),
+    axis: &BudgetAxis,
+    ms: &[(String, Look)],
+) -> Result<()> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(col, ("sans-serif", 16))
+        .margin(8)
+        .x_label_area_size(35)
+        .y_label_area_size(45)
+        // Ticks at the budgets themselves: a log axis over 16..64 holds no power of ten,
+        // so its default key points would leave the axis unlabelled.
+        .build_cartesian_2d(
+            (axis.min..axis.max)
+                .log_scale()
+                .with_key_points(axis.ticks.clone()),
+            0f64..100f64,
+        )
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("examples per task (K)")
+        .y_desc(percent_label(&t.metric))
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .disable_x_mesh()
+        .y_labels(6)
+        .light_line_style(WHITE)
+        .bold_line_style(RGBColor(225, 225, 225))
+        .draw()
+        .map_err(plot_err)?;
+    for (m, look) in ms {
+        let reference = t
+            .rows
+            .iter()
+            .find(|((mm, k), _)| mm == m && k.is_none())
+            .and_then(|(_, es)| es[ci].as_ref());
+        match reference {
+            Some(e) => draw_reference(&mut chart, *look, e, t.real_k.get(m).copied(), axis)?,
+            None => draw_budgets(&mut chart, *look, &budget_points(t, m, ci))?,
+        }
+    }
+    Ok(())
+}
+
+/// The points `(K, mean, low, high)` (x 100) of method `m` in column `ci`, one per budget.
+fn budget_points(t: &Table, m: &str, ci: usize) -> Vec<(f64, f64, f64, f64)> {
+    t.rows
+        .iter()
+        .filter(|((mm, k), _)| mm == m && k.is_some())
+        .filter_map(|((_, k), es)| {
+            es[ci]
+                .as_ref()
+                .map(|e| (k.unwrap() as f64, pct(e.mean), pct(e.low), pct(e.high)))
+        })
+        .collect()
+}
+
+/// A method without a budget: a horizontal reference with its band across the panel, and,
+/// where its real number of examples `real_k` is known, a point with its interval at that K.
+fn draw_reference<DB: DrawingBackend, CT: plotters::coord::CoordTranslate<From = (f64, f64)>>(
+    chart: &mut ChartContext<DB, CT>,
+    look: Look,
+    e: &Entry,
+    real_k: Option<f64>,
+    axis: &BudgetAxis,
+) -> Result<()> {
+    let (lo, mid, hi) = (pct(e.low), pct(e.mean), pct(e.high));
+    let across = [(axis.min, mid, lo, hi), (axis.max, mid, lo, hi)];
+    band(chart, &across, look.color, 0.12)?;
+    look.line(chart, vec![(axis.min, mid), (axis.max, mid)])?;
+    if let Some(k) = real_k {
+        chart
+            .draw_series([PathElement::new(
+                vec![(k, lo), (k, hi)],
+                look.color.stroke_width(2),
+            )])
+            .map_err(plot_err)?;
+        look.mark(chart, &[(k, mid)])?;
+    }
+    Ok(())
+}
+
+/// A method with budgets: its line over the points, the band of their intervals, a marker
+/// and an interval bar at each point (also where a single budget leaves no band).
+fn draw_budgets<DB: DrawingBackend, CT: plotters::coord::CoordTranslate<From = (f64, f64)>>(
+    chart: &mut ChartContext<DB, CT>,
+    look: Look,
+    pts: &[(f64, f64, f64, f64)],
+) -> Result<()> {
+    if pts.is_empty() {
+        return Ok(());
+    }
+    band(chart, pts, look.color, 0.15)?;
+    let line: Vec<(f64, f64)> = pts.iter().map(|p| (p.0, p.1)).collect();
+    look.line(chart, line.clone())?;
+    look.mark(chart, &line)?;
+    chart
+        .draw_series(
+            pts.iter().map(|p| {
+                PathElement::new(vec![(p.0, p.2), (p.0, p.3)], look.color.stroke_width(1))
+            }),
+        )
+        .map_err(plot_err)?;
     Ok(())
 }
 
@@ -340,7 +425,7 @@ fn by_language<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> R
     let h = root.dim_in_pixel().1;
     let (body, legend) = root.split_vertically(h.saturating_sub(36));
     // Each method at its largest budget (or its only row).
-    let rows: Vec<(&String, Look, &Vec<Option<crate::runner::compare::Entry>>)> = ms
+    let rows: Vec<(&String, Look, &Vec<Option<Entry>>)> = ms
         .iter()
         .filter_map(|(m, look)| {
             t.rows
@@ -383,10 +468,9 @@ fn by_language<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> R
         .draw()
         .map_err(plot_err)?;
     let w = 0.8 / rows.len().max(1) as f64;
-    let pct = |v: f64| 100.0 * v.clamp(0.0, 1.0);
     for (j, (_, look, es)) in rows.iter().enumerate() {
         let c = look.color;
-        let placed: Vec<(f64, &crate::runner::compare::Entry)> = es
+        let placed: Vec<(f64, &Entry)> = es
             .iter()
             .enumerate()
             .filter_map(|(i, e)| e.as_ref().map(|e| (i as f64 - 0.4 + j as f64 * w, e)))
@@ -422,13 +506,7 @@ pub fn write_plots(t: &Table, dir: &Path) -> Result<Vec<String>> {
     let n = t.columns.len().max(1);
     let ncols = n.min(3);
     // Wide enough for the legend strip (method names, lora-full with its real K).
-    let names: Vec<String> = methods(t)
-        .into_iter()
-        .map(|(m, _)| match t.real_k.get(&m) {
-            Some(k) => format!("{m} (K = {k:.0})"),
-            None => m,
-        })
-        .collect();
+    let names: Vec<String> = methods(t).iter().map(|(m, _)| legend_name(t, m)).collect();
     let need = legend_need(&names);
     let size = (
         (420 * ncols as u32).max(need),

@@ -95,98 +95,40 @@ pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
     (2.0 * cdf).min(1.0)
 }
 
-/// Builds the table from a store's metric rows and per-example records.
-pub fn table(metrics: &DataFrame, samples: &DataFrame, q: &Query) -> Result<Table> {
-    let (exp, method, task, lang, metric) = (
-        strs(metrics, "experiment")?,
-        strs(metrics, "method")?,
-        strs(metrics, "task")?,
-        strs(metrics, "lang")?,
-        strs(metrics, "metric")?,
-    );
-    let k: Vec<Option<i64>> = metrics.column("k")?.i64()?.iter().collect();
-    let seed: Vec<u64> = metrics
+/// A column of floats, nulls read as NaN.
+fn f64s(df: &DataFrame, c: &str) -> Result<Vec<f64>> {
+    Ok(df
+        .column(c)?
+        .f64()?
+        .iter()
+        .map(|x| x.unwrap_or(f64::NAN))
+        .collect())
+}
+
+/// The `seed` column, nulls read as 0.
+fn seeds(df: &DataFrame) -> Result<Vec<u64>> {
+    Ok(df
         .column("seed")?
         .u64()?
         .iter()
         .map(|x| x.unwrap_or(0))
-        .collect();
-    let value: Vec<f64> = metrics
-        .column("value")?
-        .f64()?
-        .iter()
-        .map(|x| x.unwrap_or(f64::NAN))
-        .collect();
-    let lo: Vec<f64> = metrics
-        .column("ci_low")?
-        .f64()?
-        .iter()
-        .map(|x| x.unwrap_or(f64::NAN))
-        .collect();
-    let hi: Vec<f64> = metrics
-        .column("ci_high")?
-        .f64()?
-        .iter()
-        .map(|x| x.unwrap_or(f64::NAN))
-        .collect();
-    let keep = |i: usize| -> bool {
-        q.experiment.as_ref().is_none_or(|e| &exp[i] == e)
-            && (q.tasks.is_empty() || q.tasks.contains(&task[i]))
-            && (q.methods.is_empty() || q.methods.contains(&method[i]))
-            && metric[i] == q.metric
-            && ((q.langs.is_empty() && !q.averages_only)
-                || q.langs.contains(&lang[i])
-                || lang[i] == "micro"
-                || lang[i] == "macro")
-    };
-    // (method, k) -> column -> seed -> (value, lo, hi)
-    type Runs = BTreeMap<u64, (f64, f64, f64)>;
-    let mut grid: BTreeMap<(String, Option<i64>), BTreeMap<String, Runs>> = BTreeMap::new();
-    let mut columns: Vec<String> = Vec::new();
-    for i in 0..metrics.height() {
-        if !keep(i) {
-            continue;
-        }
-        let col = format!("{}/{}", task[i], lang[i]);
-        if !columns.contains(&col) {
-            columns.push(col.clone());
-        }
-        grid.entry((method[i].clone(), k[i]))
-            .or_default()
-            .entry(col)
-            .or_default()
-            .insert(seed[i], (value[i], lo[i], hi[i]));
-    }
+        .collect())
+}
+
+/// The runs of one table cell: seed -> (value, ci_low, ci_high).
+type Runs = BTreeMap<u64, (f64, f64, f64)>;
+
+/// The selected metric rows: (method, K) -> column -> runs.
+type Grid = BTreeMap<(String, Option<i64>), BTreeMap<String, Runs>>;
+
+/// Builds the table from a store's metric rows and per-example records.
+pub fn table(metrics: &DataFrame, samples: &DataFrame, q: &Query) -> Result<Table> {
+    let (grid, mut columns) = select(metrics, q)?;
     if grid.is_empty() {
-        return Err(Error::Invalid(format!(
-            "no results match (metric `{}`{}{})",
-            q.metric,
-            if q.tasks.is_empty() {
-                String::new()
-            } else {
-                format!(", tasks {}", q.tasks.join(","))
-            },
-            if q.methods.is_empty() {
-                String::new()
-            } else {
-                format!(", methods {}", q.methods.join(","))
-            },
-        )));
+        return Err(no_match(q));
     }
     if let Some(b) = &q.baseline {
-        let present: std::collections::BTreeSet<&str> =
-            grid.keys().map(|(m, _)| m.as_str()).collect();
-        if !present.contains(b.as_str()) {
-            return Err(Error::Unknown {
-                kind: "baseline method",
-                code: b.clone(),
-                scope: format!(
-                    " in the selected results (methods: {})",
-                    present.iter().copied().collect::<Vec<_>>().join(", ")
-                ),
-                suggestions: crate::util::suggestions(b, present.iter().copied()),
-            });
-        }
+        check_baseline(&grid, b)?;
     }
     // Languages first, then micro and macro, per task.
     columns.sort_by_key(|c| {
@@ -203,46 +145,13 @@ pub fn table(metrics: &DataFrame, samples: &DataFrame, q: &Query) -> Result<Tabl
     let mut missing = Vec::new();
     let mut rows = Vec::new();
     for ((m, kk), cols) in &grid {
-        let mut entries = Vec::with_capacity(columns.len());
-        for c in &columns {
-            let Some(runs) = cols.get(c) else {
-                entries.push(None);
-                continue;
-            };
-            let vals: Vec<f64> = runs.values().map(|r| r.0).collect();
-            let n = vals.len();
-            let (mean, low, high) = if n >= 2 {
-                stats::t_interval(&vals)
-            } else {
-                let r = runs.values().next().expect("one run");
-                (r.0, r.1, r.2)
-            };
-            let p = match &q.baseline {
-                Some(b) if b != m => {
-                    let paired = pair_with(&outcomes, m, *kk, b, c);
-                    if let Some(pd) = &paired {
-                        for s in &pd.missing {
-                            let line = format!(
-                                "{m} K={}: seed {s} has no `{b}` run to pair with",
-                                k_label(m, *kk)
-                            );
-                            if !missing.contains(&line) {
-                                missing.push(line);
-                            }
-                        }
-                    }
-                    paired.map(|pd| pd.p)
-                }
-                _ => None,
-            };
-            entries.push(Some(Entry {
-                mean,
-                low,
-                high,
-                seeds: n,
-                p,
-            }));
-        }
+        let entries = columns
+            .iter()
+            .map(|c| {
+                let runs = cols.get(c)?;
+                Some(entry(runs, q, (m, *kk, c), &outcomes, &mut missing))
+            })
+            .collect();
         rows.push(((m.clone(), *kk), entries));
     }
     // Methods in the order asked for (or base, baselines, then the rest), K ascending.
@@ -262,6 +171,126 @@ pub fn table(metrics: &DataFrame, samples: &DataFrame, q: &Query) -> Result<Tabl
         missing,
         real_k: BTreeMap::new(),
     })
+}
+
+/// The metric rows `q` selects, by (method, K) and column, and the columns in first-seen order.
+fn select(metrics: &DataFrame, q: &Query) -> Result<(Grid, Vec<String>)> {
+    let (exp, method, task, lang, metric) = (
+        strs(metrics, "experiment")?,
+        strs(metrics, "method")?,
+        strs(metrics, "task")?,
+        strs(metrics, "lang")?,
+        strs(metrics, "metric")?,
+    );
+    let k: Vec<Option<i64>> = metrics.column("k")?.i64()?.iter().collect();
+    let seed = seeds(metrics)?;
+    let value = f64s(metrics, "value")?;
+    let lo = f64s(metrics, "ci_low")?;
+    let hi = f64s(metrics, "ci_high")?;
+    let keep = |i: usize| -> bool {
+        q.experiment.as_ref().is_none_or(|e| &exp[i] == e)
+            && (q.tasks.is_empty() || q.tasks.contains(&task[i]))
+            && (q.methods.is_empty() || q.methods.contains(&method[i]))
+            && metric[i] == q.metric
+            && ((q.langs.is_empty() && !q.averages_only)
+                || q.langs.contains(&lang[i])
+                || lang[i] == "micro"
+                || lang[i] == "macro")
+    };
+    let mut grid = Grid::new();
+    let mut columns: Vec<String> = Vec::new();
+    for i in (0..metrics.height()).filter(|&i| keep(i)) {
+        let col = format!("{}/{}", task[i], lang[i]);
+        if !columns.contains(&col) {
+            columns.push(col.clone());
+        }
+        grid.entry((method[i].clone(), k[i]))
+            .or_default()
+            .entry(col)
+            .or_default()
+            .insert(seed[i], (value[i], lo[i], hi[i]));
+    }
+    Ok((grid, columns))
+}
+
+/// The error when nothing matches `q`.
+fn no_match(q: &Query) -> Error {
+    Error::Invalid(format!(
+        "no results match (metric `{}`{}{})",
+        q.metric,
+        if q.tasks.is_empty() {
+            String::new()
+        } else {
+            format!(", tasks {}", q.tasks.join(","))
+        },
+        if q.methods.is_empty() {
+            String::new()
+        } else {
+            format!(", methods {}", q.methods.join(","))
+        },
+    ))
+}
+
+/// The baseline method `b` must be among the selected results.
+fn check_baseline(grid: &Grid, b: &str) -> Result<()> {
+    let present: std::collections::BTreeSet<&str> = grid.keys().map(|(m, _)| m.as_str()).collect();
+    if present.contains(b) {
+        return Ok(());
+    }
+    Err(Error::Unknown {
+        kind: "baseline method",
+        code: b.to_string(),
+        scope: format!(
+            " in the selected results (methods: {})",
+            present.iter().copied().collect::<Vec<_>>().join(", ")
+        ),
+        suggestions: crate::util::suggestions(b, present.iter().copied()),
+    })
+}
+
+/// The entry of method `m` at K `kk` in column `c` from its runs: the mean over seeds with its
+/// interval, and the paired p-value against the baseline (seeds without a baseline run to pair
+/// with go to `missing`, once each).
+fn entry(
+    runs: &Runs,
+    q: &Query,
+    (m, kk, c): (&String, Option<i64>, &String),
+    outcomes: &CellOutcomes,
+    missing: &mut Vec<String>,
+) -> Entry {
+    let vals: Vec<f64> = runs.values().map(|r| r.0).collect();
+    let n = vals.len();
+    let (mean, low, high) = if n >= 2 {
+        stats::t_interval(&vals)
+    } else {
+        let r = runs.values().next().expect("one run");
+        (r.0, r.1, r.2)
+    };
+    let p = match &q.baseline {
+        Some(b) if b != m => {
+            let paired = pair_with(outcomes, m, kk, b, c);
+            if let Some(pd) = &paired {
+                for s in &pd.missing {
+                    let line = format!(
+                        "{m} K={}: seed {s} has no `{b}` run to pair with",
+                        k_label(m, kk)
+                    );
+                    if !missing.contains(&line) {
+                        missing.push(line);
+                    }
+                }
+            }
+            paired.map(|pd| pd.p)
+        }
+        _ => None,
+    };
+    Entry {
+        mean,
+        low,
+        high,
+        seeds: n,
+        p,
+    }
 }
 
 /// Per-example outcomes of every (method, K, task): seed -> language -> id -> correct.
@@ -701,6 +730,27 @@ pub fn runs(metrics: &DataFrame) -> Result<Vec<(String, u64)>> {
     Ok(out)
 }
 
+/// A per-language cell of two runs: (method, K, task, language).
+type CellKey = (String, Option<i64>, String, String);
+
+/// Per cell and run (`false` before, `true` after): the values of every seed, and whether
+/// higher is better.
+type RunValues = BTreeMap<(CellKey, bool), (Vec<f64>, bool)>;
+
+/// Per cell and run: (seed, example id) -> correct.
+type RunOutcomes = BTreeMap<(CellKey, bool), BTreeMap<(u64, String), bool>>;
+
+/// Which of the two compared runs a row belongs to: `Some(false)` before, `Some(true)` after.
+fn which_run(version: &str, before: &str, after: &str) -> Option<bool> {
+    if version == before {
+        Some(false)
+    } else if version == after {
+        Some(true)
+    } else {
+        None
+    }
+}
+
 /// Cells (method x K x task x language, per-language rows only) whose `metric` fell by more than
 /// `max_drop` points (x 100) from run `before` to run `after` (code versions) with a significant
 /// exact McNemar test (p < 0.05) on the examples both runs scored. Metrics where lower is better
@@ -713,82 +763,8 @@ pub fn regressions(
     metric: &str,
     max_drop: f64,
 ) -> Result<Vec<Regression>> {
-    let (method, task, lang, m, ver) = (
-        strs(metrics, "method")?,
-        strs(metrics, "task")?,
-        strs(metrics, "lang")?,
-        strs(metrics, "metric")?,
-        strs(metrics, "code_version")?,
-    );
-    let k: Vec<Option<i64>> = metrics.column("k")?.i64()?.iter().collect();
-    let val: Vec<f64> = metrics
-        .column("value")?
-        .f64()?
-        .iter()
-        .map(|x| x.unwrap_or(f64::NAN))
-        .collect();
-    let hib: Vec<bool> = metrics
-        .column("higher_is_better")?
-        .bool()?
-        .iter()
-        .map(|x| x.unwrap_or(true))
-        .collect();
-    type Key = (String, Option<i64>, String, String);
-    let mut means: BTreeMap<(Key, bool), (Vec<f64>, bool)> = BTreeMap::new();
-    for i in 0..metrics.height() {
-        if m[i] != metric || lang[i] == "micro" || lang[i] == "macro" {
-            continue;
-        }
-        let which = if ver[i] == before {
-            false
-        } else if ver[i] == after {
-            true
-        } else {
-            continue;
-        };
-        let e = means
-            .entry((
-                (method[i].clone(), k[i], task[i].clone(), lang[i].clone()),
-                which,
-            ))
-            .or_insert((Vec::new(), hib[i]));
-        e.0.push(val[i]);
-    }
-    // Paired outcomes per run.
-    let (sm, st, sl, sid, sv) = (
-        strs(samples, "method")?,
-        strs(samples, "task")?,
-        strs(samples, "lang")?,
-        strs(samples, "id")?,
-        strs(samples, "code_version")?,
-    );
-    let sk: Vec<Option<i64>> = samples.column("k")?.i64()?.iter().collect();
-    let ss: Vec<u64> = samples
-        .column("seed")?
-        .u64()?
-        .iter()
-        .map(|x| x.unwrap_or(0))
-        .collect();
-    let sc: Vec<bool> = samples
-        .column("correct")?
-        .bool()?
-        .iter()
-        .map(|x| x.unwrap_or(false))
-        .collect();
-    let mut outcomes: BTreeMap<(Key, bool), BTreeMap<(u64, String), bool>> = BTreeMap::new();
-    for i in 0..samples.height() {
-        let which = if sv[i] == before {
-            false
-        } else if sv[i] == after {
-            true
-        } else {
-            continue;
-        };
-        outcomes
-            .entry(((sm[i].clone(), sk[i], st[i].clone(), sl[i].clone()), which))
-            .or_default()
-            .insert((ss[i], sid[i].clone()), sc[i]);
-    }
+    let means = run_values(metrics, (before, after), metric)?;
+    let outcomes = run_outcomes(samples, (before, after))?;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let mut out = Vec::new();
     for ((key, which), (vals, higher)) in &means {
@@ -809,17 +785,7 @@ pub fn regressions(
         ) else {
             continue;
         };
-        let (mut worse, mut better) = (0usize, 0usize);
-        for (id, &x) in ob {
-            if let Some(&y) = oa.get(id) {
-                if x && !y {
-                    worse += 1;
-                } else if !x && y {
-                    better += 1;
-                }
-            }
-        }
-        let p = mcnemar_exact(worse, better);
+        let p = mcnemar_paired(ob, oa);
         if p < 0.05 {
             out.push(Regression {
                 method: key.0.clone(),
@@ -833,6 +799,95 @@ pub fn regressions(
         }
     }
     Ok(out)
+}
+
+/// The values of `metric` per cell and run (of `(before, after)`), per seed, with whether
+/// higher is better.
+fn run_values(
+    metrics: &DataFrame,
+    (before, after): (&str, &str),
+    metric: &str,
+) -> Result<RunValues> {
+    let (method, task, lang, m, ver) = (
+        strs(metrics, "method")?,
+        strs(metrics, "task")?,
+        strs(metrics, "lang")?,
+        strs(metrics, "metric")?,
+        strs(metrics, "code_version")?,
+    );
+    let k: Vec<Option<i64>> = metrics.column("k")?.i64()?.iter().collect();
+    let val = f64s(metrics, "value")?;
+    let hib: Vec<bool> = metrics
+        .column("higher_is_better")?
+        .bool()?
+        .iter()
+        .map(|x| x.unwrap_or(true))
+        .collect();
+    let mut means = RunValues::new();
+    for i in 0..metrics.height() {
+        if m[i] != metric || lang[i] == "micro" || lang[i] == "macro" {
+            continue;
+        }
+        let Some(which) = which_run(&ver[i], before, after) else {
+            continue;
+        };
+        let e = means
+            .entry((
+                (method[i].clone(), k[i], task[i].clone(), lang[i].clone()),
+                which,
+            ))
+            .or_insert((Vec::new(), hib[i]));
+        e.0.push(val[i]);
+    }
+    Ok(means)
+}
+
+/// The per-example outcomes per cell and run (of `(before, after)`): (seed, id) -> correct.
+fn run_outcomes(samples: &DataFrame, (before, after): (&str, &str)) -> Result<RunOutcomes> {
+    let (sm, st, sl, sid, sv) = (
+        strs(samples, "method")?,
+        strs(samples, "task")?,
+        strs(samples, "lang")?,
+        strs(samples, "id")?,
+        strs(samples, "code_version")?,
+    );
+    let sk: Vec<Option<i64>> = samples.column("k")?.i64()?.iter().collect();
+    let ss = seeds(samples)?;
+    let sc: Vec<bool> = samples
+        .column("correct")?
+        .bool()?
+        .iter()
+        .map(|x| x.unwrap_or(false))
+        .collect();
+    let mut outcomes = RunOutcomes::new();
+    for i in 0..samples.height() {
+        let Some(which) = which_run(&sv[i], before, after) else {
+            continue;
+        };
+        outcomes
+            .entry(((sm[i].clone(), sk[i], st[i].clone(), sl[i].clone()), which))
+            .or_default()
+            .insert((ss[i], sid[i].clone()), sc[i]);
+    }
+    Ok(outcomes)
+}
+
+/// The exact McNemar p-value of the examples both runs scored (`before`, `after`).
+fn mcnemar_paired(
+    before: &BTreeMap<(u64, String), bool>,
+    after: &BTreeMap<(u64, String), bool>,
+) -> f64 {
+    let (mut worse, mut better) = (0usize, 0usize);
+    for (id, &x) in before {
+        if let Some(&y) = after.get(id) {
+            if x && !y {
+                worse += 1;
+            } else if !x && y {
+                better += 1;
+            }
+        }
+    }
+    mcnemar_exact(worse, better)
 }
 
 /// The keys of the newest cell (by finish time) of each (experiment, method, K, seed): what a

@@ -449,35 +449,8 @@ impl Experiment {
 
     /// Every cell, with every problem that can be seen without data listed at once.
     pub fn cells(&self) -> Result<Vec<Cell>> {
-        let mut problems = Vec::new();
+        let mut problems = self.grid_problems();
         let mut cells = Vec::new();
-        if self.methods.is_empty() {
-            problems.push("`methods` is empty".into());
-        }
-        if self.seeds.is_empty() {
-            problems.push("`seeds` is empty".into());
-        }
-        // Duplicates would put one cell in the grid twice (two shards racing on it).
-        let mut dup = |what: &str, items: Vec<String>| {
-            let mut seen = std::collections::BTreeSet::new();
-            for i in items {
-                if !seen.insert(i.clone()) {
-                    problems.push(format!("`{what}` lists {i} twice"));
-                }
-            }
-        };
-        let canonical = |m: &String| Method::parse(m).map_or(m.clone(), |p| p.name().to_string());
-        dup("methods", self.methods.iter().map(canonical).collect());
-        dup("ks", self.ks.iter().map(|k| k.to_string()).collect());
-        dup("seeds", self.seeds.iter().map(|s| s.to_string()).collect());
-        problems.extend(self.study_problems());
-        for name in self.method.keys() {
-            if !self.methods.contains(name) {
-                problems.push(format!(
-                    "[method.{name}] configures a method the grid does not run"
-                ));
-            }
-        }
         let version = crate::util::code_version();
         for m in self.methods.iter().filter(|m| !self.pending(m)) {
             let (is_base, uses_k) = if m == "base" {
@@ -507,49 +480,9 @@ impl Experiment {
             };
             for k in ks {
                 for &seed in &seeds {
-                    let train = if is_base {
-                        None
-                    } else {
-                        match self.train_config(m, k, seed, self.chosen.get(m)) {
-                            Ok(c) => {
-                                for p in c.problems() {
-                                    let msg = format!("{m} k={k:?} seed {seed}: {p}");
-                                    if !problems.contains(&msg) {
-                                        problems.push(msg);
-                                    }
-                                }
-                                Some(c)
-                            }
-                            Err(e) => {
-                                problems.push(e.to_string());
-                                continue;
-                            }
-                        }
-                    };
-                    let eval = self.eval_config(seed);
-                    for p in eval.problems() {
-                        let msg = format!("[eval]: {p}");
-                        if !problems.contains(&msg) {
-                            problems.push(msg);
-                        }
+                    if let Some(c) = self.cell(m, (k, seed), &version, &mut problems)? {
+                        cells.push(c);
                     }
-                    let key = crate::util::sha256_hex(&serde_json::to_vec(&serde_json::json!({
-                        "experiment": self.name, "method": m, "k": k, "seed": seed,
-                        "train": train, "eval": eval,
-                        "code": version,
-                        "model_weights": model_identity(&self.model)?,
-                    }))?)[..16]
-                        .to_string();
-                    cells.push(Cell {
-                        experiment: self.name.clone(),
-                        method: m.clone(),
-                        k,
-                        seed,
-                        train,
-                        eval,
-                        key,
-                        candidate: None,
-                    });
                 }
             }
         }
@@ -572,6 +505,95 @@ impl Experiment {
             (c.seed, rank)
         });
         Ok(cells)
+    }
+
+    /// The problems of the grid's lists and sections: empty or repeated methods, budgets and
+    /// seeds, the study and search sections, method sections for methods the grid does not run.
+    fn grid_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.methods.is_empty() {
+            problems.push("`methods` is empty".into());
+        }
+        if self.seeds.is_empty() {
+            problems.push("`seeds` is empty".into());
+        }
+        // Duplicates would put one cell in the grid twice (two shards racing on it).
+        let mut dup = |what: &str, items: Vec<String>| {
+            let mut seen = std::collections::BTreeSet::new();
+            for i in items {
+                if !seen.insert(i.clone()) {
+                    problems.push(format!("`{what}` lists {i} twice"));
+                }
+            }
+        };
+        let canonical = |m: &String| Method::parse(m).map_or(m.clone(), |p| p.name().to_string());
+        dup("methods", self.methods.iter().map(canonical).collect());
+        dup("ks", self.ks.iter().map(|k| k.to_string()).collect());
+        dup("seeds", self.seeds.iter().map(|s| s.to_string()).collect());
+        problems.extend(self.study_problems());
+        for name in self.method.keys() {
+            if !self.methods.contains(name) {
+                problems.push(format!(
+                    "[method.{name}] configures a method the grid does not run"
+                ));
+            }
+        }
+        problems
+    }
+
+    /// The cell of method `m` at `(k, seed)` with its configurations' problems added to
+    /// `problems` (each once); `None` when its training configuration cannot be built.
+    fn cell(
+        &self,
+        m: &str,
+        (k, seed): (Option<usize>, u64),
+        version: &str,
+        problems: &mut Vec<String>,
+    ) -> Result<Option<Cell>> {
+        let train = if m == "base" {
+            None
+        } else {
+            match self.train_config(m, k, seed, self.chosen.get(m)) {
+                Ok(c) => {
+                    for p in c.problems() {
+                        push_once(problems, format!("{m} k={k:?} seed {seed}: {p}"));
+                    }
+                    Some(c)
+                }
+                Err(e) => {
+                    problems.push(e.to_string());
+                    return Ok(None);
+                }
+            }
+        };
+        let eval = self.eval_config(seed);
+        for p in eval.problems() {
+            push_once(problems, format!("[eval]: {p}"));
+        }
+        let key = crate::util::sha256_hex(&serde_json::to_vec(&serde_json::json!({
+            "experiment": self.name, "method": m, "k": k, "seed": seed,
+            "train": train, "eval": eval,
+            "code": version,
+            "model_weights": model_identity(&self.model)?,
+        }))?)[..16]
+            .to_string();
+        Ok(Some(Cell {
+            experiment: self.name.clone(),
+            method: m.to_string(),
+            k,
+            seed,
+            train,
+            eval,
+            key,
+            candidate: None,
+        }))
+    }
+}
+
+/// Adds `msg` to `problems` unless it is there already.
+fn push_once(problems: &mut Vec<String>, msg: String) {
+    if !problems.contains(&msg) {
+        problems.push(msg);
     }
 }
 

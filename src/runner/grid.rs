@@ -114,53 +114,131 @@ pub fn run_cell(
         None => None,
     };
     let work = store.work_dir(&cell.key);
-    let mut eval = cell.eval.clone();
-    let mut train_s = 0.0;
-    let mut run_dir = None;
-    let variant = match &cell.train {
-        None => {
-            eval.base = true;
-            "base".to_string()
-        }
-        Some(own) => {
-            let (run, cfg) = match sibling.and_then(|s| s.train.as_ref().map(|t| (s, t))) {
-                Some((s, t)) => (store.work_dir(&s.key).join("train"), t),
-                None => (work.join("train"), own),
-            };
-            let t0 = Instant::now();
-            if !run.join("manifest.json").exists() {
-                let resume = run.join("config.json").exists();
-                progress(&format!(
-                    "{} train{}",
-                    cell.label(),
-                    if resume { " (resume)" } else { "" }
-                ));
-                let label = cell.label();
-                let mut p = |p: &crate::train::loops::Progress| {
-                    progress(&format!(
-                        "{label} train {} {}/{} loss {:.4} ({:.0} tokens/s)",
-                        p.phase, p.step, p.total, p.loss, p.tokens_per_s
-                    ))
-                };
-                crate::train::run::train(data_dir, cfg, &run, resume, stop, &mut p)?;
-            }
-            train_s = t0.elapsed().as_secs_f64();
-            // The adapter that represents the method: the shared one, or the per-task set.
-            let per_task = matches!(
-                Method::parse(&own.method)?,
-                Method::LoraPerTaskK | Method::Stage1Only | Method::MetaLoraTta
-            );
-            let dir = run.join(if per_task { "adapters" } else { "adapter" });
-            run_dir = Some(run.clone());
-            eval.adapters = vec![format!("cell={}", dir.display())];
-            "cell".to_string()
-        }
-    };
+    let trained = train_cell(data_dir, store, cell, sibling, stop, progress)?;
     progress(&format!("{} eval", cell.label()));
     let t1 = Instant::now();
     let mut quiet = |_: &str, _: &str, _: &str, _: usize, _: usize| {};
-    let report = evaluate(data_dir, &eval, &work.join("eval"), &mut quiet)?;
+    let report = evaluate(data_dir, &trained.eval, &work.join("eval"), &mut quiet)?;
     let eval_s = t1.elapsed().as_secs_f64();
+    let (records, metrics) = cell_results(report, trained.variant, cell)?;
+    let training = match &trained.run_dir {
+        Some(run) => training_facts(run, &cell.method)?,
+        None => serde_json::Value::Null,
+    };
+    let (metrics, samples) = (metrics_frame(&metrics)?, samples_frame(&records)?);
+    let train_s = trained.train_s;
+    let info = serde_json::json!({
+        "training": training,
+        "model_sha256": super::experiment::model_identity(&cell.eval.model)?,
+        "datasets_manifest_sha256": crate::util::sha256_file(&data_dir.join("manifest.json")).ok(),
+        "code_version": crate::util::code_version(),
+        "train_seconds": train_s,
+        // The cell whose work folder holds the training run, when not this one.
+        "train_run_of": sibling.filter(|_| cell.train.is_some()).map(|s| s.key.clone()),
+        "eval_seconds": eval_s,
+        "finished_at_unix": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    });
+    store.commit(cell, metrics, samples, info)?;
+    // The evaluation's own files now live in the cell: a reader that globs the whole store
+    // (`STORE/**/metrics.parquet`) must not meet them twice.
+    let ev = work.join("eval");
+    if ev.exists() {
+        std::fs::remove_dir_all(&ev).map_err(|e| Error::io("remove", &ev, e))?;
+    }
+    Ok(Outcome::Done { train_s, eval_s })
+}
+
+/// What a cell evaluates once trained: its evaluation configuration, the variant of the
+/// evaluation that is the cell's method, the training seconds and the training run folder
+/// (none for `base`).
+struct Trained {
+    eval: crate::eval::run::EvalConfig,
+    variant: &'static str,
+    train_s: f64,
+    run_dir: Option<std::path::PathBuf>,
+}
+
+/// Trains the cell's method (in the sibling's work folder when it shares the run), or nothing
+/// for `base`, and says what to evaluate.
+fn train_cell(
+    data_dir: &Path,
+    store: &Store,
+    cell: &Cell,
+    sibling: Option<&Cell>,
+    stop: &AtomicBool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Trained> {
+    let mut eval = cell.eval.clone();
+    let Some(own) = &cell.train else {
+        eval.base = true;
+        return Ok(Trained {
+            eval,
+            variant: "base",
+            train_s: 0.0,
+            run_dir: None,
+        });
+    };
+    let (run, cfg) = match sibling.and_then(|s| s.train.as_ref().map(|t| (s, t))) {
+        Some((s, t)) => (store.work_dir(&s.key).join("train"), t),
+        None => (store.work_dir(&cell.key).join("train"), own),
+    };
+    let t0 = Instant::now();
+    train_once(data_dir, cell, (&run, cfg), stop, progress)?;
+    let train_s = t0.elapsed().as_secs_f64();
+    // The adapter that represents the method: the shared one, or the per-task set.
+    let per_task = matches!(
+        Method::parse(&own.method)?,
+        Method::LoraPerTaskK | Method::Stage1Only | Method::MetaLoraTta
+    );
+    let dir = run.join(if per_task { "adapters" } else { "adapter" });
+    eval.adapters = vec![format!("cell={}", dir.display())];
+    Ok(Trained {
+        eval,
+        variant: "cell",
+        train_s,
+        run_dir: Some(run),
+    })
+}
+
+/// Trains the run `(run, cfg)` of a cell unless it is finished (its manifest is there),
+/// resuming it when it was started.
+fn train_once(
+    data_dir: &Path,
+    cell: &Cell,
+    (run, cfg): (&Path, &crate::train::config::TrainConfig),
+    stop: &AtomicBool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<()> {
+    if run.join("manifest.json").exists() {
+        return Ok(());
+    }
+    let resume = run.join("config.json").exists();
+    progress(&format!(
+        "{} train{}",
+        cell.label(),
+        if resume { " (resume)" } else { "" }
+    ));
+    let label = cell.label();
+    let mut p = |p: &crate::train::loops::Progress| {
+        progress(&format!(
+            "{label} train {} {}/{} loss {:.4} ({:.0} tokens/s)",
+            p.phase, p.step, p.total, p.loss, p.tokens_per_s
+        ))
+    };
+    crate::train::run::train(data_dir, cfg, run, resume, stop, &mut p)?;
+    Ok(())
+}
+
+/// The records and metric rows of the cell's variant in an evaluation report, renamed to the
+/// cell's method; an evaluation without records for it is an internal error.
+fn cell_results(
+    report: crate::eval::run::EvalReport,
+    variant: &str,
+    cell: &Cell,
+) -> Result<(Vec<Record>, Vec<crate::eval::run::MetricRow>)> {
     let records: Vec<Record> = report
         .records
         .into_iter()
@@ -185,36 +263,7 @@ pub fn run_cell(
             cell.label()
         )));
     }
-    let training = match &run_dir {
-        Some(run) => training_facts(run, &cell.method)?,
-        None => serde_json::Value::Null,
-    };
-    store.commit(
-        cell,
-        metrics_frame(&metrics)?,
-        samples_frame(&records)?,
-        serde_json::json!({
-            "training": training,
-            "model_sha256": super::experiment::model_identity(&cell.eval.model)?,
-            "datasets_manifest_sha256": crate::util::sha256_file(&data_dir.join("manifest.json")).ok(),
-            "code_version": crate::util::code_version(),
-            "train_seconds": train_s,
-            // The cell whose work folder holds the training run, when not this one.
-            "train_run_of": sibling.filter(|_| cell.train.is_some()).map(|s| s.key.clone()),
-            "eval_seconds": eval_s,
-            "finished_at_unix": std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        }),
-    )?;
-    // The evaluation's own files now live in the cell: a reader that globs the whole store
-    // (`STORE/**/metrics.parquet`) must not meet them twice.
-    let ev = work.join("eval");
-    if ev.exists() {
-        std::fs::remove_dir_all(&ev).map_err(|e| Error::io("remove", &ev, e))?;
-    }
-    Ok(Outcome::Done { train_s, eval_s })
+    Ok((records, metrics))
 }
 
 /// Checks the data side of every cell before anything runs (tasks, languages, splits, budgets

@@ -498,6 +498,39 @@ fn distinct<T: Ord + Clone>(v: impl Iterator<Item = T>) -> Vec<T> {
     v.collect::<BTreeSet<T>>().into_iter().collect()
 }
 
+/// The value at `path` of a cell's document as text (empty when absent).
+fn field(c: &CellInfo, path: &[&str]) -> String {
+    let mut v = &c.doc;
+    for k in path {
+        v = &v[*k];
+    }
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// The non-empty values, comma-separated, or `(not recorded)`.
+fn listed(v: Vec<String>) -> String {
+    let v: Vec<String> = v.into_iter().filter(|x| !x.is_empty()).collect();
+    if v.is_empty() {
+        "(not recorded)".to_string()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// The distinct values at `path` over the cells, listed.
+fn across(infos: &[CellInfo], path: &[&str]) -> String {
+    listed(distinct(infos.iter().map(|c| field(c, path))))
+}
+
+/// Appends a `(setting, value)` line.
+fn put(lines: &mut Vec<(String, String)>, k: &str, v: String) {
+    lines.push((k.to_string(), v));
+}
+
 /// The setup block of the compared cells. `selection` is the store's selection record of the
 /// experiment (when it ran a search), `reference` and `margin` the declaration.
 pub fn setup(
@@ -506,75 +539,66 @@ pub fn setup(
     reference: Option<&str>,
     margin: f64,
 ) -> Setup {
-    let mut lines: Vec<(String, String)> = Vec::new();
-    let mut put = |k: &str, v: String| lines.push((k.to_string(), v));
-    let s = |c: &CellInfo, p: &[&str]| -> String {
-        let mut v = &c.doc;
-        for k in p {
-            v = &v[*k];
-        }
-        match v {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Null => String::new(),
-            other => other.to_string(),
-        }
-    };
-    let join = |v: Vec<String>| {
-        let v: Vec<String> = v.into_iter().filter(|x| !x.is_empty()).collect();
-        if v.is_empty() {
-            "(not recorded)".to_string()
+    let mut lines = grid_lines(infos, reference, margin);
+    for m in &distinct(infos.iter().map(|c| c.method.clone())) {
+        method_lines(&mut lines, infos, m, selection);
+    }
+    if let Some(longest) = longest_examples(infos) {
+        put(&mut lines, "longest training example (tokens)", longest);
+    }
+    put(
+        &mut lines,
+        "device, precision",
+        listed(distinct(infos.iter().map(|c| {
+            format!(
+                "{}, {}",
+                field(c, &["cell", "eval", "device"]),
+                precision(c)
+            )
+        }))),
+    );
+    put(&mut lines, "code version", across(infos, &["code_version"]));
+    put(
+        &mut lines,
+        "selection",
+        if selection.is_some() {
+            "the searched hyper-parameters and lengths were chosen on the dev split, for every searched method alike (lora-full's length by early stopping on dev where set); a true few-shot setting would not have a dev split this large".into()
         } else {
-            v.join(", ")
-        }
-    };
-    put(
-        "experiment",
-        join(distinct(
-            infos.iter().map(|c| s(c, &["cell", "experiment"])),
-        )),
+            "none: every method ran with the experiment file's settings (no [search])".into()
+        },
     );
+    Setup { lines }
+}
+
+/// The lines about the grid as a whole: experiment, model and data identity, tasks, languages,
+/// test split, budgets, seeds and the declared reference.
+fn grid_lines(infos: &[CellInfo], reference: Option<&str>, margin: f64) -> Vec<(String, String)> {
+    let mut lines = Vec::new();
+    let recorded: [(&str, &[&str]); 6] = [
+        ("experiment", &["cell", "experiment"]),
+        ("model", &["cell", "eval", "model"]),
+        ("model weights sha256", &["info", "model_sha256"]),
+        (
+            "datasets manifest sha256",
+            &["info", "datasets_manifest_sha256"],
+        ),
+        ("tasks", &["cell", "eval", "tasks"]),
+        ("languages", &["cell", "eval", "langs"]),
+    ];
+    for (k, path) in recorded {
+        put(&mut lines, k, across(infos, path));
+    }
     put(
-        "model",
-        join(distinct(
-            infos.iter().map(|c| s(c, &["cell", "eval", "model"])),
-        )),
-    );
-    put(
-        "model weights sha256",
-        join(distinct(
-            infos.iter().map(|c| s(c, &["info", "model_sha256"])),
-        )),
-    );
-    put(
-        "datasets manifest sha256",
-        join(distinct(
-            infos
-                .iter()
-                .map(|c| s(c, &["info", "datasets_manifest_sha256"])),
-        )),
-    );
-    put(
-        "tasks",
-        join(distinct(
-            infos.iter().map(|c| s(c, &["cell", "eval", "tasks"])),
-        )),
-    );
-    put(
-        "languages",
-        join(distinct(
-            infos.iter().map(|c| s(c, &["cell", "eval", "langs"])),
-        )),
-    );
-    put(
+        &mut lines,
         "test split, cap",
-        join(distinct(infos.iter().map(|c| {
+        listed(distinct(infos.iter().map(|c| {
             format!(
                 "{} (limit {})",
-                match s(c, &["cell", "eval", "split"]) {
+                match field(c, &["cell", "eval", "split"]) {
                     x if x.is_empty() => "each task's eval split".to_string(),
                     x => x,
                 },
-                match s(c, &["cell", "eval", "limit"]) {
+                match field(c, &["cell", "eval", "limit"]) {
                     x if x.is_empty() => "none: the whole split".to_string(),
                     x => x,
                 }
@@ -582,8 +606,9 @@ pub fn setup(
         }))),
     );
     put(
+        &mut lines,
         "K grid",
-        join(
+        listed(
             distinct(infos.iter().filter_map(|c| c.k))
                 .into_iter()
                 .map(|k| k.to_string())
@@ -591,8 +616,9 @@ pub fn setup(
         ),
     );
     put(
+        &mut lines,
         "seeds",
-        join(
+        listed(
             distinct(infos.iter().map(|c| c.seed))
                 .into_iter()
                 .map(|k| k.to_string())
@@ -600,6 +626,7 @@ pub fn setup(
         ),
     );
     put(
+        &mut lines,
         "reference, margin",
         match reference {
             Some(r) => {
@@ -608,95 +635,114 @@ pub fn setup(
             None => "none declared".into(),
         },
     );
-    let methods = distinct(infos.iter().map(|c| c.method.clone()));
-    for m in &methods {
-        let Some(c) = infos
-            .iter()
-            .find(|c| &c.method == m && !c.training().is_null())
-        else {
-            continue;
-        };
-        let cfg = &c.training()["config"];
-        let keys = [
-            "lr",
-            "passes",
-            "batch_size",
-            "inner_lr",
-            "inner_steps",
-            "n_support",
-            "n_query",
-            "tasks_per_batch",
-            "meta_iterations",
-            "eval_every",
-            "patience",
-            "max_len",
-            "unit",
-        ];
-        let set: Vec<String> = keys
-            .iter()
-            .filter(|k| !cfg[**k].is_null())
-            .map(|k| format!("{k}={}", cfg[*k]))
-            .collect();
-        put(&format!("{m}: settings"), set.join(" "));
-        if let Some(es) = c.training()["early_stopping"].as_object() {
-            put(
-                &format!("{m}: length chosen on dev"),
-                format!(
-                    "best dev {} at step {} (seed {}; eval every {} steps, patience {})",
-                    es.get("best_score")
-                        .map(|v| v.to_string())
-                        .unwrap_or_default(),
-                    es.get("best_step")
-                        .map(|v| v.to_string())
-                        .unwrap_or_default(),
-                    c.seed,
-                    es.get("eval_every")
-                        .map(|v| v.to_string())
-                        .unwrap_or_default(),
-                    es.get("patience")
-                        .map(|v| v.to_string())
-                        .unwrap_or_default()
-                ),
-            );
-        }
-        let t = &c.training()["resolved"];
+    lines
+}
+
+/// The lines of method `m`, from its first cell with a training run: settings, the length
+/// chosen on dev, LoRA, wall time over all its cells and what selection chose.
+fn method_lines(
+    lines: &mut Vec<(String, String)>,
+    infos: &[CellInfo],
+    m: &str,
+    selection: Option<&serde_json::Value>,
+) {
+    let Some(c) = infos
+        .iter()
+        .find(|c| c.method == m && !c.training().is_null())
+    else {
+        return;
+    };
+    let cfg = &c.training()["config"];
+    put(lines, &format!("{m}: settings"), settings(cfg));
+    if let Some(es) = c.training()["early_stopping"].as_object() {
         put(
-            &format!("{m}: LoRA"),
+            lines,
+            &format!("{m}: length chosen on dev"),
+            dev_choice(es, c.seed),
+        );
+    }
+    let t = &c.training()["resolved"];
+    put(
+        lines,
+        &format!("{m}: LoRA"),
+        format!(
+            "r={} alpha={} dropout={} targets={} (scaling {})",
+            cfg["lora_r"],
+            cfg["lora_alpha"],
+            cfg["lora_dropout"],
+            cfg["lora_targets"],
+            t["lora_scaling"]
+        ),
+    );
+    let secs: f64 = infos
+        .iter()
+        .filter(|x| x.method == m)
+        .map(|x| {
+            x.doc["info"]["train_seconds"].as_f64().unwrap_or(0.0)
+                + x.doc["info"]["eval_seconds"].as_f64().unwrap_or(0.0)
+        })
+        .sum();
+    put(
+        lines,
+        &format!("{m}: wall time (all its cells)"),
+        format!("{:.0} s", secs),
+    );
+    if let Some(sel) = selection.and_then(|v| v.get(m)) {
+        put(
+            lines,
+            &format!(
+                "{m}: selected on {}",
+                sel["split"].as_str().unwrap_or("dev")
+            ),
             format!(
-                "r={} alpha={} dropout={} targets={} (scaling {})",
-                cfg["lora_r"],
-                cfg["lora_alpha"],
-                cfg["lora_dropout"],
-                cfg["lora_targets"],
-                t["lora_scaling"]
+                "{} (of {} candidates)",
+                sel["chosen"],
+                sel["candidates"].as_array().map_or(0, Vec::len)
             ),
         );
-        let secs: f64 = infos
-            .iter()
-            .filter(|x| &x.method == m)
-            .map(|x| {
-                x.doc["info"]["train_seconds"].as_f64().unwrap_or(0.0)
-                    + x.doc["info"]["eval_seconds"].as_f64().unwrap_or(0.0)
-            })
-            .sum();
-        put(
-            &format!("{m}: wall time (all its cells)"),
-            format!("{:.0} s", secs),
-        );
-        if let Some(sel) = selection.and_then(|v| v.get(m)) {
-            put(
-                &format!(
-                    "{m}: selected on {}",
-                    sel["split"].as_str().unwrap_or("dev")
-                ),
-                format!(
-                    "{} (of {} candidates)",
-                    sel["chosen"],
-                    sel["candidates"].as_array().map_or(0, Vec::len)
-                ),
-            );
-        }
     }
+}
+
+/// The training settings a run recorded, `key=value` separated by spaces (unset ones left out).
+fn settings(cfg: &serde_json::Value) -> String {
+    let keys = [
+        "lr",
+        "passes",
+        "batch_size",
+        "inner_lr",
+        "inner_steps",
+        "n_support",
+        "n_query",
+        "tasks_per_batch",
+        "meta_iterations",
+        "eval_every",
+        "patience",
+        "max_len",
+        "unit",
+    ];
+    let set: Vec<String> = keys
+        .iter()
+        .filter(|k| !cfg[**k].is_null())
+        .map(|k| format!("{k}={}", cfg[*k]))
+        .collect();
+    set.join(" ")
+}
+
+/// Early stopping's record of a run (seed `seed`): the best dev score, its step and settings.
+fn dev_choice(es: &serde_json::Map<String, serde_json::Value>, seed: u64) -> String {
+    let get = |k: &str| es.get(k).map(|v| v.to_string()).unwrap_or_default();
+    format!(
+        "best dev {} at step {} (seed {}; eval every {} steps, patience {})",
+        get("best_score"),
+        get("best_step"),
+        seed,
+        get("eval_every"),
+        get("patience")
+    )
+}
+
+/// The longest training example per unit over the cells (`unit n, ...`), when recorded.
+fn longest_examples(infos: &[CellInfo]) -> Option<String> {
     let longest: BTreeMap<String, u64> = infos
         .iter()
         .flat_map(|c| {
@@ -712,35 +758,13 @@ pub fn setup(
             *e = (*e).max(n);
             m
         });
-    if !longest.is_empty() {
-        put(
-            "longest training example (tokens)",
-            longest
-                .iter()
-                .map(|(u, n)| format!("{u} {n}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-        );
-    }
-    put(
-        "device, precision",
-        join(distinct(infos.iter().map(|c| {
-            format!("{}, {}", s(c, &["cell", "eval", "device"]), precision(c))
-        }))),
-    );
-    put(
-        "code version",
-        join(distinct(infos.iter().map(|c| s(c, &["code_version"])))),
-    );
-    put(
-        "selection",
-        if selection.is_some() {
-            "the searched hyper-parameters and lengths were chosen on the dev split, for every searched method alike (lora-full's length by early stopping on dev where set); a true few-shot setting would not have a dev split this large".into()
-        } else {
-            "none: every method ran with the experiment file's settings (no [search])".into()
-        },
-    );
-    Setup { lines }
+    (!longest.is_empty()).then(|| {
+        longest
+            .iter()
+            .map(|(u, n)| format!("{u} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
 }
 
 impl Setup {

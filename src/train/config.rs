@@ -360,55 +360,75 @@ impl TrainConfig {
             p.push("no language: give --langs (codes, or `all`)".into());
         }
         if let Some(m) = method {
-            match (m.uses_pools(), self.k) {
-                (true, None) => p.push(format!("method `{}` needs a budget: give --k", m.name())),
-                (true, Some(0)) => p.push("k must be at least 1".into()),
-                (false, Some(k)) => p.push(format!(
-                    "method `lora-full` trains on the full train splits; drop --k {k} (or use lora-k)"
-                )),
-                _ => {}
-            }
-            if m.is_meta() || m == Method::MetaLoraTta {
-                if let Some(k) = self.k {
-                    if self.n_support + self.n_query > k {
-                        p.push(format!(
-                            "n_support ({}) + n_query ({}) = {} is larger than k = {k}: support and query sets are disjoint subsets of a pool",
-                            self.n_support,
-                            self.n_query,
-                            self.n_support + self.n_query
-                        ));
-                    }
-                }
-                if self.n_query == 0 {
-                    p.push("n_query must be at least 1".into());
-                }
-                if self.effective_inner_steps() > 0 && self.n_support == 0 {
-                    p.push("n_support must be at least 1 when inner_steps > 0".into());
-                }
-                if let Some(0) = self.tasks_per_batch {
-                    p.push("tasks_per_batch must be at least 1".into());
-                }
-                if let Some(0) = self.meta_iterations {
-                    p.push("meta_iterations must be at least 1".into());
-                }
-            }
-            if matches!(m, Method::Stage1Only | Method::MetaLoraTta) && self.inner_steps == 0 {
+            self.method_problems(m, &mut p);
+        }
+        self.number_problems(&mut p);
+        self.size_problems(&mut p);
+        self.bound_problems(&mut p);
+        self.selection_problems(method, &mut p);
+        self.setting_problems(&mut p);
+        p
+    }
+
+    /// What method `m` needs of the budget, the support and query sets and the inner steps.
+    fn method_problems(&self, m: Method, p: &mut Vec<String>) {
+        match (m.uses_pools(), self.k) {
+            (true, None) => p.push(format!("method `{}` needs a budget: give --k", m.name())),
+            (true, Some(0)) => p.push("k must be at least 1".into()),
+            (false, Some(k)) => p.push(format!(
+                "method `lora-full` trains on the full train splits; drop --k {k} (or use lora-k)"
+            )),
+            _ => {}
+        }
+        if m.is_meta() || m == Method::MetaLoraTta {
+            self.meta_problems(p);
+        }
+        if matches!(m, Method::Stage1Only | Method::MetaLoraTta) && self.inner_steps == 0 {
+            p.push(format!(
+                "method `{}` adapts with inner_steps stage-1 steps; inner_steps is 0",
+                m.name()
+            ));
+        }
+    }
+
+    /// The support and query sets and meta-batches of the MeTA-LoRA methods.
+    fn meta_problems(&self, p: &mut Vec<String>) {
+        if let Some(k) = self.k {
+            if self.n_support + self.n_query > k {
                 p.push(format!(
-                    "method `{}` adapts with inner_steps stage-1 steps; inner_steps is 0",
-                    m.name()
+                    "n_support ({}) + n_query ({}) = {} is larger than k = {k}: support and query sets are disjoint subsets of a pool",
+                    self.n_support,
+                    self.n_query,
+                    self.n_support + self.n_query
                 ));
             }
         }
+        if self.n_query == 0 {
+            p.push("n_query must be at least 1".into());
+        }
+        if self.effective_inner_steps() > 0 && self.n_support == 0 {
+            p.push("n_support must be at least 1 when inner_steps > 0".into());
+        }
+        if let Some(0) = self.tasks_per_batch {
+            p.push("tasks_per_batch must be at least 1".into());
+        }
+        if let Some(0) = self.meta_iterations {
+            p.push("meta_iterations must be at least 1".into());
+        }
+    }
+
+    /// Learning rates, passes and the optimizer's numbers: positive, or in their ranges.
+    fn number_problems(&self, p: &mut Vec<String>) {
         let positive = |name: &str, v: f64, p: &mut Vec<String>| {
             if !(v.is_finite() && v > 0.0) {
                 p.push(format!("{name} must be a positive number (got {v})"));
             }
         };
-        positive("lr", self.lr, &mut p);
-        positive("inner_lr", self.inner_lr, &mut p);
-        positive("passes", self.passes, &mut p);
-        positive("eps", self.eps, &mut p);
-        positive("lora_alpha", self.lora_alpha, &mut p);
+        positive("lr", self.lr, p);
+        positive("inner_lr", self.inner_lr, p);
+        positive("passes", self.passes, p);
+        positive("eps", self.eps, p);
+        positive("lora_alpha", self.lora_alpha, p);
         if !(0.0..1.0).contains(&self.warmup) {
             p.push(format!("warmup must be in [0, 1) (got {})", self.warmup));
         }
@@ -426,6 +446,10 @@ impl TrainConfig {
         if !(self.clip >= 0.0 && self.clip.is_finite()) {
             p.push(format!("clip must be >= 0 (got {})", self.clip));
         }
+    }
+
+    /// Batch sizes, sequence length and the LoRA rank and dropout: at least their minimum.
+    fn size_problems(&self, p: &mut Vec<String>) {
         if self.batch_size == 0 || self.micro_batch == 0 {
             p.push("batch_size and micro_batch must be at least 1".into());
         } else if self.micro_batch > self.batch_size {
@@ -446,9 +470,12 @@ impl TrainConfig {
                 self.lora_dropout
             ));
         }
-        // Upper bounds: a value past these is a typo or an attack, and would abort on
-        // allocation or run for years. Bounds that depend on the model and the pools (rank
-        // against the module sizes, steps against the pool) are checked once those are known.
+    }
+
+    /// Upper bounds: a value past these is a typo or an attack, and would abort on allocation
+    /// or run for years. Bounds that depend on the model and the pools (rank against the module
+    /// sizes, steps against the pool) are checked once those are known.
+    fn bound_problems(&self, p: &mut Vec<String>) {
         for (name, v, max) in [
             ("lora_r", self.lora_r, MAX_LORA_R),
             ("batch_size", self.batch_size, 1 << 16),
@@ -481,6 +508,10 @@ impl TrainConfig {
                 self.passes
             ));
         }
+    }
+
+    /// Early stopping on dev and `full_cap`: only for the methods they apply to, never on test.
+    fn selection_problems(&self, method: Option<Method>, p: &mut Vec<String>) {
         if self.dev_split == "test" {
             p.push("dev_split = \"test\": the length is never chosen on the test split".into());
         }
@@ -503,6 +534,10 @@ impl TrainConfig {
             )),
             _ => {}
         }
+    }
+
+    /// The dev limit, the LoRA targets, the dtype and the device.
+    fn setting_problems(&self, p: &mut Vec<String>) {
         if self.dev_limit == Some(0) {
             p.push("dev_limit must be at least 1".into());
         }
@@ -518,6 +553,5 @@ impl TrainConfig {
                 self.device
             ));
         }
-        p
     }
 }

@@ -51,18 +51,6 @@ pub struct Checked {
     specs: HashMap<String, TaskSpec>,
 }
 
-/// Loads, checks, samples and tokenises the training data of `cfg`.
-pub fn load_units(data_dir: &Path, cfg: &TrainConfig, tok: &Tok) -> Result<Vec<TaskUnit>> {
-    let (checked, problems) = check_data(data_dir, cfg)?;
-    if !problems.is_empty() {
-        return Err(Error::Problems {
-            context: "the training data".into(),
-            problems,
-        });
-    }
-    build_units(data_dir, cfg, checked, tok)
-}
-
 /// Reads the train splits `cfg` asks for and lists every problem with them (unknown tasks or
 /// languages, missing splits, K larger than a split, examples that cannot be rendered).
 pub fn check_data(data_dir: &Path, cfg: &TrainConfig) -> Result<(Checked, Vec<String>)> {
@@ -167,62 +155,94 @@ pub fn build_units(
         _ => None,
     };
     if let Some((k, capped)) = budget {
-        // One draw per task for all its languages (each language keeps its own stream).
-        let mut pools: HashMap<(String, String), Vec<sample::PoolRow>> = HashMap::new();
-        for (task, spec) in &specs {
-            let langs: Vec<String> = per_lang
-                .iter()
-                .filter(|(t, _, ex)| t == task && (!capped || ex.len() > k))
-                .map(|(_, c, _)| c.clone())
-                .collect();
-            if langs.is_empty() {
-                continue;
-            }
-            let req = sample::PoolRequest {
-                tasks: vec![spec.dataset().to_string()],
-                langs,
-                ks: vec![k],
-                seed: cfg.seed,
-                split: spec.train_split.clone(),
-                aligned: false,
-            };
-            for r in sample::sample_pools(data_dir, &req)? {
-                pools
-                    .entry((task.clone(), r.lang_code.clone()))
-                    .or_default()
-                    .push(r);
-            }
+        let pools = draw_pools(data_dir, cfg, &specs, &per_lang, (k, capped))?;
+        keep_pools(&mut per_lang, pools, (k, capped))?;
+    }
+    let mut units = group_units(per_lang, cfg.unit);
+    for u in units.iter_mut() {
+        tokenise(u, &specs[u.task.as_str()], cfg, tok)?;
+    }
+    Ok(units)
+}
+
+/// The pool rows of a budget `(k, capped)` per (task, language): one draw per task for all its
+/// languages (each language keeps its own stream); capped, only of the splits larger than `k`.
+fn draw_pools(
+    data_dir: &Path,
+    cfg: &TrainConfig,
+    specs: &HashMap<String, TaskSpec>,
+    per_lang: &[(String, String, Vec<Example>)],
+    (k, capped): (usize, bool),
+) -> Result<HashMap<(String, String), Vec<sample::PoolRow>>> {
+    let mut pools: HashMap<(String, String), Vec<sample::PoolRow>> = HashMap::new();
+    for (task, spec) in specs {
+        let langs: Vec<String> = per_lang
+            .iter()
+            .filter(|(t, _, ex)| t == task && (!capped || ex.len() > k))
+            .map(|(_, c, _)| c.clone())
+            .collect();
+        if langs.is_empty() {
+            continue;
         }
-        for (task, code, ex) in per_lang.iter_mut() {
-            if capped && ex.len() <= k {
-                continue;
-            }
-            let mut pool = pools
-                .remove(&(task.clone(), code.clone()))
-                .unwrap_or_default();
-            pool.sort_by_key(|r| r.draw);
-            let by_id: HashMap<&str, &Example> = ex.iter().map(|x| (x.id.as_str(), x)).collect();
-            let picked: Vec<Example> = pool
-                .iter()
-                .map(|r| {
-                    by_id
-                        .get(r.id.as_str())
-                        .map(|x| (*x).clone())
-                        .ok_or_else(|| {
-                            Error::Invalid(format!(
-                                "pool id `{}` of {task}/{code} not in the data",
-                                r.id
-                            ))
-                        })
-                })
-                .collect::<Result<_>>()?;
-            *ex = picked;
+        let req = sample::PoolRequest {
+            tasks: vec![spec.dataset().to_string()],
+            langs,
+            ks: vec![k],
+            seed: cfg.seed,
+            split: spec.train_split.clone(),
+            aligned: false,
+        };
+        for r in sample::sample_pools(data_dir, &req)? {
+            pools
+                .entry((task.clone(), r.lang_code.clone()))
+                .or_default()
+                .push(r);
         }
     }
-    // Units.
+    Ok(pools)
+}
+
+/// Replaces each (task, language)'s examples by its pool's, in draw order (capped: only the
+/// splits larger than `k`).
+fn keep_pools(
+    per_lang: &mut [(String, String, Vec<Example>)],
+    mut pools: HashMap<(String, String), Vec<sample::PoolRow>>,
+    (k, capped): (usize, bool),
+) -> Result<()> {
+    for (task, code, ex) in per_lang.iter_mut() {
+        if capped && ex.len() <= k {
+            continue;
+        }
+        let mut pool = pools
+            .remove(&(task.clone(), code.clone()))
+            .unwrap_or_default();
+        pool.sort_by_key(|r| r.draw);
+        let by_id: HashMap<&str, &Example> = ex.iter().map(|x| (x.id.as_str(), x)).collect();
+        let picked: Vec<Example> = pool
+            .iter()
+            .map(|r| {
+                by_id
+                    .get(r.id.as_str())
+                    .map(|x| (*x).clone())
+                    .ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "pool id `{}` of {task}/{code} not in the data",
+                            r.id
+                        ))
+                    })
+            })
+            .collect::<Result<_>>()?;
+        *ex = picked;
+    }
+    Ok(())
+}
+
+/// The units of the run, in first-seen order: one per (task, language), or per task when
+/// `unit` is `dataset` (its languages' examples one after another). Sequences come later.
+fn group_units(per_lang: Vec<(String, String, Vec<Example>)>, unit: Unit) -> Vec<TaskUnit> {
     let mut units: Vec<TaskUnit> = Vec::new();
     for (task, code, ex) in per_lang {
-        let name = match cfg.unit {
+        let name = match unit {
             Unit::Lang => format!("{task}/{code}"),
             Unit::Dataset => task.clone(),
         };
@@ -242,37 +262,40 @@ pub fn build_units(
             }),
         }
     }
-    for u in units.iter_mut() {
-        let spec = &specs[u.task.as_str()];
-        let built: Vec<(Seq, bool, usize)> = u
-            .examples
-            .par_iter()
-            .map(|x| {
-                let r = spec.render_example(x)?;
-                let answer = r.answer.unwrap_or_default();
-                let (c, a) = tok.encode_pair(&r.context, &answer)?;
-                if a.is_empty() {
-                    return Err(Error::Invalid(format!(
-                        "task `{}`: the answer of example `{}` ({}) has no tokens",
-                        u.task, x.id, x.lang_code
-                    )));
-                }
-                let whole = c.len() + a.len();
-                let (seq, cut) = Seq::build(&c, &a, cfg.max_len, tok.add_bos);
-                Ok((seq, cut, whole))
-            })
-            .collect::<Result<_>>()?;
-        u.truncated = built.iter().filter(|(_, t, _)| *t).count();
-        u.longest = built.iter().map(|(_, _, n)| *n).max().unwrap_or(0);
-        u.seqs = built.into_iter().map(|(s, _, _)| s).collect();
-        if u.truncated > 0 {
-            tracing::warn!(
-                unit = %u.name,
-                truncated = u.truncated,
-                max_len = cfg.max_len,
-                "sequences cut to max_len"
-            );
-        }
+    units
+}
+
+/// Renders and tokenises the examples of `u` (in parallel) into its sequences, counting those
+/// cut to `max_len` and the longest.
+fn tokenise(u: &mut TaskUnit, spec: &TaskSpec, cfg: &TrainConfig, tok: &Tok) -> Result<()> {
+    let built: Vec<(Seq, bool, usize)> = u
+        .examples
+        .par_iter()
+        .map(|x| {
+            let r = spec.render_example(x)?;
+            let answer = r.answer.unwrap_or_default();
+            let (c, a) = tok.encode_pair(&r.context, &answer)?;
+            if a.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "task `{}`: the answer of example `{}` ({}) has no tokens",
+                    u.task, x.id, x.lang_code
+                )));
+            }
+            let whole = c.len() + a.len();
+            let (seq, cut) = Seq::build(&c, &a, cfg.max_len, tok.add_bos);
+            Ok((seq, cut, whole))
+        })
+        .collect::<Result<_>>()?;
+    u.truncated = built.iter().filter(|(_, t, _)| *t).count();
+    u.longest = built.iter().map(|(_, _, n)| *n).max().unwrap_or(0);
+    u.seqs = built.into_iter().map(|(s, _, _)| s).collect();
+    if u.truncated > 0 {
+        tracing::warn!(
+            unit = %u.name,
+            truncated = u.truncated,
+            max_len = cfg.max_len,
+            "sequences cut to max_len"
+        );
     }
-    Ok(units)
+    Ok(())
 }

@@ -420,6 +420,27 @@ struct PhaseState {
     opt: Option<AdamW>,
 }
 
+/// A training phase's plan: its unit (none for the shared adapter), whether it is the
+/// MeTA-LoRA loop, its batches (the shared LoRA loop), its steps, its name in the progress and
+/// the variables the optimizer updates.
+struct PhaseRun {
+    unit: Option<usize>,
+    is_meta: bool,
+    plan: Vec<Vec<(usize, usize)>>,
+    total: usize,
+    name: String,
+    vars: Vec<Var>,
+}
+
+/// One step's gradient: the gradients, the loss and input tokens it reports, and the log rows
+/// that come before the step's own (MeTA-LoRA's support and query rows).
+struct StepGrad {
+    grads: Vec<Tensor>,
+    loss: f64,
+    tokens: u64,
+    rows: Vec<LogRow>,
+}
+
 impl Trainer<'_> {
     /// Trains; with `resume`, continues from the run folder's checkpoint.
     pub fn run(&mut self, resume: bool) -> Result<Summary> {
@@ -547,6 +568,8 @@ impl Trainer<'_> {
         })
     }
 
+    /// Runs phase `phase` of `method` from `st` (its start step, adapter and optimizer),
+    /// adding its log rows and counts to `meta`; returns the steps it ran.
     fn run_phase(
         &mut self,
         method: Method,
@@ -561,55 +584,7 @@ impl Trainer<'_> {
             matches!(method, Method::Stage1Only) || (method == Method::MetaLoraTta && phase > 0);
         if adapting {
             let u = unit.expect("adaptation phases belong to a unit");
-            let name = self.units[u].name.clone();
-            let seqs = sorted_by_len(self.units[u].seqs.iter().collect());
-            let mut rows = Vec::new();
-            let mut seen = Seen::default();
-            let adapted = adapt(
-                self.model,
-                &st.adapter,
-                &seqs,
-                cfg.inner_steps,
-                cfg,
-                &["adapt", &name],
-                |j, g, secs| {
-                    check_finite(g, j, &name, "adapt")?;
-                    if j == 0 {
-                        seen.examples += seqs.len() as u64;
-                    }
-                    seen.sequences += seqs.len() as u64;
-                    seen.tokens += g.input_tokens as u64;
-                    seen.answer_tokens += g.tokens as u64;
-                    rows.push(LogRow {
-                        step: j as u64,
-                        task: name.clone(),
-                        stage: "adapt".into(),
-                        inner: j as u32,
-                        loss: g.loss,
-                        lr: Some(cfg.inner_lr),
-                        tokens: g.input_tokens as u64,
-                        seconds: secs,
-                        ..Default::default()
-                    });
-                    (self.progress)(&Progress {
-                        phase: format!("adapt {name}"),
-                        step: j + 1,
-                        total: cfg.inner_steps,
-                        loss: g.loss,
-                        tokens_per_s: g.input_tokens as f64 / secs.max(1e-9),
-                    });
-                    Ok(())
-                },
-            )?;
-            let mut adapted = adapted;
-            adapted.name = st.adapter.name.clone();
-            if let Some(last) = rows.last_mut() {
-                last.norm = Some(distance(&adapted, &st.adapter)?);
-            }
-            st.adapter = adapted;
-            add_seen(meta, "adapt", &name, &seen);
-            meta.log.extend(rows);
-            return Ok(cfg.inner_steps);
+            return self.adapt_phase(u, st, meta);
         }
         let is_meta = method.is_meta();
         let (plan, total) = if is_meta {
@@ -629,106 +604,51 @@ impl Trainer<'_> {
             (false, Some(u)) => self.units[u].name.clone(),
             (false, None) => "lora".to_string(),
         };
-        let vars = st.adapter.vars();
+        let run = PhaseRun {
+            unit,
+            is_meta,
+            plan,
+            total,
+            name: phase_name,
+            vars: st.adapter.vars(),
+        };
+        let ran = self.phase_steps(&run, st, meta, clock)?;
+        if cfg.eval_every > 0 && !is_meta && unit.is_none() {
+            self.keep_best(st)?;
+        }
+        Ok(ran)
+    }
+
+    /// The steps of a training phase from `st.start_step`: a gradient, an optimizer step, the
+    /// log row and progress, early stopping on dev and checkpoints. Returns the steps run.
+    fn phase_steps(
+        &mut self,
+        run: &PhaseRun,
+        st: &mut PhaseState,
+        meta: &mut Meta,
+        clock: &Clock,
+    ) -> Result<usize> {
+        let total = run.total;
         // Checkpoints every `checkpoint_every` steps and at least every CHECKPOINT_SECS, so a
         // killed run (not only a stopped one) loses little, also when steps are long (a
         // meta-iteration on a CPU takes minutes).
         let mut last_checkpoint = Instant::now();
-        let mut ran = total;
         for step in st.start_step..total {
             let t0 = Instant::now();
-            let (mut g, loss, tokens, rows) = if is_meta {
-                let tasks = meta_batch(self.units, cfg, step)?;
-                let mg = meta_gradient(self.model, &st.adapter, &tasks, self.units, cfg, step)?;
-                for (u, seen) in &mg.counts {
-                    add_seen(meta, "main", &self.units[*u].name, seen);
-                }
-                let tokens: u64 = mg.counts.iter().map(|c| c.1.tokens).sum();
-                (mg.grads, mg.query_loss, tokens, mg.rows)
+            let g = if run.is_meta {
+                self.meta_step(st, meta, step)?
             } else {
-                let items = plan.get(step).expect("the plan has a batch per step");
-                let seqs =
-                    sorted_by_len(items.iter().map(|&(u, i)| &self.units[u].seqs[i]).collect());
-                let g = grads(
-                    self.model,
-                    &st.adapter,
-                    &seqs,
-                    cfg.step_options(derive_seed(
-                        cfg.seed,
-                        &["lora", &phase_name, &step.to_string()],
-                    )),
-                )?;
-                check_finite(&g, step, &phase_name, "train")?;
-                for &(u, i) in items {
-                    let s = &self.units[u].seqs[i];
-                    add_seen(
-                        meta,
-                        "main",
-                        &self.units[u].name,
-                        &Seen {
-                            examples: 1,
-                            tokens: s.ids.len() as u64,
-                            answer_tokens: s.answer_tokens() as u64,
-                            sequences: 1,
-                        },
-                    );
-                }
-                (g.grads, g.loss, g.input_tokens as u64, vec![])
+                self.lora_step(run, st, meta, step)?
             };
-            let norm = clip(&mut g, cfg.clip)?;
-            if !norm.is_finite() {
-                return Err(Error::NonFinite {
-                    what: "the gradient norm",
-                    value: norm,
-                    step,
-                    unit: phase_name.clone(),
-                    stage: if is_meta { "outer" } else { "train" }.into(),
-                });
-            }
-            let lr = lr_at(step, total, cfg.warmup, cfg.lr);
-            let before = copy_adapter(&st.adapter)?;
-            st.opt
-                .as_mut()
-                .expect("training phases have an optimizer")
-                .step(&vars, &g, lr)?;
-            let update = distance(&st.adapter, &before)?;
-            let secs = t0.elapsed().as_secs_f64();
-            meta.log.extend(rows);
-            meta.log.push(LogRow {
-                step: step as u64,
-                task: match unit {
-                    Some(u) => self.units[u].name.clone(),
-                    None => String::new(),
-                },
-                stage: if is_meta { "outer" } else { "train" }.into(),
-                inner: 0,
-                loss,
-                lr: Some(lr),
-                grad_norm: Some(norm),
-                tokens,
-                seconds: secs,
-                norm: Some(update),
-                dev: None,
-            });
-            (self.progress)(&Progress {
-                phase: phase_name.clone(),
-                step: step + 1,
-                total,
-                loss,
-                tokens_per_s: tokens as f64 / secs.max(1e-9),
-            });
+            self.update(run, st, meta, step, g, t0)?;
             let done = step + 1;
             let stop_early = self.dev_step(st, meta, done, total)?;
             let interrupted = self.stop.load(Ordering::SeqCst);
-            let periodic = (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0)
+            let periodic = (self.cfg.checkpoint_every > 0 && done % self.cfg.checkpoint_every == 0)
                 || last_checkpoint.elapsed().as_secs() >= CHECKPOINT_SECS;
             if done < total && (interrupted || periodic) {
                 last_checkpoint = Instant::now();
-                meta.step = done;
-                meta.adam_t = st.opt.as_ref().map(|o| o.t).unwrap_or(0);
-                meta.elapsed = clock.total();
-                checkpoint::save(self.out, &st.adapter, st.opt.as_ref(), meta)?;
-                super::run::write_log(self.out, &meta.log)?;
+                self.checkpoint(st, meta, done, clock)?;
                 if interrupted {
                     return Err(Error::Interrupted {
                         step: done,
@@ -737,32 +657,222 @@ impl Trainer<'_> {
                 }
             }
             if stop_early {
-                ran = done;
                 tracing::info!(
                     step = done,
                     best = ?meta.dev_best,
                     "early stop: {} dev evaluations without a better score",
                     meta.since_best
                 );
-                break;
+                return Ok(done);
             }
         }
-        if cfg.eval_every > 0 && !is_meta && unit.is_none() {
-            // The run's result is its best dev checkpoint.
-            let best = best_dir(self.out);
-            if best.join("adapter_config.json").exists() {
-                let mut a = Adapter::load_peft(
-                    &best,
-                    &st.adapter.name,
-                    &self.model.modules(),
-                    self.model.dtype,
-                    &self.model.device,
-                )?;
-                a.config = st.adapter.config.clone();
-                st.adapter = a;
-            }
+        Ok(total)
+    }
+
+    /// The gradient of meta-iteration `step` (its meta-batch's query gradient), with the
+    /// batch's counts added to `meta`.
+    fn meta_step(&self, st: &PhaseState, meta: &mut Meta, step: usize) -> Result<StepGrad> {
+        let tasks = meta_batch(self.units, self.cfg, step)?;
+        let mg = meta_gradient(self.model, &st.adapter, &tasks, self.units, self.cfg, step)?;
+        for (u, seen) in &mg.counts {
+            add_seen(meta, "main", &self.units[*u].name, seen);
         }
-        Ok(ran)
+        let tokens: u64 = mg.counts.iter().map(|c| c.1.tokens).sum();
+        Ok(StepGrad {
+            grads: mg.grads,
+            loss: mg.query_loss,
+            tokens,
+            rows: mg.rows,
+        })
+    }
+
+    /// The gradient of step `step` of the shared LoRA loop on its planned batch, with the
+    /// batch's examples added to `meta`.
+    fn lora_step(
+        &self,
+        run: &PhaseRun,
+        st: &PhaseState,
+        meta: &mut Meta,
+        step: usize,
+    ) -> Result<StepGrad> {
+        let cfg = self.cfg;
+        let items = run.plan.get(step).expect("the plan has a batch per step");
+        let seqs = sorted_by_len(items.iter().map(|&(u, i)| &self.units[u].seqs[i]).collect());
+        let g = grads(
+            self.model,
+            &st.adapter,
+            &seqs,
+            cfg.step_options(derive_seed(
+                cfg.seed,
+                &["lora", &run.name, &step.to_string()],
+            )),
+        )?;
+        check_finite(&g, step, &run.name, "train")?;
+        for &(u, i) in items {
+            let s = &self.units[u].seqs[i];
+            add_seen(
+                meta,
+                "main",
+                &self.units[u].name,
+                &Seen {
+                    examples: 1,
+                    tokens: s.ids.len() as u64,
+                    answer_tokens: s.answer_tokens() as u64,
+                    sequences: 1,
+                },
+            );
+        }
+        Ok(StepGrad {
+            grads: g.grads,
+            loss: g.loss,
+            tokens: g.input_tokens as u64,
+            rows: vec![],
+        })
+    }
+
+    /// Clips `g`, takes the optimizer step of `step`, logs it (after the gradient's own rows)
+    /// and reports progress.
+    fn update(
+        &mut self,
+        run: &PhaseRun,
+        st: &mut PhaseState,
+        meta: &mut Meta,
+        step: usize,
+        mut g: StepGrad,
+        t0: Instant,
+    ) -> Result<()> {
+        let cfg = self.cfg;
+        let stage = if run.is_meta { "outer" } else { "train" };
+        let norm = clip(&mut g.grads, cfg.clip)?;
+        if !norm.is_finite() {
+            return Err(Error::NonFinite {
+                what: "the gradient norm",
+                value: norm,
+                step,
+                unit: run.name.clone(),
+                stage: stage.into(),
+            });
+        }
+        let lr = lr_at(step, run.total, cfg.warmup, cfg.lr);
+        let before = copy_adapter(&st.adapter)?;
+        st.opt
+            .as_mut()
+            .expect("training phases have an optimizer")
+            .step(&run.vars, &g.grads, lr)?;
+        let update = distance(&st.adapter, &before)?;
+        let secs = t0.elapsed().as_secs_f64();
+        meta.log.extend(g.rows);
+        meta.log.push(LogRow {
+            step: step as u64,
+            task: match run.unit {
+                Some(u) => self.units[u].name.clone(),
+                None => String::new(),
+            },
+            stage: stage.into(),
+            inner: 0,
+            loss: g.loss,
+            lr: Some(lr),
+            grad_norm: Some(norm),
+            tokens: g.tokens,
+            seconds: secs,
+            norm: Some(update),
+            dev: None,
+        });
+        (self.progress)(&Progress {
+            phase: run.name.clone(),
+            step: step + 1,
+            total: run.total,
+            loss: g.loss,
+            tokens_per_s: g.tokens as f64 / secs.max(1e-9),
+        });
+        Ok(())
+    }
+
+    /// Saves the checkpoint after step `done` (adapter, optimizer moments, counts and log).
+    fn checkpoint(
+        &self,
+        st: &PhaseState,
+        meta: &mut Meta,
+        done: usize,
+        clock: &Clock,
+    ) -> Result<()> {
+        meta.step = done;
+        meta.adam_t = st.opt.as_ref().map(|o| o.t).unwrap_or(0);
+        meta.elapsed = clock.total();
+        checkpoint::save(self.out, &st.adapter, st.opt.as_ref(), meta)?;
+        super::run::write_log(self.out, &meta.log)
+    }
+
+    /// With early stopping, the run's result is its best dev checkpoint: loads it into `st`.
+    fn keep_best(&self, st: &mut PhaseState) -> Result<()> {
+        let best = best_dir(self.out);
+        if best.join("adapter_config.json").exists() {
+            let mut a = Adapter::load_peft(
+                &best,
+                &st.adapter.name,
+                &self.model.modules(),
+                self.model.dtype,
+                &self.model.device,
+            )?;
+            a.config = st.adapter.config.clone();
+            st.adapter = a;
+        }
+        Ok(())
+    }
+
+    /// An adaptation phase (stage1-only, the tta phases): `inner_steps` stage-1 steps on all
+    /// of unit `u`'s sequences from `st`'s adapter, which the adapted one replaces.
+    fn adapt_phase(&mut self, u: usize, st: &mut PhaseState, meta: &mut Meta) -> Result<usize> {
+        let cfg = self.cfg;
+        let name = self.units[u].name.clone();
+        let seqs = sorted_by_len(self.units[u].seqs.iter().collect());
+        let mut rows = Vec::new();
+        let mut seen = Seen::default();
+        let adapted = adapt(
+            self.model,
+            &st.adapter,
+            &seqs,
+            cfg.inner_steps,
+            cfg,
+            &["adapt", &name],
+            |j, g, secs| {
+                check_finite(g, j, &name, "adapt")?;
+                if j == 0 {
+                    seen.examples += seqs.len() as u64;
+                }
+                seen.sequences += seqs.len() as u64;
+                seen.tokens += g.input_tokens as u64;
+                seen.answer_tokens += g.tokens as u64;
+                rows.push(LogRow {
+                    step: j as u64,
+                    task: name.clone(),
+                    stage: "adapt".into(),
+                    inner: j as u32,
+                    loss: g.loss,
+                    lr: Some(cfg.inner_lr),
+                    tokens: g.input_tokens as u64,
+                    seconds: secs,
+                    ..Default::default()
+                });
+                (self.progress)(&Progress {
+                    phase: format!("adapt {name}"),
+                    step: j + 1,
+                    total: cfg.inner_steps,
+                    loss: g.loss,
+                    tokens_per_s: g.input_tokens as f64 / secs.max(1e-9),
+                });
+                Ok(())
+            },
+        )?;
+        let mut adapted = adapted;
+        adapted.name = st.adapter.name.clone();
+        if let Some(last) = rows.last_mut() {
+            last.norm = Some(distance(&adapted, &st.adapter)?);
+        }
+        st.adapter = adapted;
+        add_seen(meta, "adapt", &name, &seen);
+        meta.log.extend(rows);
+        Ok(cfg.inner_steps)
     }
 
     /// After step `done` of a shared LoRA phase with `eval_every > 0`: scores the adapter on

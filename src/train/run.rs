@@ -119,6 +119,64 @@ pub fn train(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report> {
     let mut problems = cfg.problems();
+    problems.extend(folder_problems(cfg, out, resume)?);
+    let Ok(method) = cfg.method() else {
+        return Err(config_problems(problems));
+    };
+    let (checked, data_problems) = check_data(data_dir, cfg)?;
+    problems.extend(data_problems);
+    if !problems.is_empty() {
+        return Err(config_problems(problems));
+    }
+    let device = crate::model::parse_device(&cfg.device)?;
+    let dtype = crate::model::parse_dtype(&cfg.dtype)?;
+    let loaded = crate::model::load(&cfg.model, dtype, &device)?;
+    let units = build_units(data_dir, cfg, checked, &loaded.tok)?;
+    let late = unit_problems(cfg, method, &units, &loaded, (dtype, &device));
+    if !late.is_empty() {
+        return Err(config_problems(late));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io("create directory", out, e))?;
+    if !resume {
+        write_bytes_atomic(&out.join("config.json"), &serde_json::to_vec_pretty(cfg)?)?;
+    }
+    let started_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let run = Run {
+        data_dir,
+        cfg,
+        out,
+        loaded: &loaded,
+        units: &units,
+    };
+    let summary = run.train(resume, stop, progress)?;
+    write_log(out, &summary.log)?;
+    let manifest = run.manifest(method, &summary, started_at)?;
+    write_bytes_atomic(
+        &out.join("manifest.json"),
+        &serde_json::to_vec_pretty(&manifest)?,
+    )?;
+    Ok(Report {
+        summary,
+        units,
+        manifest,
+    })
+}
+
+/// The problems of the configuration as the error `train` returns.
+fn config_problems(problems: Vec<String>) -> Error {
+    Error::Problems {
+        context: "the training configuration".into(),
+        problems,
+    }
+}
+
+/// What the run folder says against this run: with `resume`, a run to resume with the same
+/// configuration that is not complete yet; without, no run there already.
+fn folder_problems(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
     let cfg_path = out.join("config.json");
     if resume {
         match std::fs::read_to_string(&cfg_path) {
@@ -147,27 +205,19 @@ pub fn train(
             out.display()
         ));
     }
-    let method = match cfg.method() {
-        Ok(m) => m,
-        Err(_) => {
-            return Err(Error::Problems {
-                context: "the training configuration".into(),
-                problems,
-            })
-        }
-    };
-    let (checked, data_problems) = check_data(data_dir, cfg)?;
-    problems.extend(data_problems);
-    if !problems.is_empty() {
-        return Err(Error::Problems {
-            context: "the training configuration".into(),
-            problems,
-        });
-    }
-    let device = crate::model::parse_device(&cfg.device)?;
-    let dtype = crate::model::parse_dtype(&cfg.dtype)?;
-    let loaded = crate::model::load(&cfg.model, dtype, &device)?;
-    let units = build_units(data_dir, cfg, checked, &loaded.tok)?;
+    Ok(problems)
+}
+
+/// The problems that show once the units are built and the model is loaded: more tasks per
+/// meta-batch than tasks, too many steps, examples longer than `max_len`, a rank that does not
+/// fit the adapted modules (or the machine).
+fn unit_problems(
+    cfg: &TrainConfig,
+    method: Method,
+    units: &[TaskUnit],
+    loaded: &crate::model::LoadedModel,
+    (dtype, device): (candle_core::DType, &candle_core::Device),
+) -> Vec<String> {
     let mut late = Vec::new();
     if method.is_meta() {
         if let Some(n) = cfg.tasks_per_batch {
@@ -179,7 +229,7 @@ pub fn train(
             }
         }
     }
-    if let Some(p) = too_long(cfg, method, &units) {
+    if let Some(p) = too_long(cfg, method, units) {
         late.push(p);
     }
     if !cfg.allow_truncation {
@@ -205,153 +255,189 @@ pub fn train(
         &loaded.model.modules(),
         0,
         dtype,
-        &device,
+        device,
     ) {
         late.push(e.to_string());
     }
-    if !late.is_empty() {
-        return Err(Error::Problems {
-            context: "the training configuration".into(),
-            problems: late,
-        });
+    late
+}
+
+/// A checked run: its data folder, configuration, run folder, model and units.
+struct Run<'a> {
+    data_dir: &'a Path,
+    cfg: &'a TrainConfig,
+    out: &'a Path,
+    loaded: &'a crate::model::LoadedModel,
+    units: &'a [TaskUnit],
+}
+
+impl Run<'_> {
+    /// Trains (or resumes) the method, with dev scoring for early stopping when
+    /// `eval_every > 0`.
+    fn train(
+        &self,
+        resume: bool,
+        stop: &AtomicBool,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Summary> {
+        let cfg = self.cfg;
+        let dev_items = if cfg.eval_every > 0 {
+            Some(dev_items(self.data_dir, cfg)?)
+        } else {
+            None
+        };
+        let mut score_dev = |a: &crate::model::lora::Adapter| -> Result<f64> {
+            let (items, specs, ecfg) = dev_items.as_ref().expect("built when eval_every > 0");
+            dev_score(self.loaded, a, items, specs, ecfg)
+        };
+        let mut trainer = Trainer {
+            model: &self.loaded.model,
+            cfg,
+            units: self.units,
+            out: self.out,
+            stop,
+            progress,
+            config_hash: config_hash(cfg)?,
+            dev: dev_items
+                .is_some()
+                .then_some(&mut score_dev as &mut super::loops::DevScorer),
+        };
+        trainer.run(resume)
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io("create directory", out, e))?;
-    if !resume {
-        write_bytes_atomic(&cfg_path, &serde_json::to_vec_pretty(cfg)?)?;
+
+    /// The optimizer steps (meta-iterations for meta methods) the method plans.
+    fn steps_planned(&self, method: Method) -> usize {
+        let (cfg, units) = (self.cfg, self.units);
+        if method.is_meta() {
+            meta_iterations(cfg, units)
+        } else if method == Method::LoraPerTaskK {
+            (0..units.len())
+                .map(|u| plan_batches(units, &[u], cfg, &units[u].name).len())
+                .sum()
+        } else if method == Method::Stage1Only {
+            cfg.inner_steps * units.len()
+        } else {
+            plan_batches(units, &(0..units.len()).collect::<Vec<_>>(), cfg, "").len()
+        }
     }
-    let started_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let dev_items = if cfg.eval_every > 0 {
-        Some(dev_items(data_dir, cfg)?)
-    } else {
-        None
-    };
-    let mut score_dev = |a: &crate::model::lora::Adapter| -> Result<f64> {
-        let (items, specs, ecfg) = dev_items.as_ref().expect("built when eval_every > 0");
-        dev_score(&loaded, a, items, specs, ecfg)
-    };
-    let mut trainer = Trainer {
-        model: &loaded.model,
-        cfg,
-        units: &units,
-        out,
-        stop,
-        progress,
-        config_hash: config_hash(cfg)?,
-        dev: dev_items
-            .is_some()
-            .then_some(&mut score_dev as &mut super::loops::DevScorer),
-    };
-    let summary = trainer.run(resume)?;
-    write_log(out, &summary.log)?;
-    let weights_sha256 = weights_sha256(&loaded.dir)?;
-    let steps_planned = if method.is_meta() {
-        meta_iterations(cfg, &units)
-    } else if method == Method::LoraPerTaskK {
-        (0..units.len())
-            .map(|u| plan_batches(&units, &[u], cfg, &units[u].name).len())
-            .sum()
-    } else if method == Method::Stage1Only {
-        cfg.inner_steps * units.len()
-    } else {
-        plan_batches(&units, &(0..units.len()).collect::<Vec<_>>(), cfg, "").len()
-    };
-    let outputs: Vec<String> = {
+
+    /// The adapter folders the method writes.
+    fn outputs(&self, method: Method) -> Vec<String> {
         let mut v = Vec::new();
         if !matches!(method, Method::LoraPerTaskK | Method::Stage1Only) {
             v.push("adapter".to_string());
         }
         if method.per_task() {
-            v.extend(units.iter().map(|u| format!("adapters/{}", u.dir_name())));
+            v.extend(
+                self.units
+                    .iter()
+                    .map(|u| format!("adapters/{}", u.dir_name())),
+            );
         }
         v
-    };
-    let model_cfg = std::fs::read(loaded.dir.join("config.json")).unwrap_or_default();
-    let unit_json: Vec<serde_json::Value> = units
-        .iter()
-        .map(|u| {
-            let ids: Vec<&str> = u.examples.iter().map(|x| x.id.as_str()).collect();
-            let seen = summary.seen.get(&u.name).cloned().unwrap_or_default();
-            let mut per_lang: std::collections::BTreeMap<&str, usize> = Default::default();
-            for x in &u.examples {
-                *per_lang.entry(x.lang_code.as_str()).or_default() += 1;
-            }
+    }
+
+    /// Per unit: its tasks and languages, example ids (and their hash), lengths and what the
+    /// run saw of it.
+    fn units_json(&self, summary: &Summary) -> Vec<serde_json::Value> {
+        self.units
+            .iter()
+            .map(|u| {
+                let ids: Vec<&str> = u.examples.iter().map(|x| x.id.as_str()).collect();
+                let seen = summary.seen.get(&u.name).cloned().unwrap_or_default();
+                let mut per_lang: std::collections::BTreeMap<&str, usize> = Default::default();
+                for x in &u.examples {
+                    *per_lang.entry(x.lang_code.as_str()).or_default() += 1;
+                }
+                serde_json::json!({
+                    "name": u.name,
+                    "task": u.task,
+                    "langs": u.langs,
+                    "examples": u.examples.len(),
+                    "examples_per_lang": per_lang,
+                    "longest_tokens": u.longest,
+                    "ids": ids,
+                    "ids_sha256": sha256_hex(ids.join("\n").as_bytes()),
+                    "truncated": u.truncated,
+                    "seen": seen,
+                })
+            })
+            .collect()
+    }
+
+    /// The dev evaluations of a run with early stopping (`eval_every > 0`), else null.
+    fn early_stopping_json(&self, summary: &Summary) -> Option<serde_json::Value> {
+        let cfg = self.cfg;
+        (cfg.eval_every > 0).then(|| {
             serde_json::json!({
-                "name": u.name,
-                "task": u.task,
-                "langs": u.langs,
-                "examples": u.examples.len(),
-                "examples_per_lang": per_lang,
-                "longest_tokens": u.longest,
-                "ids": ids,
-                "ids_sha256": sha256_hex(ids.join("\n").as_bytes()),
-                "truncated": u.truncated,
-                "seen": seen,
+                "eval_every": cfg.eval_every,
+                "patience": cfg.patience,
+                "split": cfg.dev_split,
+                "dev_limit": cfg.dev_limit,
+                "best_step": summary.dev_best.map(|b| b.0),
+                "best_score": summary.dev_best.map(|b| b.1),
+                "evaluations": summary.log.iter().filter(|r| r.stage == "dev")
+                    .map(|r| serde_json::json!([r.step, r.dev])).collect::<Vec<_>>(),
             })
         })
-        .collect();
-    let adapter = super::loops::init_adapter(&loaded.model, cfg, "adapter")?;
-    let manifest = serde_json::json!({
-        "kind": "mlbench-train-run",
-        "code_version": crate::util::code_version(),
-        "method": method.name(),
-        "config": cfg,
-        "resolved": {
-            "inner_steps": cfg.effective_inner_steps(),
-            "tasks_per_batch": method.is_meta().then(|| tasks_per_batch(cfg, units.len())),
-            "meta_iterations": method.is_meta().then(|| meta_iterations(cfg, &units)),
-            "optimizer_steps": steps_planned,
-            "grad_accumulation": cfg.batch_size.div_ceil(cfg.micro_batch),
-            "lora_scaling": cfg.lora().scaling(),
-            "trainable_parameters": adapter.num_params(),
-            "k_counts_per": "task and language",
-            "optimizer_steps_run": summary.steps,
-        },
-        "budget": {
-            "main": summary.by_phase.get("main").cloned().unwrap_or_default(),
-            "adapt": summary.by_phase.get("adapt").cloned().unwrap_or_default(),
-        },
-        "early_stopping": (cfg.eval_every > 0).then(|| serde_json::json!({
-            "eval_every": cfg.eval_every,
-            "patience": cfg.patience,
-            "split": cfg.dev_split,
-            "dev_limit": cfg.dev_limit,
-            "best_step": summary.dev_best.map(|b| b.0),
-            "best_score": summary.dev_best.map(|b| b.1),
-            "evaluations": summary.log.iter().filter(|r| r.stage == "dev")
-                .map(|r| serde_json::json!([r.step, r.dev])).collect::<Vec<_>>(),
-        })),
-        "seeds": {
-            "seed": cfg.seed,
-            "lora_init": derive_seed(cfg.seed, &["lora-init"]),
-            "pools": "sampler streams (seed, task, language)",
-        },
-        "model": {
-            "source": cfg.model,
-            "dir": loaded.dir.display().to_string(),
-            "arch": format!("{:?}", loaded.model.config.arch),
-            "config_sha256": sha256_hex(&model_cfg),
-            "weights_sha256": weights_sha256,
-        },
-        "data_dir": data_dir.display().to_string(),
-        "units": unit_json,
-        "device": cfg.device,
-        "dtype": cfg.dtype,
-        "started_at_unix": started_at,
-        "wall_seconds": summary.elapsed,
-        "outputs": outputs,
-    });
-    write_bytes_atomic(
-        &out.join("manifest.json"),
-        &serde_json::to_vec_pretty(&manifest)?,
-    )?;
-    Ok(Report {
-        summary,
-        units,
-        manifest,
-    })
+    }
+
+    /// The manifest of a finished run (see the module doc).
+    fn manifest(
+        &self,
+        method: Method,
+        summary: &Summary,
+        started_at: u64,
+    ) -> Result<serde_json::Value> {
+        let (cfg, units, loaded) = (self.cfg, self.units, self.loaded);
+        let weights_sha256 = weights_sha256(&loaded.dir)?;
+        let steps_planned = self.steps_planned(method);
+        let outputs = self.outputs(method);
+        let model_cfg = std::fs::read(loaded.dir.join("config.json")).unwrap_or_default();
+        let unit_json = self.units_json(summary);
+        let adapter = super::loops::init_adapter(&loaded.model, cfg, "adapter")?;
+        Ok(serde_json::json!({
+            "kind": "mlbench-train-run",
+            "code_version": crate::util::code_version(),
+            "method": method.name(),
+            "config": cfg,
+            "resolved": {
+                "inner_steps": cfg.effective_inner_steps(),
+                "tasks_per_batch": method.is_meta().then(|| tasks_per_batch(cfg, units.len())),
+                "meta_iterations": method.is_meta().then(|| meta_iterations(cfg, units)),
+                "optimizer_steps": steps_planned,
+                "grad_accumulation": cfg.batch_size.div_ceil(cfg.micro_batch),
+                "lora_scaling": cfg.lora().scaling(),
+                "trainable_parameters": adapter.num_params(),
+                "k_counts_per": "task and language",
+                "optimizer_steps_run": summary.steps,
+            },
+            "budget": {
+                "main": summary.by_phase.get("main").cloned().unwrap_or_default(),
+                "adapt": summary.by_phase.get("adapt").cloned().unwrap_or_default(),
+            },
+            "early_stopping": self.early_stopping_json(summary),
+            "seeds": {
+                "seed": cfg.seed,
+                "lora_init": derive_seed(cfg.seed, &["lora-init"]),
+                "pools": "sampler streams (seed, task, language)",
+            },
+            "model": {
+                "source": cfg.model,
+                "dir": loaded.dir.display().to_string(),
+                "arch": format!("{:?}", loaded.model.config.arch),
+                "config_sha256": sha256_hex(&model_cfg),
+                "weights_sha256": weights_sha256,
+            },
+            "data_dir": self.data_dir.display().to_string(),
+            "units": unit_json,
+            "device": cfg.device,
+            "dtype": cfg.dtype,
+            "started_at_unix": started_at,
+            "wall_seconds": summary.elapsed,
+            "outputs": outputs,
+        }))
+    }
 }
 
 /// The optimizer steps (or meta-iterations) the run plans, counted without planning them, when
