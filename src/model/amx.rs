@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use super::kernels::OutPtr;
+use super::cpu::OutPtr;
 
 /// Rows of an A tile and of an accumulator tile.
 const TM: usize = 16;

@@ -18,6 +18,7 @@
 pub mod amx;
 pub mod autograd;
 pub mod config;
+mod cpu;
 pub mod gguf;
 pub mod hub;
 pub mod kernels;
