@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{Arch, ModelConfig};
-use super::transformer::{Layer, Linear, Model, RmsNorm};
+use super::blocks::{Layer, Linear, RmsNorm};
+use super::transformer::Model;
 use crate::error::{Error, Result};
 use crate::util::write_bytes_atomic;
 

@@ -17,6 +17,7 @@
 
 pub mod amx;
 pub mod autograd;
+mod blocks;
 pub mod config;
 mod cpu;
 pub mod gguf;
