@@ -35,7 +35,7 @@ pub(crate) fn store_matmul_precision(p: MatmulPrecision) {
     PRECISION.store(p as u8, Ordering::Relaxed);
 }
 
-/// The precision stored by [`store_matmul_precision`] (f32 unless changed).
+/// The precision stored at start (f32 unless changed).
 pub fn matmul_precision() -> MatmulPrecision {
     if PRECISION.load(Ordering::Relaxed) == MatmulPrecision::Bf16 as u8 {
         MatmulPrecision::Bf16
