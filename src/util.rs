@@ -264,7 +264,7 @@ pub fn suggestions<'a>(code: &str, known: impl IntoIterator<Item = &'a str>) -> 
 }
 
 /// `mlbench <version>` plus the git commit it was built from, when known, and ` matmul=bf16`
-/// when frozen-weight products run in bf16 ([`crate::model::kernels::set_matmul_precision`]).
+/// when frozen-weight products run in bf16 ([`crate::precision::matmul_precision`]).
 pub fn code_version() -> String {
     let commit = env!("MLBENCH_GIT_COMMIT");
     let mut v = if commit.is_empty() {
@@ -273,7 +273,7 @@ pub fn code_version() -> String {
         format!("mlbench {} (git {commit})", env!("CARGO_PKG_VERSION"))
     };
     // Numerics other than the default change every score, so they are part of the identity.
-    use crate::model::kernels::{matmul_precision, MatmulPrecision};
+    use crate::precision::{matmul_precision, MatmulPrecision};
     if matmul_precision() != MatmulPrecision::F32 {
         v.push_str(&format!(" matmul={}", matmul_precision().name()));
     }

@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use super::kernels::OutPtr;
+use super::cpu::OutPtr;
 
 /// Rows of an A tile and of an accumulator tile.
 const TM: usize = 16;
@@ -314,12 +314,27 @@ mod tiles {
     }
 }
 
+/// Stand-ins on other architectures, where `available()` is always false and nothing calls them.
 #[cfg(not(target_arch = "x86_64"))]
 mod tiles {
+    /// Never called (see the module).
+    ///
+    /// # Safety
+    /// None needed: it panics.
     pub unsafe fn configure() {
         unreachable!("AMX is x86-64 only")
     }
+
+    /// Never called (see the module).
+    ///
+    /// # Safety
+    /// None needed: it does nothing.
     pub unsafe fn release() {}
+
+    /// Never called (see the module).
+    ///
+    /// # Safety
+    /// None needed: it panics.
     pub unsafe fn block(
         _a: *const u16,
         _lda: usize,

@@ -190,81 +190,76 @@ fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
     }
 }
 
-impl ModelConfig {
-    /// Reads and validates `config.json`.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::missing_or_io("model config.json", "read", path, e))?;
-        Self::from_json(&text, path)
+/// A configuration error naming the file `path`.
+fn config_error(path: &Path, message: String) -> Error {
+    Error::Config {
+        path: path.to_path_buf(),
+        message,
     }
+}
 
-    /// Parses and validates config JSON; `path` is used in error messages.
-    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let cfg = |message: String| Error::Config {
-            path: path.to_path_buf(),
-            message,
-        };
-        let raw: RawConfig =
-            serde_json::from_str(text).map_err(|e| cfg(format!("not a model config: {e}")))?;
-        let mt = raw.model_type.clone().unwrap_or_default();
-        let archs = raw.architectures.join(",");
-        let arch = match mt.as_str() {
-            "gemma3_text" | "gemma3" => Arch::Gemma3,
-            "llama" | "smollm2" => Arch::Llama,
-            "qwen2" => Arch::Qwen2,
-            "" if archs.contains("Gemma3ForCausalLM") => Arch::Gemma3,
-            "" if archs.contains("LlamaForCausalLM") => Arch::Llama,
-            "" if archs.contains("Qwen2ForCausalLM") => Arch::Qwen2,
-            _ => {
-                return Err(Error::Unknown {
-                    kind: "architecture",
-                    code: if mt.is_empty() { archs } else { mt },
-                    scope: format!(
-                        " in {} (supported: gemma3_text, llama, qwen2)",
-                        path.display()
-                    ),
-                    suggestions: vec![],
-                })
-            }
-        };
-        let need = |v: Option<usize>, name: &str| -> Result<usize> {
-            match v {
-                Some(x) if x > 0 => Ok(x),
-                Some(_) => Err(cfg(format!("`{name}` must be positive"))),
-                None => Err(cfg(format!("missing `{name}`"))),
-            }
-        };
-        let hidden_size = need(raw.hidden_size, "hidden_size")?;
-        let num_attention_heads = need(raw.num_attention_heads, "num_attention_heads")?;
-        let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
-        let head_dim = match raw.head_dim {
-            Some(h) => h,
-            None if arch == Arch::Gemma3 => return Err(cfg(
-                "missing `head_dim` (Gemma 3's head size is not hidden_size / num_attention_heads)"
-                    .into(),
-            )),
-            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
-            None => {
-                return Err(cfg(
-                    "hidden_size is not a multiple of num_attention_heads and head_dim is missing"
-                        .into(),
-                ))
-            }
-        };
-        if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(cfg(format!(
-                "head_dim {head_dim} must be positive and even (rope)"
-            )));
+/// The architecture named by `model_type`, or else by `architectures`.
+fn architecture(raw: &RawConfig, path: &Path) -> Result<Arch> {
+    let mt = raw.model_type.clone().unwrap_or_default();
+    let archs = raw.architectures.join(",");
+    Ok(match mt.as_str() {
+        "gemma3_text" | "gemma3" => Arch::Gemma3,
+        "llama" | "smollm2" => Arch::Llama,
+        "qwen2" => Arch::Qwen2,
+        "" if archs.contains("Gemma3ForCausalLM") => Arch::Gemma3,
+        "" if archs.contains("LlamaForCausalLM") => Arch::Llama,
+        "" if archs.contains("Qwen2ForCausalLM") => Arch::Qwen2,
+        _ => {
+            return Err(Error::Unknown {
+                kind: "architecture",
+                code: if mt.is_empty() { archs } else { mt },
+                scope: format!(
+                    " in {} (supported: gemma3_text, llama, qwen2)",
+                    path.display()
+                ),
+                suggestions: vec![],
+            })
         }
+    })
+}
+
+/// The value of the size `name`, which must be present and positive.
+fn positive(v: Option<usize>, name: &str, path: &Path) -> Result<usize> {
+    match v {
+        Some(x) if x > 0 => Ok(x),
+        Some(_) => Err(config_error(path, format!("`{name}` must be positive"))),
+        None => Err(config_error(path, format!("missing `{name}`"))),
+    }
+}
+
+/// The sizes of a decoder, each checked positive, consistent with the others and within what
+/// mlbench supports (before anything is allocated).
+struct Sizes {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: usize,
+    head_dim: usize,
+}
+
+impl Sizes {
+    fn read(raw: &RawConfig, arch: Arch, path: &Path) -> Result<Sizes> {
+        let cfg = |message: String| config_error(path, message);
+        let hidden_size = positive(raw.hidden_size, "hidden_size", path)?;
+        let num_attention_heads = positive(raw.num_attention_heads, "num_attention_heads", path)?;
+        let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
+        let head_dim = head_dim(raw, arch, hidden_size, num_attention_heads, path)?;
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(cfg(format!(
                 "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
             )));
         }
-        let num_hidden_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+        let num_hidden_layers = positive(raw.num_hidden_layers, "num_hidden_layers", path)?;
         // Guard against absurd sizes before anything is allocated.
-        let vocab_size = need(raw.vocab_size, "vocab_size")?;
-        let intermediate_size = need(raw.intermediate_size, "intermediate_size")?;
+        let vocab_size = positive(raw.vocab_size, "vocab_size", path)?;
+        let intermediate_size = positive(raw.intermediate_size, "intermediate_size", path)?;
         for (name, v, max) in [
             ("vocab_size", vocab_size, 1 << 22),
             ("hidden_size", hidden_size, 1 << 16),
@@ -277,99 +272,168 @@ impl ModelConfig {
                 )));
             }
         }
-        if raw.attn_logit_softcapping.is_some() {
-            return Err(cfg("attn_logit_softcapping is not supported".into()));
-        }
-        if let Some(rs) = &raw.rope_scaling {
-            if !rs.is_null() {
-                let kind = rs
-                    .get("rope_type")
-                    .or_else(|| rs.get("type"))
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("?");
-                if kind != "default" {
-                    return Err(cfg(format!("rope_scaling type `{kind}` is not supported")));
-                }
-            }
-        }
-        if let Some(f) = raw.partial_rotary_factor {
-            if f != 1.0 {
-                return Err(cfg(format!(
-                    "`partial_rotary_factor` = {f} is not implemented (only 1.0)"
-                )));
-            }
-        }
-        let (rope_theta, rope_local) = rope_bases(&raw).map_err(cfg)?;
-        let rms_norm_eps = match raw.rms_norm_eps {
-            Some(e) if e.is_finite() && e > 0.0 => e,
-            Some(e) => return Err(cfg(format!("`rms_norm_eps` = {e} must be positive"))),
-            None => return Err(cfg("missing `rms_norm_eps`".into())),
-        };
-        if raw.mlp_bias == Some(true) {
-            return Err(cfg("mlp_bias = true is not supported".into()));
-        }
-        let act = raw
-            .hidden_activation
-            .clone()
-            .or(raw.hidden_act.clone())
-            .unwrap_or_default();
-        match arch {
-            Arch::Gemma3 if !act.is_empty() && act != "gelu_pytorch_tanh" => {
-                return Err(cfg(format!(
-                    "gemma3 activation `{act}` is not supported (expected gelu_pytorch_tanh)"
-                )))
-            }
-            Arch::Llama | Arch::Qwen2 if !act.is_empty() && act != "silu" => {
-                return Err(cfg(format!(
-                    "activation `{act}` is not supported (expected silu)"
-                )))
-            }
-            _ => {}
-        }
-        let layer_kinds: Vec<LayerKind> = match (arch, &raw.layer_types) {
-            (_, Some(types)) => {
-                if types.len() != num_hidden_layers {
-                    return Err(cfg(format!(
-                        "layer_types has {} entries for {num_hidden_layers} layers",
-                        types.len()
-                    )));
-                }
-                types
-                    .iter()
-                    .map(|t| match t.as_str() {
-                        "full_attention" => Ok(LayerKind::Full),
-                        "sliding_attention" => Ok(LayerKind::Sliding),
-                        other => Err(cfg(format!("unknown layer type `{other}`"))),
-                    })
-                    .collect::<Result<_>>()?
-            }
-            (Arch::Gemma3, None) => {
-                let p = match raw.sliding_window_pattern {
-                    Some(p) if p > 0 => p,
-                    _ => {
-                        return Err(cfg(
-                            "missing `layer_types` (or a positive `sliding_window_pattern`): which layers slide is not guessed"
-                                .into(),
-                        ))
-                    }
-                };
-                (0..num_hidden_layers)
-                    .map(|i| {
-                        if (i + 1) % p == 0 {
-                            LayerKind::Full
-                        } else {
-                            LayerKind::Sliding
-                        }
-                    })
-                    .collect()
-            }
-            (Arch::Qwen2, None) if raw.use_sliding_window == Some(true) => {
+        Ok(Sizes {
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+        })
+    }
+}
+
+/// The head size: `head_dim`, or for Llama-family models hidden / heads when the key is
+/// absent; positive and even (rope).
+fn head_dim(
+    raw: &RawConfig,
+    arch: Arch,
+    hidden: usize,
+    heads: usize,
+    path: &Path,
+) -> Result<usize> {
+    let cfg = |message: String| config_error(path, message);
+    let head_dim =
+        match raw.head_dim {
+            Some(h) => h,
+            None if arch == Arch::Gemma3 => return Err(cfg(
+                "missing `head_dim` (Gemma 3's head size is not hidden_size / num_attention_heads)"
+                    .into(),
+            )),
+            None if hidden % heads == 0 => hidden / heads,
+            None => {
                 return Err(cfg(
-                    "qwen2 use_sliding_window = true is not supported".into()
+                    "hidden_size is not a multiple of num_attention_heads and head_dim is missing"
+                        .into(),
                 ))
             }
-            _ => vec![LayerKind::Full; num_hidden_layers],
         };
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(cfg(format!(
+            "head_dim {head_dim} must be positive and even (rope)"
+        )));
+    }
+    Ok(head_dim)
+}
+
+/// Refuses attention logit softcapping, rope scaling and partial rotary embeddings.
+fn refuse_unsupported(raw: &RawConfig, path: &Path) -> Result<()> {
+    let cfg = |message: String| config_error(path, message);
+    if raw.attn_logit_softcapping.is_some() {
+        return Err(cfg("attn_logit_softcapping is not supported".into()));
+    }
+    if let Some(rs) = &raw.rope_scaling {
+        if !rs.is_null() {
+            let kind = rs
+                .get("rope_type")
+                .or_else(|| rs.get("type"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("?");
+            if kind != "default" {
+                return Err(cfg(format!("rope_scaling type `{kind}` is not supported")));
+            }
+        }
+    }
+    if let Some(f) = raw.partial_rotary_factor {
+        if f != 1.0 {
+            return Err(cfg(format!(
+                "`partial_rotary_factor` = {f} is not implemented (only 1.0)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses MLP biases and an activation other than the architecture's own.
+fn check_mlp(raw: &RawConfig, arch: Arch, path: &Path) -> Result<()> {
+    let cfg = |message: String| config_error(path, message);
+    if raw.mlp_bias == Some(true) {
+        return Err(cfg("mlp_bias = true is not supported".into()));
+    }
+    let act = raw
+        .hidden_activation
+        .clone()
+        .or(raw.hidden_act.clone())
+        .unwrap_or_default();
+    match arch {
+        Arch::Gemma3 if !act.is_empty() && act != "gelu_pytorch_tanh" => Err(cfg(format!(
+            "gemma3 activation `{act}` is not supported (expected gelu_pytorch_tanh)"
+        ))),
+        Arch::Llama | Arch::Qwen2 if !act.is_empty() && act != "silu" => Err(cfg(format!(
+            "activation `{act}` is not supported (expected silu)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Each layer's attention kind: from `layer_types`, else Gemma 3's `sliding_window_pattern`,
+/// else all full.
+fn layer_kinds(raw: &RawConfig, arch: Arch, layers: usize, path: &Path) -> Result<Vec<LayerKind>> {
+    let cfg = |message: String| config_error(path, message);
+    Ok(match (arch, &raw.layer_types) {
+        (_, Some(types)) => {
+            if types.len() != layers {
+                return Err(cfg(format!(
+                    "layer_types has {} entries for {layers} layers",
+                    types.len()
+                )));
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "full_attention" => Ok(LayerKind::Full),
+                    "sliding_attention" => Ok(LayerKind::Sliding),
+                    other => Err(cfg(format!("unknown layer type `{other}`"))),
+                })
+                .collect::<Result<_>>()?
+        }
+        (Arch::Gemma3, None) => {
+            let p = match raw.sliding_window_pattern {
+                Some(p) if p > 0 => p,
+                _ => {
+                    return Err(cfg(
+                        "missing `layer_types` (or a positive `sliding_window_pattern`): which layers slide is not guessed"
+                            .into(),
+                    ))
+                }
+            };
+            (0..layers)
+                .map(|i| {
+                    if (i + 1) % p == 0 {
+                        LayerKind::Full
+                    } else {
+                        LayerKind::Sliding
+                    }
+                })
+                .collect()
+        }
+        (Arch::Qwen2, None) if raw.use_sliding_window == Some(true) => {
+            return Err(cfg(
+                "qwen2 use_sliding_window = true is not supported".into()
+            ))
+        }
+        _ => vec![LayerKind::Full; layers],
+    })
+}
+
+/// The attention settings only Gemma 3 has (`None` for other architectures): the sliding
+/// window (required by any sliding layer), the sliding layers' rope base and the query scale.
+struct GemmaAttention {
+    sliding_window: Option<usize>,
+    rope_local_base_freq: Option<f64>,
+    query_pre_attn_scalar: Option<f64>,
+}
+
+impl GemmaAttention {
+    fn read(
+        raw: &RawConfig,
+        arch: Arch,
+        layer_kinds: &[LayerKind],
+        rope_local: Option<f64>,
+        path: &Path,
+    ) -> Result<GemmaAttention> {
+        let cfg = |message: String| config_error(path, message);
         let sliding_window = match arch {
             Arch::Gemma3 => raw.sliding_window,
             _ => None,
@@ -399,21 +463,55 @@ impl ModelConfig {
             }
             (true, None) => return Err(cfg("missing `query_pre_attn_scalar`".into())),
         };
+        Ok(GemmaAttention {
+            sliding_window,
+            rope_local_base_freq,
+            query_pre_attn_scalar,
+        })
+    }
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::missing_or_io("model config.json", "read", path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    /// Parses and validates config JSON; `path` is used in error messages.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let cfg = |message: String| config_error(path, message);
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| cfg(format!("not a model config: {e}")))?;
+        let arch = architecture(&raw, path)?;
+        let sizes = Sizes::read(&raw, arch, path)?;
+        refuse_unsupported(&raw, path)?;
+        let (rope_theta, rope_local) = rope_bases(&raw).map_err(cfg)?;
+        let rms_norm_eps = match raw.rms_norm_eps {
+            Some(e) if e.is_finite() && e > 0.0 => e,
+            Some(e) => return Err(cfg(format!("`rms_norm_eps` = {e} must be positive"))),
+            None => return Err(cfg("missing `rms_norm_eps`".into())),
+        };
+        check_mlp(&raw, arch, path)?;
+        let layer_kinds = layer_kinds(&raw, arch, sizes.num_hidden_layers, path)?;
+        let gemma = GemmaAttention::read(&raw, arch, &layer_kinds, rope_local, path)?;
+        let is_gemma = arch == Arch::Gemma3;
         Ok(ModelConfig {
             arch,
-            vocab_size,
-            hidden_size,
-            intermediate_size,
-            num_hidden_layers,
-            num_attention_heads,
-            num_key_value_heads,
-            head_dim,
+            vocab_size: sizes.vocab_size,
+            hidden_size: sizes.hidden_size,
+            intermediate_size: sizes.intermediate_size,
+            num_hidden_layers: sizes.num_hidden_layers,
+            num_attention_heads: sizes.num_attention_heads,
+            num_key_value_heads: sizes.num_key_value_heads,
+            head_dim: sizes.head_dim,
             rms_norm_eps,
             rope_theta,
-            rope_local_base_freq,
-            sliding_window,
+            rope_local_base_freq: gemma.rope_local_base_freq,
+            sliding_window: gemma.sliding_window,
             layer_kinds,
-            query_pre_attn_scalar,
+            query_pre_attn_scalar: gemma.query_pre_attn_scalar,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(is_gemma),
             attention_bias: arch == Arch::Qwen2 || raw.attention_bias.unwrap_or(false),
             final_logit_softcapping: raw.final_logit_softcapping,

@@ -123,12 +123,23 @@ pub fn import(
         path: gguf.to_path_buf(),
         message: format!("not a valid GGUF file: {e}"),
     })?;
-    let arch_name = meta(&content, "general.architecture", gguf)?
+    let (arch, a) = architecture(&content, gguf)?;
+    let tokens = vocabulary(&content, gguf)?;
+    let config = model_config(&content, arch, &a, tokens.len(), gguf)?;
+    let tensors = read_tensors(&mut file, &content, &config, gguf, pb)?;
+    check_shapes(&config, &tensors, gguf)?;
+    let tok_json = tokenizer_json(&content, &tokens, gguf)?;
+    write_folder(out, gguf, &config, &tensors, &tok_json, dtype)?;
+    Ok(config)
+}
+
+/// The file's architecture and its llama.cpp name (the prefix of its metadata keys).
+fn architecture(content: &Content, gguf: &Path) -> Result<(Arch, String)> {
+    let arch_name = meta(content, "general.architecture", gguf)?
         .to_string()
         .map_err(|e| gguf_err(gguf, e))?
         .clone();
-    let a = arch_name.as_str();
-    let arch = match a {
+    let arch = match arch_name.as_str() {
         "gemma3" => Arch::Gemma3,
         "llama" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
@@ -141,19 +152,66 @@ pub fn import(
             })
         }
     };
-    let tokens: Vec<String> = meta(&content, "tokenizer.ggml.tokens", gguf)?
+    Ok((arch, arch_name))
+}
+
+/// The tokens of the file's vocabulary, by id.
+fn vocabulary(content: &Content, gguf: &Path) -> Result<Vec<String>> {
+    Ok(meta(content, "tokenizer.ggml.tokens", gguf)?
         .to_vec()
         .map_err(|e| gguf_err(gguf, e))?
         .iter()
         .map(|v| v.to_string().cloned().unwrap_or_default())
-        .collect();
-    let hidden = meta_usize(&content, &format!("{a}.embedding_length"), gguf)?;
-    let heads = meta_usize(&content, &format!("{a}.attention.head_count"), gguf)?;
-    let kv = meta_usize(&content, &format!("{a}.attention.head_count_kv"), gguf).unwrap_or(heads);
-    let head_dim = meta_usize(&content, &format!("{a}.attention.key_length"), gguf)
+        .collect())
+}
+
+/// The model configuration from the metadata of architecture `a` (checked as a
+/// `config.json` would be), for a vocabulary of `vocab` tokens.
+fn model_config(
+    content: &Content,
+    arch: Arch,
+    a: &str,
+    vocab: usize,
+    gguf: &Path,
+) -> Result<ModelConfig> {
+    let hidden = meta_usize(content, &format!("{a}.embedding_length"), gguf)?;
+    let heads = meta_usize(content, &format!("{a}.attention.head_count"), gguf)?;
+    let kv = meta_usize(content, &format!("{a}.attention.head_count_kv"), gguf).unwrap_or(heads);
+    let head_dim = meta_usize(content, &format!("{a}.attention.key_length"), gguf)
         .unwrap_or(hidden / heads.max(1));
-    let layers = meta_usize(&content, &format!("{a}.block_count"), gguf)?;
-    let gemma = arch == Arch::Gemma3;
+    let layers = meta_usize(content, &format!("{a}.block_count"), gguf)?;
+    refuse_rope_scaling(content, a, gguf)?;
+    let mut cfg = json!({
+        "model_type": match arch { Arch::Gemma3 => "gemma3_text", Arch::Llama => "llama", Arch::Qwen2 => "qwen2" },
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": meta_usize(content, &format!("{a}.feed_forward_length"), gguf)?,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": head_dim,
+        "rms_norm_eps": need_f64(content, &format!("{a}.attention.layer_norm_rms_epsilon"), gguf)?,
+        "rope_theta": need_f64(content, &format!("{a}.rope.freq_base"), gguf)?,
+        "tie_word_embeddings": !content.tensor_infos.contains_key("output.weight"),
+        "bos_token_id": meta_u32(content, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta_u32(content, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta_u32(content, "tokenizer.ggml.padding_token_id"),
+    });
+    if arch == Arch::Gemma3 {
+        // llama.cpp's gemma3: local layers use base 1e4 and 5 of every 6 layers are local;
+        // queries are scaled by 1/sqrt(head_dim).
+        cfg["rope_local_base_freq"] = json!(10000.0);
+        cfg["sliding_window"] =
+            json!(meta_usize(content, "gemma3.attention.sliding_window", gguf).unwrap_or(512));
+        cfg["sliding_window_pattern"] = json!(6);
+        cfg["query_pre_attn_scalar"] = json!(head_dim);
+        cfg["hidden_activation"] = json!("gelu_pytorch_tanh");
+    }
+    ModelConfig::from_json(&cfg.to_string(), gguf)
+}
+
+/// Refuses rope scaling in the metadata of architecture `a` (`none` or a factor of 1 pass).
+fn refuse_rope_scaling(content: &Content, a: &str, gguf: &Path) -> Result<()> {
     for key in [
         format!("{a}.rope.scaling.type"),
         format!("{a}.rope.scaling.factor"),
@@ -172,100 +230,116 @@ pub fn import(
             }
         }
     }
-    let mut cfg = json!({
-        "model_type": match arch { Arch::Gemma3 => "gemma3_text", Arch::Llama => "llama", Arch::Qwen2 => "qwen2" },
-        "vocab_size": tokens.len(),
-        "hidden_size": hidden,
-        "intermediate_size": meta_usize(&content, &format!("{a}.feed_forward_length"), gguf)?,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv,
-        "head_dim": head_dim,
-        "rms_norm_eps": need_f64(&content, &format!("{a}.attention.layer_norm_rms_epsilon"), gguf)?,
-        "rope_theta": need_f64(&content, &format!("{a}.rope.freq_base"), gguf)?,
-        "tie_word_embeddings": !content.tensor_infos.contains_key("output.weight"),
-        "bos_token_id": meta_u32(&content, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta_u32(&content, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta_u32(&content, "tokenizer.ggml.padding_token_id"),
-    });
-    if gemma {
-        // llama.cpp's gemma3: local layers use base 1e4 and 5 of every 6 layers are local;
-        // queries are scaled by 1/sqrt(head_dim).
-        cfg["rope_local_base_freq"] = json!(10000.0);
-        cfg["sliding_window"] =
-            json!(meta_usize(&content, "gemma3.attention.sliding_window", gguf).unwrap_or(512));
-        cfg["sliding_window_pattern"] = json!(6);
-        cfg["query_pre_attn_scalar"] = json!(head_dim);
-        cfg["hidden_activation"] = json!("gelu_pytorch_tanh");
-    }
-    let config = ModelConfig::from_json(&cfg.to_string(), gguf)?;
+    Ok(())
+}
 
-    // Tensors.
+/// Every tensor of the file under its HF name, dequantized to f32 and in HF's conventions;
+/// tensors mlbench does not know are skipped with a warning.
+fn read_tensors(
+    file: &mut std::fs::File,
+    content: &Content,
+    config: &ModelConfig,
+    gguf: &Path,
+    pb: &indicatif::ProgressBar,
+) -> Result<BTreeMap<String, Tensor>> {
+    let gemma = config.arch == Arch::Gemma3;
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     pb.set_length(names.len() as u64);
     let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
     for gname in names {
-        let info = &content.tensor_infos[gname];
-        let Some(mut name) = hf_name(gname) else {
-            if gname.starts_with("rope_freqs") {
-                return Err(Error::Config {
-                    path: gguf.to_path_buf(),
-                    message: "rope frequency factors (rope scaling) are not supported".into(),
-                });
-            }
+        let Some(name) = tensor_name(gname, gemma, gguf)? else {
             tracing::warn!(tensor = %gname, "skipping an unknown GGUF tensor");
             pb.inc(1);
             continue;
         };
-        if name.contains("FFN_NORM") {
-            // Gemma's ffn_norm is the pre-feed-forward norm; Llama's is the post-attention norm.
-            name = name.replace(
-                "FFN_NORM",
-                if gemma {
-                    "pre_feedforward_layernorm"
-                } else {
-                    "post_attention_layernorm"
-                },
-            );
-        }
-        let q = info
-            .read(&mut file, content.tensor_data_offset, &Device::Cpu)
+        let q = content.tensor_infos[gname]
+            .read(file, content.tensor_data_offset, &Device::Cpu)
             .map_err(|e| Error::Config {
                 path: gguf.to_path_buf(),
                 message: format!("tensor `{gname}`: {e}"),
             })?;
-        let mut t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
-        if gemma && name.ends_with("norm.weight") {
-            t = (t - 1.0)?;
-        }
-        if !gemma && (name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight")) {
-            let n_heads = if name.ends_with("q_proj.weight") {
-                heads
-            } else {
-                kv
-            };
-            let (out, inp) = t.dims2()?;
-            if out != n_heads * head_dim {
-                return Err(Error::Config {
-                    path: gguf.to_path_buf(),
-                    message: format!(
-                        "tensor `{gname}` has {out} rows, expected {}",
-                        n_heads * head_dim
-                    ),
-                });
-            }
-            t = t
-                .reshape((n_heads, head_dim / 2, 2, inp))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((out, inp))?;
-        }
+        let t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let t = to_hf_layout(t, &name, gname, config, gguf)?;
         tensors.insert(name, t);
         pb.inc(1);
     }
-    // Check every tensor's shape against the config before writing anything.
-    let check = super::load::expected_shapes(&config);
+    Ok(tensors)
+}
+
+/// The HF name of the file's tensor `gname`, `None` for a tensor mlbench does not know; rope
+/// frequency factors are refused.
+fn tensor_name(gname: &str, gemma: bool, gguf: &Path) -> Result<Option<String>> {
+    let Some(name) = hf_name(gname) else {
+        if gname.starts_with("rope_freqs") {
+            return Err(Error::Config {
+                path: gguf.to_path_buf(),
+                message: "rope frequency factors (rope scaling) are not supported".into(),
+            });
+        }
+        return Ok(None);
+    };
+    if !name.contains("FFN_NORM") {
+        return Ok(Some(name));
+    }
+    // Gemma's ffn_norm is the pre-feed-forward norm; Llama's is the post-attention norm.
+    Ok(Some(name.replace(
+        "FFN_NORM",
+        if gemma {
+            "pre_feedforward_layernorm"
+        } else {
+            "post_attention_layernorm"
+        },
+    )))
+}
+
+/// The f32 tensor `t` (HF name `name`, file name `gname`) converted from llama.cpp's
+/// conventions to HF's: Gemma norm weights lose the folded-in `+1`, Llama-family q/k rows are
+/// un-permuted from the interleaved rope layout to the half-split one.
+fn to_hf_layout(
+    t: Tensor,
+    name: &str,
+    gname: &str,
+    config: &ModelConfig,
+    gguf: &Path,
+) -> Result<Tensor> {
+    let gemma = config.arch == Arch::Gemma3;
+    if gemma && name.ends_with("norm.weight") {
+        return Ok((t - 1.0)?);
+    }
+    let is_q = name.ends_with("q_proj.weight");
+    if gemma || !(is_q || name.ends_with("k_proj.weight")) {
+        return Ok(t);
+    }
+    let head_dim = config.head_dim;
+    let n_heads = if is_q {
+        config.num_attention_heads
+    } else {
+        config.num_key_value_heads
+    };
+    let (out, inp) = t.dims2()?;
+    if out != n_heads * head_dim {
+        return Err(Error::Config {
+            path: gguf.to_path_buf(),
+            message: format!(
+                "tensor `{gname}` has {out} rows, expected {}",
+                n_heads * head_dim
+            ),
+        });
+    }
+    Ok(t.reshape((n_heads, head_dim / 2, 2, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))?)
+}
+
+/// Checks every tensor's shape against the config before anything is written.
+fn check_shapes(
+    config: &ModelConfig,
+    tensors: &BTreeMap<String, Tensor>,
+    gguf: &Path,
+) -> Result<()> {
+    let check = super::load::expected_shapes(config);
     for (name, shape) in &check {
         match tensors.get(name) {
             Some(t) if t.dims() == shape.as_slice() => {}
@@ -286,9 +360,13 @@ pub fn import(
             }
         }
     }
+    Ok(())
+}
 
-    // Tokenizer.
-    let model_kind = meta(&content, "tokenizer.ggml.model", gguf)?
+/// `tokenizer.json` built from the file's vocabulary: a SentencePiece-style BPE (`llama`) or a
+/// byte-level BPE (`gpt2`), with control and user-defined tokens as specials.
+fn tokenizer_json(content: &Content, tokens: &[String], gguf: &Path) -> Result<serde_json::Value> {
+    let model_kind = meta(content, "tokenizer.ggml.model", gguf)?
         .to_string()
         .cloned()
         .unwrap_or_default();
@@ -304,46 +382,67 @@ pub fn import(
         .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
         .map(|(i, t)| (i as u32, t.as_str()))
         .collect();
-    let tok_json = match model_kind.as_str() {
-        "llama" => {
-            let scores: Vec<f32> = content
-                .metadata
-                .get("tokenizer.ggml.scores")
-                .and_then(|v| v.to_vec().ok())
-                .map(|v| v.iter().map(|x| x.to_f32().unwrap_or(0.0)).collect())
-                .unwrap_or_else(|| vec![0.0; tokens.len()]);
-            let pieces: Vec<(String, f32)> = tokens.iter().cloned().zip(scores).collect();
-            let unk = meta_u32(&content, "tokenizer.ggml.unknown_token_id")
-                .and_then(|i| tokens.get(i as usize))
-                .cloned()
-                .unwrap_or_else(|| "<unk>".into());
-            sentencepiece_bpe_json(&pieces, &specials, &unk)
-        }
+    match model_kind.as_str() {
+        "llama" => Ok(sentencepiece_tokenizer(content, tokens, &specials)),
         "gpt2" => {
-            let merges: Vec<(String, String)> = meta(&content, "tokenizer.ggml.merges", gguf)?
-                .to_vec()
-                .map_err(|e| gguf_err(gguf, e))?
-                .iter()
-                .filter_map(|m| {
-                    m.to_string().ok().and_then(|s| {
-                        s.split_once(' ')
-                            .map(|(a, b)| (a.to_string(), b.to_string()))
-                    })
-                })
-                .collect();
-            byte_level_bpe_json(&tokens, &merges, &specials)
+            let merges = bpe_merges(content, gguf)?;
+            Ok(byte_level_bpe_json(tokens, &merges, &specials))
         }
-        other => {
-            return Err(Error::Config {
-                path: gguf.to_path_buf(),
-                message: format!("tokenizer model `{other}` is not supported (llama or gpt2)"),
-            })
-        }
-    };
+        other => Err(Error::Config {
+            path: gguf.to_path_buf(),
+            message: format!("tokenizer model `{other}` is not supported (llama or gpt2)"),
+        }),
+    }
+}
 
+/// The SentencePiece-style tokenizer of a `llama` vocabulary, with its scores and unknown token.
+fn sentencepiece_tokenizer(
+    content: &Content,
+    tokens: &[String],
+    specials: &[(u32, &str)],
+) -> serde_json::Value {
+    let scores: Vec<f32> = content
+        .metadata
+        .get("tokenizer.ggml.scores")
+        .and_then(|v| v.to_vec().ok())
+        .map(|v| v.iter().map(|x| x.to_f32().unwrap_or(0.0)).collect())
+        .unwrap_or_else(|| vec![0.0; tokens.len()]);
+    let pieces: Vec<(String, f32)> = tokens.iter().cloned().zip(scores).collect();
+    let unk = meta_u32(content, "tokenizer.ggml.unknown_token_id")
+        .and_then(|i| tokens.get(i as usize))
+        .cloned()
+        .unwrap_or_else(|| "<unk>".into());
+    sentencepiece_bpe_json(&pieces, specials, &unk)
+}
+
+/// The merges of a `gpt2` (byte-level BPE) vocabulary, as pairs.
+fn bpe_merges(content: &Content, gguf: &Path) -> Result<Vec<(String, String)>> {
+    Ok(meta(content, "tokenizer.ggml.merges", gguf)?
+        .to_vec()
+        .map_err(|e| gguf_err(gguf, e))?
+        .iter()
+        .filter_map(|m| {
+            m.to_string().ok().and_then(|s| {
+                s.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
+        })
+        .collect())
+}
+
+/// Writes the HF folder `out`: the weights as `dtype`, `tokenizer.json`, and `config.json`
+/// naming the weights' dtype and the GGUF file it came from (with its sha256).
+fn write_folder(
+    out: &Path,
+    gguf: &Path,
+    config: &ModelConfig,
+    tensors: &BTreeMap<String, Tensor>,
+    tok_json: &serde_json::Value,
+    dtype: DType,
+) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io("create directory", out, e))?;
-    save_safetensors_typed(&out.join("model.safetensors"), &tensors, dtype)?;
-    write_bytes_atomic(&out.join("tokenizer.json"), &serde_json::to_vec(&tok_json)?)?;
+    save_safetensors_typed(&out.join("model.safetensors"), tensors, dtype)?;
+    write_bytes_atomic(&out.join("tokenizer.json"), &serde_json::to_vec(tok_json)?)?;
     let mut hf = config.to_hf_json();
     hf["torch_dtype"] = json!(if dtype == DType::BF16 {
         "bfloat16"
@@ -352,5 +451,5 @@ pub fn import(
     });
     hf["mlbench_source"] = json!({"gguf": gguf.file_name().map(|f| f.to_string_lossy().into_owned()), "sha256": crate::util::sha256_file(gguf)?});
     write_bytes_atomic(&out.join("config.json"), &serde_json::to_vec_pretty(&hf)?)?;
-    Ok(config)
+    Ok(())
 }

@@ -1,10 +1,11 @@
 //! One graph node per decoder layer for LoRA training on the CPU in f32.
 //!
-//! In: a layer, its input `x: [B * T, H]` (tracked), the batch's rope tables and attention
-//! layout ([`Attend`]: padded rows, or rows continuing one shared prefix), and the training
-//! context (adapter, dropout RNG). Out: the layer's output `[B * T, H]`, attached to the gradient graph as a single op whose inputs are `x` and the
-//! layer's LoRA weights (each side concatenated into one flat tensor), with the layer's
-//! backward pass written out here from the kernels' own backward passes.
+//! In: a layer (the `blocks` types), its input `x: [B * T, H]` (tracked), the batch's rope
+//! tables and attention layout ([`Attend`]: padded rows, or rows continuing one shared prefix),
+//! and the training context (adapter, dropout RNG). Out: the layer's output `[B * T, H]`,
+//! attached to the gradient graph as a single op whose inputs are `x` and the layer's LoRA
+//! weights (each side concatenated into one flat tensor), with the layer's backward pass
+//! written out here from the kernels' own backward passes.
 //!
 //! Why: candle's autograd gives every gradient of every node a fresh zero tensor and an add,
 //! and every op a new buffer; a layer built from ~15 nodes paid that ~15 times per step. The
@@ -16,9 +17,9 @@
 use candle_core::Tensor;
 
 use super::autograd::{with_grad, with_grad3};
+use super::blocks::{Ctx, Layer, Linear, RmsNorm};
 use super::config::{Arch, ModelConfig};
 use super::kernels::{self, Glu};
-use super::transformer::{Ctx, Layer, Linear, RmsNorm};
 use crate::error::Result;
 
 /// The batch-level inputs a layer needs besides `x`: the rope tables `[B, T, hd / 2]` of its
@@ -263,8 +264,11 @@ impl Lin {
     }
 }
 
+/// A linear layer's LoRA `(dA, dB)`, when it has a pair.
+type LoraGrads = Option<(Tensor, Tensor)>;
+
 /// A linear layer's input gradient (when asked for) and LoRA `(dA, dB)` (when it has a pair).
-type LinGrads = (Option<Tensor>, Option<(Tensor, Tensor)>);
+type LinGrads = (Option<Tensor>, LoraGrads);
 
 /// A layer's input gradient (none for the first layer) and its LoRA `(dA, dB)` pairs in
 /// op-input order.
@@ -289,18 +293,19 @@ fn norm_fwd(n: &RmsNorm, x: &Tensor, width: usize) -> Result<Tensor> {
     Ok(y.reshape(x.shape())?)
 }
 
+/// The input gradient of [`norm_fwd`] for the output gradient `g`.
 fn norm_bwd(n: &RmsNorm, x: &Tensor, g: &Tensor, width: usize) -> Result<Tensor> {
     let rows = x.elem_count() / width;
     let x2 = x.contiguous()?.reshape((rows, width))?;
     let g2 = g.contiguous()?.reshape((rows, width))?;
     match kernels::rms_norm_backward(&x2, &n.scale, &g2, n.eps)? {
         Some(d) => Ok(d.reshape(x.shape())?),
-        None => Err(crate::error::Error::Internal(
-            "the fused layer needs f32 tensors on the CPU".into(),
-        )),
+        None => Err(not_fusable()),
     }
 }
 
+/// Half-split rope of `x: [B * T, heads * hd]` laid out as `bthd` (the opposite angle, `-sin`,
+/// gives its backward).
 fn rope(
     x: &Tensor,
     cos: &Tensor,
@@ -311,8 +316,39 @@ fn rope(
     Ok(y.reshape(x.shape())?)
 }
 
-/// What the backward pass needs from the forward.
-struct Saved {
+/// The sizes and switches of one layer's op, read once from the config and the batch.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    hidden: usize,
+    gemma: bool,
+    scale: f32,
+    kind: Glu,
+}
+
+impl Dims {
+    fn new(cfg: &ModelConfig, batch: &Batch) -> Dims {
+        let gemma = cfg.arch == Arch::Gemma3;
+        Dims {
+            b: batch.b,
+            t: batch.t,
+            nh: cfg.num_attention_heads,
+            nkv: cfg.num_key_value_heads,
+            hd: cfg.head_dim,
+            hidden: cfg.hidden_size,
+            gemma,
+            scale: cfg.attn_scale() as f32,
+            kind: if gemma { Glu::GeluTanh } else { Glu::Silu },
+        }
+    }
+}
+
+/// What the attention half's backward pass needs from its forward.
+struct AttnSaved {
     x: Tensor,
     h1: Tensor,
     q0: Tensor,
@@ -322,12 +358,210 @@ struct Saved {
     v: Tensor,
     a: Tensor,
     o0: Tensor,
+}
+
+/// What the MLP half's backward pass needs from its forward.
+struct MlpSaved {
     x1: Tensor,
     h2: Tensor,
     g: Tensor,
     u: Tensor,
     m: Tensor,
     d0: Tensor,
+}
+
+/// The error of a fused layer given tensors that are not f32 on the CPU.
+fn not_fusable() -> crate::error::Error {
+    crate::error::Error::Internal("the fused layer needs f32 tensors on the CPU".into())
+}
+
+/// The norm in front of the MLP: Gemma's pre-feed-forward norm, Llama's post-attention norm.
+fn mlp_norm(l: &Layer, gemma: bool) -> &RmsNorm {
+    if gemma {
+        l.pre_ff_norm.as_ref().expect("gemma has pre_ff_norm")
+    } else {
+        &l.post_attn_norm
+    }
+}
+
+/// The attention half of the forward, `x1 = x + o` (Gemma: `x + norm(o)`) for the detached
+/// input `xd`, with what its backward needs and the q, k, v, o layers (in op-input order).
+fn attention_forward(
+    d: &Dims,
+    l: &Layer,
+    xd: Tensor,
+    batch: &Batch,
+    ctx: &Ctx,
+    vars: &mut Vars,
+) -> Result<(Tensor, AttnSaved, [Lin; 4])> {
+    let h1 = norm_fwd(&l.input_norm, &xd, d.hidden)?;
+    let lq = Lin::new(&l.q, &h1, ctx, vars)?;
+    let q0 = lq.forward(&h1)?;
+    let lk = Lin::new(&l.k, &h1, ctx, vars)?;
+    let k0 = lk.forward(&h1)?;
+    let lv = Lin::new(&l.v, &h1, ctx, vars)?;
+    let v = lv.forward(&h1)?;
+    let qn = match &l.q_norm {
+        Some(n) => norm_fwd(n, &q0, d.hd)?,
+        None => q0.clone(),
+    };
+    let kn = match &l.k_norm {
+        Some(n) => norm_fwd(n, &k0, d.hd)?,
+        None => k0.clone(),
+    };
+    let qr = rope(&qn, batch.cos, batch.sin, (d.b, d.t, d.nh, d.hd))?;
+    let kr = rope(&kn, batch.cos, batch.sin, (d.b, d.t, d.nkv, d.hd))?;
+    let a = batch.attend.forward(&qr, &kr, &v, d.scale, (d.nh, d.nkv))?;
+    let lo = Lin::new(&l.o, &a, ctx, vars)?;
+    let o0 = lo.forward(&a)?;
+    let o = if d.gemma {
+        norm_fwd(&l.post_attn_norm, &o0, d.hidden)?
+    } else {
+        o0.clone()
+    };
+    let x1 = (&xd + o)?;
+    let saved = AttnSaved {
+        x: xd,
+        h1,
+        q0,
+        k0,
+        qr,
+        kr,
+        v,
+        a,
+        o0,
+    };
+    Ok((x1, saved, [lq, lk, lv, lo]))
+}
+
+/// The MLP half of the forward, `y = x1 + down(act(gate(h2)) * up(h2))` with `h2` the normed
+/// `x1` (Gemma also norms the MLP's output), with what its backward needs and the gate, up and
+/// down layers (in op-input order).
+fn mlp_forward(
+    d: &Dims,
+    l: &Layer,
+    x1: Tensor,
+    ctx: &Ctx,
+    vars: &mut Vars,
+) -> Result<(Tensor, MlpSaved, [Lin; 3])> {
+    let h2 = norm_fwd(mlp_norm(l, d.gemma), &x1, d.hidden)?;
+    let lg = Lin::new(&l.gate, &h2, ctx, vars)?;
+    let g = lg.forward(&h2)?;
+    let lu = Lin::new(&l.up, &h2, ctx, vars)?;
+    let u = lu.forward(&h2)?;
+    let m = kernels::glu(d.kind, &g, &u)?.ok_or_else(not_fusable)?;
+    let ld = Lin::new(&l.down, &m, ctx, vars)?;
+    let d0 = ld.forward(&m)?;
+    let dd = if d.gemma {
+        let n = l.post_ff_norm.as_ref().expect("gemma has post_ff_norm");
+        norm_fwd(n, &d0, d.hidden)?
+    } else {
+        d0.clone()
+    };
+    let y = (&x1 + dd)?;
+    let saved = MlpSaved {
+        x1,
+        h2,
+        g,
+        u,
+        m,
+        d0,
+    };
+    Ok((y, saved, [lg, lu, ld]))
+}
+
+/// The input gradient of a linear layer that was asked for one, with its LoRA grads.
+fn asked(r: LinGrads) -> (Tensor, LoraGrads) {
+    (r.0.expect("input gradient asked for"), r.1)
+}
+
+/// One layer's op after its forward: the activations its backward needs, the layer with this
+/// step's LoRA pairs, the rope tables (the backward rotates by the opposite angle) and the
+/// attention layout.
+struct Node {
+    d: Dims,
+    layer: Layer,
+    attn: AttnSaved,
+    attn_lins: [Lin; 4],
+    mlp: MlpSaved,
+    mlp_lins: [Lin; 3],
+    cos: Tensor,
+    neg_sin: Tensor,
+    attend: Attend,
+    /// Whether the layer's input carries a graph (not for the first layer's embeddings).
+    x_tracked: bool,
+}
+
+impl Node {
+    /// The layer's input gradient (`None` when the input is not tracked) and its LoRA
+    /// `(dA, dB)` pairs in op-input order, for the output gradient `dy`.
+    fn backward(&self, dy: &Tensor) -> Result<LayerGrads> {
+        let (dx1, mlp_grads) = self.mlp_backward(dy)?;
+        let (dx, attn_grads) = self.attention_backward(dx1)?;
+        // In op-input order: q, k, v, o, gate, up, down (the order `Lin::new` ran in).
+        let grads = attn_grads.into_iter().chain(mlp_grads).flatten().collect();
+        Ok((dx, grads))
+    }
+
+    /// The gradient at `x1` (the residual plus the MLP's share) and the gate, up and down
+    /// layers' LoRA grads.
+    fn mlp_backward(&self, dy: &Tensor) -> Result<(Tensor, [LoraGrads; 3])> {
+        let (d, s, l) = (&self.d, &self.mlp, &self.layer);
+        let [lg, lu, ld] = &self.mlp_lins;
+        let dd0 = if d.gemma {
+            let n = l.post_ff_norm.as_ref().expect("gemma has post_ff_norm");
+            norm_bwd(n, &s.d0, dy, d.hidden)?
+        } else {
+            dy.clone()
+        };
+        let (dm, gr_d) = asked(ld.backward(&s.m, &dd0, true)?);
+        let (dg, du) = kernels::glu_backward(d.kind, &s.g, &s.u, &dm)?;
+        let (dh2g, gr_g) = asked(lg.backward(&s.h2, &dg, true)?);
+        let (dh2u, gr_u) = asked(lu.backward(&s.h2, &du, true)?);
+        let dh2 = (dh2g + dh2u)?;
+        let dx1 = (dy + norm_bwd(mlp_norm(l, d.gemma), &s.x1, &dh2, d.hidden)?)?;
+        Ok((dx1, [gr_g, gr_u, gr_d]))
+    }
+
+    /// The input gradient from the gradient at `x1` (when the input is tracked) and the q, k, v
+    /// and o layers' LoRA grads.
+    fn attention_backward(&self, dx1: Tensor) -> Result<(Option<Tensor>, [LoraGrads; 4])> {
+        let (d, s, l) = (&self.d, &self.attn, &self.layer);
+        let [lq, lk, lv, lo] = &self.attn_lins;
+        let do0 = if d.gemma {
+            norm_bwd(&l.post_attn_norm, &s.o0, &dx1, d.hidden)?
+        } else {
+            dx1.clone()
+        };
+        let (da, gr_o) = asked(lo.backward(&s.a, &do0, true)?);
+        let heads = (d.nh, d.nkv);
+        let (dqr, dkr, dv) = self
+            .attend
+            .backward(&s.qr, &s.kr, &s.v, &da, d.scale, heads)?;
+        let dqn = rope(&dqr, &self.cos, &self.neg_sin, (d.b, d.t, d.nh, d.hd))?;
+        let dkn = rope(&dkr, &self.cos, &self.neg_sin, (d.b, d.t, d.nkv, d.hd))?;
+        let dq0 = match &l.q_norm {
+            Some(n) => norm_bwd(n, &s.q0, &dqn, d.hd)?,
+            None => dqn,
+        };
+        let dk0 = match &l.k_norm {
+            Some(n) => norm_bwd(n, &s.k0, &dkn, d.hd)?,
+            None => dkn,
+        };
+        // The input: q, k, v and the residual. The first layer's input (the embeddings) needs
+        // no gradient, so its frozen products' input gradients are skipped there.
+        let (dq, gr_q) = lq.backward(&s.h1, &dq0, self.x_tracked)?;
+        let (dk, gr_k) = lk.backward(&s.h1, &dk0, self.x_tracked)?;
+        let (dvv, gr_v) = lv.backward(&s.h1, &dv, self.x_tracked)?;
+        let dx = match (dq, dk, dvv) {
+            (Some(a), Some(b), Some(c)) => {
+                let dh1 = ((a + b)? + c)?;
+                Some((dx1 + norm_bwd(&l.input_norm, &s.x, &dh1, d.hidden)?)?)
+            }
+            _ => None,
+        };
+        Ok((dx, [gr_q, gr_k, gr_v, gr_o]))
+    }
 }
 
 /// The layer's forward for training, as one graph node (see the module doc). `x` must be an f32
@@ -339,163 +573,35 @@ pub(crate) fn layer(
     batch: &Batch,
     ctx: &Ctx,
 ) -> Result<Tensor> {
-    let (b, t) = (batch.b, batch.t);
-    let (nh, nkv, hd) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
-    let hidden = cfg.hidden_size;
-    let gemma = cfg.arch == Arch::Gemma3;
-    let scale = cfg.attn_scale() as f32;
-    let kind = if gemma { Glu::GeluTanh } else { Glu::Silu };
+    let d = Dims::new(cfg, batch);
     let mut vars = Vars::default();
+    let (x1, attn, attn_lins) = attention_forward(&d, l, x.detach(), batch, ctx, &mut vars)?;
+    let (y, mlp, mlp_lins) = mlp_forward(&d, l, x1, ctx, &mut vars)?;
+    let node = Node {
+        d,
+        layer: l.clone(),
+        attn,
+        attn_lins,
+        mlp,
+        mlp_lins,
+        cos: batch.cos.clone(),
+        neg_sin: batch.sin.neg()?,
+        attend: batch.attend.clone(),
+        x_tracked: x.track_op(),
+    };
+    attach(x, y, node, vars)
+}
 
-    let xd = x.detach();
-    let h1 = norm_fwd(&l.input_norm, &xd, hidden)?;
-    let lq = Lin::new(&l.q, &h1, ctx, &mut vars)?;
-    let q0 = lq.forward(&h1)?;
-    let lk = Lin::new(&l.k, &h1, ctx, &mut vars)?;
-    let k0 = lk.forward(&h1)?;
-    let lv = Lin::new(&l.v, &h1, ctx, &mut vars)?;
-    let v = lv.forward(&h1)?;
-    let qn = match &l.q_norm {
-        Some(n) => norm_fwd(n, &q0, hd)?,
-        None => q0.clone(),
-    };
-    let kn = match &l.k_norm {
-        Some(n) => norm_fwd(n, &k0, hd)?,
-        None => k0.clone(),
-    };
-    let qr = rope(&qn, batch.cos, batch.sin, (b, t, nh, hd))?;
-    let kr = rope(&kn, batch.cos, batch.sin, (b, t, nkv, hd))?;
-    let a = batch.attend.forward(&qr, &kr, &v, scale, (nh, nkv))?;
-    let lo = Lin::new(&l.o, &a, ctx, &mut vars)?;
-    let o0 = lo.forward(&a)?;
-    let o = if gemma {
-        norm_fwd(&l.post_attn_norm, &o0, hidden)?
-    } else {
-        o0.clone()
-    };
-    let x1 = (&xd + o)?;
-    let n2 = if gemma {
-        l.pre_ff_norm.as_ref().expect("gemma has pre_ff_norm")
-    } else {
-        &l.post_attn_norm
-    };
-    let h2 = norm_fwd(n2, &x1, hidden)?;
-    let lg = Lin::new(&l.gate, &h2, ctx, &mut vars)?;
-    let g = lg.forward(&h2)?;
-    let lu = Lin::new(&l.up, &h2, ctx, &mut vars)?;
-    let u = lu.forward(&h2)?;
-    let m = match kernels::glu(kind, &g, &u)? {
-        Some(m) => m,
-        None => {
-            return Err(crate::error::Error::Internal(
-                "the fused layer needs f32 tensors on the CPU".into(),
-            ))
-        }
-    };
-    let ld = Lin::new(&l.down, &m, ctx, &mut vars)?;
-    let d0 = ld.forward(&m)?;
-    let d = if gemma {
-        let n = l.post_ff_norm.as_ref().expect("gemma has post_ff_norm");
-        norm_fwd(n, &d0, hidden)?
-    } else {
-        d0.clone()
-    };
-    let y = (&x1 + d)?;
-
-    let saved = Saved {
-        x: xd,
-        h1,
-        q0,
-        k0,
-        qr,
-        kr,
-        v,
-        a,
-        o0,
-        x1,
-        h2,
-        g,
-        u,
-        m,
-        d0,
-    };
-    let lins = [lq, lk, lv, lo, lg, lu, ld];
-    let layer = l.clone();
-    let (cos, neg_sin) = (batch.cos.clone(), batch.sin.neg()?);
-    let attend = batch.attend.clone();
-    let x_tracked = x.track_op();
-    let backward = move |dy: &Tensor| -> Result<LayerGrads> {
-        let s = &saved;
-        let l = &layer;
-        let [lq, lk, lv, lo, lg, lu, ld] = &lins;
-        let asked = |r: LinGrads| -> (Tensor, Option<(Tensor, Tensor)>) {
-            (r.0.expect("input gradient asked for"), r.1)
-        };
-        // MLP
-        let dd0 = if gemma {
-            let n = l.post_ff_norm.as_ref().expect("gemma has post_ff_norm");
-            norm_bwd(n, &s.d0, dy, hidden)?
-        } else {
-            dy.clone()
-        };
-        let (dm, gr_d) = asked(ld.backward(&s.m, &dd0, true)?);
-        let (dg, du) = kernels::glu_backward(kind, &s.g, &s.u, &dm)?;
-        let (dh2g, gr_g) = asked(lg.backward(&s.h2, &dg, true)?);
-        let (dh2u, gr_u) = asked(lu.backward(&s.h2, &du, true)?);
-        let n2 = if gemma {
-            l.pre_ff_norm.as_ref().expect("gemma has pre_ff_norm")
-        } else {
-            &l.post_attn_norm
-        };
-        let dx1 = (dy + norm_bwd(n2, &s.x1, &(dh2g + dh2u)?, hidden)?)?;
-        // Attention
-        let do0 = if gemma {
-            norm_bwd(&l.post_attn_norm, &s.o0, &dx1, hidden)?
-        } else {
-            dx1.clone()
-        };
-        let (da, gr_o) = asked(lo.backward(&s.a, &do0, true)?);
-        let (dqr, dkr, dv) = attend.backward(&s.qr, &s.kr, &s.v, &da, scale, (nh, nkv))?;
-        let dqn = rope(&dqr, &cos, &neg_sin, (b, t, nh, hd))?;
-        let dkn = rope(&dkr, &cos, &neg_sin, (b, t, nkv, hd))?;
-        let dq0 = match &l.q_norm {
-            Some(n) => norm_bwd(n, &s.q0, &dqn, hd)?,
-            None => dqn,
-        };
-        let dk0 = match &l.k_norm {
-            Some(n) => norm_bwd(n, &s.k0, &dkn, hd)?,
-            None => dkn,
-        };
-        // The input: q, k, v and the residual. The first layer's input (the embeddings) needs
-        // no gradient, so its frozen products' input gradients are skipped there.
-        let (dq, gr_q) = lq.backward(&s.h1, &dq0, x_tracked)?;
-        let (dk, gr_k) = lk.backward(&s.h1, &dk0, x_tracked)?;
-        let (dvv, gr_v) = lv.backward(&s.h1, &dv, x_tracked)?;
-        let dx = match (dq, dk, dvv) {
-            (Some(a), Some(b), Some(c)) => {
-                let dh1 = ((a + b)? + c)?;
-                Some((dx1 + norm_bwd(&l.input_norm, &s.x, &dh1, hidden)?)?)
-            }
-            _ => None,
-        };
-        // In op-input order: q, k, v, o, gate, up, down (the order `Lin::new` ran in).
-        let grads = [gr_q, gr_k, gr_v, gr_o, gr_g, gr_u, gr_d]
-            .into_iter()
-            .flatten()
-            .collect();
-        Ok((dx, grads))
-    };
-
+/// `y` attached to the graph as one op whose inputs are `x` and the layer's LoRA weights
+/// (`vars`, each side concatenated into one flat tensor; `x` alone without an adapter), with
+/// `node`'s backward pass.
+fn attach(x: &Tensor, y: Tensor, node: Node, vars: Vars) -> Result<Tensor> {
     if vars.a.is_empty() {
         return with_grad(
             x,
             y,
             Box::new(move |_x, _y, dy| {
-                let (dx, _) = backward(dy).map_err(candle_core::Error::wrap)?;
+                let (dx, _) = node.backward(dy).map_err(candle_core::Error::wrap)?;
                 match dx {
                     Some(dx) => Ok(dx),
                     None => dy.zeros_like(),
@@ -511,7 +617,7 @@ pub(crate) fn layer(
         &pb,
         y,
         Box::new(move |_x, _pa, _pb, dy| {
-            let (dx, grads) = backward(dy).map_err(candle_core::Error::wrap)?;
+            let (dx, grads) = node.backward(dy).map_err(candle_core::Error::wrap)?;
             let mut ga = Vec::with_capacity(grads.len());
             let mut gb = Vec::with_capacity(grads.len());
             for (da, db) in grads {

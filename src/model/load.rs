@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use super::blocks::{Layer, Linear, RmsNorm};
 use super::config::{Arch, ModelConfig};
-use super::transformer::{Layer, Linear, Model, RmsNorm};
+use super::transformer::Model;
 use crate::error::{Error, Result};
 use crate::util::write_bytes_atomic;
 
@@ -103,6 +104,8 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
     build(config, &mut tensors, dir, dtype, device)
 }
 
+/// A model from the tensors of its folder: every tensor `config` implies is checked, then
+/// taken out of `tensors`; what is left is warned about as unused.
 fn build(
     config: ModelConfig,
     tensors: &mut BTreeMap<String, (Tensor, PathBuf)>,
@@ -110,8 +113,45 @@ fn build(
     dtype: DType,
     device: &Device,
 ) -> Result<Model> {
-    let c = &config;
-    // Every tensor the config implies must be present with exactly that shape.
+    check_shapes(&config, tensors, dir)?;
+    let mut parts = Parts {
+        tensors,
+        gemma: config.arch == Arch::Gemma3,
+        eps: config.rms_norm_eps,
+        dtype,
+    };
+    let embed = parts.take("model.embed_tokens.weight");
+    let layers = (0..config.num_hidden_layers)
+        .map(|i| parts.layer(&config, i))
+        .collect::<Result<Vec<_>>>()?;
+    let final_norm = parts.norm("model.norm.weight")?;
+    let lm_head = if config.tie_word_embeddings {
+        parts.tensors.remove("lm_head.weight");
+        None
+    } else {
+        Some(parts.take("lm_head.weight"))
+    };
+    for name in parts.tensors.keys() {
+        tracing::warn!(tensor = %name, "unused tensor in the model folder");
+    }
+    Ok(Model {
+        config,
+        embed,
+        layers,
+        final_norm,
+        lm_head,
+        head_packs: Default::default(),
+        dtype,
+        device: device.clone(),
+    })
+}
+
+/// Every tensor the config implies must be present with exactly that shape.
+fn check_shapes(
+    c: &ModelConfig,
+    tensors: &BTreeMap<String, (Tensor, PathBuf)>,
+    dir: &Path,
+) -> Result<()> {
     for (name, shape) in expected_shapes(c) {
         match tensors.get(&name) {
             None => {
@@ -132,65 +172,78 @@ fn build(
             Some(_) => {}
         }
     }
-    let mut take = |name: &str| -> Tensor { tensors.remove(name).expect("checked above").0 };
-    let gemma = c.arch == Arch::Gemma3;
-    let norm = |t: Tensor| -> Result<RmsNorm> {
-        let work = if dtype == DType::F64 {
+    Ok(())
+}
+
+/// The checked tensors of a folder, taken out one by one into the model's parts.
+struct Parts<'a> {
+    tensors: &'a mut BTreeMap<String, (Tensor, PathBuf)>,
+    gemma: bool,
+    eps: f64,
+    dtype: DType,
+}
+
+impl Parts<'_> {
+    /// The tensor `name` (present: [`check_shapes`] ran first).
+    fn take(&mut self, name: &str) -> Tensor {
+        self.tensors.remove(name).expect("checked above").0
+    }
+
+    /// The norm with weight `name`; Gemma's `1 + w` is folded in here (computed in f32, or f64).
+    fn norm(&mut self, name: &str) -> Result<RmsNorm> {
+        let t = self.take(name);
+        let work = if self.dtype == DType::F64 {
             DType::F64
         } else {
             DType::F32
         };
-        let scale = if gemma {
-            (t.to_dtype(work)? + 1.0)?.to_dtype(dtype)?
+        let scale = if self.gemma {
+            (t.to_dtype(work)? + 1.0)?.to_dtype(self.dtype)?
         } else {
             t
         };
         Ok(RmsNorm {
             scale,
-            eps: c.rms_norm_eps,
+            eps: self.eps,
         })
-    };
-    let embed = take("model.embed_tokens.weight");
-    let mut layers = Vec::with_capacity(c.num_hidden_layers);
-    for i in 0..c.num_hidden_layers {
+    }
+
+    /// The linear module `name` (`.weight`, and `.bias` when `bias`).
+    fn linear(&mut self, name: String, bias: bool) -> Linear {
+        let weight = self.take(&format!("{name}.weight"));
+        let bias = bias.then(|| self.take(&format!("{name}.bias")));
+        Linear {
+            name,
+            weight,
+            bias,
+            packs: Default::default(),
+        }
+    }
+
+    /// Decoder layer `i`.
+    fn layer(&mut self, c: &ModelConfig, i: usize) -> Result<Layer> {
         let p = format!("model.layers.{i}");
-        let mut lin = |sub: &str, bias: bool| -> Linear {
-            let name = format!("{p}.{sub}");
-            let weight = take(&format!("{name}.weight"));
-            let bias = bias.then(|| take(&format!("{name}.bias")));
-            Linear {
-                name,
-                weight,
-                bias,
-                packs: Default::default(),
-            }
-        };
         let ab = c.attention_bias;
-        let (q, k, vv) = (
-            lin("self_attn.q_proj", ab),
-            lin("self_attn.k_proj", ab),
-            lin("self_attn.v_proj", ab),
-        );
-        let o = lin("self_attn.o_proj", false);
-        let (gate, up, down) = (
-            lin("mlp.gate_proj", false),
-            lin("mlp.up_proj", false),
-            lin("mlp.down_proj", false),
-        );
-        let mut norm_of = |sub: &str| norm(take(&format!("{p}.{sub}.weight")));
-        let input_norm = norm_of("input_layernorm")?;
-        let post_attn_norm = norm_of("post_attention_layernorm")?;
-        let (pre_ff_norm, post_ff_norm, q_norm, k_norm) = if gemma {
+        let q = self.linear(format!("{p}.self_attn.q_proj"), ab);
+        let k = self.linear(format!("{p}.self_attn.k_proj"), ab);
+        let v = self.linear(format!("{p}.self_attn.v_proj"), ab);
+        let o = self.linear(format!("{p}.self_attn.o_proj"), false);
+        let gate = self.linear(format!("{p}.mlp.gate_proj"), false);
+        let up = self.linear(format!("{p}.mlp.up_proj"), false);
+        let down = self.linear(format!("{p}.mlp.down_proj"), false);
+        let input_norm = self.norm(&format!("{p}.input_layernorm.weight"))?;
+        let post_attn_norm = self.norm(&format!("{p}.post_attention_layernorm.weight"))?;
+        let (pre_ff_norm, post_ff_norm, q_norm, k_norm) = if self.gemma {
             (
-                Some(norm_of("pre_feedforward_layernorm")?),
-                Some(norm_of("post_feedforward_layernorm")?),
-                Some(norm_of("self_attn.q_norm")?),
-                Some(norm_of("self_attn.k_norm")?),
+                Some(self.norm(&format!("{p}.pre_feedforward_layernorm.weight"))?),
+                Some(self.norm(&format!("{p}.post_feedforward_layernorm.weight"))?),
+                Some(self.norm(&format!("{p}.self_attn.q_norm.weight"))?),
+                Some(self.norm(&format!("{p}.self_attn.k_norm.weight"))?),
             )
         } else {
             (None, None, None, None)
         };
-        layers.push(Layer {
+        Ok(Layer {
             kind: c.layer_kinds[i],
             input_norm,
             post_attn_norm,
@@ -200,33 +253,13 @@ fn build(
             k_norm,
             q,
             k,
-            v: vv,
+            v,
             o,
             gate,
             up,
             down,
-        });
+        })
     }
-    let final_norm = norm(take("model.norm.weight"))?;
-    let lm_head = if c.tie_word_embeddings {
-        tensors.remove("lm_head.weight");
-        None
-    } else {
-        Some(take("lm_head.weight"))
-    };
-    for name in tensors.keys() {
-        tracing::warn!(tensor = %name, "unused tensor in the model folder");
-    }
-    Ok(Model {
-        config,
-        embed,
-        layers,
-        final_norm,
-        lm_head,
-        head_packs: Default::default(),
-        dtype,
-        device: device.clone(),
-    })
 }
 
 /// Every tensor a model of `c` needs, with its shape (HF names).

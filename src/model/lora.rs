@@ -275,72 +275,7 @@ impl Adapter {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| Error::missing_or_io("adapter_config.json", "read", &cfg_path, e))?;
-        let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
-            path: cfg_path.clone(),
-            message: format!("not JSON: {e}"),
-        })?;
-        let bad = |m: String| Error::Config {
-            path: cfg_path.clone(),
-            message: m,
-        };
-        let get = |k: &str| raw.get(k).filter(|v| !v.is_null());
-        if let Some(t) = get("peft_type").and_then(|v| v.as_str()) {
-            if t != "LORA" {
-                return Err(bad(format!("peft_type `{t}` is not supported (only LORA)")));
-            }
-        }
-        if get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
-            return Err(bad("use_dora = true (DoRA) is not supported".into()));
-        }
-        if let Some(b) = get("bias").and_then(|v| v.as_str()) {
-            if b != "none" {
-                return Err(bad(format!(
-                    "bias = \"{b}\" is not supported (only \"none\")"
-                )));
-            }
-        }
-        if get("fan_in_fan_out").and_then(|v| v.as_bool()) == Some(true) {
-            return Err(bad("fan_in_fan_out = true is not supported".into()));
-        }
-        for k in [
-            "modules_to_save",
-            "layers_to_transform",
-            "layer_replication",
-            "megatron_config",
-        ] {
-            if get(k).is_some_and(|v| !(v.is_array() && v.as_array().is_some_and(|a| a.is_empty())))
-            {
-                return Err(bad(format!("`{k}` is not supported")));
-            }
-        }
-        for k in ["rank_pattern", "alpha_pattern"] {
-            if get(k).is_some_and(|v| v.as_object().is_some_and(|o| !o.is_empty())) {
-                return Err(bad(format!("`{k}` is not supported")));
-            }
-        }
-        let config = LoraConfig {
-            r: get("r")
-                .and_then(|v| v.as_u64())
-                .ok_or_else(|| bad("missing integer `r`".into()))? as usize,
-            lora_alpha: get("lora_alpha")
-                .and_then(|v| v.as_f64())
-                .ok_or_else(|| bad("missing `lora_alpha`".into()))?,
-            lora_dropout: get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0),
-            target_modules: match get("target_modules") {
-                Some(v) => serde_json::from_value(v.clone())
-                    .map_err(|e| bad(format!("target_modules: {e}")))?,
-                None => return Err(bad("missing `target_modules`".into())),
-            },
-            use_rslora: get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false),
-            base_model_name_or_path: get("base_model_name_or_path")
-                .and_then(|v| v.as_str())
-                .map(str::to_string),
-        };
-        config.validate().map_err(|e| bad(e.to_string()))?;
-
+        let config = read_peft_config(&dir.join("adapter_config.json"))?;
         let st_path = dir.join("adapter_model.safetensors");
         if !st_path.exists() && dir.join("adapter_model.bin").exists() {
             return Err(Error::Config {
@@ -349,77 +284,8 @@ impl Adapter {
                     .into(),
             });
         }
-        let tensors = read_safetensors(&st_path, device)?;
-        let by_name: BTreeMap<&str, &ModuleInfo> =
-            modules.iter().map(|m| (m.name.as_str(), m)).collect();
-        let mut halves: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
-        let key_err = |key: &str, message: String| Error::Config {
-            path: st_path.clone(),
-            message: format!("key `{key}`: {message}"),
-        };
-        for (key, t) in tensors {
-            let rest = key
-                .strip_prefix(PREFIX)
-                .ok_or_else(|| key_err(&key, format!("does not start with `{PREFIX}`")))?;
-            let (module, which) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
-                (m, 'A')
-            } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
-                (m, 'B')
-            } else {
-                return Err(key_err(&key, "is not a lora_A/lora_B weight".into()));
-            };
-            let info = by_name.get(module).ok_or_else(|| {
-                key_err(
-                    &key,
-                    format!("module `{module}` is not a linear module of the model"),
-                )
-            })?;
-            let dims = t.dims().to_vec();
-            let (want, shown) = if which == 'A' {
-                (vec![config.r, info.in_features], "[r, in]")
-            } else {
-                (vec![info.out_features, config.r], "[out, r]")
-            };
-            if dims != want {
-                return Err(key_err(
-                    &key,
-                    format!("shape {dims:?} does not fit the module: expected {want:?} {shown} (transposed or wrong rank?)"),
-                ));
-            }
-            check_finite(&t, &st_path, &key)?;
-            let e = halves.entry(module.to_string()).or_default();
-            if which == 'A' {
-                e.0 = Some(t.to_dtype(dtype)?);
-            } else {
-                e.1 = Some(t.to_dtype(dtype)?);
-            }
-        }
-        let mut pairs = BTreeMap::new();
-        for (module, (a, b)) in halves {
-            match (a, b) {
-                (Some(a), Some(b)) => {
-                    pairs.insert(
-                        module,
-                        LoraPair {
-                            a: Var::from_tensor(&a)?,
-                            b: Var::from_tensor(&b)?,
-                        },
-                    );
-                }
-                (Some(_), None) => {
-                    return Err(key_err(
-                        &format!("{PREFIX}{module}.lora_B.weight"),
-                        "missing (lora_A is present)".into(),
-                    ))
-                }
-                (None, _) => {
-                    return Err(key_err(
-                        &format!("{PREFIX}{module}.lora_A.weight"),
-                        "missing (lora_B is present)".into(),
-                    ))
-                }
-            }
-        }
+        let halves = read_halves(&st_path, &config, modules, dtype, device)?;
+        let pairs = pair_halves(halves, &st_path)?;
         if pairs.is_empty() {
             return Err(Error::Config {
                 path: st_path,
@@ -432,6 +298,187 @@ impl Adapter {
             pairs,
         })
     }
+}
+
+/// A PEFT `adapter_config.json` read into a checked [`LoraConfig`]; options mlbench does not
+/// implement are refused by name.
+fn read_peft_config(cfg_path: &Path) -> Result<LoraConfig> {
+    let text = std::fs::read_to_string(cfg_path)
+        .map_err(|e| Error::missing_or_io("adapter_config.json", "read", cfg_path, e))?;
+    let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: cfg_path.to_path_buf(),
+        message: format!("not JSON: {e}"),
+    })?;
+    let bad = |m: String| Error::Config {
+        path: cfg_path.to_path_buf(),
+        message: m,
+    };
+    refuse_peft_options(&raw).map_err(bad)?;
+    let get = |k: &str| raw.get(k).filter(|v| !v.is_null());
+    let config = LoraConfig {
+        r: get("r")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| bad("missing integer `r`".into()))? as usize,
+        lora_alpha: get("lora_alpha")
+            .and_then(|v| v.as_f64())
+            .ok_or_else(|| bad("missing `lora_alpha`".into()))?,
+        lora_dropout: get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0),
+        target_modules: match get("target_modules") {
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|e| bad(format!("target_modules: {e}")))?,
+            None => return Err(bad("missing `target_modules`".into())),
+        },
+        use_rslora: get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false),
+        base_model_name_or_path: get("base_model_name_or_path")
+            .and_then(|v| v.as_str())
+            .map(str::to_string),
+    };
+    config.validate().map_err(|e| bad(e.to_string()))?;
+    Ok(config)
+}
+
+/// Refuses the PEFT options that change what an adapter computes and that mlbench does not
+/// implement (another PEFT type, DoRA, trained biases, transposed weights, per-layer or
+/// per-module settings); the message names the option.
+fn refuse_peft_options(raw: &serde_json::Value) -> std::result::Result<(), String> {
+    let get = |k: &str| raw.get(k).filter(|v| !v.is_null());
+    if let Some(t) = get("peft_type").and_then(|v| v.as_str()) {
+        if t != "LORA" {
+            return Err(format!("peft_type `{t}` is not supported (only LORA)"));
+        }
+    }
+    if get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
+        return Err("use_dora = true (DoRA) is not supported".into());
+    }
+    if let Some(b) = get("bias").and_then(|v| v.as_str()) {
+        if b != "none" {
+            return Err(format!("bias = \"{b}\" is not supported (only \"none\")"));
+        }
+    }
+    if get("fan_in_fan_out").and_then(|v| v.as_bool()) == Some(true) {
+        return Err("fan_in_fan_out = true is not supported".into());
+    }
+    for k in [
+        "modules_to_save",
+        "layers_to_transform",
+        "layer_replication",
+        "megatron_config",
+    ] {
+        if get(k).is_some_and(|v| !(v.is_array() && v.as_array().is_some_and(|a| a.is_empty()))) {
+            return Err(format!("`{k}` is not supported"));
+        }
+    }
+    for k in ["rank_pattern", "alpha_pattern"] {
+        if get(k).is_some_and(|v| v.as_object().is_some_and(|o| !o.is_empty())) {
+            return Err(format!("`{k}` is not supported"));
+        }
+    }
+    Ok(())
+}
+
+/// The `A` and `B` halves found for each module.
+type Halves = BTreeMap<String, (Option<Tensor>, Option<Tensor>)>;
+
+/// An error about the tensor `key` of the adapter weights file `st_path`.
+fn key_error(st_path: &Path, key: &str, message: String) -> Error {
+    Error::Config {
+        path: st_path.to_path_buf(),
+        message: format!("key `{key}`: {message}"),
+    }
+}
+
+/// The adapter's tensors by module, each key checked to name a LoRA half of one of the model's
+/// linear `modules`, with the shape rank `r` implies and finite values; converted to `dtype`.
+fn read_halves(
+    st_path: &Path,
+    config: &LoraConfig,
+    modules: &[ModuleInfo],
+    dtype: DType,
+    device: &Device,
+) -> Result<Halves> {
+    let tensors = read_safetensors(st_path, device)?;
+    let by_name: BTreeMap<&str, &ModuleInfo> =
+        modules.iter().map(|m| (m.name.as_str(), m)).collect();
+    let mut halves = Halves::new();
+    for (key, t) in tensors {
+        let (module, which) = split_key(&key).map_err(|m| key_error(st_path, &key, m))?;
+        let info = by_name.get(module).ok_or_else(|| {
+            key_error(
+                st_path,
+                &key,
+                format!("module `{module}` is not a linear module of the model"),
+            )
+        })?;
+        let dims = t.dims().to_vec();
+        let (want, shown) = if which == 'A' {
+            (vec![config.r, info.in_features], "[r, in]")
+        } else {
+            (vec![info.out_features, config.r], "[out, r]")
+        };
+        if dims != want {
+            return Err(key_error(
+                st_path,
+                &key,
+                format!("shape {dims:?} does not fit the module: expected {want:?} {shown} (transposed or wrong rank?)"),
+            ));
+        }
+        check_finite(&t, st_path, &key)?;
+        let e = halves.entry(module.to_string()).or_default();
+        if which == 'A' {
+            e.0 = Some(t.to_dtype(dtype)?);
+        } else {
+            e.1 = Some(t.to_dtype(dtype)?);
+        }
+    }
+    Ok(halves)
+}
+
+/// `(module, 'A' or 'B')` of a key `base_model.model.<module>.lora_{A,B}.weight`.
+fn split_key(key: &str) -> std::result::Result<(&str, char), String> {
+    let rest = key
+        .strip_prefix(PREFIX)
+        .ok_or_else(|| format!("does not start with `{PREFIX}`"))?;
+    if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+        Ok((m, 'A'))
+    } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
+        Ok((m, 'B'))
+    } else {
+        Err("is not a lora_A/lora_B weight".into())
+    }
+}
+
+/// One trainable pair per module; a half without its partner is an error naming the missing
+/// key.
+fn pair_halves(halves: Halves, st_path: &Path) -> Result<BTreeMap<String, LoraPair>> {
+    let mut pairs = BTreeMap::new();
+    for (module, (a, b)) in halves {
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                pairs.insert(
+                    module,
+                    LoraPair {
+                        a: Var::from_tensor(&a)?,
+                        b: Var::from_tensor(&b)?,
+                    },
+                );
+            }
+            (Some(_), None) => {
+                return Err(key_error(
+                    st_path,
+                    &format!("{PREFIX}{module}.lora_B.weight"),
+                    "missing (lora_A is present)".into(),
+                ))
+            }
+            (None, _) => {
+                return Err(key_error(
+                    st_path,
+                    &format!("{PREFIX}{module}.lora_A.weight"),
+                    "missing (lora_B is present)".into(),
+                ))
+            }
+        }
+    }
+    Ok(pairs)
 }
 
 /// Refuses a tensor holding a NaN or an infinity, naming `file`, the tensor `name` and the first

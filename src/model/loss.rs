@@ -121,7 +121,7 @@ fn chunks(
 
 /// Mean cross-entropy of the logits `h W^T` (`h: [N, H]` hidden rows, `w: [V, H]` a frozen
 /// output matrix) against `targets: [N]`, without ever holding all `N x V` logits: the rows
-/// go in chunks ([`chunks`]), and `dh = (softmax(h W^T) - onehot(y)) W / N` is computed
+/// go in chunks (`chunks`), and `dh = (softmax(h W^T) - onehot(y)) W / N` is computed
 /// alongside the loss on the CPU in f32 (the same pass gives both, so the backward only scales
 /// it: a third less output-layer work) or, elsewhere, in the backward, recomputing each chunk's
 /// logits. The value equals `cross_entropy(h.matmul(w.t()), targets)`.

@@ -1,23 +1,38 @@
-//! Stage 3 of the data's journey: the language model.
+//! The language model that training (stage 3, [`crate::train`]) and evaluation (stage 4,
+//! [`crate::eval`]) run; it is not a stage of the data's journey itself. A model folder (or a
+//! Hub id) in; a [`LoadedModel`] out, whose decoder gives hidden states, logits, losses and
+//! scores, with or without a LoRA adapter.
 //!
 //! - [`autograd`]: hand-written backward passes re-attached to fused or graph-free values;
 //! - [`config`]: `config.json` -> validated [`config::ModelConfig`] (gemma3, llama, qwen2);
-//! - [`load`]: HF folder (safetensors, sharded or not) -> [`transformer::Model`];
+//! - [`load`](mod@load): HF folder (safetensors, sharded or not) -> [`transformer::Model`];
+//! - `blocks`: the decoder's building blocks (linear layers with their LoRA hook, RMSNorm, a
+//!   layer's weights, the forward-pass context), re-exported by [`transformer`];
 //! - [`transformer`]: the decoder; hidden states out, logits only at requested rows;
+//! - `layer_train`: a decoder layer as one graph node for LoRA training on the CPU in f32;
 //! - [`loss`]: token cross-entropy with a fused backward pass;
 //! - [`lora`]: PEFT-compatible LoRA adapters (init, save, strict load, merge);
 //! - [`tokenizer`]: `tokenizer.json`, lm-evaluation-harness pair encoding, tokenizer builders;
 //! - [`gguf`]: GGUF (llama.cpp) -> HF folder, with a tokenizer built from its vocabulary;
 //! - [`hub`]: Hugging Face Hub ids -> local snapshot folders (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN);
-//! - [`kernels`]: fused CPU inference kernels (gated activation, vectorised exp);
+//! - [`kernels`]: fused CPU kernels, one file per concern (gated activation and `exp`, RMSNorm
+//!   backward, softmax rows and cross-entropy, frozen-weight products and the precision
+//!   switch, attention for inference and training);
 //! - [`amx`]: opt-in bf16 products of frozen weights on Intel AMX tiles;
-//! - `layer_train`: a decoder layer as one graph node for LoRA training on the CPU in f32;
+//! - `cpu`: what the kernels and `amx` share (f32 slices of tensors, a shared output pointer,
+//!   CPU feature checks);
 //! - [`tiny`]: tiny random models of each architecture for tests;
 //! - [`score`]: log-likelihood requests and greedy generation.
+//!
+//! Imports run one way: `transformer` -> `layer_train` -> `blocks`, `transformer` -> `blocks`,
+//! and `kernels` -> `amx` -> `cpu` (the kernels also use `cpu` directly). The precision of
+//! frozen products is stored in [`crate::precision`], below the whole model.
 
 pub mod amx;
 pub mod autograd;
+mod blocks;
 pub mod config;
+mod cpu;
 pub mod gguf;
 pub mod hub;
 pub mod kernels;
