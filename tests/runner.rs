@@ -346,6 +346,22 @@ fn the_regression_gate_fires_on_a_planted_drop_and_stays_quiet_on_noise() {
     assert!(regressions(&m, &s, "b", "a", "acc", 1.0)
         .unwrap()
         .is_empty());
+    // Every compared cell with its verdict, for the JSON and Bencher outputs of the gate.
+    use mlbench::runner::compare::{gate_bmf, gate_checks, gate_json};
+    let checks = gate_checks(&m, &s, "a", "b", "acc", 1.0).unwrap();
+    assert_eq!(checks.len(), 2, "{checks:?}");
+    let noise = checks.iter().find(|c| c.method != "drop").unwrap();
+    assert!(!noise.regressed && noise.p.unwrap() > 0.05, "{noise:?}");
+    let drop = checks.iter().find(|c| c.method == "drop").unwrap();
+    assert!(drop.regressed && (drop.drop_points - 15.0).abs() < 1e-9);
+    let doc = gate_json(&checks, ("a", "b"), "acc", 1.0);
+    assert_eq!(doc["passed"], false);
+    assert_eq!(doc["checks"].as_array().unwrap().len(), 2);
+    let bmf = gate_bmf(&checks, Some("nightly"), "acc");
+    let entry = &bmf["nightly/gate/drop/K16/toy/eng_Latn"];
+    assert_eq!(entry["gate_regressed"]["value"], 1.0);
+    assert_eq!(entry["gate_p_value"]["value"].as_f64(), drop.p);
+    assert!((entry["acc_drop_points"]["value"].as_f64().unwrap() - 15.0).abs() < 1e-9);
 }
 
 #[test]

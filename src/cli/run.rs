@@ -87,11 +87,13 @@ pub struct CompareArgs {
     /// Write a report folder here (index.html, tables, plots).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Write the table (and the verdicts) as JSON here, for dashboards and scripts.
+    /// Write the table (and the verdicts) as JSON here, for dashboards and scripts; with
+    /// `--against`, the gate's verdicts (every compared cell, its drop and p-value).
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// Write the table in Bencher Metric Format here: one benchmark per method x K x column,
-    /// the metric (x 100) as the measure with its interval as lower and upper values.
+    /// the metric (x 100) as the measure with its interval as lower and upper values; with
+    /// `--against`, one benchmark per compared cell with its drop, p-value and verdict.
     #[arg(long)]
     pub bmf: Option<PathBuf>,
     /// Regression gate: compare the run `--run` against this one (a code version as stored, or
@@ -719,7 +721,7 @@ fn gate(
     against: &str,
     a: &CompareArgs,
 ) -> anyhow::Result<()> {
-    use mlbench::runner::compare::{regressions, runs};
+    use mlbench::runner::compare::{gate_bmf, gate_checks, gate_json, runs};
     let all = runs(metrics)?;
     let names: Vec<&str> = all.iter().map(|(v, _)| v.as_str()).collect();
     let current = match &a.run {
@@ -754,7 +756,7 @@ fn gate(
         .into());
     };
     let samples = store.read_columns("samples.parquet", Some(SAMPLE_COLUMNS))?;
-    let regs = regressions(
+    let checks = gate_checks(
         metrics,
         &samples,
         &before,
@@ -762,6 +764,15 @@ fn gate(
         &a.sel.metric,
         a.max_drop,
     )?;
+    if let Some(p) = &a.json {
+        let doc = gate_json(&checks, (&before, &current), &a.sel.metric, a.max_drop);
+        mlbench::util::write_bytes_atomic(p, &serde_json::to_vec_pretty(&doc)?)?;
+    }
+    if let Some(p) = &a.bmf {
+        let doc = gate_bmf(&checks, a.sel.experiment.as_deref(), &a.sel.metric);
+        mlbench::util::write_bytes_atomic(p, &serde_json::to_vec_pretty(&doc)?)?;
+    }
+    let regs: Vec<_> = checks.iter().filter(|c| c.regressed).collect();
     if regs.is_empty() {
         println!(
             "no {} drop above {} points from `{before}` to `{current}`",
@@ -784,7 +795,7 @@ fn gate(
             r.lang,
             100.0 * r.before,
             100.0 * r.after,
-            r.p
+            r.p.unwrap_or(1.0)
         );
     }
     std::process::exit(3);

@@ -751,18 +751,35 @@ fn which_run(version: &str, before: &str, after: &str) -> Option<bool> {
     }
 }
 
-/// Cells (method x K x task x language, per-language rows only) whose `metric` fell by more than
-/// `max_drop` points (x 100) from run `before` to run `after` (code versions) with a significant
-/// exact McNemar test (p < 0.05) on the examples both runs scored. Metrics where lower is better
-/// count a rise as a drop.
-pub fn regressions(
+/// One cell the regression gate compared: its `metric` (mean over seeds) in both runs, the
+/// exact McNemar p-value on the examples both runs scored (`None` when they share none), and
+/// whether it counts as a regression.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateCheck {
+    pub method: String,
+    pub k: Option<i64>,
+    pub task: String,
+    pub lang: String,
+    pub before: f64,
+    pub after: f64,
+    /// How far the metric moved the wrong way, in points (negative: it improved).
+    pub drop_points: f64,
+    pub p: Option<f64>,
+    pub regressed: bool,
+}
+
+/// Every cell (method x K x task x language, per-language rows only) that both runs (code
+/// versions `before` and `after`) scored, with its paired test. A cell regressed when `metric`
+/// fell by more than `max_drop` points (x 100) and the exact McNemar test gives p < 0.05;
+/// metrics where lower is better count a rise as a drop.
+pub fn gate_checks(
     metrics: &DataFrame,
     samples: &DataFrame,
     before: &str,
     after: &str,
     metric: &str,
     max_drop: f64,
-) -> Result<Vec<Regression>> {
+) -> Result<Vec<GateCheck>> {
     let means = run_values(metrics, (before, after), metric)?;
     let outcomes = run_outcomes(samples, (before, after))?;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
@@ -775,30 +792,107 @@ pub fn regressions(
             continue;
         };
         let (b, a) = (mean(vals), mean(after_vals));
-        let drop = if *higher { b - a } else { a - b };
-        if 100.0 * drop <= max_drop {
-            continue;
-        }
-        let (Some(ob), Some(oa)) = (
+        let drop_points = 100.0 * if *higher { b - a } else { a - b };
+        let p = match (
             outcomes.get(&(key.clone(), false)),
             outcomes.get(&(key.clone(), true)),
-        ) else {
-            continue;
+        ) {
+            (Some(ob), Some(oa)) => Some(mcnemar_paired(ob, oa)),
+            _ => None,
         };
-        let p = mcnemar_paired(ob, oa);
-        if p < 0.05 {
-            out.push(Regression {
-                method: key.0.clone(),
-                k: key.1,
-                task: key.2.clone(),
-                lang: key.3.clone(),
-                before: b,
-                after: a,
-                p,
-            });
-        }
+        out.push(GateCheck {
+            method: key.0.clone(),
+            k: key.1,
+            task: key.2.clone(),
+            lang: key.3.clone(),
+            before: b,
+            after: a,
+            drop_points,
+            p,
+            regressed: drop_points > max_drop && p.is_some_and(|p| p < 0.05),
+        });
     }
     Ok(out)
+}
+
+/// The cells of [`gate_checks`] that regressed.
+pub fn regressions(
+    metrics: &DataFrame,
+    samples: &DataFrame,
+    before: &str,
+    after: &str,
+    metric: &str,
+    max_drop: f64,
+) -> Result<Vec<Regression>> {
+    Ok(
+        gate_checks(metrics, samples, before, after, metric, max_drop)?
+            .into_iter()
+            .filter(|c| c.regressed)
+            .map(|c| Regression {
+                method: c.method,
+                k: c.k,
+                task: c.task,
+                lang: c.lang,
+                before: c.before,
+                after: c.after,
+                p: c.p.unwrap_or(1.0),
+            })
+            .collect(),
+    )
+}
+
+/// The gate's verdicts as JSON: the two runs, the rule, whether it passed, and every check.
+pub fn gate_json(
+    checks: &[GateCheck],
+    (before, after): (&str, &str),
+    metric: &str,
+    max_drop: f64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "metric": metric,
+        "before": before,
+        "after": after,
+        "max_drop_points": max_drop,
+        "alpha": 0.05,
+        "test": "exact McNemar on paired examples (same id and seed)",
+        "passed": !checks.iter().any(|c| c.regressed),
+        "checks": checks.iter().map(|c| serde_json::json!({
+            "method": c.method, "k": c.k, "task": c.task, "lang": c.lang,
+            "before": c.before, "after": c.after, "drop_points": c.drop_points,
+            "p_value": c.p, "regressed": c.regressed,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The gate's verdicts in Bencher Metric Format: per cell `<experiment>/gate/<method>/K<k>/
+/// <task>/<lang>`, the metric's drop in points, the p-value (when the runs share examples) and
+/// `regressed` as 0 or 1.
+pub fn gate_bmf(checks: &[GateCheck], experiment: Option<&str>, metric: &str) -> serde_json::Value {
+    let mut doc = serde_json::Map::new();
+    for c in checks {
+        let name = format!(
+            "{}/gate/{}/K{}/{}/{}",
+            experiment.unwrap_or("mlbench"),
+            c.method,
+            k_label(&c.method, c.k),
+            c.task,
+            c.lang
+        );
+        let mut m = serde_json::Map::new();
+        m.insert(
+            format!("{metric}_drop_points"),
+            serde_json::json!({"value": c.drop_points}),
+        );
+        if let Some(p) = c.p {
+            m.insert("gate_p_value".into(), serde_json::json!({"value": p}));
+        }
+        m.insert(
+            "gate_regressed".into(),
+            serde_json::json!({"value": f64::from(u8::from(c.regressed))}),
+        );
+        doc.insert(name, serde_json::Value::Object(m));
+    }
+    serde_json::Value::Object(doc)
 }
 
 /// The values of `metric` per cell and run (of `(before, after)`), per seed, with whether
