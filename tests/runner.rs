@@ -349,14 +349,17 @@ fn the_regression_gate_fires_on_a_planted_drop_and_stays_quiet_on_noise() {
     // Every compared cell with its verdict, for the JSON and Bencher outputs of the gate.
     use mlbench::runner::compare::{gate_bmf, gate_checks, gate_json};
     let checks = gate_checks(&m, &s, "a", "b", "acc", 1.0).unwrap();
-    assert_eq!(checks.len(), 2, "{checks:?}");
-    let noise = checks.iter().find(|c| c.method != "drop").unwrap();
+    assert_eq!(checks.len(), 3, "{checks:?}");
+    // `small` fell by 2 points (over the 1-point threshold) but not significantly.
+    let small = checks.iter().find(|c| c.method == "small").unwrap();
+    assert!(small.drop_points > 1.0 && small.p.unwrap() > 0.05 && !small.regressed);
+    let noise = checks.iter().find(|c| c.method == "noise").unwrap();
     assert!(!noise.regressed && noise.p.unwrap() > 0.05, "{noise:?}");
     let drop = checks.iter().find(|c| c.method == "drop").unwrap();
     assert!(drop.regressed && (drop.drop_points - 15.0).abs() < 1e-9);
     let doc = gate_json(&checks, ("a", "b"), "acc", 1.0);
     assert_eq!(doc["passed"], false);
-    assert_eq!(doc["checks"].as_array().unwrap().len(), 2);
+    assert_eq!(doc["checks"].as_array().unwrap().len(), 3);
     let bmf = gate_bmf(&checks, Some("nightly"), "acc");
     let entry = &bmf["nightly/gate/drop/K16/toy/eng_Latn"];
     assert_eq!(entry["gate_regressed"]["value"], 1.0);
