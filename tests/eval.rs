@@ -517,6 +517,27 @@ fn a_limit_takes_a_label_stratified_subset_in_file_order() {
         items.iter().map(|i| &i.id).collect::<Vec<_>>(),
         again.iter().map(|i| &i.id).collect::<Vec<_>>()
     );
+    // A fraction (lm-evaluation-harness's `--limit 0.3`) keeps ceil(0.3 x 12) = 4 per language:
+    // the same subset as a count of 4.
+    let ids = |c: &EvalConfig| -> Vec<String> {
+        prepare_items(&d.dir, c)
+            .unwrap()
+            .0
+            .into_iter()
+            .map(|i| format!("{}/{}", i.lang_code, i.id))
+            .collect()
+    };
+    c.limit = Some(4);
+    let by_count = ids(&c);
+    c.limit = None;
+    c.limit_fraction = Some(0.3);
+    assert_eq!(ids(&c), by_count);
+    assert_eq!(by_count.len(), 8);
+    c.limit = Some(4);
+    assert!(c.problems().iter().any(|p| p.contains("not both")));
+    c.limit = None;
+    c.limit_fraction = Some(1.5);
+    assert!(c.problems().iter().any(|p| p.contains("(0, 1)")));
 }
 
 /// A reader of lm-evaluation-harness outputs written against the harness's documented fields

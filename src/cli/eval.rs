@@ -40,9 +40,10 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 2048)]
     pub max_len: usize,
     /// At most N examples of each task x language: a label-stratified subset, the same for
-    /// every run (kept in file order).
-    #[arg(long)]
-    pub limit: Option<usize>,
+    /// every run (kept in file order). A value below 1 is a fraction of each, rounded up, as
+    /// lm-evaluation-harness reads `--limit 0.1`.
+    #[arg(long, value_parser = parse_limit)]
+    pub limit: Option<Limit>,
     #[arg(long, default_value = "cpu")]
     pub device: String,
     #[arg(long, default_value = "f32")]
@@ -59,6 +60,26 @@ pub struct EvalArgs {
     /// Replace the results of an earlier evaluation in `--out` (refused otherwise).
     #[arg(long)]
     pub overwrite: bool,
+}
+
+/// `--limit`: a count of examples, or a fraction of them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Limit {
+    Count(usize),
+    Fraction(f64),
+}
+
+/// A count (a whole number, at least 1) or a fraction (a number in (0, 1)).
+fn parse_limit(s: &str) -> Result<Limit, String> {
+    if let Ok(n) = s.parse::<usize>() {
+        return Ok(Limit::Count(n));
+    }
+    match s.parse::<f64>() {
+        Ok(f) if f > 0.0 && f < 1.0 => Ok(Limit::Fraction(f)),
+        _ => Err(format!(
+            "`{s}` is neither a count of examples nor a fraction in (0, 1)"
+        )),
+    }
 }
 
 pub fn run(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
@@ -85,7 +106,14 @@ pub fn run(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
         seed: a.seed,
         batch_size: a.batch_size,
         max_len: a.max_len,
-        limit: a.limit,
+        limit: match a.limit {
+            Some(Limit::Count(n)) => Some(n),
+            _ => None,
+        },
+        limit_fraction: match a.limit {
+            Some(Limit::Fraction(f)) => Some(f),
+            _ => None,
+        },
         device: a.device,
         dtype: a.dtype,
     };

@@ -43,6 +43,11 @@ pub struct EvalConfig {
     pub max_len: usize,
     /// At most N examples per task x language (a label-stratified subset, the same for every run).
     pub limit: Option<usize>,
+    /// At most this fraction of each task x language's examples, rounded up (the same subset
+    /// as `limit` with that count; lm-evaluation-harness's fractional `--limit`). Not with
+    /// `limit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_fraction: Option<f64>,
     pub device: String,
     pub dtype: String,
 }
@@ -61,6 +66,7 @@ impl Default for EvalConfig {
             batch_size: 16,
             max_len: 2048,
             limit: None,
+            limit_fraction: None,
             device: "cpu".into(),
             dtype: "f32".into(),
         }
@@ -86,10 +92,28 @@ impl EvalConfig {
                 });
             }
         }
+        if let Some(f) = self.limit_fraction {
+            if !(f > 0.0 && f < 1.0) {
+                p.push(format!("a fractional limit must be in (0, 1), got {f}"));
+            }
+            if self.limit.is_some() {
+                p.push("give a limit as a count or as a fraction, not both".into());
+            }
+        }
         if self.model.trim().is_empty() {
             p.push("no model: give --model (an HF folder or a Hub id)".into());
         }
         p
+    }
+
+    /// How many of `n` examples of one task x language the limit keeps (`None`: all).
+    pub fn cap(&self, n: usize) -> Option<usize> {
+        let cap = match (self.limit, self.limit_fraction) {
+            (Some(c), _) => c,
+            (None, Some(f)) => ((f * n as f64).ceil() as usize).max(1),
+            (None, None) => return None,
+        };
+        (cap < n).then_some(cap)
     }
 
     /// The model is a folder here or an `owner/name` Hub id (what can be known without
@@ -257,7 +281,7 @@ impl TaskRows<'_> {
             );
             return;
         }
-        if let Some(n) = cfg.limit.filter(|&n| n < eval.len()) {
+        if let Some(n) = cfg.cap(eval.len()) {
             eval = self.limited(eval, n, lang_code);
         }
         problems.extend(self.missing_field(&eval, lang_code));

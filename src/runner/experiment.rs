@@ -254,6 +254,7 @@ impl Experiment {
             batch_size: self.eval.batch_size,
             max_len: self.eval.max_len,
             limit: self.eval.limit,
+            limit_fraction: None,
             device: self.device.clone(),
             dtype: self.dtype.clone(),
         }
