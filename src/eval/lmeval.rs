@@ -71,13 +71,10 @@ pub fn write(
 
 /// Variant names in the order the records list them.
 fn variants(records: &[Record]) -> Vec<String> {
-    let mut seen: Vec<String> = Vec::new();
-    for r in records {
-        if !seen.contains(&r.variant) {
-            seen.push(r.variant.clone());
-        }
-    }
-    seen
+    unique(records.iter().map(|r| r.variant.as_str()))
+        .into_iter()
+        .map(str::to_string)
+        .collect()
 }
 
 /// Items keyed by (task, language, id), numbered within their task-language.
