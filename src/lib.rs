@@ -9,6 +9,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod model;
+pub mod plan;
 pub mod precision;
 pub mod report;
 pub mod runner;

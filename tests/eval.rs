@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 use candle_core::DType;
 use common::*;
 use mlbench::eval::choices::{score_choices, ChoiceRequest};
-use mlbench::eval::run::{prepare_items, EvalConfig};
+use mlbench::eval::run::prepare_items;
 use mlbench::model::config::Arch;
 use mlbench::model::score::{score_ids, Pad};
 use mlbench::model::{tiny, LoadedModel};
+use mlbench::plan::EvalConfig;
 
 fn tiny_model(arch: Arch) -> (tempfile::TempDir, LoadedModel) {
     let dir = tempfile::tempdir().unwrap();

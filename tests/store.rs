@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use common::*;
-use mlbench::eval::run::{metrics_frame, samples_frame, summarize, EvalConfig, Record};
+use mlbench::eval::run::{metrics_frame, samples_frame, summarize, Record};
+use mlbench::plan::EvalConfig;
 use mlbench::runner::experiment::Cell;
 use mlbench::runner::store::Store;
 use mlbench::tasks::TaskSpec;
@@ -89,7 +90,7 @@ fn commit(
     );
     let cell = Cell {
         experiment: "syn".into(),
-        method: method.into(),
+        method: mlbench::plan::Method::parse(method).unwrap(),
         k,
         seed,
         train: None,

@@ -14,6 +14,7 @@ use mlbench::model::config::Arch;
 use mlbench::model::lora::Adapter;
 use mlbench::model::transformer::{Ctx, Model};
 use mlbench::model::{tiny, LoadedModel};
+use mlbench::plan::TrainConfig;
 use mlbench::train::checkpoint::LogRow;
 use mlbench::train::data::TaskUnit;
 use mlbench::train::loops::{
@@ -21,7 +22,6 @@ use mlbench::train::loops::{
 };
 use mlbench::train::optim::{clip, lr_at, AdamParams, AdamW};
 use mlbench::train::step::{grads, Seq};
-use mlbench::train::TrainConfig;
 use mlbench::Error;
 
 fn tiny_model(arch: Arch) -> (tempfile::TempDir, LoadedModel) {
@@ -59,7 +59,7 @@ fn synth_unit(name: &str, n: usize, seed: u64, classes: u32) -> TaskUnit {
 
 fn base_cfg(method: &str) -> TrainConfig {
     TrainConfig {
-        method: method.into(),
+        method: mlbench::plan::Method::parse(method).unwrap(),
         model: "tiny".into(),
         tasks: vec!["synth".into()],
         langs: vec!["all".into()],
@@ -142,7 +142,7 @@ fn early_stopping_keeps_the_best_dev_checkpoint_of_a_planted_dev_curve() {
     let m = &lm.model;
     let units = vec![synth_unit("t/a", 16, 1, 3)];
     let cfg = TrainConfig {
-        method: "lora-full".into(),
+        method: mlbench::plan::Method::LoraFull,
         model: "tiny".into(),
         tasks: vec!["t".into()],
         langs: vec!["a".into()],

@@ -62,8 +62,8 @@ fn main() -> anyhow::Result<()> {
     let steps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
     let dev_name = std::env::var("MLBENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
     let dtype_name = std::env::var("MLBENCH_DTYPE").unwrap_or_else(|_| "f32".into());
-    let device: Device = mlbench::model::parse_device(&dev_name)?;
-    let dtype: DType = mlbench::model::parse_dtype(&dtype_name)?;
+    let device: Device = mlbench::plan::DeviceSpec::parse(&dev_name)?.open()?;
+    let dtype: DType = mlbench::plan::Precision::parse(&dtype_name)?.dtype();
     // MLBENCH_MATMUL=bf16: frozen-weight products on AMX tiles (as `mlbench --matmul bf16`).
     let matmul = std::env::var("MLBENCH_MATMUL").unwrap_or_else(|_| "f32".into());
     mlbench::model::kernels::set_matmul_precision(match matmul.as_str() {

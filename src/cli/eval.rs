@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{split_list, table, Global};
-use mlbench::eval::run::{evaluate, EvalConfig};
+use mlbench::eval::run::evaluate;
+use mlbench::plan::{EvalConfig, Layers};
 use mlbench::Error;
 
 #[derive(Debug, Args)]
@@ -29,25 +30,28 @@ pub struct EvalArgs {
     #[arg(long)]
     pub split: Option<String>,
     /// In-context examples per prompt, drawn (seeded) from the task's few-shot split.
-    #[arg(long, alias = "num-fewshot", default_value_t = 0)]
-    pub shots: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Examples per forward pass (generation tasks: prompts decoded together).
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    /// Longest input in tokens.
-    #[arg(long, default_value_t = 2048)]
-    pub max_len: usize,
+    #[arg(long, alias = "num-fewshot")]
+    pub shots: Option<usize>,
+    /// Seed of the in-context example draws and the bootstrap (default 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Examples per forward pass (generation tasks: prompts decoded together; default 16).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Longest input in tokens (default 2048).
+    #[arg(long)]
+    pub max_len: Option<usize>,
     /// At most N examples of each task x language: a label-stratified subset, the same for
     /// every run (kept in file order). A value below 1 is a fraction of each, rounded up, as
     /// lm-evaluation-harness reads `--limit 0.1`.
     #[arg(long, value_parser = parse_limit)]
     pub limit: Option<Limit>,
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    /// cpu (default), cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// f32 (default), bf16, f16 or f64.
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Output folder (samples.parquet, metrics.parquet, metrics.md, results.json, and
     /// lm-eval/<variant>/results.json in lm-evaluation-harness's shape).
     #[arg(long, alias = "output-path")]
@@ -82,6 +86,43 @@ fn parse_limit(s: &str) -> Result<Limit, String> {
     }
 }
 
+/// The evaluation configuration from the flags over [`EvalConfig`]'s defaults; every wrong
+/// value and configuration problem is reported at once.
+fn resolve(a: &EvalArgs) -> anyhow::Result<EvalConfig> {
+    use serde_json::Value;
+    let mut l = Layers::new();
+    let (limit, fraction) = match a.limit {
+        Some(Limit::Count(n)) => (Some(Value::from(n)), None),
+        Some(Limit::Fraction(f)) => (None, Some(Value::from(f))),
+        None => (None, None),
+    };
+    for (flag, key, v) in [
+        ("--model", "model", Some(a.model.clone().into())),
+        (
+            "--adapters",
+            "adapters",
+            Some(split_list(&a.adapters).into()),
+        ),
+        ("--no-base", "base", Some((!a.no_base).into())),
+        ("--task", "tasks", Some(split_list(&a.tasks).into())),
+        ("--langs", "langs", Some(split_list(&a.langs).into())),
+        ("--split", "split", a.split.clone().map(Value::from)),
+        ("--shots", "shots", a.shots.map(Value::from)),
+        ("--seed", "seed", a.seed.map(Value::from)),
+        ("--batch-size", "batch_size", a.batch_size.map(Value::from)),
+        ("--max-len", "max_len", a.max_len.map(Value::from)),
+        ("--limit", "limit", limit),
+        ("--limit", "limit_fraction", fraction),
+        ("--device", "device", a.device.clone().map(Value::from)),
+        ("--dtype", "dtype", a.dtype.clone().map(Value::from)),
+    ] {
+        if let Some(v) = v {
+            l.value(flag, key, v);
+        }
+    }
+    Ok(l.resolve("the evaluation", &["limit_fraction"])?)
+}
+
 pub fn run(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
     let earlier = ["results.json", "metrics.parquet", "samples.parquet"]
         .iter()
@@ -95,28 +136,7 @@ pub fn run(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
-    let cfg = EvalConfig {
-        model: a.model,
-        adapters: split_list(&a.adapters),
-        base: !a.no_base,
-        tasks: split_list(&a.tasks),
-        langs: split_list(&a.langs),
-        split: a.split,
-        shots: a.shots,
-        seed: a.seed,
-        batch_size: a.batch_size,
-        max_len: a.max_len,
-        limit: match a.limit {
-            Some(Limit::Count(n)) => Some(n),
-            _ => None,
-        },
-        limit_fraction: match a.limit {
-            Some(Limit::Fraction(f)) => Some(f),
-            _ => None,
-        },
-        device: a.device,
-        dtype: a.dtype,
-    };
+    let cfg = resolve(&a)?;
     let pb = g.bar("eval");
     let mut beat = super::Beat::new(g, "eval");
     let mut progress = |variant: &str, task: &str, lang: &str, done: usize, total: usize| {

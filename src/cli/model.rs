@@ -10,6 +10,7 @@ use mlbench::model::config::Arch;
 use mlbench::model::lora::{Adapter, LoraConfig, Targets};
 use mlbench::model::score::{self, Request};
 use mlbench::model::{self, tiny};
+use mlbench::plan::{DeviceSpec, Precision};
 use mlbench::util::write_bytes_atomic;
 use mlbench::Error;
 
@@ -51,7 +52,7 @@ pub struct ImportArgs {
     pub out: PathBuf,
     /// Weight type of the written folder: f32 or bf16.
     #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    pub dtype: Precision,
 }
 
 #[derive(Debug, Args)]
@@ -76,18 +77,17 @@ pub struct ModelArgs {
     pub model: String,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: DeviceSpec,
     /// f32 (CPU default), bf16 (CUDA), f16 or f64.
     #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    pub dtype: Precision,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<model::LoadedModel> {
-        let device = model::parse_device(&self.device)?;
-        let dtype = model::parse_dtype(&self.dtype)?;
+        let device = self.device.open()?;
         let t0 = std::time::Instant::now();
-        let m = model::load(&self.model, dtype, &device)?;
+        let m = model::load(&self.model, self.dtype.dtype(), &device)?;
         tracing::info!(model = %self.model, secs = t0.elapsed().as_secs_f64(), "model loaded");
         Ok(m)
     }
@@ -114,18 +114,18 @@ pub struct InitArgs {
     pub model: ModelArgs,
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 8)]
-    pub r: usize,
-    #[arg(long, default_value_t = 16.0)]
-    pub alpha: f64,
-    #[arg(long, default_value_t = 0.05)]
-    pub dropout: f64,
-    /// Target modules (names or suffixes), comma-separated.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "q_proj,k_proj,v_proj,o_proj"
-    )]
+    /// Rank (default: the training default, 8).
+    #[arg(long)]
+    pub r: Option<usize>,
+    /// Scaling numerator (default 16).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Dropout (default 0.05).
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Target modules (names or suffixes), comma-separated (default: q, k, v and o
+    /// projections).
+    #[arg(long, value_delimiter = ',')]
     pub targets: Vec<String>,
     /// Use rsLoRA scaling (alpha / sqrt(r)).
     #[arg(long)]
@@ -208,7 +208,7 @@ pub fn run_model(g: &Global, cmd: ModelCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ModelCommand::Import(a) => {
-            let dtype = model::parse_dtype(&a.dtype)?;
+            let dtype = a.dtype.dtype();
             let t0 = std::time::Instant::now();
             let c = model::gguf::import(&a.gguf, &a.out, dtype, &g.bar("import"))?;
             tracing::info!(secs = t0.elapsed().as_secs_f64(), "imported");
@@ -269,11 +269,16 @@ pub fn run_adapter(g: &Global, cmd: AdapterCommand) -> anyhow::Result<()> {
     match cmd {
         AdapterCommand::Init(a) => {
             let m = a.model.load()?;
+            let d = LoraConfig::default();
             let cfg = LoraConfig {
-                r: a.r,
-                lora_alpha: a.alpha,
-                lora_dropout: a.dropout,
-                target_modules: Targets::List(split_list(&a.targets)),
+                r: a.r.unwrap_or(d.r),
+                lora_alpha: a.alpha.unwrap_or(d.lora_alpha),
+                lora_dropout: a.dropout.unwrap_or(d.lora_dropout),
+                target_modules: if a.targets.is_empty() {
+                    d.target_modules
+                } else {
+                    Targets::List(split_list(&a.targets))
+                },
                 use_rslora: a.rslora,
                 base_model_name_or_path: Some(a.model.model.clone()),
             };

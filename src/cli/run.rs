@@ -8,6 +8,7 @@ use clap::Args;
 
 use super::{split_list, Global};
 use mlbench::data::lang::{self, LangEntry};
+use mlbench::plan::Method;
 use mlbench::runner::compare::{history, newest_keys, of_run, runs, table, with_keys, Query};
 use mlbench::runner::experiment::{parse_shard, shard, show, Cell, Experiment};
 use mlbench::runner::grid::{run_cell, training_sibling, Outcome, WhenBusy};
@@ -183,7 +184,7 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
             };
             println!("{}  {:<28} {}", c.key, what, cell_state(&store, &c.key)?);
         }
-        for m in exp.methods.iter().filter(|m| exp.pending(m)) {
+        for m in exp.methods.iter().filter(|m| exp.pending(**m)) {
             println!("(the grid cells of {m} are built once its selection is complete)");
         }
         return Ok(());
@@ -204,7 +205,7 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
         mlbench::runner::grid::check_data(&g.data_dir, &cells, &context)?;
     }
     run_cells(g, &a, &store, &cells, &all_candidates, &mut tally)?;
-    let pending: Vec<&String> = exp.methods.iter().filter(|m| exp.pending(m)).collect();
+    let pending: Vec<&Method> = exp.methods.iter().filter(|m| exp.pending(**m)).collect();
     if !g.quiet {
         println!(
             "{}: {} cells run, {} already in {}{} ({:.1} s)",

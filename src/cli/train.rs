@@ -6,7 +6,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{split_list, Global};
-use mlbench::train::TrainConfig;
+use mlbench::plan::{Layers, Source, TrainConfig};
 use mlbench::Error;
 
 #[derive(Debug, Args)]
@@ -54,10 +54,10 @@ pub struct TrainArgs {
     pub print_config: bool,
 }
 
-/// Builds the configuration: defaults, then the file, then flags, then `--set` pairs.
+/// Builds the configuration: defaults, then the file, then flags, then `--set` pairs; every
+/// unknown key, wrong type and configuration problem is reported at once.
 fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
-    let mut v = serde_json::to_value(TrainConfig::default())?;
-    let obj = v.as_object_mut().expect("a struct serialises to an object");
+    let mut l = Layers::new();
     if let Some(p) = &a.config {
         let text = std::fs::read_to_string(p)
             .map_err(|e| Error::missing_or_io("training config", "read", p, e))?;
@@ -65,66 +65,34 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
             path: p.clone(),
             message: e.to_string(),
         })?;
-        for (k, val) in t {
-            let j = mlbench::train::config::toml_to_json(&k, &val).map_err(|m| Error::Config {
-                path: p.clone(),
-                message: m,
-            })?;
-            obj.insert(k, j);
-        }
+        l.table(&Source::file(p, None), &t);
     }
-    let mut put = |k: &str, val: serde_json::Value| {
-        obj.insert(k.to_string(), val);
-    };
-    if let Some(m) = &a.method {
-        put("method", m.clone().into());
-    }
-    if let Some(m) = &a.model {
-        put("model", m.clone().into());
-    }
-    if !a.tasks.is_empty() {
-        put("tasks", split_list(&a.tasks).into());
-    }
-    if !a.langs.is_empty() {
-        put("langs", split_list(&a.langs).into());
-    }
-    if let Some(k) = a.k {
-        put("k", k.into());
-    }
-    if let Some(s) = a.seed {
-        put("seed", s.into());
-    }
-    for (key, val) in [
-        ("unit", &a.unit),
-        ("device", &a.device),
-        ("dtype", &a.dtype),
+    let opt = |v: &Option<String>| v.clone().map(serde_json::Value::from);
+    for (flag, key, v) in [
+        ("--method", "method", opt(&a.method)),
+        ("--model", "model", opt(&a.model)),
+        ("--unit", "unit", opt(&a.unit)),
+        ("--device", "device", opt(&a.device)),
+        ("--dtype", "dtype", opt(&a.dtype)),
+        ("--k", "k", a.k.map(Into::into)),
+        ("--seed", "seed", a.seed.map(Into::into)),
+        (
+            "--task",
+            "tasks",
+            (!a.tasks.is_empty()).then(|| split_list(&a.tasks).into()),
+        ),
+        (
+            "--langs",
+            "langs",
+            (!a.langs.is_empty()).then(|| split_list(&a.langs).into()),
+        ),
     ] {
-        if let Some(x) = val {
-            put(key, x.clone().into());
+        if let Some(v) = v {
+            l.value(flag, key, v);
         }
     }
-    for kv in &a.set {
-        let (k, raw) = kv
-            .split_once('=')
-            .ok_or_else(|| Error::Invalid(format!("--set `{kv}`: expected KEY=VALUE")))?;
-        let k = k.trim().replace('-', "_");
-        let parsed: serde_json::Value = match toml::from_str::<toml::Table>(&format!("x = {raw}")) {
-            Ok(t) => mlbench::train::config::toml_to_json(&k, &t["x"])
-                .map_err(|m| Error::Invalid(format!("--set {m}")))?,
-            Err(_) => raw.trim().into(),
-        };
-        put(&k, parsed);
-    }
-    let cfg: TrainConfig = serde_json::from_value(v).map_err(|e| {
-        Error::Invalid(format!(
-            "training configuration{}: {e}",
-            a.config
-                .as_ref()
-                .map(|p| format!(" ({})", p.display()))
-                .unwrap_or_default()
-        ))
-    })?;
-    Ok(cfg)
+    l.set_pairs(&a.set);
+    Ok(l.resolve("the training configuration", &[])?)
 }
 
 pub fn run(g: &Global, a: TrainArgs) -> anyhow::Result<()> {

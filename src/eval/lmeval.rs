@@ -25,8 +25,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use super::run::{prepare_items, EvalConfig, EvalReport, Item, MetricRow, Record};
+use super::run::{prepare_items, EvalReport, Item, MetricRow, Record};
 use crate::error::Result;
+use crate::plan::EvalConfig;
 use crate::tasks::{Scoring, TaskSpec};
 use crate::util::{sha256_hex, write_bytes_atomic};
 

@@ -61,43 +61,6 @@ pub struct LoadedModel {
     pub dir: PathBuf,
 }
 
-/// Parses `cpu`, `cuda` or `cuda:N`.
-pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            let n: usize = d
-                .strip_prefix("cuda:")
-                .map(|x| x.parse())
-                .transpose()
-                .map_err(|_| Error::Invalid(format!("bad device `{d}`")))?
-                .unwrap_or(0);
-            if !candle_core::utils::cuda_is_available() {
-                return Err(Error::Invalid(format!(
-                    "device `{d}`: this mlbench was built without CUDA; rebuild with `cargo build --release --features cuda`"
-                )));
-            }
-            Ok(Device::new_cuda(n)?)
-        }
-        other => Err(Error::Invalid(format!(
-            "unknown device `{other}` (use cpu, cuda or cuda:N)"
-        ))),
-    }
-}
-
-/// Parses `f32`, `bf16`, `f16` or `f64`.
-pub fn parse_dtype(s: &str) -> Result<DType> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        "f64" => Ok(DType::F64),
-        other => Err(Error::Invalid(format!(
-            "unknown dtype `{other}` (use f32, bf16, f16 or f64)"
-        ))),
-    }
-}
-
 /// Loads a model from a local HF folder (or a Hub id, see [`resolve`]).
 pub fn load(source: &str, dtype: DType, device: &Device) -> Result<LoadedModel> {
     let dir = resolve(source)?;

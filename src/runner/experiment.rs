@@ -24,9 +24,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::eval::run::EvalConfig;
-use crate::train::config::Method;
-use crate::train::TrainConfig;
+use crate::plan::EvalConfig;
+use crate::plan::{DeviceSpec, Layers, Method, Precision, Source, TrainConfig};
 
 /// Evaluation settings of an experiment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,7 +57,7 @@ impl Default for EvalSection {
 #[serde(default, deny_unknown_fields)]
 pub struct StudySection {
     /// The method every other is compared with (default `lora-full` when the grid runs it).
-    pub reference: Option<String>,
+    pub reference: Option<Method>,
     /// Non-inferiority margin in accuracy points.
     pub margin: f64,
     /// The seed the `[search.METHOD]` candidates train at (default: the first seed).
@@ -96,22 +95,22 @@ pub struct Experiment {
     pub tasks: Vec<String>,
     pub langs: Vec<String>,
     /// Training methods, plus `base` (the untrained model, evaluated once per seed set).
-    pub methods: Vec<String>,
+    pub methods: Vec<Method>,
     /// Budgets for the methods that take one.
     #[serde(default)]
     pub ks: Vec<usize>,
     #[serde(default = "default_seeds")]
     pub seeds: Vec<u64>,
-    #[serde(default = "default_device")]
-    pub device: String,
-    #[serde(default = "default_dtype")]
-    pub dtype: String,
+    #[serde(default)]
+    pub device: DeviceSpec,
+    #[serde(default)]
+    pub dtype: Precision,
     /// Training keys for every method.
     #[serde(default)]
     pub train: toml::Table,
     /// Training keys per method.
     #[serde(default)]
-    pub method: BTreeMap<String, toml::Table>,
+    pub method: BTreeMap<Method, toml::Table>,
     #[serde(default)]
     pub eval: EvalSection,
     #[serde(default)]
@@ -120,28 +119,70 @@ pub struct Experiment {
     /// `lr = [1e-4, 3e-4]`); every combination is trained at the selection seed and budget,
     /// scored on the selection split, and the best one runs the grid.
     #[serde(default)]
-    pub search: BTreeMap<String, toml::Table>,
+    pub search: BTreeMap<Method, toml::Table>,
     /// The settings selection chose per searched method (set by the runner from the store's
     /// selection record; a searched method without a choice has no grid cells yet).
     #[serde(skip)]
-    pub chosen: BTreeMap<String, Overrides>,
+    pub chosen: BTreeMap<Method, Overrides>,
+    /// The file it was read from (messages name it).
+    #[serde(skip)]
+    pub path: Option<std::path::PathBuf>,
+    /// Problems found while reading the file (unknown method names), reported with the
+    /// grid's other problems.
+    #[serde(skip)]
+    pub problems: Vec<String>,
+}
+
+/// Resolves the method names of an experiment table in place (`methods`, the `[method.M]` and
+/// `[search.M]` section names, `[study] reference`) to their canonical names, dropping each
+/// unknown one with a problem that names where it is, so every other problem of the file is
+/// still found and all are reported together.
+fn method_names(t: &mut toml::Table) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut canon = |name: &str, place: &str| match Method::parse(name) {
+        Ok(m) => Some(m.name().to_string()),
+        Err(e) => {
+            problems.push(format!("{place}: {e}"));
+            None
+        }
+    };
+    if let Some(toml::Value::Array(a)) = t.get_mut("methods") {
+        *a = std::mem::take(a)
+            .into_iter()
+            .filter_map(|v| match v.as_str() {
+                Some(n) => canon(n, "methods").map(toml::Value::String),
+                None => Some(v),
+            })
+            .collect();
+    }
+    for section in ["method", "search"] {
+        if let Some(toml::Value::Table(sub)) = t.get_mut(section) {
+            *sub = std::mem::take(sub)
+                .into_iter()
+                .filter_map(|(k, v)| canon(&k, &format!("[{section}.{k}]")).map(|k| (k, v)))
+                .collect();
+        }
+    }
+    if let Some(toml::Value::Table(study)) = t.get_mut("study") {
+        if let Some(toml::Value::String(r)) = study.get("reference").cloned() {
+            match canon(&r, "[study] reference") {
+                Some(n) => study.insert("reference".into(), toml::Value::String(n)),
+                None => study.remove("reference"),
+            };
+        }
+    }
+    problems
 }
 
 fn default_seeds() -> Vec<u64> {
     vec![0]
-}
-fn default_device() -> String {
-    "cpu".into()
-}
-fn default_dtype() -> String {
-    "f32".into()
 }
 
 /// One cell of the grid.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cell {
     pub experiment: String,
-    pub method: String,
+    pub method: Method,
     /// `None` for `base` and `lora-full`.
     pub k: Option<usize>,
     pub seed: u64,
@@ -175,10 +216,28 @@ impl Experiment {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::missing_or_io("experiment file", "read", path, e))?;
-        toml::from_str(&text).map_err(|e| Error::Config {
+        let config = |message: String| Error::Config {
             path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+            message,
+        };
+        let mut t: toml::Table = toml::from_str(&text).map_err(|e| config(e.to_string()))?;
+        let problems = method_names(&mut t);
+        let mut e: Experiment = t.try_into().map_err(|e| config(e.to_string()))?;
+        e.path = Some(path.to_path_buf());
+        e.problems = problems
+            .into_iter()
+            .map(|p| format!("{}: {p}", path.display()))
+            .collect();
+        Ok(e)
+    }
+
+    /// Where a section of the file is, for messages: `path [section]`, or the experiment's
+    /// name when it was not read from a file.
+    fn source(&self, section: &str) -> Source {
+        match &self.path {
+            Some(p) => Source::file(p, Some(section)),
+            None => Source(format!("experiment `{}` [{section}]", self.name)),
+        }
     }
 
     /// Shrinks the grid to a few CPU minutes (nightly `--smoke`): the first seed, the smallest
@@ -203,42 +262,37 @@ impl Experiment {
         self.search.clear();
     }
 
-    /// The training configuration of one method at one budget and seed.
+    /// The training configuration of one method at one budget and seed: the defaults, then
+    /// `[train]`, `[method.M]`, the overrides (a candidate or the chosen settings), then what
+    /// the grid sets. Every unknown key and wrong type is reported at once, with its section.
     fn train_config(
         &self,
-        method: &str,
+        method: Method,
         k: Option<usize>,
         seed: u64,
         overrides: Option<&Overrides>,
     ) -> Result<TrainConfig> {
-        let mut v = serde_json::to_value(TrainConfig::default())?;
-        let obj = v.as_object_mut().expect("object");
-        let over: Option<toml::Table> =
-            overrides.map(|o| o.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
-        for t in [Some(&self.train), self.method.get(method), over.as_ref()]
-            .into_iter()
-            .flatten()
-        {
-            for (key, val) in t {
-                let j = crate::train::config::toml_to_json(key, val)
-                    .map_err(|m| Error::Invalid(format!("experiment `{}`: {m}", self.name)))?;
-                obj.insert(key.clone(), j);
-            }
+        let mut l = Layers::new();
+        l.table(&self.source("train"), &self.train);
+        if let Some(t) = self.method.get(&method) {
+            l.table(&self.source(&format!("method.{method}")), t);
         }
-        obj.insert("method".into(), method.into());
-        obj.insert("model".into(), self.model.clone().into());
-        obj.insert("tasks".into(), self.tasks.clone().into());
-        obj.insert("langs".into(), self.langs.clone().into());
-        obj.insert("k".into(), serde_json::to_value(k)?);
-        obj.insert("seed".into(), seed.into());
-        obj.insert("device".into(), self.device.clone().into());
-        obj.insert("dtype".into(), self.dtype.clone().into());
-        serde_json::from_value(v).map_err(|e| {
-            Error::Invalid(format!(
-                "experiment `{}`: training keys for `{method}`: {e}",
-                self.name
-            ))
-        })
+        if let Some(o) = overrides {
+            let t: toml::Table = o.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            l.table(&self.source(&format!("search.{method}")), &t);
+        }
+        l.value("the grid", "method", method.name())
+            .value("the grid", "model", self.model.clone())
+            .value("the grid", "tasks", self.tasks.clone())
+            .value("the grid", "langs", self.langs.clone())
+            .value("the grid", "k", serde_json::to_value(k)?)
+            .value("the grid", "seed", seed)
+            .value("the grid", "device", self.device.to_string())
+            .value("the grid", "dtype", self.dtype.to_string());
+        l.resolve(
+            &format!("experiment `{}`: training keys for `{method}`", self.name),
+            &[],
+        )
     }
 
     fn eval_config(&self, seed: u64) -> EvalConfig {
@@ -255,23 +309,23 @@ impl Experiment {
             max_len: self.eval.max_len,
             limit: self.eval.limit,
             limit_fraction: None,
-            device: self.device.clone(),
-            dtype: self.dtype.clone(),
+            device: self.device,
+            dtype: self.dtype,
         }
     }
 
     /// A method with a search space whose choice is not made yet.
-    pub fn pending(&self, method: &str) -> bool {
-        self.search.contains_key(method) && !self.chosen.contains_key(method)
+    pub fn pending(&self, method: Method) -> bool {
+        self.search.contains_key(&method) && !self.chosen.contains_key(&method)
     }
 
     /// The seed and budget selection candidates train at (`None` budget for `lora-full`).
-    pub fn selection_point(&self, method: &str) -> (u64, Option<usize>) {
+    pub fn selection_point(&self, method: Method) -> (u64, Option<usize>) {
         let seed = self
             .study
             .selection_seed
             .unwrap_or_else(|| self.seeds.first().copied().unwrap_or(0));
-        let uses_k = Method::parse(method).is_ok_and(|m| m.uses_pools());
+        let uses_k = method.uses_pools();
         let k = uses_k.then(|| {
             self.study.selection_k.unwrap_or_else(|| {
                 if self.ks.contains(&64) {
@@ -286,8 +340,8 @@ impl Experiment {
 
     /// Every combination of a method's search space, keys in name order, values in the order
     /// given.
-    pub fn candidates(&self, method: &str) -> Vec<Overrides> {
-        let Some(space) = self.search.get(method) else {
+    pub fn candidates(&self, method: Method) -> Vec<Overrides> {
+        let Some(space) = self.search.get(&method) else {
             return vec![];
         };
         let mut out: Vec<Overrides> = vec![Overrides::new()];
@@ -321,7 +375,7 @@ impl Experiment {
             });
         }
         let mut problems = Vec::new();
-        for m in self.search.keys() {
+        for &m in self.search.keys() {
             let (seed, k) = self.selection_point(m);
             for cand in self.candidates(m) {
                 let train = match self.train_config(m, k, seed, Some(&cand)) {
@@ -345,7 +399,7 @@ impl Experiment {
                     .to_string();
                 cells.push(Cell {
                     experiment,
-                    method: m.clone(),
+                    method: m,
                     k,
                     seed,
                     train: Some(train),
@@ -366,24 +420,32 @@ impl Experiment {
 
     /// The reference method of the verdict table: `[study] reference`, else `lora-full` when
     /// the grid runs it.
-    pub fn reference(&self) -> Option<String> {
-        self.study.reference.clone().or_else(|| {
+    pub fn reference(&self) -> Option<Method> {
+        self.study.reference.or_else(|| {
             self.methods
-                .iter()
-                .any(|m| m == "lora-full")
-                .then(|| "lora-full".to_string())
+                .contains(&Method::LoraFull)
+                .then_some(Method::LoraFull)
         })
+    }
+
+    /// The grid's method names, comma-separated.
+    fn method_list(&self) -> String {
+        self.methods
+            .iter()
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Problems of `[study]` and `[search.*]` that need no data.
     fn study_problems(&self) -> Vec<String> {
         let mut p = Vec::new();
         let st = &self.study;
-        if let Some(r) = &st.reference {
-            if !self.methods.contains(r) {
+        if let Some(r) = st.reference {
+            if !self.methods.contains(&r) {
                 p.push(format!(
                     "[study] reference = \"{r}\" is not among the grid's methods ({})",
-                    self.methods.join(", ")
+                    self.method_list()
                 ));
             }
         }
@@ -413,7 +475,7 @@ impl Experiment {
             .and_then(|v| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()))
             .unwrap_or_default();
         for (m, space) in &self.search {
-            if !self.methods.contains(m) || m == "base" {
+            if !self.methods.contains(m) || *m == Method::Base {
                 p.push(format!(
                     "[search.{m}] searches a method the grid does not train"
                 ));
@@ -453,18 +515,8 @@ impl Experiment {
         let mut problems = self.grid_problems();
         let mut cells = Vec::new();
         let version = crate::util::code_version();
-        for m in self.methods.iter().filter(|m| !self.pending(m)) {
-            let (is_base, uses_k) = if m == "base" {
-                (true, false)
-            } else {
-                match Method::parse(m) {
-                    Ok(p) => (false, p.uses_pools()),
-                    Err(e) => {
-                        problems.push(e.to_string());
-                        continue;
-                    }
-                }
-            };
+        for &m in self.methods.iter().filter(|m| !self.pending(**m)) {
+            let (is_base, uses_k) = (m == Method::Base, m.uses_pools());
             if uses_k && self.ks.is_empty() {
                 problems.push(format!("method `{m}` needs budgets: set `ks`"));
             }
@@ -511,7 +563,7 @@ impl Experiment {
     /// The problems of the grid's lists and sections: empty or repeated methods, budgets and
     /// seeds, the study and search sections, method sections for methods the grid does not run.
     fn grid_problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
+        let mut problems = self.problems.clone();
         if self.methods.is_empty() {
             problems.push("`methods` is empty".into());
         }
@@ -527,8 +579,10 @@ impl Experiment {
                 }
             }
         };
-        let canonical = |m: &String| Method::parse(m).map_or(m.clone(), |p| p.name().to_string());
-        dup("methods", self.methods.iter().map(canonical).collect());
+        dup(
+            "methods",
+            self.methods.iter().map(|m| m.name().to_string()).collect(),
+        );
         dup("ks", self.ks.iter().map(|k| k.to_string()).collect());
         dup("seeds", self.seeds.iter().map(|s| s.to_string()).collect());
         problems.extend(self.study_problems());
@@ -546,15 +600,15 @@ impl Experiment {
     /// `problems` (each once); `None` when its training configuration cannot be built.
     fn cell(
         &self,
-        m: &str,
+        m: Method,
         (k, seed): (Option<usize>, u64),
         version: &str,
         problems: &mut Vec<String>,
     ) -> Result<Option<Cell>> {
-        let train = if m == "base" {
+        let train = if m == Method::Base {
             None
         } else {
-            match self.train_config(m, k, seed, self.chosen.get(m)) {
+            match self.train_config(m, k, seed, self.chosen.get(&m)) {
                 Ok(c) => {
                     for p in c.problems() {
                         push_once(problems, format!("{m} k={k:?} seed {seed}: {p}"));
@@ -580,7 +634,7 @@ impl Experiment {
             .to_string();
         Ok(Some(Cell {
             experiment: self.name.clone(),
-            method: m.to_string(),
+            method: m,
             k,
             seed,
             train,

@@ -13,7 +13,7 @@ use super::experiment::Cell;
 use super::store::Store;
 use crate::error::{Error, Result};
 use crate::eval::run::{evaluate, metrics_frame, samples_frame, Record};
-use crate::train::config::Method;
+use crate::plan::Method;
 
 /// What happened to one cell.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,10 +56,10 @@ fn claim(
 /// trains it once.
 pub fn training_sibling<'a>(cell: &Cell, cells: &'a [Cell]) -> Option<&'a Cell> {
     let cfg = cell.train.as_ref()?;
-    if Method::parse(&cfg.method).ok()? != Method::MetaLora {
+    if cfg.method != Method::MetaLora {
         return None;
     }
-    let without_method = |c: &crate::train::config::TrainConfig| {
+    let without_method = |c: &crate::plan::TrainConfig| {
         let mut v = serde_json::to_value(c).ok()?;
         v.as_object_mut()?.remove("method");
         Some(v)
@@ -70,8 +70,7 @@ pub fn training_sibling<'a>(cell: &Cell, cells: &'a [Cell]) -> Option<&'a Cell> 
             && o.k == cell.k
             && o.seed == cell.seed
             && o.train.as_ref().is_some_and(|t| {
-                Method::parse(&t.method).ok() == Some(Method::MetaLoraTta)
-                    && without_method(t).as_ref() == Some(&mine)
+                t.method == Method::MetaLoraTta && without_method(t).as_ref() == Some(&mine)
             })
     })
 }
@@ -122,7 +121,7 @@ pub fn run_cell(
     let eval_s = t1.elapsed().as_secs_f64();
     let (records, metrics) = cell_results(report, trained.variant, cell)?;
     let training = match &trained.run_dir {
-        Some(run) => training_facts(run, &cell.method)?,
+        Some(run) => training_facts(run, cell.method)?,
         None => serde_json::Value::Null,
     };
     let (metrics, samples) = (metrics_frame(&metrics)?, samples_frame(&records)?);
@@ -155,7 +154,7 @@ pub fn run_cell(
 /// evaluation that is the cell's method, the training seconds and the training run folder
 /// (none for `base`).
 struct Trained {
-    eval: crate::eval::run::EvalConfig,
+    eval: crate::plan::EvalConfig,
     variant: &'static str,
     train_s: f64,
     run_dir: Option<std::path::PathBuf>,
@@ -189,10 +188,7 @@ fn train_cell(
     train_once(data_dir, cell, (&run, cfg), stop, progress)?;
     let train_s = t0.elapsed().as_secs_f64();
     // The adapter that represents the method: the shared one, or the per-task set.
-    let per_task = matches!(
-        Method::parse(&own.method)?,
-        Method::LoraPerTaskK | Method::Stage1Only | Method::MetaLoraTta
-    );
+    let per_task = own.method.per_task();
     let dir = run.join(if per_task { "adapters" } else { "adapter" });
     eval.adapters = vec![format!("cell={}", dir.display())];
     Ok(Trained {
@@ -208,7 +204,7 @@ fn train_cell(
 fn train_once(
     data_dir: &Path,
     cell: &Cell,
-    (run, cfg): (&Path, &crate::train::config::TrainConfig),
+    (run, cfg): (&Path, &crate::plan::TrainConfig),
     stop: &AtomicBool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<()> {
@@ -244,7 +240,7 @@ fn cell_results(
         .into_iter()
         .filter(|r| r.variant == variant)
         .map(|mut r| {
-            r.variant = cell.method.clone();
+            r.variant = cell.method.to_string();
             r
         })
         .collect();
@@ -253,7 +249,7 @@ fn cell_results(
         .into_iter()
         .filter(|m| m.variant == variant)
         .map(|mut m| {
-            m.variant = cell.method.clone();
+            m.variant = cell.method.to_string();
             m
         })
         .collect();
@@ -293,7 +289,7 @@ pub fn check_data(data_dir: &Path, cells: &[Cell], context: &str) -> Result<()> 
     }
     for c in cells {
         if let Some(cfg) = &c.train {
-            if seen_k.insert((cfg.method.clone(), c.k)) {
+            if seen_k.insert((cfg.method, c.k)) {
                 match crate::train::data::check_data(data_dir, cfg) {
                     Ok((_, ps)) => ps.into_iter().for_each(&mut push),
                     Err(e) => push(e.to_string()),
@@ -322,11 +318,10 @@ pub fn check_data(data_dir: &Path, cells: &[Cell], context: &str) -> Result<()> 
 /// block: optimizer steps, distinct examples per task and language, example visits, sequences
 /// and tokens forwarded (the adaptation phases counted for the methods whose result they are),
 /// the wall time, the longest example per unit, the selected length, the resolved settings.
-pub fn training_facts(run: &Path, method: &str) -> Result<serde_json::Value> {
+pub fn training_facts(run: &Path, m_kind: Method) -> Result<serde_json::Value> {
     let p = run.join("manifest.json");
     let text = std::fs::read_to_string(&p).map_err(|e| Error::io("read", &p, e))?;
     let m: serde_json::Value = serde_json::from_str(&text)?;
-    let m_kind = Method::parse(method)?;
     let adapts = m_kind.per_task() && m_kind != Method::LoraPerTaskK;
     let count = |k: &str| {
         let main = m["budget"]["main"][k].as_u64().unwrap_or(0);

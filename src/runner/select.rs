@@ -14,12 +14,13 @@ use std::path::PathBuf;
 use super::experiment::{Cell, Experiment, Overrides};
 use super::store::{Store, METRIC_COLUMNS};
 use crate::error::Result;
+use crate::plan::Method;
 use crate::util::write_bytes_atomic;
 
 /// One method's selection.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Choice {
-    pub method: String,
+    pub method: Method,
     /// Each candidate with its cell key and dev score (`None` until its cell is finished).
     pub candidates: Vec<(Overrides, String, Option<f64>)>,
     /// The winner, once every candidate has a score.
@@ -71,10 +72,10 @@ pub fn choose(store: &Store, exp: &Experiment, cells: &[Cell]) -> Result<Vec<Cho
     let keys: Vec<&str> = cells.iter().map(|c| c.key.as_str()).collect();
     let scored = scores(store, &keys, &exp.study.selection_metric)?;
     let mut out = Vec::new();
-    for m in exp.search.keys() {
+    for &m in exp.search.keys() {
         let candidates: Vec<(Overrides, String, Option<f64>)> = cells
             .iter()
-            .filter(|c| &c.method == m)
+            .filter(|c| c.method == m)
             .map(|c| {
                 (
                     c.candidate.clone().unwrap_or_default(),
@@ -98,7 +99,7 @@ pub fn choose(store: &Store, exp: &Experiment, cells: &[Cell]) -> Result<Vec<Cho
             None
         };
         out.push(Choice {
-            method: m.clone(),
+            method: m,
             candidates,
             chosen,
         });
@@ -110,9 +111,9 @@ pub fn choose(store: &Store, exp: &Experiment, cells: &[Cell]) -> Result<Vec<Cho
 pub fn write_record(store: &Store, exp: &Experiment, choices: &[Choice]) -> Result<()> {
     let mut doc = serde_json::Map::new();
     for c in choices {
-        let (seed, k) = exp.selection_point(&c.method);
+        let (seed, k) = exp.selection_point(c.method);
         doc.insert(
-            c.method.clone(),
+            c.method.to_string(),
             serde_json::json!({
                 "split": exp.study.selection_split,
                 "metric": format!("{} (micro over languages, mean over tasks)", exp.study.selection_metric),

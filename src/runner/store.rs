@@ -137,7 +137,7 @@ impl Store {
             let n = df.height();
             let add = vec![
                 Column::new("experiment".into(), vec![cell.experiment.as_str(); n]),
-                Column::new("method".into(), vec![cell.method.as_str(); n]),
+                Column::new("method".into(), vec![cell.method.name(); n]),
                 Column::new("k".into(), vec![cell.k.map(|k| k as i64); n]),
                 Column::new("seed".into(), vec![cell.seed; n]),
                 Column::new("key".into(), vec![cell.key.as_str(); n]),

@@ -11,12 +11,12 @@ use std::path::Path;
 use polars::prelude::*;
 use rayon::prelude::*;
 
-use super::config::{TrainConfig, Unit};
 use super::step::Seq;
 use crate::data::sample;
 use crate::data::schema::{self, Example};
 use crate::error::{Error, Result};
 use crate::model::tokenizer::Tok;
+use crate::plan::train::{TrainConfig, Unit};
 use crate::tasks::TaskSpec;
 
 /// One task of a run (a (dataset, language) pair, or a dataset in the multi-task scenario).
@@ -54,7 +54,7 @@ pub struct Checked {
 /// Reads the train splits `cfg` asks for and lists every problem with them (unknown tasks or
 /// languages, missing splits, K larger than a split, examples that cannot be rendered).
 pub fn check_data(data_dir: &Path, cfg: &TrainConfig) -> Result<(Checked, Vec<String>)> {
-    let method = cfg.method()?;
+    let method = cfg.method;
     let mut problems: Vec<String> = Vec::new();
     // (task, lang_code, examples of the train split)
     let mut per_lang: Vec<(String, String, Vec<Example>)> = Vec::new();
@@ -142,7 +142,7 @@ pub fn build_units(
     checked: Checked,
     tok: &Tok,
 ) -> Result<Vec<TaskUnit>> {
-    let method = cfg.method()?;
+    let method = cfg.method;
     let Checked {
         mut per_lang,
         specs,

@@ -20,14 +20,15 @@ use std::time::Instant;
 use candle_core::{Tensor, Var};
 
 use super::checkpoint::{self, LogRow, Meta, Seen};
-use super::config::{Aggregate, InnerOptimizer, Method, TrainConfig};
 use super::data::TaskUnit;
 use super::optim::{clip, lr_at, sgd_step, AdamParams, AdamW};
-use super::step::{grads, Grads, Seq};
+use super::step::{grads, Grads, Seq, StepOptions};
 use crate::data::sample::support_query;
 use crate::error::{Error, Result};
 use crate::model::lora::Adapter;
 use crate::model::transformer::Model;
+use crate::plan::train::{Aggregate, InnerOptimizer};
+use crate::plan::{Method, TrainConfig};
 use crate::util::{derive_seed, Rng};
 
 /// What the progress display gets after every step.
@@ -82,13 +83,18 @@ pub fn distance(a: &Adapter, b: &Adapter) -> Result<f64> {
 /// The dev-split score of an adapter (higher is better): what early stopping reads.
 pub type DevScorer<'a> = dyn FnMut(&Adapter) -> Result<f64> + 'a;
 
+/// The seed of the LoRA initialisation for a run seed (recorded in the run manifest).
+pub fn lora_init_seed(seed: u64) -> u64 {
+    derive_seed(seed, &["lora-init"])
+}
+
 /// The fresh adapter every method starts from (the same init for a seed).
 pub fn init_adapter(model: &Model, cfg: &TrainConfig, name: &str) -> Result<Adapter> {
     Adapter::new(
         name,
         cfg.lora(),
         &model.modules(),
-        derive_seed(cfg.seed, &["lora-init"]),
+        lora_init_seed(cfg.seed),
         model.dtype,
         &model.device,
     )
@@ -216,7 +222,7 @@ pub fn adapt(
             model,
             &a,
             seqs,
-            cfg.step_options(derive_seed(cfg.seed, &key)),
+            StepOptions::of(cfg, derive_seed(cfg.seed, &key)),
         )?;
         match adam.as_mut() {
             None => sgd_step(&vars, &g.grads, cfg.inner_lr)?,
@@ -308,7 +314,7 @@ pub fn meta_gradient(
             model,
             at,
             &q,
-            cfg.step_options(derive_seed(cfg.seed, &["meta", &st, name, "query"])),
+            StepOptions::of(cfg, derive_seed(cfg.seed, &["meta", &st, name, "query"])),
         )?;
         check_finite(&g, step, name, "query")?;
         qloss += g.loss;
@@ -444,7 +450,7 @@ struct StepGrad {
 impl Trainer<'_> {
     /// Trains; with `resume`, continues from the run folder's checkpoint.
     pub fn run(&mut self, resume: bool) -> Result<Summary> {
-        let method = self.cfg.method()?;
+        let method = self.cfg.method;
         let mut clock = Clock {
             started: Instant::now(),
             before: 0.0,
@@ -482,6 +488,7 @@ impl Trainer<'_> {
             Method::LoraFull | Method::LoraK | Method::MetaLora | Method::Stage2Only => 1,
             Method::LoraPerTaskK | Method::Stage1Only => self.units.len(),
             Method::MetaLoraTta => 1 + self.units.len(),
+            Method::Base => return Err(Error::Internal("`base` reached the trainer".into())),
         };
         let mut steps_main = 0;
         for phase in meta.phase..n_phases {
@@ -702,10 +709,10 @@ impl Trainer<'_> {
             self.model,
             &st.adapter,
             &seqs,
-            cfg.step_options(derive_seed(
-                cfg.seed,
-                &["lora", &run.name, &step.to_string()],
-            )),
+            StepOptions::of(
+                cfg,
+                derive_seed(cfg.seed, &["lora", &run.name, &step.to_string()]),
+            ),
         )?;
         check_finite(&g, step, &run.name, "train")?;
         for &(u, i) in items {

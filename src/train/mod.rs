@@ -1,7 +1,7 @@
-//! Stage 3 of the data's journey: training. Pools and task specs in, PEFT adapters, a step log
+//! Stage 3 of the data's journey: training. A [`crate::plan::TrainPlan`] (pools and task specs)
+//! in, PEFT adapters, a step log
 //! and a run manifest out.
 //!
-//! - [`config`]: the run configuration (TOML or flags) and its checks;
 //! - [`data`]: task units (pools rendered and tokenised);
 //! - [`step`]: the masked answer-token loss and its gradient, accumulated over micro-batches;
 //! - [`optim`]: AdamW, SGD, clipping and the learning-rate schedule;
@@ -10,11 +10,8 @@
 //! - [`run`]: a run end to end (outputs, log, manifest).
 
 pub mod checkpoint;
-pub mod config;
 pub mod data;
 pub mod loops;
 pub mod optim;
 pub mod run;
 pub mod step;
-
-pub use config::{Method, TrainConfig};

@@ -9,19 +9,20 @@ use std::sync::atomic::AtomicBool;
 use polars::prelude::*;
 
 use super::checkpoint::{self, LogRow};
-use super::config::{Method, TrainConfig};
 use super::data::{build_units, check_data, TaskUnit};
 use super::loops::{meta_iterations, plan_batches, tasks_per_batch, Progress, Summary, Trainer};
 use crate::error::{Error, Result};
-use crate::util::{derive_seed, sha256_hex, write_bytes_atomic};
+use crate::plan::{Method, TrainConfig};
+use crate::util::{sha256_hex, write_bytes_atomic};
 
 /// Fingerprint of the settings a checkpoint depends on (everything except `checkpoint_every`
 /// and `device`, which may change between a run and its resumption).
 pub fn config_hash(cfg: &TrainConfig) -> Result<String> {
     let mut c = cfg.clone();
     c.checkpoint_every = 0;
-    c.device = String::new();
-    Ok(sha256_hex(&serde_json::to_vec(&c)?))
+    let mut v = serde_json::to_value(&c)?;
+    v["device"] = "".into();
+    Ok(sha256_hex(&serde_json::to_vec(&v)?))
 }
 
 /// Writes the step log as Parquet, atomically.
@@ -120,16 +121,14 @@ pub fn train(
 ) -> Result<Report> {
     let mut problems = cfg.problems();
     problems.extend(folder_problems(cfg, out, resume)?);
-    let Ok(method) = cfg.method() else {
-        return Err(config_problems(problems));
-    };
+    let method = cfg.method;
     let (checked, data_problems) = check_data(data_dir, cfg)?;
     problems.extend(data_problems);
     if !problems.is_empty() {
         return Err(config_problems(problems));
     }
-    let device = crate::model::parse_device(&cfg.device)?;
-    let dtype = crate::model::parse_dtype(&cfg.dtype)?;
+    let device = cfg.device.open()?;
+    let dtype = cfg.dtype.dtype();
     let loaded = crate::model::load(&cfg.model, dtype, &device)?;
     let units = build_units(data_dir, cfg, checked, &loaded.tok)?;
     let late = unit_problems(cfg, method, &units, &loaded, (dtype, &device));
@@ -419,7 +418,7 @@ impl Run<'_> {
             "early_stopping": self.early_stopping_json(summary),
             "seeds": {
                 "seed": cfg.seed,
-                "lora_init": derive_seed(cfg.seed, &["lora-init"]),
+                "lora_init": super::loops::lora_init_seed(cfg.seed),
                 "pools": "sampler streams (seed, task, language)",
             },
             "model": {
@@ -441,7 +440,7 @@ impl Run<'_> {
 }
 
 /// The optimizer steps (or meta-iterations) the run plans, counted without planning them, when
-/// they exceed [`super::config::MAX_STEPS`]: the problem to report.
+/// they exceed [`crate::plan::train::MAX_STEPS`]: the problem to report.
 fn too_long(cfg: &TrainConfig, method: Method, units: &[TaskUnit]) -> Option<String> {
     let steps_of = |n: usize| (cfg.passes * n as f64 / cfg.batch_size as f64).ceil();
     let steps: f64 = if method.is_meta() {
@@ -453,7 +452,7 @@ fn too_long(cfg: &TrainConfig, method: Method, units: &[TaskUnit]) -> Option<Str
     } else {
         steps_of(units.iter().map(|u| u.seqs.len()).sum())
     };
-    let max = super::config::MAX_STEPS;
+    let max = crate::plan::train::MAX_STEPS;
     (steps > max as f64).then(|| {
         format!(
             "the run would take {steps:.0} optimizer steps (meta-iterations), more than mlbench supports ({max}): lower passes or meta_iterations"
@@ -464,13 +463,13 @@ fn too_long(cfg: &TrainConfig, method: Method, units: &[TaskUnit]) -> Option<Str
 type DevItems = (
     Vec<crate::eval::run::Item>,
     std::collections::BTreeMap<String, crate::tasks::TaskSpec>,
-    crate::eval::run::EvalConfig,
+    crate::plan::EvalConfig,
 );
 
 /// The dev examples early stopping scores: `dev_split` of the run's tasks and languages, at
 /// most `dev_limit` per language (the evaluator's fixed stratified subset).
 fn dev_items(data_dir: &Path, cfg: &TrainConfig) -> Result<DevItems> {
-    let ecfg = crate::eval::run::EvalConfig {
+    let ecfg = crate::plan::EvalConfig {
         model: cfg.model.clone(),
         adapters: vec![],
         base: false,
@@ -478,8 +477,8 @@ fn dev_items(data_dir: &Path, cfg: &TrainConfig) -> Result<DevItems> {
         langs: cfg.langs.clone(),
         split: Some(cfg.dev_split.clone()),
         limit: cfg.dev_limit,
-        device: cfg.device.clone(),
-        dtype: cfg.dtype.clone(),
+        device: cfg.device,
+        dtype: cfg.dtype,
         ..Default::default()
     };
     let (items, specs) = crate::eval::run::prepare_items(data_dir, &ecfg)?;
@@ -492,7 +491,7 @@ fn dev_score(
     a: &crate::model::lora::Adapter,
     items: &[crate::eval::run::Item],
     specs: &std::collections::BTreeMap<String, crate::tasks::TaskSpec>,
-    ecfg: &crate::eval::run::EvalConfig,
+    ecfg: &crate::plan::EvalConfig,
 ) -> Result<f64> {
     use crate::eval::run::{score_all, NamedVariant, Variant};
     let v = [NamedVariant {

@@ -94,6 +94,17 @@ pub struct StepOptions {
     pub share_prefix: bool,
 }
 
+impl StepOptions {
+    /// The options a configuration sets, with the dropout seed of this step.
+    pub fn of(cfg: &crate::plan::TrainConfig, dropout_seed: u64) -> StepOptions {
+        StepOptions {
+            micro: cfg.micro_batch,
+            dropout_seed,
+            share_prefix: cfg.share_prefix,
+        }
+    }
+}
+
 /// Token-mean answer loss of `seqs` and its gradient for `adapter`, in micro-batches of
 /// `opt.micro` sequences (taken in the given order).
 pub fn grads(model: &Model, adapter: &Adapter, seqs: &[&Seq], opt: StepOptions) -> Result<Grads> {

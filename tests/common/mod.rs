@@ -108,7 +108,9 @@ pub fn files_in(dir: &Path) -> Vec<String> {
 /// `cuda` or `cuda:N` with a CUDA build, as `scripts/gpu-check.sh` runs them).
 pub fn test_device() -> candle_core::Device {
     let d = std::env::var("MLBENCH_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
-    mlbench::model::parse_device(&d).unwrap_or_else(|e| panic!("MLBENCH_TEST_DEVICE={d}: {e}"))
+    mlbench::plan::DeviceSpec::parse(&d)
+        .and_then(|d| d.open())
+        .unwrap_or_else(|e| panic!("MLBENCH_TEST_DEVICE={d}: {e}"))
 }
 
 /// A comparison-table entry: `mean` ± `half`, three seeds, paired-test p-value `p`.

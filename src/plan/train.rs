@@ -6,102 +6,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::device::{DeviceSpec, Precision};
+use super::method::Method;
 use crate::error::{Error, Result};
-
-/// A training method (see `method.md`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Method {
-    /// One shared LoRA on the union of all tasks' full train splits.
-    #[serde(rename = "lora-full")]
-    LoraFull,
-    /// One shared LoRA on the union of the K-example pools.
-    #[serde(rename = "lora-k")]
-    LoraK,
-    /// One LoRA per task on its K-example pool.
-    #[serde(rename = "lora-per-task-k")]
-    LoraPerTaskK,
-    /// MeTA-LoRA (first-order, two stages): the shared adapter.
-    #[serde(rename = "meta-lora")]
-    MetaLora,
-    /// MeTA-LoRA, then every task's adapter adapted on its pool for `inner_steps` steps.
-    #[serde(rename = "meta-lora+tta")]
-    MetaLoraTta,
-    /// Ablation: per-task adapters from the LoRA init, `inner_steps` stage-1 steps on the pool.
-    #[serde(rename = "stage1-only")]
-    Stage1Only,
-    /// Ablation: MeTA-LoRA with `inner_steps = 0` (multi-task LoRA on query batches).
-    #[serde(rename = "stage2-only")]
-    Stage2Only,
-}
-
-/// Every method with its name.
-pub const METHODS: &[(&str, Method)] = &[
-    ("lora-full", Method::LoraFull),
-    ("lora-k", Method::LoraK),
-    ("lora-per-task-k", Method::LoraPerTaskK),
-    ("meta-lora", Method::MetaLora),
-    ("meta-lora+tta", Method::MetaLoraTta),
-    ("stage1-only", Method::Stage1Only),
-    ("stage2-only", Method::Stage2Only),
-];
-
-impl Method {
-    /// Parses a method name (`meta-lora-k` and `meta-lora-k+tta` are accepted as the names
-    /// the method table of `method.md` uses).
-    pub fn parse(s: &str) -> Result<Method> {
-        let s = match s {
-            "meta-lora-k" => "meta-lora",
-            "meta-lora-k+tta" => "meta-lora+tta",
-            other => other,
-        };
-        METHODS
-            .iter()
-            .find(|(n, _)| *n == s)
-            .map(|(_, m)| *m)
-            .ok_or_else(|| Error::Unknown {
-                kind: "method",
-                code: s.to_string(),
-                scope: format!(
-                    " (known: {})",
-                    METHODS
-                        .iter()
-                        .map(|(n, _)| *n)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                suggestions: crate::util::suggestions(s, METHODS.iter().map(|(n, _)| *n)),
-            })
-    }
-
-    pub fn name(self) -> &'static str {
-        METHODS
-            .iter()
-            .find(|(_, m)| *m == self)
-            .map(|(n, _)| *n)
-            .expect("every method is listed")
-    }
-
-    /// Uses K-example pools (everything except `lora-full`).
-    pub fn uses_pools(self) -> bool {
-        self != Method::LoraFull
-    }
-
-    /// Runs the meta-learning loop.
-    pub fn is_meta(self) -> bool {
-        matches!(
-            self,
-            Method::MetaLora | Method::MetaLoraTta | Method::Stage2Only
-        )
-    }
-
-    /// Writes one adapter per task.
-    pub fn per_task(self) -> bool {
-        matches!(
-            self,
-            Method::LoraPerTaskK | Method::Stage1Only | Method::MetaLoraTta
-        )
-    }
-}
 
 /// What one task of a run is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,23 +36,6 @@ pub enum Aggregate {
     Sum,
 }
 
-/// A TOML value as JSON for the configuration merge, refusing what JSON would silently turn
-/// into `null` (a NaN or infinite float, anywhere inside the value); the message names `key`.
-pub fn toml_to_json(key: &str, v: &toml::Value) -> std::result::Result<serde_json::Value, String> {
-    fn finite(v: &toml::Value) -> bool {
-        match v {
-            toml::Value::Float(f) => f.is_finite(),
-            toml::Value::Array(a) => a.iter().all(finite),
-            toml::Value::Table(t) => t.values().all(finite),
-            _ => true,
-        }
-    }
-    if !finite(v) {
-        return Err(format!("`{key}` = {v} is not a finite number"));
-    }
-    serde_json::to_value(v).map_err(|e| format!("`{key}`: {e}"))
-}
-
 /// The largest LoRA rank accepted before the model is known (it must also fit the modules).
 pub const MAX_LORA_R: usize = 4096;
 /// The most optimizer steps (or meta-iterations) a run may plan.
@@ -158,7 +48,7 @@ pub const MAX_PASSES: f64 = 10_000.0;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    pub method: String,
+    pub method: Method,
     /// Local HF folder or Hub id.
     pub model: String,
     pub tasks: Vec<String>,
@@ -168,8 +58,8 @@ pub struct TrainConfig {
     pub k: Option<usize>,
     pub seed: u64,
     pub unit: Unit,
-    pub device: String,
-    pub dtype: String,
+    pub device: DeviceSpec,
+    pub dtype: Precision,
     // LoRA
     pub lora_r: usize,
     pub lora_alpha: f64,
@@ -237,25 +127,28 @@ pub struct TrainConfig {
 }
 
 impl Default for TrainConfig {
+    /// The defaults of `method.md`; the LoRA ones are [`crate::model::lora::LoraConfig`]'s.
     fn default() -> Self {
+        let lora = crate::model::lora::LoraConfig::default();
         TrainConfig {
-            method: "meta-lora".into(),
+            method: Method::MetaLora,
             model: String::new(),
             tasks: vec![],
             langs: vec![],
             k: None,
             seed: 0,
             unit: Unit::Lang,
-            device: "cpu".into(),
-            dtype: "f32".into(),
-            lora_r: 8,
-            lora_alpha: 16.0,
-            lora_dropout: 0.05,
-            lora_targets: ["q_proj", "k_proj", "v_proj", "o_proj"]
-                .map(String::from)
-                .to_vec(),
+            device: DeviceSpec::Cpu,
+            dtype: Precision::F32,
+            lora_r: lora.r,
+            lora_alpha: lora.lora_alpha,
+            lora_dropout: lora.lora_dropout,
+            lora_targets: match lora.target_modules {
+                crate::model::lora::Targets::List(l) => l,
+                crate::model::lora::Targets::Regex(_) => unreachable!("the default is a list"),
+            },
             lora_mlp: false,
-            use_rslora: false,
+            use_rslora: lora.use_rslora,
             lr: 2e-4,
             weight_decay: 0.0,
             beta1: 0.9,
@@ -298,24 +191,10 @@ impl TrainConfig {
         })
     }
 
-    /// The method, parsed.
-    pub fn method(&self) -> Result<Method> {
-        Method::parse(&self.method)
-    }
-
-    /// How one gradient computation runs, with the dropout seed of this step.
-    pub fn step_options(&self, dropout_seed: u64) -> super::step::StepOptions {
-        super::step::StepOptions {
-            micro: self.micro_batch,
-            dropout_seed,
-            share_prefix: self.share_prefix,
-        }
-    }
-
     /// The stage-1 steps the method runs (`stage2-only`: 0).
     pub fn effective_inner_steps(&self) -> usize {
-        match self.method() {
-            Ok(Method::Stage2Only) => 0,
+        match self.method {
+            Method::Stage2Only => 0,
             _ => self.inner_steps,
         }
     }
@@ -343,13 +222,10 @@ impl TrainConfig {
     /// Checks everything that can be checked without data, listing every problem.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        let method = match self.method() {
-            Ok(m) => Some(m),
-            Err(e) => {
-                p.push(e.to_string());
-                None
-            }
-        };
+        let method = self.method;
+        if method == Method::Base {
+            p.push("method `base` is the untrained model: it is evaluated, never trained".into());
+        }
         if self.model.trim().is_empty() {
             p.push("no model: give --model (an HF folder or a Hub id)".into());
         }
@@ -359,9 +235,7 @@ impl TrainConfig {
         if self.langs.is_empty() {
             p.push("no language: give --langs (codes, or `all`)".into());
         }
-        if let Some(m) = method {
-            self.method_problems(m, &mut p);
-        }
+        self.method_problems(method, &mut p);
         self.number_problems(&mut p);
         self.size_problems(&mut p);
         self.bound_problems(&mut p);
@@ -375,7 +249,7 @@ impl TrainConfig {
         match (m.uses_pools(), self.k) {
             (true, None) => p.push(format!("method `{}` needs a budget: give --k", m.name())),
             (true, Some(0)) => p.push("k must be at least 1".into()),
-            (false, Some(k)) => p.push(format!(
+            (false, Some(k)) if m == Method::LoraFull => p.push(format!(
                 "method `lora-full` trains on the full train splits; drop --k {k} (or use lora-k)"
             )),
             _ => {}
@@ -511,15 +385,14 @@ impl TrainConfig {
     }
 
     /// Early stopping on dev and `full_cap`: only for the methods they apply to, never on test.
-    fn selection_problems(&self, method: Option<Method>, p: &mut Vec<String>) {
+    fn selection_problems(&self, method: Method, p: &mut Vec<String>) {
         if self.dev_split == "test" {
             p.push("dev_split = \"test\": the length is never chosen on the test split".into());
         }
         if self.eval_every > 0 {
-            if let Some(m) = method.filter(|m| m.is_meta() || m.per_task()) {
+            if method.is_meta() || method.per_task() {
                 p.push(format!(
-                    "eval_every (early stopping on dev) applies to the shared LoRA loop (lora-full, lora-k), not `{}`: choose its length with a [search] over passes or meta_iterations",
-                    m.name()
+                    "eval_every (early stopping on dev) applies to the shared LoRA loop (lora-full, lora-k), not `{method}`: choose its length with a [search] over passes or meta_iterations"
                 ));
             }
             if self.patience == 0 {
@@ -528,7 +401,7 @@ impl TrainConfig {
         }
         match (self.full_cap, method) {
             (Some(0), _) => p.push("full_cap must be at least 1".into()),
-            (Some(_), Some(m)) if m != Method::LoraFull => p.push(format!(
+            (Some(_), m) if m != Method::LoraFull => p.push(format!(
                 "full_cap caps lora-full's data; `{}` trains on its K-example pools",
                 m.name()
             )),
@@ -536,22 +409,13 @@ impl TrainConfig {
         }
     }
 
-    /// The dev limit, the LoRA targets, the dtype and the device.
+    /// The dev limit and the LoRA targets.
     fn setting_problems(&self, p: &mut Vec<String>) {
         if self.dev_limit == Some(0) {
             p.push("dev_limit must be at least 1".into());
         }
         if self.lora_targets.is_empty() && !self.lora_mlp {
             p.push("lora_targets is empty".into());
-        }
-        if let Err(e) = crate::model::parse_dtype(&self.dtype) {
-            p.push(e.to_string());
-        }
-        if !(self.device == "cpu" || self.device == "cuda" || self.device.starts_with("cuda:")) {
-            p.push(format!(
-                "unknown device `{}` (use cpu, cuda or cuda:N)",
-                self.device
-            ));
         }
     }
 }

@@ -1,0 +1,118 @@
+//! The evaluation configuration: the keys `mlbench eval`'s flags and an experiment's `[eval]`
+//! section fill, their one set of defaults, and the checks that need neither data nor model
+//! (every problem listed at once). Serialised into every evaluation's `results.json` and into
+//! the cell keys of a grid.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::device::{DeviceSpec, Precision};
+
+/// What to evaluate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    pub model: String,
+    /// Adapter folders (PEFT) or training run folders; `NAME=PATH` names one.
+    pub adapters: Vec<String>,
+    /// Evaluate the base model too.
+    pub base: bool,
+    pub tasks: Vec<String>,
+    pub langs: Vec<String>,
+    /// Split to evaluate (default: each task's `eval_split`).
+    pub split: Option<String>,
+    /// In-context examples per prompt (from the task's few-shot split).
+    pub shots: usize,
+    pub seed: u64,
+    /// Examples per forward pass.
+    pub batch_size: usize,
+    /// Longest input in tokens (contexts lose tokens from the left beyond it).
+    pub max_len: usize,
+    /// At most N examples per task x language (a label-stratified subset, the same for every run).
+    pub limit: Option<usize>,
+    /// At most this fraction of each task x language's examples, rounded up (the same subset
+    /// as `limit` with that count; lm-evaluation-harness's fractional `--limit`). Not with
+    /// `limit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_fraction: Option<f64>,
+    pub device: DeviceSpec,
+    pub dtype: Precision,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            model: String::new(),
+            adapters: vec![],
+            base: true,
+            tasks: vec![],
+            langs: vec![],
+            split: None,
+            shots: 0,
+            seed: 0,
+            batch_size: 16,
+            max_len: 2048,
+            limit: None,
+            limit_fraction: None,
+            device: DeviceSpec::Cpu,
+            dtype: Precision::F32,
+        }
+    }
+}
+
+impl EvalConfig {
+    /// Everything that can be checked without data or model, listed at once: sizes in range,
+    /// a limit of at least one example, a model named.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        for (name, v, min, max) in [
+            ("batch_size", self.batch_size, 1, 1 << 16),
+            ("max_len", self.max_len, 8, 1 << 17),
+            ("limit", self.limit.unwrap_or(1), 1, usize::MAX),
+            ("shots", self.shots, 0, 64),
+        ] {
+            if v < min || v > max {
+                p.push(if max == usize::MAX {
+                    format!("{name} = {v} must be at least {min}")
+                } else {
+                    format!("{name} = {v} must be in {min}..={max}")
+                });
+            }
+        }
+        if let Some(f) = self.limit_fraction {
+            if !(f > 0.0 && f < 1.0) {
+                p.push(format!("a fractional limit must be in (0, 1), got {f}"));
+            }
+            if self.limit.is_some() {
+                p.push("give a limit as a count or as a fraction, not both".into());
+            }
+        }
+        if self.model.trim().is_empty() {
+            p.push("no model: give --model (an HF folder or a Hub id)".into());
+        }
+        p
+    }
+
+    /// How many of `n` examples of one task x language the limit keeps (`None`: all).
+    pub fn cap(&self, n: usize) -> Option<usize> {
+        let cap = match (self.limit, self.limit_fraction) {
+            (Some(c), _) => c,
+            (None, Some(f)) => ((f * n as f64).ceil() as usize).max(1),
+            (None, None) => return None,
+        };
+        (cap < n).then_some(cap)
+    }
+
+    /// The model is a folder here or an `owner/name` Hub id (what can be known without
+    /// loading or fetching it).
+    pub fn model_problem(&self) -> Option<String> {
+        let local = Path::new(&self.model);
+        (!local.is_dir() && !crate::model::hub::is_hub_id(&self.model)).then(|| {
+            format!(
+                "model folder not found: {} (and it is not an owner/name Hub id)",
+                local.display()
+            )
+        })
+    }
+}

@@ -1,0 +1,22 @@
+//! Stage 0 of the data's journey: resolution. Raw inputs (a struct's defaults, TOML files and
+//! sections, command-line flags, `--set` pairs, experiment files) in; typed, checked plans out,
+//! which the later stages accept (they never read a flag or a key by name).
+//!
+//! - [`method`]: the [`Method`] enum, the only place a method name is parsed;
+//! - [`device`]: [`DeviceSpec`] and [`Precision`], parsed once;
+//! - [`layers`]: raw inputs merged with their sources; unknown keys and wrong types reported at
+//!   once, naming file and key;
+//! - [`train`]: [`TrainConfig`] (the training keys and their defaults) and [`TrainPlan`];
+//! - [`eval`]: [`EvalConfig`] (the evaluation keys and their defaults) and [`EvalPlan`];
+
+pub mod device;
+pub mod eval;
+pub mod layers;
+pub mod method;
+pub mod train;
+
+pub use device::{DeviceSpec, Precision};
+pub use eval::EvalConfig;
+pub use layers::{Layers, Source};
+pub use method::{Method, METHODS};
+pub use train::TrainConfig;
