@@ -504,6 +504,7 @@ impl TaskSpec {
 }
 
 /// A task opened for a run: its spec, its dataset file and the languages the run asked for.
+#[derive(Debug, Clone)]
 pub struct OpenedTask {
     pub name: String,
     pub spec: TaskSpec,
@@ -521,7 +522,7 @@ pub fn open_tasks(
     langs: &[String],
     problems: &mut Vec<String>,
 ) -> Result<Vec<OpenedTask>> {
-    use crate::data::{lang, sample};
+    use crate::data::{catalogue, lang};
     let mut out = Vec::new();
     for task in tasks {
         let spec = match TaskSpec::for_task(data_dir, task) {
@@ -531,15 +532,15 @@ pub fn open_tasks(
                 continue;
             }
         };
-        let path = match sample::dataset_path(data_dir, spec.dataset()) {
+        let path = match catalogue::dataset_path(data_dir, spec.dataset()) {
             Ok(p) => p,
             Err(e) => {
                 problems.push(e.to_string());
                 continue;
             }
         };
-        let entries = sample::task_languages(&path)?;
-        let codes = sample::codes_for(task, langs);
+        let entries = catalogue::task_languages(&path)?;
+        let codes = catalogue::codes_for(task, langs);
         if codes.is_empty() {
             problems.push(format!("no language given for task `{task}`"));
             continue;

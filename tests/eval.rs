@@ -15,7 +15,7 @@ use mlbench::eval::run::prepare_items;
 use mlbench::model::config::Arch;
 use mlbench::model::score::{score_ids, Pad};
 use mlbench::model::{tiny, LoadedModel};
-use mlbench::plan::EvalConfig;
+use mlbench::plan::{EvalConfig, EvalPlan};
 
 fn tiny_model(arch: Arch) -> (tempfile::TempDir, LoadedModel) {
     let dir = tempfile::tempdir().unwrap();
@@ -339,7 +339,7 @@ fn in_context_examples_are_seeded_and_never_the_evaluated_example() {
     let mut c = cfg(&d);
     c.shots = 3;
     c.split = Some("dev".into()); // few-shot split = evaluated split: exclusion matters
-    let (items, _) = prepare_items(&d.dir, &c).unwrap();
+    let (items, _) = prepare_items(&EvalPlan::resolve(&d.dir, c.clone()).unwrap()).unwrap();
     assert_eq!(items.len(), 12);
     for it in &items {
         // Each dev example's text is "text <lang> <class> <j>": its own text must not appear
@@ -356,13 +356,13 @@ fn in_context_examples_are_seeded_and_never_the_evaluated_example() {
             it.prompt
         );
     }
-    let (again, _) = prepare_items(&d.dir, &c).unwrap();
+    let (again, _) = prepare_items(&EvalPlan::resolve(&d.dir, c.clone()).unwrap()).unwrap();
     assert_eq!(
         items.iter().map(|i| &i.prompt).collect::<Vec<_>>(),
         again.iter().map(|i| &i.prompt).collect::<Vec<_>>()
     );
     c.seed = 1;
-    let (other, _) = prepare_items(&d.dir, &c).unwrap();
+    let (other, _) = prepare_items(&EvalPlan::resolve(&d.dir, c.clone()).unwrap()).unwrap();
     assert_ne!(
         items.iter().map(|i| &i.prompt).collect::<Vec<_>>(),
         other.iter().map(|i| &i.prompt).collect::<Vec<_>>()
@@ -504,7 +504,7 @@ fn a_limit_takes_a_label_stratified_subset_in_file_order() {
     let d = data();
     let mut c = cfg(&d);
     c.limit = Some(3);
-    let (items, _) = prepare_items(&d.dir, &c).unwrap();
+    let (items, _) = prepare_items(&EvalPlan::resolve(&d.dir, c.clone()).unwrap()).unwrap();
     for lang in ["eng_Latn", "fra_Latn"] {
         let golds: Vec<usize> = items
             .iter()
@@ -513,7 +513,7 @@ fn a_limit_takes_a_label_stratified_subset_in_file_order() {
             .collect();
         assert_eq!(golds, vec![0, 1, 2], "{lang}");
     }
-    let (again, _) = prepare_items(&d.dir, &c).unwrap();
+    let (again, _) = prepare_items(&EvalPlan::resolve(&d.dir, c.clone()).unwrap()).unwrap();
     assert_eq!(
         items.iter().map(|i| &i.id).collect::<Vec<_>>(),
         again.iter().map(|i| &i.id).collect::<Vec<_>>()
@@ -521,7 +521,7 @@ fn a_limit_takes_a_label_stratified_subset_in_file_order() {
     // A fraction (lm-evaluation-harness's `--limit 0.3`) keeps ceil(0.3 x 12) = 4 per language:
     // the same subset as a count of 4.
     let ids = |c: &EvalConfig| -> Vec<String> {
-        prepare_items(&d.dir, c)
+        prepare_items(&EvalPlan::resolve(&d.dir, c.clone()).unwrap())
             .unwrap()
             .0
             .into_iter()

@@ -244,6 +244,27 @@ fn bad_experiments_are_refused_with_every_problem_listed() {
         ],
     );
     assert!(!s.tmp.path().join("store").exists());
+    // Keys of the `[train]` and `[method.M]` sections are checked at resolution, all at once,
+    // each named with its file and section.
+    std::fs::write(
+        &s.exp,
+        text.replace("n_query = 2", "n_query = 2\nlr_inner = 0.1")
+            .replace(
+                "[method.lora-full]\n",
+                "[method.lora-full]\nclip = \"high\"\n",
+            ),
+    )
+    .unwrap();
+    let o = run(&s, &[]);
+    let file = s.exp.display().to_string();
+    assert_user_error(
+        &o,
+        &[
+            &format!("{file} [train]: unknown key `lr_inner`"),
+            &format!("{file} [method.lora-full]: `clip` = \"high\""),
+        ],
+    );
+    assert!(!s.tmp.path().join("store").exists());
 }
 
 /// Metrics and samples frames of two runs (code versions `a` and `b`) for three cells, 200

@@ -241,6 +241,34 @@ fn a_toml_config_is_the_same_as_flags() {
         out.to_str().unwrap(),
     ]);
     assert_user_error(&o, &["inner_stpes"]);
+    // Every unknown key and wrong type of every source at once, each named with its source.
+    std::fs::write(
+        &cfg,
+        "method = \"meta-lora\"\ninner_stpes = 3\nlr = \"fast\"\ndevice = \"gpu\"\n",
+    )
+    .unwrap();
+    let o = mlbench(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--method",
+        "lora-kk",
+        "--set",
+        "pases=2",
+    ]);
+    let file = cfg.display().to_string();
+    assert_user_error(
+        &o,
+        &[
+            &format!("{file}: unknown key `inner_stpes` (did you mean inner_steps?)"),
+            &format!("{file}: `lr` = \"fast\""),
+            &format!("{file}: `device` = \"gpu\": unknown device `gpu`"),
+            "--method: `method` = \"lora-kk\": unknown method `lora-kk`",
+            "--set: unknown key `pases` (did you mean passes?)",
+        ],
+    );
 }
 
 #[test]

@@ -6,7 +6,7 @@ use clap::Args;
 
 use super::{split_list, table, Global};
 use mlbench::eval::run::evaluate;
-use mlbench::plan::{EvalConfig, Layers};
+use mlbench::plan::{EvalConfig, EvalPlan, Layers};
 use mlbench::Error;
 
 #[derive(Debug, Args)]
@@ -152,10 +152,11 @@ pub fn run(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
-    let report = evaluate(&g.data_dir, &cfg, &a.out, &mut progress);
+    let plan = EvalPlan::resolve(&g.data_dir, cfg)?;
+    let report = evaluate(&plan, &a.out, &mut progress);
     pb.finish_and_clear();
     let report = report?;
-    mlbench::eval::lmeval::write(&g.data_dir, &cfg, &a.out, &report, started, a.log_samples)?;
+    mlbench::eval::lmeval::write(&plan, &a.out, &report, started, a.log_samples)?;
     tracing::info!(
         secs = report.seconds,
         examples_per_s = report.examples_per_s,

@@ -4,7 +4,7 @@ use clap::{Args, Subcommand};
 use polars::prelude::*;
 
 use super::{table, Global};
-use mlbench::data::{lang, sample, schema};
+use mlbench::data::{catalogue, lang, schema};
 use mlbench::tasks::{self, TaskSpec};
 use mlbench::Error;
 
@@ -77,8 +77,8 @@ pub fn run(g: &Global, cmd: TasksCommand) -> anyhow::Result<()> {
         }
         TasksCommand::Render(a) => {
             let spec = TaskSpec::for_task(&g.data_dir, &a.task)?;
-            let path = sample::dataset_path(&g.data_dir, spec.dataset())?;
-            let entries = sample::task_languages(&path)?;
+            let path = catalogue::dataset_path(&g.data_dir, spec.dataset())?;
+            let entries = catalogue::task_languages(&path)?;
             let e = lang::resolve(&a.task, &a.lang, &entries)?;
             let split = a.split.clone().unwrap_or_else(|| spec.eval_split.clone());
             let df = schema::load(&path, None)?;

@@ -6,7 +6,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{split_list, Global};
-use mlbench::plan::{Layers, Source, TrainConfig};
+use mlbench::plan::{Layers, Source, TrainConfig, TrainPlan};
 use mlbench::Error;
 
 #[derive(Debug, Args)]
@@ -126,14 +126,8 @@ pub fn run(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
         pb.set_message(msg);
     };
     let t0 = std::time::Instant::now();
-    let report = mlbench::train::run::train(
-        &g.data_dir,
-        &cfg,
-        &out,
-        a.resume,
-        &super::STOP,
-        &mut progress,
-    );
+    let plan = TrainPlan::resolve(&g.data_dir, cfg.clone())?;
+    let report = mlbench::train::run::train(&plan, &out, a.resume, &super::STOP, &mut progress);
     pb.finish_and_clear();
     let report = report?;
     let tokens: u64 = report.summary.seen.values().map(|s| s.tokens).sum();

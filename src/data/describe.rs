@@ -10,7 +10,7 @@ use std::path::Path;
 use polars::prelude::*;
 use serde::Serialize;
 
-use super::sample::{dataset_path, known_tasks};
+use super::catalogue::{dataset_path, known_tasks};
 use crate::error::{Error, Result};
 
 /// Counts of one (task, language, split).

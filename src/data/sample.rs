@@ -27,6 +27,7 @@ use std::path::Path;
 use polars::prelude::*;
 use rayon::prelude::*;
 
+use super::catalogue::{codes_for, collect, dataset_path, scan, splits_of, task_languages};
 use super::lang::{self, LangEntry};
 use super::schema;
 use crate::error::{Error, Result};
@@ -118,100 +119,6 @@ pub struct PoolRow {
     pub k: usize,
     /// Position in the draw order (0-based); the pool of budget K is `draw < K`.
     pub draw: usize,
-}
-
-/// The path of a task's dataset file, with a helpful error when the task is unknown.
-pub fn dataset_path(data_dir: &Path, task: &str) -> Result<std::path::PathBuf> {
-    let p = data_dir.join(format!("{task}.parquet"));
-    if p.exists() {
-        return Ok(p);
-    }
-    let known = known_tasks(data_dir);
-    if known.is_empty() {
-        return Err(Error::MissingFile {
-            what: "dataset file",
-            path: p,
-        });
-    }
-    Err(Error::Unknown {
-        kind: "task",
-        code: task.to_string(),
-        scope: format!(
-            " (datasets in {}: {})",
-            data_dir.display(),
-            known.join(", ")
-        ),
-        suggestions: crate::util::suggestions(task, known.iter().map(String::as_str)),
-    })
-}
-
-/// Task names that have a dataset file in `data_dir`, sorted.
-pub fn known_tasks(data_dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(data_dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    n.strip_suffix(".parquet").map(str::to_string)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-fn scan(path: &Path) -> Result<LazyFrame> {
-    schema::check_file(path)?;
-    let pl = PlRefPath::try_from_path(path).map_err(|e| Error::CorruptParquet {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    LazyFrame::scan_parquet(pl, ScanArgsParquet::default()).map_err(|e| Error::CorruptParquet {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
-}
-
-fn collect(lf: LazyFrame, path: &Path) -> Result<DataFrame> {
-    lf.collect().map_err(|e| Error::CorruptParquet {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
-}
-
-/// The languages of a task file: distinct (lang, lang_code) pairs, sorted by lang_code.
-pub fn task_languages(path: &Path) -> Result<Vec<LangEntry>> {
-    let df = collect(
-        scan(path)?
-            .group_by_stable([col("lang"), col("lang_code")])
-            .agg([len()])
-            .sort(["lang_code"], SortMultipleOptions::default()),
-        path,
-    )?;
-    let l = df.column("lang")?.str()?.clone();
-    let c = df.column("lang_code")?.str()?.clone();
-    Ok(l.iter()
-        .zip(c.iter())
-        .filter_map(|(a, b)| {
-            Some(LangEntry {
-                lang: a?.to_string(),
-                lang_code: b?.to_string(),
-            })
-        })
-        .collect())
-}
-
-/// Which codes of `req.langs` apply to `task` (`task:code` entries are scoped).
-pub fn codes_for(task: &str, langs: &[String]) -> Vec<String> {
-    langs
-        .iter()
-        .filter_map(|c| match c.split_once(':') {
-            Some((t, code)) if t == task => Some(code.to_string()),
-            Some(_) => None,
-            None => Some(c.clone()),
-        })
-        .collect()
 }
 
 /// Draws the pools of a request. Checks every task, language and budget before drawing.
@@ -489,26 +396,6 @@ fn list_lengths(s: &Series) -> Result<Vec<usize>> {
         }
     }
     Ok(out)
-}
-
-/// The splits one language of a task file has, sorted.
-pub fn splits_of(path: &Path, lang_name: &str) -> Result<Vec<String>> {
-    let df = collect(
-        scan(path)?
-            .filter(col("lang").eq(lit(lang_name.to_string())))
-            .group_by_stable([col("split")])
-            .agg([len()]),
-        path,
-    )?;
-    let mut v: Vec<String> = df
-        .column("split")?
-        .str()?
-        .iter()
-        .flatten()
-        .map(str::to_string)
-        .collect();
-    v.sort();
-    Ok(v)
 }
 
 /// The pool rows as a DataFrame (the `pools.parquet` layout).

@@ -27,7 +27,7 @@ use serde_json::{json, Map, Value};
 
 use super::run::{prepare_items, EvalReport, Item, MetricRow, Record};
 use crate::error::Result;
-use crate::plan::EvalConfig;
+use crate::plan::{EvalConfig, EvalPlan};
 use crate::tasks::{Scoring, TaskSpec};
 use crate::util::{sha256_hex, write_bytes_atomic};
 
@@ -40,14 +40,14 @@ type Docs<'a> = BTreeMap<(String, String, String), (usize, &'a Item)>;
 /// Writes the lm-eval-shaped files of `report` under `out/lm-eval/` (see the module doc) and
 /// returns their paths.
 pub fn write(
-    data_dir: &Path,
-    cfg: &EvalConfig,
+    plan: &EvalPlan,
     out: &Path,
     report: &EvalReport,
     started_unix: f64,
     log_samples: bool,
 ) -> Result<Vec<PathBuf>> {
-    let (items, specs) = prepare_items(data_dir, cfg)?;
+    let cfg = &plan.config;
+    let (items, specs) = prepare_items(plan)?;
     let docs = index_docs(&items);
     let mut written = Vec::new();
     for variant in variants(&report.records) {

@@ -1,4 +1,5 @@
-//! Stage 4 of the data's journey: evaluation. A model, adapters and task specs in; per-example
+//! Stage 4 of the data's journey: evaluation. A [`crate::plan::EvalPlan`] (model, adapters and
+//! opened tasks) in; per-example
 //! records, metrics with intervals and a results file out.
 //!
 //! - [`choices`]: multiple-choice log-likelihoods with the context computed once per example;

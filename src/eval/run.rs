@@ -1,4 +1,4 @@
-//! An evaluation end to end: a model, adapters, tasks and languages in; under the output
+//! An evaluation end to end: an [`EvalPlan`] (model, adapters, opened tasks) in; under the output
 //! folder `samples.parquet` (one row per variant x example), `metrics.parquet` and
 //! `metrics.md` (per variant x task x language, plus micro and macro averages over languages)
 //! and `results.json` (the resolved configuration, task versions, model and adapter identity,
@@ -14,12 +14,12 @@ use serde::Serialize;
 
 use super::choices::{score_choices, ChoiceRequest};
 use super::metrics::{self, Estimate};
-use crate::data::sample;
 use crate::data::schema::{self, Example};
+use crate::data::{catalogue, sample};
 use crate::error::{Error, Result};
 use crate::model::lora::Adapter;
 use crate::model::LoadedModel;
-use crate::plan::EvalConfig;
+use crate::plan::{EvalConfig, EvalPlan};
 use crate::tasks::{Rendered, Scoring, TaskSpec};
 use crate::util::{derive_seed, sha256_hex, write_bytes_atomic, Rng};
 
@@ -87,27 +87,26 @@ pub struct MetricRow {
 }
 
 /// The examples of the evaluation, checked and prompted. Every problem is listed at once.
-pub fn prepare_items(
-    data_dir: &Path,
-    cfg: &EvalConfig,
-) -> Result<(Vec<Item>, BTreeMap<String, TaskSpec>)> {
+pub fn prepare_items(plan: &EvalPlan) -> Result<(Vec<Item>, BTreeMap<String, TaskSpec>)> {
+    let cfg = &plan.config;
     let mut problems = Vec::new();
     let mut items = Vec::new();
     let mut specs = BTreeMap::new();
-    for opened in crate::tasks::open_tasks(data_dir, &cfg.tasks, &cfg.langs, &mut problems)? {
+    for opened in plan.tasks.iter().cloned() {
         let crate::tasks::OpenedTask {
             name: task,
             spec,
             path,
             langs: chosen,
         } = opened;
-        let df = schema::load(&path, None)?;
-        let rows = schema::from_frame(&df)?;
         let split = cfg.split.clone().unwrap_or_else(|| spec.eval_split.clone());
         let shot_split = spec
             .fewshot_split
             .clone()
             .unwrap_or_else(|| spec.train_split.clone());
+        // Every split of the chosen languages: a missing split's message lists those there are.
+        let names: Vec<&str> = chosen.iter().map(|e| e.lang.as_str()).collect();
+        let rows = catalogue::read_rows(&path, &names, None)?;
         if spec.scoring == Scoring::Generate && spec.generation.is_none() {
             problems.push(format!("task `{task}`: generation settings missing"));
         }
@@ -915,26 +914,15 @@ pub struct EvalReport {
     pub examples_per_s: f64,
 }
 
-/// Checks, loads, scores and writes; see the module doc.
-pub fn evaluate(
-    data_dir: &Path,
-    cfg: &EvalConfig,
-    out: &Path,
-    progress: &mut ProgressFn,
-) -> Result<EvalReport> {
-    let problems = cfg.problems();
-    if !problems.is_empty() {
-        return Err(Error::Problems {
-            context: "the evaluation".into(),
-            problems,
-        });
-    }
+/// Checks the data, loads, scores and writes; see the module doc.
+pub fn evaluate(plan: &EvalPlan, out: &Path, progress: &mut ProgressFn) -> Result<EvalReport> {
+    let cfg = &plan.config;
     if !cfg.base && cfg.adapters.is_empty() {
         return Err(Error::Invalid(
             "nothing to evaluate: give --adapters or keep the base model".into(),
         ));
     }
-    let (items, specs) = prepare_items(data_dir, cfg)?;
+    let (items, specs) = prepare_items(plan)?;
     let device = cfg.device.open()?;
     let m = crate::model::load(&cfg.model, cfg.dtype.dtype(), &device)?;
     let variants = load_variants(&m, cfg)?;

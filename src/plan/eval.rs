@@ -116,3 +116,43 @@ impl EvalConfig {
         })
     }
 }
+
+/// An evaluation resolved before any work: the configuration with every problem that needs no
+/// data checked, and its tasks opened against the data folder. What
+/// [`crate::eval::run::evaluate`] accepts.
+pub struct EvalPlan {
+    pub config: EvalConfig,
+    pub data_dir: std::path::PathBuf,
+    pub tasks: Vec<crate::tasks::OpenedTask>,
+}
+
+impl EvalPlan {
+    /// Checks `config` and opens its tasks, listing every problem at once.
+    pub fn resolve(data_dir: &Path, config: EvalConfig) -> crate::error::Result<EvalPlan> {
+        let (plan, problems) = EvalPlan::open(data_dir, config)?;
+        if !problems.is_empty() {
+            return Err(crate::error::Error::Problems {
+                context: "the evaluation".into(),
+                problems,
+            });
+        }
+        Ok(plan)
+    }
+
+    /// The plan with what could be opened (unknown tasks and languages left out) and the
+    /// problems found, for a caller that goes on to collect the data's problems too.
+    pub fn open(
+        data_dir: &Path,
+        config: EvalConfig,
+    ) -> crate::error::Result<(EvalPlan, Vec<String>)> {
+        let mut problems = config.problems();
+        let tasks =
+            crate::tasks::open_tasks(data_dir, &config.tasks, &config.langs, &mut problems)?;
+        let plan = EvalPlan {
+            config,
+            data_dir: data_dir.to_path_buf(),
+            tasks,
+        };
+        Ok((plan, problems))
+    }
+}

@@ -16,7 +16,7 @@ pub mod method;
 pub mod train;
 
 pub use device::{DeviceSpec, Precision};
-pub use eval::EvalConfig;
+pub use eval::{EvalConfig, EvalPlan};
 pub use layers::{Layers, Source};
 pub use method::{Method, METHODS};
-pub use train::TrainConfig;
+pub use train::{TrainConfig, TrainPlan};

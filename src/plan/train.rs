@@ -419,3 +419,41 @@ impl TrainConfig {
         }
     }
 }
+
+/// A training run resolved before any work: the configuration with every problem that needs
+/// no data checked, and its tasks opened against the data folder (spec, dataset file and the
+/// languages the run asked for). What [`crate::train::run::train`] accepts.
+pub struct TrainPlan {
+    pub config: TrainConfig,
+    pub data_dir: std::path::PathBuf,
+    pub tasks: Vec<crate::tasks::OpenedTask>,
+}
+
+impl TrainPlan {
+    /// Checks `config` and opens its tasks, listing every problem at once.
+    pub fn resolve(data_dir: &Path, config: TrainConfig) -> Result<TrainPlan> {
+        let (plan, problems) = TrainPlan::open(data_dir, config)?;
+        if !problems.is_empty() {
+            return Err(Error::Problems {
+                context: "the training configuration".into(),
+                problems,
+            });
+        }
+        Ok(plan)
+    }
+
+    /// The plan with what could be opened (unknown tasks and languages left out) and the
+    /// problems found, for a caller that goes on to collect the data's problems too (a grid
+    /// checked before it starts).
+    pub fn open(data_dir: &Path, config: TrainConfig) -> Result<(TrainPlan, Vec<String>)> {
+        let mut problems = config.problems();
+        let tasks =
+            crate::tasks::open_tasks(data_dir, &config.tasks, &config.langs, &mut problems)?;
+        let plan = TrainPlan {
+            config,
+            data_dir: data_dir.to_path_buf(),
+            tasks,
+        };
+        Ok((plan, problems))
+    }
+}

@@ -2,6 +2,12 @@
 //! in; the grid of cells (method x K x seed), each with its fully resolved training and
 //! evaluation configuration and a content key, out.
 //!
+//! Method names (the `methods` list, `[method.M]`, `[search.M]`, `[study] reference`) are
+//! resolved to [`Method`]s when the file is read; a cell's training keys are merged by
+//! [`crate::plan::Layers`] (defaults, `[train]`, `[method.M]`, a candidate, then the grid's own
+//! values), so an unknown key or a wrong type names its section. Every problem of the file is
+//! reported at once.
+//!
 //! ```toml
 //! name = "sib200-smoke"
 //! model = "models/gemma-3-270m"
@@ -381,7 +387,7 @@ impl Experiment {
                 let train = match self.train_config(m, k, seed, Some(&cand)) {
                     Ok(c) => c,
                     Err(e) => {
-                        problems.push(e.to_string());
+                        add_problems(&mut problems, e);
                         continue;
                     }
                 };
@@ -616,7 +622,7 @@ impl Experiment {
                     Some(c)
                 }
                 Err(e) => {
-                    problems.push(e.to_string());
+                    add_problems(problems, e);
                     return Ok(None);
                 }
             }
@@ -642,6 +648,15 @@ impl Experiment {
             key,
             candidate: None,
         }))
+    }
+}
+
+/// Adds the problems of `e` (each of an [`Error::Problems`], else its message) to `problems`,
+/// each once: every cell of a grid meets the same bad key.
+fn add_problems(problems: &mut Vec<String>, e: Error) {
+    match e {
+        Error::Problems { problems: ps, .. } => ps.into_iter().for_each(|p| push_once(problems, p)),
+        e => push_once(problems, e.to_string()),
     }
 }
 

@@ -13,7 +13,7 @@ use super::experiment::Cell;
 use super::store::Store;
 use crate::error::{Error, Result};
 use crate::eval::run::{evaluate, metrics_frame, samples_frame, Record};
-use crate::plan::Method;
+use crate::plan::{EvalPlan, Method, TrainPlan};
 
 /// What happened to one cell.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,7 +117,8 @@ pub fn run_cell(
     progress(&format!("{} eval", cell.label()));
     let t1 = Instant::now();
     let mut quiet = |_: &str, _: &str, _: &str, _: usize, _: usize| {};
-    let report = evaluate(data_dir, &trained.eval, &work.join("eval"), &mut quiet)?;
+    let plan = EvalPlan::resolve(data_dir, trained.eval.clone())?;
+    let report = evaluate(&plan, &work.join("eval"), &mut quiet)?;
     let eval_s = t1.elapsed().as_secs_f64();
     let (records, metrics) = cell_results(report, trained.variant, cell)?;
     let training = match &trained.run_dir {
@@ -224,7 +225,8 @@ fn train_once(
             p.phase, p.step, p.total, p.loss, p.tokens_per_s
         ))
     };
-    crate::train::run::train(data_dir, cfg, run, resume, stop, &mut p)?;
+    let plan = TrainPlan::resolve(data_dir, cfg.clone())?;
+    crate::train::run::train(&plan, run, resume, stop, &mut p)?;
     Ok(())
 }
 
@@ -290,15 +292,22 @@ pub fn check_data(data_dir: &Path, cells: &[Cell], context: &str) -> Result<()> 
     for c in cells {
         if let Some(cfg) = &c.train {
             if seen_k.insert((cfg.method, c.k)) {
-                match crate::train::data::check_data(data_dir, cfg) {
-                    Ok((_, ps)) => ps.into_iter().for_each(&mut push),
+                let checked = TrainPlan::open(data_dir, cfg.clone()).and_then(|(p, mut ps)| {
+                    ps.extend(crate::train::data::check_data(&p)?.1);
+                    Ok(ps)
+                });
+                match checked {
+                    Ok(ps) => ps.into_iter().for_each(&mut push),
+                    Err(Error::Problems { problems: ps, .. }) => ps.into_iter().for_each(&mut push),
                     Err(e) => push(e.to_string()),
                 }
             }
         }
     }
     if let Some(c) = cells.first() {
-        match crate::eval::run::prepare_items(data_dir, &c.eval) {
+        let (plan, ps) = EvalPlan::open(data_dir, c.eval.clone())?;
+        ps.into_iter().for_each(&mut push);
+        match crate::eval::run::prepare_items(&plan) {
             Ok(_) => {}
             Err(Error::Problems { problems: ps, .. }) => ps.into_iter().for_each(&mut push),
             Err(e) => push(e.to_string()),

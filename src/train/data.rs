@@ -1,4 +1,5 @@
-//! Training data: task specs + canonical datasets + the sampler's pools in, one [`TaskUnit`]
+//! Training data: a [`TrainPlan`]'s opened tasks (specs and dataset files, read through
+//! [`crate::data::catalogue`]) + the sampler's pools in, one [`TaskUnit`]
 //! per task of the run out (its examples in pool order and their token sequences).
 //!
 //! Everything is checked before any sequence is built, and every problem (unknown task or
@@ -8,15 +9,14 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use polars::prelude::*;
 use rayon::prelude::*;
 
 use super::step::Seq;
-use crate::data::sample;
-use crate::data::schema::{self, Example};
+use crate::data::schema::Example;
+use crate::data::{catalogue, sample};
 use crate::error::{Error, Result};
 use crate::model::tokenizer::Tok;
-use crate::plan::train::{TrainConfig, Unit};
+use crate::plan::train::{TrainConfig, TrainPlan, Unit};
 use crate::tasks::TaskSpec;
 
 /// One task of a run (a (dataset, language) pair, or a dataset in the multi-task scenario).
@@ -51,15 +51,16 @@ pub struct Checked {
     specs: HashMap<String, TaskSpec>,
 }
 
-/// Reads the train splits `cfg` asks for and lists every problem with them (unknown tasks or
-/// languages, missing splits, K larger than a split, examples that cannot be rendered).
-pub fn check_data(data_dir: &Path, cfg: &TrainConfig) -> Result<(Checked, Vec<String>)> {
+/// Reads the train splits of the plan's tasks and lists every problem with them (missing
+/// splits, K larger than a split, examples that cannot be rendered).
+pub fn check_data(plan: &TrainPlan) -> Result<(Checked, Vec<String>)> {
+    let cfg = &plan.config;
     let method = cfg.method;
     let mut problems: Vec<String> = Vec::new();
     // (task, lang_code, examples of the train split)
     let mut per_lang: Vec<(String, String, Vec<Example>)> = Vec::new();
     let mut specs: HashMap<String, TaskSpec> = HashMap::new();
-    for opened in crate::tasks::open_tasks(data_dir, &cfg.tasks, &cfg.langs, &mut problems)? {
+    for opened in plan.tasks.iter().cloned() {
         let crate::tasks::OpenedTask {
             name: task,
             spec,
@@ -67,7 +68,6 @@ pub fn check_data(data_dir: &Path, cfg: &TrainConfig) -> Result<(Checked, Vec<St
             langs: chosen,
         } = opened;
         let task = &task;
-        let df = schema::load(&path, None)?;
         let split = spec.train_split.clone();
         if cfg.eval_every > 0 && cfg.dev_split == split {
             problems.push(format!(
@@ -76,21 +76,12 @@ pub fn check_data(data_dir: &Path, cfg: &TrainConfig) -> Result<(Checked, Vec<St
         }
         // Only the chosen languages' rows of the split become examples (a dataset can hold
         // hundreds of languages).
-        let wanted: std::collections::HashSet<&str> =
-            chosen.iter().map(|e| e.lang.as_str()).collect();
-        let in_split = df.column("split")?.str()?.equal(split.as_str());
-        let mask: BooleanChunked = df
-            .column("lang")?
-            .str()?
-            .iter()
-            .zip(in_split.iter())
-            .map(|(l, s)| s == Some(true) && l.is_some_and(|l| wanted.contains(l)))
-            .collect();
-        let rows = schema::from_frame(&df.filter(&mask)?)?;
+        let wanted: Vec<&str> = chosen.iter().map(|e| e.lang.as_str()).collect();
+        let rows = catalogue::read_rows(&path, &wanted, Some(&[split.as_str()]))?;
         for e in chosen {
             let ex: Vec<Example> = rows.iter().filter(|r| r.lang == e.lang).cloned().collect();
             if ex.is_empty() {
-                let available = sample::splits_of(&path, &e.lang)?;
+                let available = catalogue::splits_of(&path, &e.lang)?;
                 problems.push(
                     Error::MissingSplit {
                         task: task.clone(),

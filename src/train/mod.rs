@@ -1,6 +1,5 @@
-//! Stage 3 of the data's journey: training. A [`crate::plan::TrainPlan`] (pools and task specs)
-//! in, PEFT adapters, a step log
-//! and a run manifest out.
+//! Stage 3 of the data's journey: training. A [`crate::plan::TrainPlan`] (the checked
+//! configuration and its opened tasks) in; PEFT adapters, a step log and a run manifest out.
 //!
 //! - [`data`]: task units (pools rendered and tokenised);
 //! - [`step`]: the masked answer-token loss and its gradient, accumulated over micro-batches;

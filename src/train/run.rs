@@ -12,7 +12,7 @@ use super::checkpoint::{self, LogRow};
 use super::data::{build_units, check_data, TaskUnit};
 use super::loops::{meta_iterations, plan_batches, tasks_per_batch, Progress, Summary, Trainer};
 use crate::error::{Error, Result};
-use crate::plan::{Method, TrainConfig};
+use crate::plan::{EvalPlan, Method, TrainConfig, TrainPlan};
 use crate::util::{sha256_hex, write_bytes_atomic};
 
 /// Fingerprint of the settings a checkpoint depends on (everything except `checkpoint_every`
@@ -110,19 +110,18 @@ fn differing_keys(a: &TrainConfig, b: &TrainConfig) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Checks, loads and trains; see the module doc for the outputs.
+/// Checks the run folder and the data, loads and trains; see the module doc for the outputs.
 pub fn train(
-    data_dir: &Path,
-    cfg: &TrainConfig,
+    plan: &TrainPlan,
     out: &Path,
     resume: bool,
     stop: &AtomicBool,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report> {
-    let mut problems = cfg.problems();
-    problems.extend(folder_problems(cfg, out, resume)?);
+    let (cfg, data_dir) = (&plan.config, plan.data_dir.as_path());
+    let mut problems = folder_problems(cfg, out, resume)?;
     let method = cfg.method;
-    let (checked, data_problems) = check_data(data_dir, cfg)?;
+    let (checked, data_problems) = check_data(plan)?;
     problems.extend(data_problems);
     if !problems.is_empty() {
         return Err(config_problems(problems));
@@ -481,7 +480,8 @@ fn dev_items(data_dir: &Path, cfg: &TrainConfig) -> Result<DevItems> {
         dtype: cfg.dtype,
         ..Default::default()
     };
-    let (items, specs) = crate::eval::run::prepare_items(data_dir, &ecfg)?;
+    let (items, specs) =
+        crate::eval::run::prepare_items(&EvalPlan::resolve(data_dir, ecfg.clone())?)?;
     Ok((items, specs, ecfg))
 }
 
