@@ -113,3 +113,83 @@ fn the_report_folder_has_an_html_page_with_inline_plots_and_the_tables() {
     let siblings: Vec<_> = std::fs::read_dir(out.parent().unwrap()).unwrap().collect();
     assert_eq!(siblings.len(), 1);
 }
+
+/// A PNG's `pHYs` chunk: pixels per unit on x and y, and the unit (1: the metre).
+type Phys = (u32, u32, u8);
+
+/// Width and height of a PNG file (its header chunk) and its `pHYs` chunk, if any.
+fn png_info(b: &[u8]) -> ((u32, u32), Option<Phys>) {
+    assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "a PNG signature");
+    let be = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let size = (be(16), be(20));
+    let mut at = 8;
+    let mut phys = None;
+    while at + 8 <= b.len() {
+        let (len, kind) = (be(at) as usize, &b[at + 4..at + 8]);
+        if kind == b"pHYs" {
+            phys = Some((be(at + 8), be(at + 12), b[at + 16]));
+        }
+        if kind == b"IDAT" {
+            // The specification puts pHYs before the image data.
+            break;
+        }
+        at += 12 + len;
+    }
+    (size, phys)
+}
+
+/// The `width` and `height` attributes of the root element of an SVG file.
+fn svg_size(svg: &str) -> (f64, f64) {
+    let attr = |name: &str| -> f64 {
+        let from = svg.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
+        let to = from + svg[from..].find('"').unwrap();
+        svg[from..to].parse().unwrap()
+    };
+    (attr("width"), attr("height"))
+}
+
+#[test]
+fn the_pngs_are_the_svgs_at_300_dpi_with_a_phys_chunk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("report");
+    mlbench::report::write_report(&table(), None, &out, "demo", "synthetic values").unwrap();
+    let curve = mlbench::runner::study::Curve {
+        method: "lora-k".into(),
+        k: Some(16),
+        loss: vec![(0.0, 2.0), (1.0, 1.5), (2.0, 1.2)],
+        ..Default::default()
+    };
+    mlbench::report::plot::write_curves(&[curve], &out).unwrap();
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    for name in ["efficiency", "languages", "curves"] {
+        let (w, h) = svg_size(&std::fs::read_to_string(out.join(format!("{name}.svg"))).unwrap());
+        // The SVG's size is in CSS pixels, 96 to the inch: the figure's physical size.
+        let inches = (w / 96.0, h / 96.0);
+        let png = std::fs::read(out.join(format!("{name}.png"))).unwrap();
+        let ((pw, ph), phys) = png_info(&png);
+        assert_eq!(
+            (pw, ph),
+            (
+                (inches.0 * 300.0).round() as u32,
+                (inches.1 * 300.0).round() as u32
+            ),
+            "{name}.png is {pw}x{ph} pixels for {:.2} x {:.2} inches",
+            inches.0,
+            inches.1
+        );
+        // 300 dpi is 11,811 pixels per metre.
+        assert_eq!(phys, Some((11_811, 11_811, 1)), "{name}.png's pHYs chunk");
+        if name != "curves" {
+            // The page shows the PNG at the SVG's width.
+            assert!(
+                html.contains(&format!("<img id=\"{name}\"")),
+                "{name} on the page"
+            );
+            let tag = &html[html.find(&format!("<img id=\"{name}\"")).unwrap()..];
+            assert!(
+                tag[..tag.find('>').unwrap()].contains(&format!("width=\"{w}\"")),
+                "{name} is shown {w} pixels wide"
+            );
+        }
+    }
+}

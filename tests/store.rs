@@ -458,3 +458,149 @@ fn a_baseline_with_budgets_is_paired_at_the_same_k() {
         "csv p {p}, same K {same_k}, other K {other_k}"
     );
 }
+
+/// `mlbench export --format eee --from STORE`: one Every Eval Ever aggregate (0.2.1) per
+/// finished cell, with the cell in the record and the store as its source; every score equal to
+/// the store's metric row; one instance line per sample row, correct where the row is.
+#[test]
+fn eee_export_of_a_store_has_one_aggregate_per_cell_matching_its_metric_rows() {
+    use serde_json::Value;
+    let tmp = tempfile::tempdir().unwrap();
+    let specs = specs(tmp.path());
+    let store = Store::new(tmp.path().join("store"));
+    grid(&store, &specs, 0, "v1", 1_700_000_000);
+    let out = tmp.path().join("eee");
+    let o = mlbench(&[
+        "-q",
+        "export",
+        "--format",
+        "eee",
+        "--from",
+        store.dir.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--organization",
+        "tests",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let metrics = store_rows(&store.dir, "metrics.parquet", &["key", "lang", "metric"]);
+    let s = |c: &str| metrics.column(c).unwrap().str().unwrap().clone();
+    let (keys, langs, names) = (s("key"), s("lang"), s("metric"));
+    let values = metrics.column("value").unwrap().f64().unwrap().clone();
+    let cells = store.finished();
+    assert_eq!(cells.len(), 6);
+    for key in &cells {
+        let agg: Value =
+            serde_json::from_slice(&std::fs::read(out.join(format!("{key}.json"))).unwrap())
+                .unwrap();
+        for k in [
+            "schema_version",
+            "evaluation_id",
+            "retrieved_timestamp",
+            "source_metadata",
+            "model_info",
+            "eval_library",
+            "evaluation_results",
+        ] {
+            assert!(agg.get(k).is_some(), "{key}: aggregate lacks {k}");
+        }
+        assert_eq!(agg["schema_version"], "0.2.1");
+        let src = &agg["source_metadata"];
+        assert_eq!(src["source_type"], "evaluation_run");
+        assert_eq!(src["source_organization_name"], "tests");
+        assert!(src["source_name"]
+            .as_str()
+            .unwrap()
+            .contains("mlbench results store"));
+        let cell: Value =
+            serde_json::from_slice(&std::fs::read(store.cell_dir(key).join("cell.json")).unwrap())
+                .unwrap();
+        let d = &agg["model_info"]["additional_details"];
+        assert!(d.as_object().unwrap().values().all(Value::is_string));
+        assert_eq!(d["cell_key"], key.as_str());
+        assert_eq!(d["method"], cell["cell"]["method"]);
+        assert_eq!(d["seed"], "0");
+        let k = cell["cell"]["k"].as_i64().map(|k| k.to_string());
+        assert_eq!(d["k"], k.as_deref().unwrap_or("full"));
+        // Every metric row of the cell, once, with its value.
+        let rows: Vec<usize> = (0..metrics.height())
+            .filter(|&i| keys.get(i) == Some(key.as_str()))
+            .collect();
+        let results = agg["evaluation_results"].as_array().unwrap();
+        assert_eq!(results.len(), rows.len(), "{key}");
+        for i in rows {
+            let (lang, metric) = (langs.get(i).unwrap(), names.get(i).unwrap());
+            let e = results
+                .iter()
+                .find(|e| {
+                    e["evaluation_name"] == format!("toy_{lang}")
+                        && e["metric_config"]["additional_details"]["metric"] == metric
+                })
+                .unwrap_or_else(|| panic!("{key}: no result for {lang} {metric}"));
+            let score = e["score_details"]["score"].as_f64().unwrap();
+            assert!(
+                (score - values.get(i).unwrap()).abs() < 1e-12,
+                "{key} {lang}"
+            );
+        }
+        // The instances: one per sample row (2 languages x N), correct as the rows are.
+        let detail = &agg["detailed_evaluation_results"];
+        let bytes = std::fs::read(out.join(detail["file_path"].as_str().unwrap())).unwrap();
+        assert_eq!(
+            detail["checksum"].as_str().unwrap(),
+            mlbench::util::sha256_hex(&bytes)
+        );
+        let lines: Vec<Value> = String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2 * N);
+        assert_eq!(detail["total_rows"], 2 * N);
+        for lang in LANGS {
+            let mine: Vec<&Value> = lines
+                .iter()
+                .filter(|l| l["evaluation_name"] == format!("toy_{lang}"))
+                .collect();
+            let hits = mine
+                .iter()
+                .filter(|l| l["evaluation"]["is_correct"] == true)
+                .count();
+            let acc = results
+                .iter()
+                .find(|e| {
+                    e["evaluation_name"] == format!("toy_{lang}")
+                        && e["metric_config"]["additional_details"]["metric"] == "acc"
+                })
+                .unwrap()["score_details"]["score"]
+                .as_f64()
+                .unwrap();
+            assert!((hits as f64 / mine.len() as f64 - acc).abs() < 1e-12);
+            for l in mine {
+                assert_eq!(l["evaluation_id"], agg["evaluation_id"]);
+                assert_eq!(l["model_id"], agg["model_info"]["id"]);
+                assert_eq!(
+                    l["answer_attribution"][0]["extracted_value"],
+                    l["output"]["raw"][0]
+                );
+            }
+        }
+    }
+    // Neither an evaluation folder nor a store: refused, saying what was looked for.
+    let o = mlbench(&[
+        "-q",
+        "export",
+        "--format",
+        "eee",
+        "--from",
+        tmp.path().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("neither an evaluation folder"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -203,8 +203,9 @@ pub struct ExportArgs {
     /// The format to write.
     #[arg(long, value_enum)]
     pub format: ExportFormat,
-    /// An evaluation folder (`mlbench eval --out`); evaluate with `--log-samples` to get
-    /// instance-level files too.
+    /// An evaluation folder (`mlbench eval --out`; evaluate with `--log-samples` to get
+    /// instance-level files too) or a results store (`mlbench run --store`: one aggregate per
+    /// finished cell, instances from its sample rows).
     #[arg(long = "from")]
     pub from: PathBuf,
     /// Output folder.
@@ -217,7 +218,7 @@ pub struct ExportArgs {
 
 pub fn export(_g: &Global, a: ExportArgs) -> anyhow::Result<()> {
     let written = match a.format {
-        ExportFormat::Eee => mlbench::eval::eee::export(&a.from, &a.out, &a.organization)?,
+        ExportFormat::Eee => mlbench::eval::eee::export_from(&a.from, &a.out, &a.organization)?,
     };
     for p in written {
         tracing::info!("wrote {}", p.display());

@@ -19,7 +19,8 @@
 //!   listed with its sha256 under `detailed_evaluation_results`.
 //!
 //! Values the schema wants as strings (every `additional_details`) are strings. Files are
-//! written atomically; nothing in the evaluation folder changes.
+//! written atomically; nothing in the evaluation folder changes. [`export_from`] also takes a
+//! results store, which [`super::eee_store`] writes one aggregate per finished cell of.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,19 +33,36 @@ use crate::util::{sha256_hex, write_bytes_atomic};
 
 /// The schema versions written.
 pub const SCHEMA: &str = "0.2.1";
-const INSTANCE_SCHEMA: &str = "instance_level_eval_0.2.1";
+pub(super) const INSTANCE_SCHEMA: &str = "instance_level_eval_0.2.1";
+
+/// Writes the Every Eval Ever files of `from` into `out`: an evaluation folder (it has
+/// `results.json`: [`export`]) or a results store (it has `cells/`:
+/// [`super::eee_store::export_store`]); anything else is refused, saying so.
+pub fn export_from(from: &Path, out: &Path, organization: &str) -> Result<Vec<PathBuf>> {
+    if from.join("results.json").is_file() {
+        export(from, out, organization)
+    } else if from.join("cells").is_dir() {
+        super::eee_store::export_store(from, out, organization)
+    } else {
+        Err(Error::Invalid(format!(
+            "{} is neither an evaluation folder (no results.json, as `mlbench eval --out` \
+             writes) nor a results store (no cells/ folder, as `mlbench run --store` writes)",
+            from.display()
+        )))
+    }
+}
 
 /// One metric row of `metrics.parquet`.
-struct Row {
-    variant: String,
-    task: String,
-    lang: String,
-    metric: String,
-    higher_is_better: bool,
-    n: u64,
-    value: f64,
-    stderr: f64,
-    ci: (f64, f64),
+pub(super) struct Row {
+    pub variant: String,
+    pub task: String,
+    pub lang: String,
+    pub metric: String,
+    pub higher_is_better: bool,
+    pub n: u64,
+    pub value: f64,
+    pub stderr: f64,
+    pub ci: (f64, f64),
 }
 
 /// Writes the Every Eval Ever files of the evaluation in `eval_dir` into `out` (see the module
@@ -74,27 +92,40 @@ pub fn export(eval_dir: &Path, out: &Path, organization: &str) -> Result<Vec<Pat
             .to_string();
         let logs = eval_dir.join("lm-eval").join(&name);
         if let Some(lines) = instances(&logs, &id, &record["model_info"]["id"])? {
-            let file = format!("{}.instances.jsonl", safe(&name));
-            let bytes: Vec<u8> = lines
-                .iter()
-                .flat_map(|l| {
-                    let mut b = serde_json::to_vec(l).unwrap_or_default();
-                    b.push(b'\n');
-                    b
-                })
-                .collect();
-            record["detailed_evaluation_results"] = json!({
-                "format": "jsonl", "file_path": file, "hash_algorithm": "sha256",
-                "checksum": sha256_hex(&bytes), "total_rows": lines.len(),
-            });
-            write_bytes_atomic(&out.join(&file), &bytes)?;
-            written.push(out.join(file));
+            written.push(write_instances(out, &name, &lines, &mut record)?);
         }
-        let path = out.join(format!("{}.json", safe(&name)));
-        write_bytes_atomic(&path, &serde_json::to_vec_pretty(&record)?)?;
-        written.push(path);
+        written.push(write_record(out, &name, &record)?);
     }
     Ok(written)
+}
+
+/// Writes `<name>.instances.jsonl` of `lines` into `out` and lists it, with its sha256, under
+/// the aggregate `record`'s `detailed_evaluation_results`; returns the file's path.
+pub(super) fn write_instances(
+    out: &Path,
+    name: &str,
+    lines: &[Value],
+    record: &mut Value,
+) -> Result<PathBuf> {
+    let file = format!("{}.instances.jsonl", safe(name));
+    let mut bytes = Vec::new();
+    for l in lines {
+        bytes.extend(serde_json::to_vec(l)?);
+        bytes.push(b'\n');
+    }
+    record["detailed_evaluation_results"] = json!({
+        "format": "jsonl", "file_path": file, "hash_algorithm": "sha256",
+        "checksum": sha256_hex(&bytes), "total_rows": lines.len(),
+    });
+    write_bytes_atomic(&out.join(&file), &bytes)?;
+    Ok(out.join(file))
+}
+
+/// Writes the aggregate `record` as `<name>.json` into `out`; returns the file's path.
+pub(super) fn write_record(out: &Path, name: &str, record: &Value) -> Result<PathBuf> {
+    let path = out.join(format!("{}.json", safe(name)));
+    write_bytes_atomic(&path, &serde_json::to_vec_pretty(record)?)?;
+    Ok(path)
 }
 
 /// A file name from a variant name.
@@ -110,7 +141,7 @@ fn safe(name: &str) -> String {
         .collect()
 }
 
-fn read_json(path: &Path) -> Result<Value> {
+pub(super) fn read_json(path: &Path) -> Result<Value> {
     let bytes =
         std::fs::read(path).map_err(|e| Error::missing_or_io("results file", "read", path, e))?;
     serde_json::from_slice(&bytes).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
@@ -118,7 +149,11 @@ fn read_json(path: &Path) -> Result<Value> {
 
 /// The rows of a `metrics.parquet` file.
 fn read_metrics(path: &Path) -> Result<Vec<Row>> {
-    let df = crate::data::schema::read_parquet(path)?;
+    rows_of(&crate::data::schema::read_parquet(path)?, path)
+}
+
+/// The metric rows of a frame in the `metrics.parquet` layout read from `path`.
+pub(super) fn rows_of(df: &DataFrame, path: &Path) -> Result<Vec<Row>> {
     let bad = |e: PolarsError| Error::Invalid(format!("{}: {e}", path.display()));
     let s = |c: &str| -> Result<StringChunked> {
         Ok(df.column(c).map_err(bad)?.str().map_err(bad)?.clone())
@@ -223,12 +258,12 @@ fn aggregate(
             "inference_engine": {"name": "mlbench", "version": env!("CARGO_PKG_VERSION")},
             "additional_details": details,
         },
-        "evaluation_results": rows.iter().map(|r| result_entry(r, results)).collect::<Vec<_>>(),
+        "evaluation_results": rows.iter().map(|r| result_entry(r, &cfg["shots"], task_spec(results, &r.task))).collect::<Vec<_>>(),
     })
 }
 
 /// The model's id as given (a Hub id or a folder's name), with the adapter after a `+`.
-fn model_id(model: &str, variant: &str) -> String {
+pub(super) fn model_id(model: &str, variant: &str) -> String {
     let base = if Path::new(model).is_dir() {
         Path::new(model)
             .file_name()
@@ -243,15 +278,23 @@ fn model_id(model: &str, variant: &str) -> String {
     }
 }
 
-/// One `evaluation_results` entry.
-fn result_entry(r: &Row, results: &Value) -> Value {
-    let cfg = &results["config"];
-    let spec = results["tasks"]
+/// The task entry named `task` of a results file.
+fn task_spec<'a>(results: &'a Value, task: &str) -> Option<&'a Value> {
+    results["tasks"]
         .as_array()
         .into_iter()
         .flatten()
-        .find(|t| t["name"] == r.task.as_str());
+        .find(|t| t["name"] == task)
+}
+
+/// One `evaluation_results` entry, for an evaluation with `shots` few-shot examples of a task
+/// described by `spec` (its `split` and, where known, `version`).
+pub(super) fn result_entry(r: &Row, shots: &Value, spec: Option<&Value>) -> Value {
     let split = spec.and_then(|t| t["split"].as_str()).unwrap_or_default();
+    let version = spec
+        .and_then(|t| t.get("version"))
+        .map(Value::to_string)
+        .unwrap_or_default();
     let interval = if r.lang == "macro" {
         "stratified percentile bootstrap"
     } else {
@@ -263,7 +306,7 @@ fn result_entry(r: &Row, results: &Value) -> Value {
             "dataset_name": r.task,
             "source_type": "other",
             "additional_details": {
-                "split": split, "language": r.lang, "version": spec.map(|t| t["version"].to_string()).unwrap_or_default(),
+                "split": split, "language": r.lang, "version": version,
             },
         },
         "metric_config": {
@@ -272,7 +315,7 @@ fn result_entry(r: &Row, results: &Value) -> Value {
             "score_type": "continuous",
             "min_score": 0.0,
             "max_score": 1.0,
-            "additional_details": {"metric": r.metric, "num_fewshot": cfg["shots"].to_string()},
+            "additional_details": {"metric": r.metric, "num_fewshot": shots.to_string()},
         },
         "score_details": {
             "score": r.value,

@@ -1,16 +1,20 @@
 //! Metric trends over runs (`mlbench report --history`): one comparison table per run (code
 //! version, oldest first) in; a report folder out with `history.png`/`.svg` (one panel per
 //! table column, x = run, one line per method and K with its interval as a band; legend entries,
-//! markers and bands drawn by [`super::plot`]'s helpers), `history.csv`, `history.md` and a
-//! self-contained `index.html`.
+//! markers and bands drawn by [`super::plot`]'s helpers; the SVG at its size in CSS pixels,
+//! the PNG the same figure at 300 dpi, as [`super::figure`] says), `history.csv`, `history.md`
+//! and a self-contained `index.html`.
 
 use std::path::Path;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::plot::{band, legend_entry, marker, plot_err, register_font, Look, COLORS};
-use super::{esc, html_head, png_uri, write_folder};
+use super::figure::{write_figure, Figure, Scale};
+use super::plot::{
+    band, captioned, legend_entry, marker, mesh_at, plot_err, register_font, title_at, Look, COLORS,
+};
+use super::{esc, html_head, png_img, write_folder};
 use crate::error::Result;
 use crate::runner::compare::{Entry, Table};
 use crate::util::write_bytes_atomic;
@@ -103,29 +107,25 @@ fn styles(series: &[(String, Option<i64>)]) -> Vec<Look> {
 }
 
 /// The history plot: a title, one panel per column over the runs, the legend beside them.
-fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, runs: &[Run]) -> Result<()> {
+fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, runs: &[Run], s: Scale) -> Result<()> {
     root.fill(&WHITE).map_err(plot_err)?;
     let (cols, series) = axes(runs);
     let looks = styles(&series);
     let metric = runs.first().map(|r| r.2.metric.clone()).unwrap_or_default();
     let ncols = cols.len().clamp(1, 3);
     let nrows = cols.len().max(1).div_ceil(ncols);
-    let (title, body) = root.split_vertically(40);
-    title
-        .titled(
-            &format!("{metric} over runs"),
-            ("sans-serif", 22).into_font(),
-        )
-        .map_err(plot_err)?;
+    let (title, body) = root.split_vertically(s.upx(40));
+    title_at(&title, &format!("{metric} over runs"), 22.0, s)?;
     let (w, _) = body.dim_in_pixel();
-    let (plots, legend) = body.split_horizontally(w.saturating_sub(LEGEND_W));
+    let (plots, legend) = body.split_horizontally(w.saturating_sub(s.upx(LEGEND_W)));
     // The legend, once, beside the panels.
-    for (i, (s, look)) in series.iter().zip(&looks).enumerate() {
-        legend_entry(&legend, (8, 30 + 20 * i as i32), *look, &label(s), 13)?;
+    for (i, (se, look)) in series.iter().zip(&looks).enumerate() {
+        let at = (s.px(8), s.px(30 + 20 * i as i32));
+        legend_entry(&legend, at, *look, (&label(se), 13), s)?;
     }
     let panels = plots.split_evenly((nrows, ncols));
     for (col, area) in cols.iter().zip(panels.iter()) {
-        panel(area, runs, col, &metric, (&series, &looks))?;
+        panel(area, runs, (col, &metric), (&series, &looks), s)?;
     }
     root.present().map_err(plot_err)?;
     Ok(())
@@ -136,25 +136,23 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, runs: &[Run]) -> Resul
 fn panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     runs: &[Run],
-    col: &str,
-    metric: &str,
+    (col, metric): (&str, &str),
     (series, looks): (&[(String, Option<i64>)], &[Look]),
+    s: Scale,
 ) -> Result<()> {
     let n = runs.len();
     let names: Vec<String> = runs
         .iter()
         .map(|(_, t, _)| utc_date(*t)[5..].to_string())
         .collect();
-    let mut chart = ChartBuilder::on(area)
-        .caption(col, ("sans-serif", 16))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(45)
+    let mut chart = captioned(area, col, (16.0, 10), s)?
+        .x_label_area_size(s.upx(30))
+        .y_label_area_size(s.upx(45))
         .build_cartesian_2d(-0.3f64..(n as f64 - 0.7).max(0.3), 0f64..1f64)
         .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
+    let mut mesh = chart.configure_mesh();
+    mesh_at(&mut mesh, (BLACK.mix(0.2), BLACK.mix(0.1)), s);
+    mesh.disable_x_mesh()
         .x_labels(n.clamp(1, 10))
         .x_label_formatter(&|x| {
             let i = x.round();
@@ -168,31 +166,31 @@ fn panel<DB: DrawingBackend>(
         .y_desc(metric)
         .draw()
         .map_err(plot_err)?;
-    for (s, look) in series.iter().zip(looks) {
+    for (se, look) in series.iter().zip(looks) {
         let pts: Vec<(f64, f64, f64, f64)> = runs
             .iter()
             .enumerate()
             .filter_map(|(i, (_, _, t))| {
-                entry(t, s, col).map(|e| (i as f64, e.mean, e.low.max(0.0), e.high.min(1.0)))
+                entry(t, se, col).map(|e| (i as f64, e.mean, e.low.max(0.0), e.high.min(1.0)))
             })
             .collect();
         if pts.is_empty() {
             continue;
         }
         band(&mut chart, &pts, look.color, 0.12)?;
-        look.line(&mut chart, pts.iter().map(|p| (p.0, p.1)).collect())?;
+        look.line(&mut chart, pts.iter().map(|p| (p.0, p.1)).collect(), s)?;
         let plotting = chart.plotting_area();
         for p in &pts {
             let at = plotting.map_coordinate(&(p.0, p.1));
             let abs = plotting.strip_coord_spec();
             let (ox, oy) = abs.get_base_pixel();
-            marker(&abs, (at.0 - ox, at.1 - oy), *look)?;
+            marker(&abs, (at.0 - ox, at.1 - oy), *look, s)?;
         }
     }
     Ok(())
 }
 
-/// Width of the legend strip, pixels.
+/// Width of the legend strip, layout units.
 const LEGEND_W: u32 = 190;
 
 /// The trend table as CSV: one row per run x (method, K) x column.
@@ -263,14 +261,7 @@ pub fn write_history(runs: &[Run], out: &Path, title: &str, about: &str) -> Resu
         40 + 340 * cols.len().max(1).div_ceil(ncols as usize) as u32,
     );
     write_folder(out, |tmp| {
-        draw(
-            BitMapBackend::new(&tmp.join("history.png"), size).into_drawing_area(),
-            runs,
-        )?;
-        draw(
-            SVGBackend::new(&tmp.join("history.svg"), size).into_drawing_area(),
-            runs,
-        )?;
+        write_figure(tmp, "history", size, &History(runs))?;
         let md = markdown(runs);
         write_bytes_atomic(&tmp.join("history.md"), md.as_bytes())?;
         write_bytes_atomic(&tmp.join("history.csv"), csv(runs).as_bytes())?;
@@ -288,7 +279,7 @@ pub fn write_history(runs: &[Run], out: &Path, title: &str, about: &str) -> Resu
             r#"{head}<body>
 <h1>{title}</h1>
 <p>{about}</p>
-<img id="history" alt="metric over runs" src="{img}">
+{img}
 <h2>Runs</h2>
 <table>
 <thead><tr><th>run</th><th>date</th><th>rows</th><th>code version</th></tr></thead>
@@ -301,11 +292,20 @@ pub fn write_history(runs: &[Run], out: &Path, title: &str, about: &str) -> Resu
             head = html_head(title),
             title = esc(title),
             about = esc(about),
-            img = png_uri(tmp, "history.png")?,
+            img = png_img(tmp, "history", "metric over runs")?,
             version = esc(&crate::util::code_version()),
         );
         write_bytes_atomic(&tmp.join("index.html"), html.as_bytes())
     })
+}
+
+/// The history plot of some runs, as a [`Figure`].
+struct History<'a>(&'a [Run]);
+
+impl Figure for History<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: DrawingArea<DB, Shift>, s: Scale) -> Result<()> {
+        draw(root, self.0, s)
+    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
 //! Stage 6 of the data's journey: reports. A comparison table (and, for a study with a declared
 //! reference, its verdicts, budget, diagnostics and setup: [`Study`]) in; a report folder out,
 //! written beside its final place and renamed into it: `index.html` (self-contained, plots
-//! inline), `table.md`, `table.csv`, `table.tex`, the plots as PNG and SVG ([`plot`]), and for a
+//! inline, each shown at its size in CSS pixels), `table.md`, `table.csv`, `table.tex`, the
+//! plots as PNG (300 dpi) and SVG ([`plot`], [`figure`]), and for a
 //! study `verdicts.{md,csv,tex}`, `budget.{md,csv}`, `labels.md`, `setup.md` and
 //! `curves.{png,svg}`. The page follows `../shared/docs/study.md`, section 5: setup, verdicts,
 //! accuracy, budget, the efficiency plot, diagnostics, and a plain-words reading.
 
+pub mod figure;
 pub mod history;
 pub mod plot;
 
@@ -108,11 +110,23 @@ pub(crate) fn write_folder(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -
     Ok(())
 }
 
-/// A PNG file of `dir` as a `data:` URI.
-pub(crate) fn png_uri(dir: &Path, f: &str) -> Result<String> {
-    let p = dir.join(f);
+/// The figure `<name>.png` of `dir` as an inline `<img>` with id `name` and text `alt`, shown
+/// at its layout width (its pixels over [`figure::Scale::PNG`]: the width of its SVG), so that
+/// the 300-dpi PNG takes the room the figure was laid out for, only sharper.
+pub(crate) fn png_img(dir: &Path, name: &str, alt: &str) -> Result<String> {
+    let p = dir.join(format!("{name}.png"));
     let b = std::fs::read(&p).map_err(|e| Error::io("read", &p, e))?;
-    Ok(format!("data:image/png;base64,{}", base64(&b)))
+    if b.len() < 24 || &b[12..16] != b"IHDR" {
+        return Err(Error::Invalid(format!("{}: not a PNG file", p.display())));
+    }
+    let px = u32::from_be_bytes([b[16], b[17], b[18], b[19]]);
+    let width =
+        (f64::from(px) * f64::from(figure::UNITS_PER_INCH) / f64::from(figure::PNG_DPI)).round();
+    Ok(format!(
+        r#"<img id="{name}" alt="{alt}" width="{width}" src="data:image/png;base64,{data}">"#,
+        alt = esc(alt),
+        data = base64(&b)
+    ))
 }
 
 /// The page head: title and the shared style.
@@ -222,10 +236,14 @@ fn study_sections(st: &Study, dir: &Path) -> Result<[String; 3]> {
 <p><small>A cell is flagged when one label takes more than 80% of its predictions and less than 50% of the gold labels.</small></p>
 <div class="wide">{labels}</div>
 <h3>Training curves</h3>
-<img id="curves" alt="training loss, dev score and update norms per step" src="{curves}">
+{curves}
 "#,
             labels = study::dists_html(&st.dists),
-            curves = png_uri(dir, "curves.png")?,
+            curves = png_img(
+                dir,
+                "curves",
+                "training loss, dev score and update norms per step"
+            )?,
         ),
     ])
 }
@@ -282,9 +300,9 @@ pub fn write_report(
 {head_part}<h2>Accuracy</h2>
 <div class="wide">{table}</div><p><small>{foot}</small></p>
 {budget_part}<h2>Data efficiency</h2>
-<img id="efficiency" alt="{metric} against examples per task" src="{eff}">
+{eff}
 <h2>Per language</h2>
-<img id="languages" alt="{metric} per language" src="{lang}">
+{lang}
 {diag_part}<p><small>Files: table.md, table.csv, table.tex, efficiency.png/.svg, languages.png/.svg.{files} {version}</small></p>
 </body></html>
 "#,
@@ -293,9 +311,12 @@ pub fn write_report(
             about = esc(about),
             table = html_table(t),
             foot = esc(&t.footnote()),
-            metric = esc(&t.metric),
-            eff = png_uri(tmp, "efficiency.png")?,
-            lang = png_uri(tmp, "languages.png")?,
+            eff = png_img(
+                tmp,
+                "efficiency",
+                &format!("{} against examples per task", t.metric)
+            )?,
+            lang = png_img(tmp, "languages", &format!("{} per language", t.metric))?,
             version = esc(&crate::util::code_version()),
         );
         write_bytes_atomic(&tmp.join("index.html"), html.as_bytes())

@@ -6,12 +6,22 @@
 //! the Okabe-Ito palette, each method also has its own marker and solid or dashed line, and the
 //! legend sits in a strip below the data. The drawing pieces here (a series' [`Look`], its
 //! marker, a legend entry, an interval band) serve the history plot too ([`super::history`]).
+//!
+//! Sizes are layout units of 1/96 inch, drawn through one [`Scale`] ([`super::figure`]): the
+//! SVG at scale 1 (its size in CSS pixels, as before), the PNG at 300 dpi (every size x 3.125:
+//! canvas, fonts, line widths, markers, margins, legend strip; `pHYs` says 300 dpi), so both
+//! show the same figure at the same physical size, the PNG sharper. The one thing left
+//! unscaled is plotters' own padding of at most 5 pixels above a title or panel caption.
 
 use std::path::Path;
 
+use plotters::chart::MeshStyle;
+use plotters::coord::ranged1d::ValueFormatter;
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+use super::figure::{write_figure, Figure, Scale};
 use crate::error::{Error, Result};
 use crate::runner::compare::{k_label, Entry, Table};
 use crate::runner::study::Curve;
@@ -71,16 +81,19 @@ impl Look {
         self,
         chart: &mut ChartContext<DB, CT>,
         pts: &[(f64, f64)],
+        s: Scale,
     ) -> Result<()> {
-        let c = self.color;
+        let (c, r4, r5) = (self.color, s.px(4), s.px(5));
         match self.marker % 4 {
-            0 => chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled()))),
-            1 => chart.draw_series(pts.iter().map(|p| TriangleMarker::new(*p, 5, c.filled()))),
-            2 => chart
-                .draw_series(pts.iter().map(|p| {
-                    EmptyElement::at(*p) + Rectangle::new([(-4, -4), (4, 4)], c.filled())
-                })),
-            _ => chart.draw_series(pts.iter().map(|p| Cross::new(*p, 5, c.stroke_width(2)))),
+            0 => chart.draw_series(pts.iter().map(|p| Circle::new(*p, r4, c.filled()))),
+            1 => chart.draw_series(pts.iter().map(|p| TriangleMarker::new(*p, r5, c.filled()))),
+            2 => chart.draw_series(pts.iter().map(|p| {
+                EmptyElement::at(*p) + Rectangle::new([(-r4, -r4), (r4, r4)], c.filled())
+            })),
+            _ => chart.draw_series(
+                pts.iter()
+                    .map(|p| Cross::new(*p, r5, c.stroke_width(s.stroke(2)))),
+            ),
         }
         .map(|_| ())
         .map_err(plot_err)
@@ -91,11 +104,12 @@ impl Look {
         self,
         chart: &mut ChartContext<DB, CT>,
         pts: Vec<(f64, f64)>,
+        s: Scale,
     ) -> Result<()> {
-        let style = ShapeStyle::from(self.color).stroke_width(2);
+        let style = ShapeStyle::from(self.color).stroke_width(s.stroke(2));
         if self.dashed {
             chart
-                .draw_series(DashedLineSeries::new(pts, 8, 5, style))
+                .draw_series(DashedLineSeries::new(pts, s.upx(8), s.upx(5), style))
                 .map_err(plot_err)?;
         } else {
             chart
@@ -111,48 +125,50 @@ pub(crate) fn marker<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     at: (i32, i32),
     look: Look,
+    s: Scale,
 ) -> Result<()> {
-    let (c, (x, y)) = (look.color, at);
+    let (c, (x, y), r4, r5) = (look.color, at, s.px(4), s.px(5));
     match look.marker % 4 {
-        0 => area.draw(&Circle::new(at, 4, c.filled())),
-        1 => area.draw(&TriangleMarker::new(at, 5, c.filled())),
+        0 => area.draw(&Circle::new(at, r4, c.filled())),
+        1 => area.draw(&TriangleMarker::new(at, r5, c.filled())),
         2 => area.draw(&Rectangle::new(
-            [(x - 4, y - 4), (x + 4, y + 4)],
+            [(x - r4, y - r4), (x + r4, y + r4)],
             c.filled(),
         )),
-        _ => area.draw(&Cross::new(at, 5, c.stroke_width(2))),
+        _ => area.draw(&Cross::new(at, r5, c.stroke_width(s.stroke(2)))),
     }
     .map_err(plot_err)
 }
 
-/// One legend entry whose line sample starts at pixel `at` of `area`: a 28-pixel line (three
-/// dashes when the look is dashed), the marker in its middle, then `name` in `font_size`.
+/// One legend entry whose line sample starts at pixel `at` of `area`: a 28-unit line (three
+/// dashes when the look is dashed), the marker in its middle, then `name` in `font_size`
+/// units; every size at scale `s`.
 pub(crate) fn legend_entry<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     at: (i32, i32),
     look: Look,
-    name: &str,
-    font_size: u32,
+    (name, font_size): (&str, u32),
+    s: Scale,
 ) -> Result<()> {
     let (x, y) = at;
-    let style = ShapeStyle::from(look.color).stroke_width(2);
-    if look.dashed {
-        for s in 0..3 {
-            area.draw(&PathElement::new(
-                vec![(x + s * 10, y), (x + s * 10 + 6, y)],
-                style,
-            ))
-            .map_err(plot_err)?;
-        }
+    let style = ShapeStyle::from(look.color).stroke_width(s.stroke(2));
+    let segments: Vec<(i32, i32)> = if look.dashed {
+        (0..3).map(|d| (d * 10, d * 10 + 6)).collect()
     } else {
-        area.draw(&PathElement::new(vec![(x, y), (x + 28, y)], style))
-            .map_err(plot_err)?;
+        vec![(0, 28)]
+    };
+    for (a, b) in segments {
+        area.draw(&PathElement::new(
+            vec![(x + s.px(a), y), (x + s.px(b), y)],
+            style,
+        ))
+        .map_err(plot_err)?;
     }
-    marker(area, (x + 14, y), look)?;
+    marker(area, (x + s.px(14), y), look, s)?;
     area.draw(&Text::new(
         name.to_string(),
-        (x + 36, y - 7),
-        ("sans-serif", font_size).into_font(),
+        (x + s.px(36), y - s.px(7)),
+        s.font(f64::from(font_size)),
     ))
     .map_err(plot_err)
 }
@@ -182,11 +198,12 @@ pub(crate) fn band<DB: DrawingBackend, CT: plotters::coord::CoordTranslate<From 
 pub(crate) fn legend_strip<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     entries: &[(String, Look)],
+    s: Scale,
 ) -> Result<()> {
     let y = area.dim_in_pixel().1 as i32 / 2;
     let mut x = 20;
     for (name, look) in entries {
-        legend_entry(area, (x, y), *look, name, 14)?;
+        legend_entry(area, (s.px(x), y), *look, (name, 14), s)?;
         x += legend_width(name);
     }
     Ok(())
@@ -214,6 +231,62 @@ pub(crate) fn percent_label(metric: &str) -> String {
 pub(crate) fn plot_err<E: std::fmt::Debug>(e: E) -> Error {
     Error::Invalid(format!("drawing a plot: {e:?}"))
 }
+
+/// Sets a chart's mesh sizes at scale `s`: 12-unit tick labels and axis descriptions, 5-unit
+/// ticks, a 1-unit black axis, the gridlines `grid` (major) and `light` (minor) 1 unit wide.
+pub(crate) fn mesh_at<X, Y, XT, YT, DB>(
+    m: &mut MeshStyle<'_, '_, X, Y, DB>,
+    (grid, light): (RGBAColor, RGBAColor),
+    s: Scale,
+) where
+    X: Ranged<ValueType = XT> + ValueFormatter<XT>,
+    Y: Ranged<ValueType = YT> + ValueFormatter<YT>,
+    DB: DrawingBackend,
+{
+    m.x_label_style(s.font(12.0))
+        .y_label_style(s.font(12.0))
+        .axis_desc_style(s.font(12.0))
+        .set_all_tick_mark_size(s.px(5))
+        .axis_style(BLACK.stroke_width(s.stroke(1)))
+        .bold_line_style(grid.stroke_width(s.stroke(1)))
+        .light_line_style(light.stroke_width(s.stroke(1)));
+}
+
+/// Draws `text` in `size` units centred at the top of `area`, 5 units below its top edge, as
+/// plotters' `titled` does at scale 1 (its padding, at most 5 pixels, does not scale); returns
+/// the text's height in pixels.
+pub(crate) fn title_at<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    text: &str,
+    size: f64,
+    s: Scale,
+) -> Result<u32> {
+    let style = TextStyle::from(s.font(size)).pos(Pos::new(HPos::Center, VPos::Top));
+    let (_, h) = area.estimate_text_size(text, &style).map_err(plot_err)?;
+    let w = area.dim_in_pixel().0 as i32;
+    area.draw(&Text::new(text.to_string(), (w / 2, s.px(5)), style))
+        .map_err(plot_err)?;
+    Ok(h)
+}
+
+/// A chart builder on `area` with `margin` units all round and `caption` (in `size` units) at
+/// the top inside the margin, laid out as plotters' own caption at scale 1, every size at
+/// scale `s`.
+pub(crate) fn captioned<'a, 'b, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    caption: &str,
+    (size, margin): (f64, u32),
+    s: Scale,
+) -> Result<ChartBuilder<'a, 'b, DB>> {
+    let m = s.upx(margin);
+    let h = title_at(&area.margin(m, m, m, m), caption, size, s)?;
+    let mut b = ChartBuilder::on(area);
+    b.margin(m).margin_top(m + 2 * s.upx(5) + h);
+    Ok(b)
+}
+
+/// The light grey of the major gridlines, and white (hidden) minor ones.
+const GRID: (RGBAColor, RGBAColor) = (RGBAColor(225, 225, 225, 1.0), RGBAColor(255, 255, 255, 1.0));
 
 /// Methods of a table in row order, each with how it is drawn.
 fn methods(t: &Table) -> Vec<(String, Look)> {
@@ -278,31 +351,27 @@ fn budget_axis(t: &Table) -> BudgetAxis {
 }
 
 /// The data-efficiency plot: a title, one panel per column of the table, the legend below.
-fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Result<()> {
+fn efficiency<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table, s: Scale) -> Result<()> {
     root.fill(&WHITE).map_err(plot_err)?;
     let cols = t.columns.len().max(1);
     let ncols = cols.min(3);
     let nrows = cols.div_ceil(ncols);
-    let (title, rest) = root.split_vertically(40);
+    let (title, rest) = root.split_vertically(s.upx(40));
     let h = rest.dim_in_pixel().1;
-    let (body, legend) = rest.split_vertically(h.saturating_sub(36));
-    title
-        .titled(
-            &format!("{} against examples per task", percent_label(&t.metric)),
-            ("sans-serif", 22).into_font(),
-        )
-        .map_err(plot_err)?;
+    let (body, legend) = rest.split_vertically(h.saturating_sub(s.upx(36)));
+    let heading = format!("{} against examples per task", percent_label(&t.metric));
+    title_at(&title, &heading, 22.0, s)?;
     let panels = body.split_evenly((nrows, ncols));
     let ms = methods(t);
     let axis = budget_axis(t);
     for (ci, (col, area)) in t.columns.iter().zip(panels.iter()).enumerate() {
-        efficiency_panel(area, t, (ci, col.as_str()), &axis, &ms)?;
+        efficiency_panel(area, t, (ci, col.as_str()), (&axis, &ms), s)?;
     }
     let entries: Vec<(String, Look)> = ms
         .iter()
         .map(|(m, look)| (legend_name(t, m), *look))
         .collect();
-    legend_strip(&legend, &entries)?;
+    legend_strip(&legend, &entries, s)?;
     root.present().map_err(plot_err)?;
     Ok(())
 }
@@ -313,14 +382,12 @@ fn efficiency_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     t: &Table,
     (ci, col): (usize, &str),
-    axis: &BudgetAxis,
-    ms: &[(String, Look)],
+    (axis, ms): (&BudgetAxis, &[(String, Look)]),
+    s: Scale,
 ) -> Result<()> {
-    let mut chart = ChartBuilder::on(area)
-        .caption(col, ("sans-serif", 16))
-        .margin(8)
-        .x_label_area_size(35)
-        .y_label_area_size(45)
+    let mut chart = captioned(area, col, (16.0, 8), s)?
+        .x_label_area_size(s.upx(35))
+        .y_label_area_size(s.upx(45))
         // Ticks at the budgets themselves: a log axis over 16..64 holds no power of ten,
         // so its default key points would leave the axis unlabelled.
         .build_cartesian_2d(
@@ -330,16 +397,14 @@ fn efficiency_panel<DB: DrawingBackend>(
             0f64..100f64,
         )
         .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("examples per task (K)")
+    let mut mesh = chart.configure_mesh();
+    mesh_at(&mut mesh, GRID, s);
+    mesh.x_desc("examples per task (K)")
         .y_desc(percent_label(&t.metric))
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.0}"))
         .disable_x_mesh()
         .y_labels(6)
-        .light_line_style(WHITE)
-        .bold_line_style(RGBColor(225, 225, 225))
         .draw()
         .map_err(plot_err)?;
     for (m, look) in ms {
@@ -349,8 +414,8 @@ fn efficiency_panel<DB: DrawingBackend>(
             .find(|((mm, k), _)| mm == m && k.is_none())
             .and_then(|(_, es)| es[ci].as_ref());
         match reference {
-            Some(e) => draw_reference(&mut chart, *look, e, t.real_k.get(m).copied(), axis)?,
-            None => draw_budgets(&mut chart, *look, &budget_points(t, m, ci))?,
+            Some(e) => draw_reference(&mut chart, (*look, s), e, t.real_k.get(m).copied(), axis)?,
+            None => draw_budgets(&mut chart, (*look, s), &budget_points(t, m, ci))?,
         }
     }
     Ok(())
@@ -373,7 +438,7 @@ fn budget_points(t: &Table, m: &str, ci: usize) -> Vec<(f64, f64, f64, f64)> {
 /// where its real number of examples `real_k` is known, a point with its interval at that K.
 fn draw_reference<DB: DrawingBackend, CT: plotters::coord::CoordTranslate<From = (f64, f64)>>(
     chart: &mut ChartContext<DB, CT>,
-    look: Look,
+    (look, s): (Look, Scale),
     e: &Entry,
     real_k: Option<f64>,
     axis: &BudgetAxis,
@@ -381,15 +446,15 @@ fn draw_reference<DB: DrawingBackend, CT: plotters::coord::CoordTranslate<From =
     let (lo, mid, hi) = (pct(e.low), pct(e.mean), pct(e.high));
     let across = [(axis.min, mid, lo, hi), (axis.max, mid, lo, hi)];
     band(chart, &across, look.color, 0.12)?;
-    look.line(chart, vec![(axis.min, mid), (axis.max, mid)])?;
+    look.line(chart, vec![(axis.min, mid), (axis.max, mid)], s)?;
     if let Some(k) = real_k {
         chart
             .draw_series([PathElement::new(
                 vec![(k, lo), (k, hi)],
-                look.color.stroke_width(2),
+                look.color.stroke_width(s.stroke(2)),
             )])
             .map_err(plot_err)?;
-        look.mark(chart, &[(k, mid)])?;
+        look.mark(chart, &[(k, mid)], s)?;
     }
     Ok(())
 }
@@ -398,7 +463,7 @@ fn draw_reference<DB: DrawingBackend, CT: plotters::coord::CoordTranslate<From =
 /// and an interval bar at each point (also where a single budget leaves no band).
 fn draw_budgets<DB: DrawingBackend, CT: plotters::coord::CoordTranslate<From = (f64, f64)>>(
     chart: &mut ChartContext<DB, CT>,
-    look: Look,
+    (look, s): (Look, Scale),
     pts: &[(f64, f64, f64, f64)],
 ) -> Result<()> {
     if pts.is_empty() {
@@ -406,24 +471,30 @@ fn draw_budgets<DB: DrawingBackend, CT: plotters::coord::CoordTranslate<From = (
     }
     band(chart, pts, look.color, 0.15)?;
     let line: Vec<(f64, f64)> = pts.iter().map(|p| (p.0, p.1)).collect();
-    look.line(chart, line.clone())?;
-    look.mark(chart, &line)?;
+    look.line(chart, line.clone(), s)?;
+    look.mark(chart, &line, s)?;
+    let bar = look.color.stroke_width(s.stroke(1));
     chart
         .draw_series(
-            pts.iter().map(|p| {
-                PathElement::new(vec![(p.0, p.2), (p.0, p.3)], look.color.stroke_width(1))
-            }),
+            pts.iter()
+                .map(|p| PathElement::new(vec![(p.0, p.2), (p.0, p.3)], bar)),
         )
         .map_err(plot_err)?;
     Ok(())
 }
 
-fn by_language<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> Result<()> {
+/// The per-language chart: each method at its largest budget, one bar per language with its
+/// interval, the legend below.
+fn by_language<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    t: &Table,
+    s: Scale,
+) -> Result<()> {
     root.fill(&WHITE).map_err(plot_err)?;
     let ms = methods(t);
     let n = t.columns.len();
     let h = root.dim_in_pixel().1;
-    let (body, legend) = root.split_vertically(h.saturating_sub(36));
+    let (body, legend) = root.split_vertically(h.saturating_sub(s.upx(36)));
     // Each method at its largest budget (or its only row).
     let rows: Vec<(&String, Look, &Vec<Option<Entry>>)> = ms
         .iter()
@@ -435,25 +506,19 @@ fn by_language<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> R
                 .map(|(_, es)| (m, *look, es))
         })
         .collect();
-    let mut chart = ChartBuilder::on(&body)
-        .caption(
-            format!(
-                "{} per language, each method at its largest K",
-                percent_label(&t.metric)
-            ),
-            ("sans-serif", 20),
-        )
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(50)
+    let caption = format!(
+        "{} per language, each method at its largest K",
+        percent_label(&t.metric)
+    );
+    let mut chart = captioned(&body, &caption, (20.0, 12), s)?
+        .x_label_area_size(s.upx(45))
+        .y_label_area_size(s.upx(50))
         .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..100f64)
         .map_err(plot_err)?;
     let labels: Vec<String> = t.columns.clone();
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .light_line_style(WHITE)
-        .bold_line_style(RGBColor(225, 225, 225))
+    let mut mesh = chart.configure_mesh();
+    mesh_at(&mut mesh, GRID, s);
+    mesh.disable_x_mesh()
         .x_labels(n.max(1))
         .x_label_formatter(&|x| {
             let i = x.round();
@@ -489,13 +554,13 @@ fn by_language<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, t: &Table) -> R
                 let x = x0 + w * 0.475;
                 PathElement::new(
                     vec![(x, pct(e.low)), (x, pct(e.high))],
-                    BLACK.stroke_width(1),
+                    BLACK.stroke_width(s.stroke(1)),
                 )
             }))
             .map_err(plot_err)?;
     }
     let entries: Vec<(String, Look)> = rows.iter().map(|(m, l, _)| ((*m).clone(), *l)).collect();
-    legend_strip(&legend, &entries)?;
+    legend_strip(&legend, &entries, s)?;
     root.present().map_err(plot_err)?;
     Ok(())
 }
@@ -513,31 +578,27 @@ pub fn write_plots(t: &Table, dir: &Path) -> Result<Vec<String>> {
         40 + 36 + 320 * n.div_ceil(ncols) as u32,
     );
     let lang_size = ((160 * n as u32).clamp(640, 2400).max(need), 420);
-    let path = |f: &str| dir.join(f);
-    efficiency(
-        BitMapBackend::new(&path("efficiency.png"), size).into_drawing_area(),
-        t,
-    )?;
-    efficiency(
-        SVGBackend::new(&path("efficiency.svg"), size).into_drawing_area(),
-        t,
-    )?;
-    by_language(
-        BitMapBackend::new(&path("languages.png"), lang_size).into_drawing_area(),
-        t,
-    )?;
-    by_language(
-        SVGBackend::new(&path("languages.svg"), lang_size).into_drawing_area(),
-        t,
-    )?;
-    Ok([
-        "efficiency.png",
-        "efficiency.svg",
-        "languages.png",
-        "languages.svg",
-    ]
-    .map(String::from)
-    .to_vec())
+    let mut files = write_figure(dir, "efficiency", size, &Efficiency(t))?.to_vec();
+    files.extend(write_figure(dir, "languages", lang_size, &Languages(t))?);
+    Ok(files)
+}
+
+/// The data-efficiency plot of a table, as a [`Figure`].
+struct Efficiency<'a>(&'a Table);
+
+impl Figure for Efficiency<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: DrawingArea<DB, Shift>, s: Scale) -> Result<()> {
+        efficiency(root, self.0, s)
+    }
+}
+
+/// The per-language chart of a table, as a [`Figure`].
+struct Languages<'a>(&'a Table);
+
+impl Figure for Languages<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: DrawingArea<DB, Shift>, s: Scale) -> Result<()> {
+        by_language(root, self.0, s)
+    }
 }
 
 /// Which points of a curve a panel draws.
@@ -546,7 +607,11 @@ type Series = Box<dyn Fn(&Curve) -> &Vec<(f64, f64)>>;
 /// Draws the training curves: one row of panels per method (loss per step for every K and
 /// seed; the dev score where early stopping ran; for meta methods the inner displacement and
 /// the outer update norm).
-fn curves_chart<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, cs: &[Curve]) -> Result<()> {
+fn curves_chart<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    cs: &[Curve],
+    s: Scale,
+) -> Result<()> {
     root.fill(&WHITE).map_err(plot_err)?;
     let mut methods: Vec<&str> = Vec::new();
     for c in cs {
@@ -554,10 +619,8 @@ fn curves_chart<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, cs: &[Curve]) 
             methods.push(&c.method);
         }
     }
-    let (title, body) = root.split_vertically(40);
-    title
-        .titled("training curves", ("sans-serif", 22).into_font())
-        .map_err(plot_err)?;
+    let (title, body) = root.split_vertically(s.upx(40));
+    title_at(&title, "training curves", 22.0, s)?;
     if methods.is_empty() {
         return root.present().map_err(plot_err);
     }
@@ -596,19 +659,14 @@ fn curves_chart<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, cs: &[Curve]) 
             } else {
                 (ylo, yhi)
             };
-            let mut chart = ChartBuilder::on(area)
-                .caption(format!("{m}: {name}"), ("sans-serif", 14))
-                .margin(6)
-                .x_label_area_size(28)
-                .y_label_area_size(45)
+            let mut chart = captioned(area, &format!("{m}: {name}"), (14.0, 6), s)?
+                .x_label_area_size(s.upx(28))
+                .y_label_area_size(s.upx(45))
                 .build_cartesian_2d(0f64..xmax, ylo..yhi)
                 .map_err(plot_err)?;
-            chart
-                .configure_mesh()
-                .x_desc("step")
-                .light_line_style(WHITE)
-                .draw()
-                .map_err(plot_err)?;
+            let mut mesh = chart.configure_mesh();
+            mesh_at(&mut mesh, (BLACK.mix(0.2), WHITE.mix(1.0)), s);
+            mesh.x_desc("step").draw().map_err(plot_err)?;
             for (ci, c) in mine.iter().enumerate() {
                 let color = COLORS[ci % COLORS.len()];
                 let series: Vec<(f64, f64)> =
@@ -616,19 +674,23 @@ fn curves_chart<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, cs: &[Curve]) 
                 if series.is_empty() {
                     continue;
                 }
+                let style = color.stroke_width(s.stroke(1));
+                let sample = s.px(14);
                 chart
-                    .draw_series(LineSeries::new(series, color.stroke_width(1)))
+                    .draw_series(LineSeries::new(series, style))
                     .map_err(plot_err)?
                     .label(format!("K={} s{}", k_label(&c.method, c.k), c.seed))
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color));
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + sample, y)], style));
             }
             if pi == 0 {
                 chart
                     .configure_series_labels()
                     .position(SeriesLabelPosition::UpperRight)
-                    .label_font(("sans-serif", 10))
+                    .margin(s.upx(10))
+                    .legend_area_size(s.upx(30))
+                    .label_font(s.font(10.0))
                     .background_style(WHITE.mix(0.85))
-                    .border_style(BLACK)
+                    .border_style(BLACK.stroke_width(s.stroke(1)))
                     .draw()
                     .map_err(plot_err)?;
             }
@@ -650,12 +712,14 @@ pub fn write_curves(cs: &[Curve], dir: &Path) -> Result<()> {
         }
     }
     let size = (1260, 40 + 260 * n.max(1) as u32);
-    curves_chart(
-        BitMapBackend::new(&dir.join("curves.png"), size).into_drawing_area(),
-        cs,
-    )?;
-    curves_chart(
-        SVGBackend::new(&dir.join("curves.svg"), size).into_drawing_area(),
-        cs,
-    )
+    write_figure(dir, "curves", size, &Curves(cs)).map(|_| ())
+}
+
+/// The training curves, as a [`Figure`].
+struct Curves<'a>(&'a [Curve]);
+
+impl Figure for Curves<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: DrawingArea<DB, Shift>, s: Scale) -> Result<()> {
+        curves_chart(root, self.0, s)
+    }
 }
