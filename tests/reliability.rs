@@ -430,7 +430,7 @@ fn item06_a_claimed_cell_is_left_to_its_holder_and_two_runs_compute_each_cell_on
         "ks = [4]\nseeds = [0, 1]\n[train]\npasses = 1.0\n[eval]\nshots = 1\n",
     );
     let store = f.path("store");
-    let cells = mlbench::runner::experiment::Experiment::load(&exp)
+    let cells = mlbench::plan::grid::Experiment::load(&exp)
         .unwrap()
         .cells()
         .unwrap();
@@ -922,7 +922,7 @@ fn a_cell_key_names_the_model_weights_not_only_the_path() {
     let f = Fixture::new();
     let exp = f.experiment("ident", "[\"base\"]", "");
     let key = || {
-        mlbench::runner::experiment::Experiment::load(&exp)
+        mlbench::plan::grid::Experiment::load(&exp)
             .unwrap()
             .cells()
             .unwrap()[0]

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use common::*;
 use mlbench::model::config::Arch;
 use mlbench::model::tiny;
-use mlbench::runner::experiment::{shard, Experiment};
+use mlbench::plan::grid::{shard, Experiment};
 
 struct Setup {
     tmp: tempfile::TempDir,

@@ -14,8 +14,8 @@ use std::path::Path;
 
 use common::*;
 use mlbench::eval::run::{metrics_frame, samples_frame, summarize, Record};
+use mlbench::plan::grid::Cell;
 use mlbench::plan::EvalConfig;
-use mlbench::runner::experiment::Cell;
 use mlbench::runner::store::Store;
 use mlbench::tasks::TaskSpec;
 

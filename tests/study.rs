@@ -373,7 +373,12 @@ fn bad_study_declarations_are_refused_before_anything_runs() {
         (
             "margin = 5.0",
             "reference = \"lora-ful\"",
-            "reference = \"lora-ful\" is not among",
+            "[study] reference: unknown method `lora-ful`",
+        ),
+        (
+            "margin = 5.0",
+            "reference = \"meta-lora\"",
+            "reference = \"meta-lora\" is not among",
         ),
         (
             "selection_k = 4",

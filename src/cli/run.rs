@@ -8,9 +8,9 @@ use clap::Args;
 
 use super::{split_list, Global};
 use mlbench::data::lang::{self, LangEntry};
+use mlbench::plan::grid::{parse_shard, shard, show, Cell, Experiment};
 use mlbench::plan::Method;
 use mlbench::runner::compare::{history, newest_keys, of_run, runs, table, with_keys, Query};
-use mlbench::runner::experiment::{parse_shard, shard, show, Cell, Experiment};
 use mlbench::runner::grid::{run_cell, training_sibling, Outcome, WhenBusy};
 use mlbench::runner::store::{Store, METRIC_COLUMNS, SAMPLE_COLUMNS};
 use mlbench::Error;
@@ -162,10 +162,11 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
         })
     };
     // Selection first: the candidates of every `[search.*]` space, scored on dev.
-    let all_candidates = exp.selection_cells()?;
-    apply_choices(&store, &mut exp, &all_candidates, !a.dry_run)?;
+    apply_choices(&store, &mut exp, !a.dry_run)?;
+    let plan = exp.plan()?;
+    let all_candidates = plan.candidates;
     let candidates = shard_of(all_candidates.clone())?;
-    let cells = shard_of(exp.cells()?)?;
+    let cells = shard_of(plan.cells)?;
     let mut checked: Vec<Cell> = candidates.clone();
     checked.extend(cells.iter().cloned());
     if let Some(p) = checked.first().and_then(|c| c.eval.model_problem()) {
@@ -195,9 +196,9 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
     let t0 = std::time::Instant::now();
     run_cells(g, &a, &store, &candidates, &all_candidates, &mut tally)?;
     let before = exp.chosen.len();
-    apply_choices(&store, &mut exp, &all_candidates, true)?;
+    apply_choices(&store, &mut exp, true)?;
     let cells = if exp.chosen.len() != before {
-        shard_of(exp.cells()?)?
+        shard_of(exp.plan()?.cells)?
     } else {
         cells
     };
@@ -280,16 +281,12 @@ fn cell_state(store: &Store, key: &str) -> anyhow::Result<String> {
 
 /// Reads the finished candidates' scores, records the selection (when `record`: not in a dry
 /// run), and gives `exp` the choices made so far.
-fn apply_choices(
-    store: &Store,
-    exp: &mut Experiment,
-    candidates: &[Cell],
-    record: bool,
-) -> anyhow::Result<()> {
+fn apply_choices(store: &Store, exp: &mut Experiment, record: bool) -> anyhow::Result<()> {
+    let candidates = exp.selection_cells()?;
     if candidates.is_empty() {
         return Ok(());
     }
-    let choices = mlbench::runner::select::choose(store, exp, candidates)?;
+    let choices = mlbench::runner::select::choose(store, exp, &candidates)?;
     if record
         && choices
             .iter()

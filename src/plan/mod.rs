@@ -8,9 +8,13 @@
 //!   once, naming file and key;
 //! - [`train`]: [`TrainConfig`] (the training keys and their defaults) and [`TrainPlan`];
 //! - [`eval`]: [`EvalConfig`] (the evaluation keys and their defaults) and [`EvalPlan`];
+//! - [`grid`]: experiment files resolved into a [`grid::GridPlan`] of cells (method x K x
+//!   seed, selection candidates included), each with its typed configurations and content
+//!   key; sharding.
 
 pub mod device;
 pub mod eval;
+pub mod grid;
 pub mod layers;
 pub mod method;
 pub mod train;

@@ -9,10 +9,10 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use super::experiment::Cell;
 use super::store::Store;
 use crate::error::{Error, Result};
 use crate::eval::run::{evaluate, metrics_frame, samples_frame, Record};
+use crate::plan::grid::Cell;
 use crate::plan::{EvalPlan, Method, TrainPlan};
 
 /// What happened to one cell.
@@ -129,7 +129,7 @@ pub fn run_cell(
     let train_s = trained.train_s;
     let info = serde_json::json!({
         "training": training,
-        "model_sha256": super::experiment::model_identity(&cell.eval.model)?,
+        "model_sha256": crate::plan::grid::model_identity(&cell.eval.model)?,
         "datasets_manifest_sha256": crate::util::sha256_file(&data_dir.join("manifest.json")).ok(),
         "code_version": crate::util::code_version(),
         "train_seconds": train_s,

@@ -1,7 +1,7 @@
-//! Stage 5 of the data's journey: experiments. An experiment file in; trained and evaluated
+//! Stage 5 of the data's journey: experiments. A grid's cells (resolved by
+//! [`crate::plan::grid`] from an experiment file) in; trained and evaluated
 //! cells in a resumable, shardable Parquet results store out; comparison tables from the store.
 //!
-//! - [`experiment`]: experiment files and their grid of cells (method x K x seed), sharding;
 //! - [`store`]: the results store (one folder per finished cell, committed by a rename);
 //! - [`lock`]: claims on a store's cells and on its compaction (one worker per cell);
 //! - [`grid`]: running one cell (train, evaluate, commit);
@@ -12,7 +12,6 @@
 //! - [`study`]: the budget table, label-distribution diagnostics and the setup block.
 
 pub mod compare;
-pub mod experiment;
 pub mod grid;
 pub mod lock;
 pub mod select;

@@ -11,9 +11,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use super::experiment::{Cell, Experiment, Overrides};
 use super::store::{Store, METRIC_COLUMNS};
 use crate::error::Result;
+use crate::plan::grid::{Cell, Experiment, Overrides};
 use crate::plan::Method;
 use crate::util::write_bytes_atomic;
 

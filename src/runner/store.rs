@@ -31,9 +31,9 @@ use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
 
-use super::experiment::Cell;
 use super::lock::{self, TryClaim};
 use crate::error::{Error, Result};
+use crate::plan::grid::Cell;
 use crate::util::{fault_point, write_bytes_atomic};
 
 /// A results store rooted at a folder.

@@ -388,7 +388,7 @@ impl Run<'_> {
         started_at: u64,
     ) -> Result<serde_json::Value> {
         let (cfg, units, loaded) = (self.cfg, self.units, self.loaded);
-        let weights_sha256 = weights_sha256(&loaded.dir)?;
+        let weights_sha256 = crate::model::load::weights_sha256(&loaded.dir)?;
         let steps_planned = self.steps_planned(method);
         let outputs = self.outputs(method);
         let model_cfg = std::fs::read(loaded.dir.join("config.json")).unwrap_or_default();
@@ -511,45 +511,4 @@ fn dev_score(
     };
     let n = records.len().max(1) as f64;
     Ok(records.iter().filter(|r| primary(r)).count() as f64 / n)
-}
-
-/// The identity of a model folder's weights: the sha256 of its one safetensors file, or of the
-/// sorted `name sha256` lines of its shards.
-/// Hashed once per process and file version (a model folder is read by every cell of a grid).
-pub fn weights_sha256(dir: &Path) -> Result<String> {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    type Version = (std::path::PathBuf, u64, Option<std::time::SystemTime>);
-    static SEEN: OnceLock<Mutex<HashMap<Version, String>>> = OnceLock::new();
-    let files = crate::model::load::weight_files(dir)?;
-    let meta = files.first().and_then(|f| std::fs::metadata(f).ok());
-    let version = (
-        dir.to_path_buf(),
-        meta.as_ref().map_or(0, |m| m.len()),
-        meta.and_then(|m| m.modified().ok()),
-    );
-    let seen = SEEN.get_or_init(Default::default);
-    if let Some(h) = seen.lock().ok().and_then(|s| s.get(&version).cloned()) {
-        return Ok(h);
-    }
-    let h = hash_weight_files(&files)?;
-    if let Ok(mut s) = seen.lock() {
-        s.insert(version, h.clone());
-    }
-    Ok(h)
-}
-
-fn hash_weight_files(files: &[std::path::PathBuf]) -> Result<String> {
-    if let [one] = files {
-        return crate::util::sha256_file(one);
-    }
-    let mut lines = Vec::new();
-    for f in files {
-        let name = f
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        lines.push(format!("{name} {}", crate::util::sha256_file(f)?));
-    }
-    Ok(sha256_hex(lines.join("\n").as_bytes()))
 }

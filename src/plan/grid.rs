@@ -651,6 +651,27 @@ impl Experiment {
     }
 }
 
+/// An experiment resolved for a run: the selection candidates of every `[search.M]` and the
+/// grid cells of every method whose settings are fixed (a searched method's cells come once its
+/// choice is made), each with its typed configurations and content key. The runner takes its
+/// cells from here.
+#[derive(Debug, Clone)]
+pub struct GridPlan {
+    pub candidates: Vec<Cell>,
+    pub cells: Vec<Cell>,
+}
+
+impl Experiment {
+    /// The plan with the choices made so far (see [`Experiment::chosen`]); every problem
+    /// that can be seen without data is listed at once.
+    pub fn plan(&self) -> Result<GridPlan> {
+        Ok(GridPlan {
+            candidates: self.selection_cells()?,
+            cells: self.cells()?,
+        })
+    }
+}
+
 /// Adds the problems of `e` (each of an [`Error::Problems`], else its message) to `problems`,
 /// each once: every cell of a grid meets the same bad key.
 fn add_problems(problems: &mut Vec<String>, e: Error) {
@@ -707,7 +728,7 @@ pub fn model_identity(model: &str) -> Result<String> {
     if !dir.is_dir() || crate::model::load::weight_files(dir).is_err() {
         return Ok(model.to_string());
     }
-    crate::train::run::weights_sha256(dir)
+    crate::model::load::weights_sha256(dir)
 }
 
 /// `key=value` pairs of overrides, for messages and tables.
