@@ -1,7 +1,8 @@
 //! The batch evaluator on tiny models: shared-prefix scoring against the plain per-request
 //! scorer (lm-evaluation-harness semantics), batch invariance, metrics recomputed by hand from
 //! the per-example records, records joining back to the dataset, in-context examples never
-//! including the evaluated example, and bad input refused before scoring.
+//! including the evaluated example, `--batch-size auto` (a size in range, the same scores as
+//! fixed sizes) and bad input refused before scoring.
 
 mod common;
 
@@ -420,9 +421,9 @@ fn bad_input_is_refused_before_scoring() {
     assert!(!out.exists(), "nothing written for refused runs");
 }
 
-#[test]
-fn generation_tasks_extract_the_answer_and_score_exact_match() {
-    let d = data();
+/// A generation task `arith` (12 English test examples, two exemplars with worked
+/// rationales) written into `d`'s data folder.
+fn write_arith(d: &Data) {
     let spec = r#"
 name = "arith"
 version = 1
@@ -454,6 +455,12 @@ higher_is_better = true
     }
     rows.extend(shots);
     write_dataset(&d.dir, "arith", &rows);
+}
+
+#[test]
+fn generation_tasks_extract_the_answer_and_score_exact_match() {
+    let d = data();
+    write_arith(&d);
     let out = d._tmp.path().join("gen");
     let o = mlbench(&[
         "--data-dir",
@@ -785,4 +792,112 @@ fn lm_eval_and_every_eval_ever_outputs_agree_with_the_metrics() {
         }
     }
     assert!((correct_en / 12.0 - ours("eng_Latn", "acc")).abs() < 1e-12);
+}
+
+/// Every sample's log-probabilities (in `samples.parquet` order) and every metric value of an
+/// evaluation folder.
+fn scores_of(out: &Path) -> (Vec<Vec<f64>>, Vec<f64>) {
+    let s = mlbench::data::schema::read_parquet(&out.join("samples.parquet")).unwrap();
+    let lps = s.column("logprobs").unwrap().list().unwrap().clone();
+    let lps: Vec<Vec<f64>> = lps
+        .amortized_iter()
+        .map(|lp| {
+            lp.unwrap()
+                .as_ref()
+                .f64()
+                .unwrap()
+                .into_no_null_iter()
+                .collect()
+        })
+        .collect();
+    let m = mlbench::data::schema::read_parquet(&out.join("metrics.parquet")).unwrap();
+    let values = m.column("value").unwrap().f64().unwrap();
+    (lps, values.into_no_null_iter().collect())
+}
+
+fn results_of(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn batch_size_auto_picks_a_size_that_fits_and_scores_like_fixed_sizes() {
+    let d = data();
+    let run = |size: &str| {
+        let out = d._tmp.path().join(format!("bs-{size}"));
+        let o = eval_cli(&d, &["--shots", "1", "--batch-size", size], &out);
+        assert!(o.status.success(), "{size}: {}", stderr(&o));
+        out
+    };
+    let (one, sixteen, auto) = (run("1"), run("16"), run("auto"));
+    let res = results_of(&auto);
+    assert_eq!(res["config"]["batch_size"], "auto");
+    let chosen = res["batch_size_chosen"].as_u64().unwrap();
+    // At most the ceiling and the largest task x language group (12 examples here).
+    assert!((1..=12).contains(&chosen), "auto chose {chosen}");
+    let harness = results_of(&auto.join("lm-eval/base"));
+    assert_eq!(harness["config"]["batch_size"], "auto");
+    assert_eq!(
+        harness["config"]["batch_sizes"],
+        serde_json::json!([chosen])
+    );
+    // A number stays a number, and is the size used.
+    let res16 = results_of(&sixteen);
+    assert_eq!(res16["config"]["batch_size"], 16);
+    assert_eq!(res16["batch_size_chosen"], 16);
+    // The scores do not depend on the batch size: the metrics are equal and the
+    // log-probabilities bit-identical.
+    let base = scores_of(&one);
+    for other in [&sixteen, &auto] {
+        let (lps, metrics) = scores_of(other);
+        assert_eq!(metrics, base.1, "{}", other.display());
+        assert_eq!(lps, base.0, "{}", other.display());
+    }
+}
+
+#[test]
+fn batch_size_auto_decodes_generation_tasks_too() {
+    let d = data();
+    write_arith(&d);
+    let run = |size: &str| {
+        let out = d._tmp.path().join(format!("gen-{size}"));
+        let o = mlbench(&[
+            "--data-dir",
+            d.dir.to_str().unwrap(),
+            "-q",
+            "eval",
+            "--model",
+            d.model.to_str().unwrap(),
+            "--task",
+            "arith",
+            "--langs",
+            "en",
+            "--batch-size",
+            size,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{size}: {}", stderr(&o));
+        let s = mlbench::data::schema::read_parquet(&out.join("samples.parquet")).unwrap();
+        let gen = s.column("generated").unwrap().str().unwrap().clone();
+        let texts: Vec<String> = gen.iter().map(|g| g.unwrap().to_string()).collect();
+        (
+            texts,
+            results_of(&out)["batch_size_chosen"].as_u64().unwrap(),
+        )
+    };
+    let (one, _) = run("1");
+    let (auto, chosen) = run("auto");
+    assert!((1..=12).contains(&chosen), "auto chose {chosen}");
+    assert_eq!(auto, one, "the same answers at any batch size");
+}
+
+#[test]
+fn a_misspelt_batch_size_is_refused_naming_the_flag() {
+    let d = data();
+    let out = d._tmp.path().join("atuo");
+    let o = eval_cli(&d, &["--batch-size", "atuo"], &out);
+    assert_user_error(&o, &["--batch-size", "atuo", "auto"]);
+    let o = eval_cli(&d, &["--batch-size", "0"], &out);
+    assert_user_error(&o, &["batch_size = 0"]);
+    assert!(!out.exists());
 }

@@ -319,6 +319,7 @@ fn experiment_cases(w: &World) -> Vec<Case> {
         ("passes 1e30", format!("{head}methods = [\"lora-k\"]\nks = [4]\n[train]\npasses = 1e30\n"), vec!["passes"]),
         ("meta_iterations huge", format!("{head}methods = [\"meta-lora\"]\nks = [4]\n[train]\nmeta_iterations = 10000000000000\n"), vec!["meta_iterations"]),
         ("eval batch_size 0", format!("{head}methods = [\"base\"]\n[eval]\nbatch_size = 0\n"), vec!["batch_size = 0"]),
+        ("eval batch_size misspelt", format!("{head}methods = [\"base\"]\n[eval]\nbatch_size = \"atuo\"\n"), vec!["batch_size", "atuo"]),
         ("eval limit 0", format!("{head}methods = [\"base\"]\n[eval]\nlimit = 0\n"), vec!["limit = 0"]),
         ("eval max_len 0", format!("{head}methods = [\"base\"]\n[eval]\nmax_len = 0\n"), vec!["max_len = 0"]),
         ("eval unknown key", format!("{head}methods = [\"base\"]\n[eval]\nlimt = 3\n"), vec!["limt"]),

@@ -6,6 +6,7 @@ use clap::Args;
 
 use super::{split_list, table, Global};
 use mlbench::eval::run::evaluate;
+use mlbench::plan::eval::BatchSize;
 use mlbench::plan::{EvalConfig, EvalPlan, Layers};
 use mlbench::Error;
 
@@ -35,9 +36,14 @@ pub struct EvalArgs {
     /// Seed of the in-context example draws and the bootstrap (default 0).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Examples per forward pass (generation tasks: prompts decoded together; default 16).
+    /// Examples per forward pass (generation tasks: prompts decoded together; default 16), or
+    /// `auto`: the largest that fits, at most 64. On CUDA by trying one batch of the longest
+    /// items, halving after each out-of-memory error; on the CPU (where running out of memory
+    /// aborts) by estimating the activations of the longest item against a quarter of the
+    /// available memory. The size chosen is logged and recorded in results.json
+    /// (`batch_size_chosen`).
     #[arg(long)]
-    pub batch_size: Option<usize>,
+    pub batch_size: Option<BatchSize>,
     /// Longest input in tokens (default 2048).
     #[arg(long)]
     pub max_len: Option<usize>,
@@ -86,6 +92,14 @@ fn parse_limit(s: &str) -> Result<Limit, String> {
     }
 }
 
+/// `--batch-size` as its key takes it: a number, or the string `"auto"`.
+fn batch_value(b: BatchSize) -> serde_json::Value {
+    match b {
+        BatchSize::Fixed(n) => n.into(),
+        BatchSize::Auto => "auto".into(),
+    }
+}
+
 /// The evaluation configuration from the flags over [`EvalConfig`]'s defaults; every wrong
 /// value and configuration problem is reported at once.
 fn resolve(a: &EvalArgs) -> anyhow::Result<EvalConfig> {
@@ -109,7 +123,7 @@ fn resolve(a: &EvalArgs) -> anyhow::Result<EvalConfig> {
         ("--split", "split", a.split.clone().map(Value::from)),
         ("--shots", "shots", a.shots.map(Value::from)),
         ("--seed", "seed", a.seed.map(Value::from)),
-        ("--batch-size", "batch_size", a.batch_size.map(Value::from)),
+        ("--batch-size", "batch_size", a.batch_size.map(batch_value)),
         ("--max-len", "max_len", a.max_len.map(Value::from)),
         ("--limit", "limit", limit),
         ("--limit", "limit_fraction", fraction),

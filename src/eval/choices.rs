@@ -22,7 +22,8 @@ pub struct ChoiceRequest {
     pub continuations: Vec<Vec<u32>>,
 }
 
-const LOGIT_ROWS: usize = 256;
+/// Rows whose logits are computed at once.
+pub const LOGIT_ROWS: usize = 256;
 
 /// One request packed into a row: ids, positions and visibility groups; and for each
 /// continuation the packed indices whose logits predict its tokens.
@@ -67,6 +68,18 @@ pub fn score_choices(
         }
     }
     Ok(out)
+}
+
+/// The length in tokens of a request's packed row (what [`pack`] builds): its context as cut
+/// to fit `max_len`, then every continuation but its last token.
+pub fn packed_len(r: &ChoiceRequest, max_len: usize) -> usize {
+    let longest = r.continuations.iter().map(Vec::len).max().unwrap_or(0);
+    let keep = r.context.len().min((max_len + 1).saturating_sub(longest));
+    keep + r
+        .continuations
+        .iter()
+        .map(|c| c.len().saturating_sub(1))
+        .sum::<usize>()
 }
 
 /// Packs request `i`: its context (cut from the left to fit `max_len` with its longest
@@ -225,4 +238,23 @@ fn target_stats(
         }
     }
     Ok(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_len_is_the_length_of_the_packed_row() {
+        let r = ChoiceRequest {
+            context: (3..40).collect(),
+            continuations: vec![vec![5], vec![6, 7, 8], vec![9, 10]],
+        };
+        for max_len in [4, 8, 2048] {
+            assert_eq!(
+                packed_len(&r, max_len),
+                pack(0, &r, max_len).unwrap().ids.len()
+            );
+        }
+    }
 }

@@ -179,7 +179,7 @@ fn results_file(
         "n-shot": n_shot,
         "higher_is_better": higher,
         "n-samples": n_samples,
-        "config": run_config(cfg, variant),
+        "config": run_config(cfg, variant, report.batch_size),
         "git_hash": env!("MLBENCH_GIT_COMMIT"),
         "date": started_unix,
         "total_evaluation_time_seconds": report.seconds.to_string(),
@@ -224,8 +224,9 @@ fn task_config(name: &str, spec: &TaskSpec, cfg: &EvalConfig) -> Value {
     })
 }
 
-/// The `config` block: the model as the harness's `hf` backend would name it, and the run.
-fn run_config(cfg: &EvalConfig, variant: &str) -> Value {
+/// The `config` block: the model as the harness's `hf` backend would name it, and the run
+/// (`batch_sizes`: the size `auto` chose, as the harness lists it).
+fn run_config(cfg: &EvalConfig, variant: &str, chosen: usize) -> Value {
     let mut model_args = format!("pretrained={},dtype={}", cfg.model, cfg.dtype);
     if let Some(path) = adapter_path(cfg, variant) {
         model_args.push_str(&format!(",peft={path}"));
@@ -234,7 +235,7 @@ fn run_config(cfg: &EvalConfig, variant: &str) -> Value {
         "model": "mlbench",
         "model_args": model_args,
         "batch_size": cfg.batch_size,
-        "batch_sizes": [],
+        "batch_sizes": if cfg.batch_size.fixed().is_some() { vec![] } else { vec![chosen] },
         "device": cfg.device,
         "use_cache": null,
         "limit": cfg.limit,

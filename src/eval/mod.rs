@@ -2,6 +2,8 @@
 //! opened tasks) in; per-example
 //! records, metrics with intervals and a results file out.
 //!
+//! - [`batch`]: the batch size `--batch-size auto` stands for (tried on CUDA, estimated
+//!   from the available memory elsewhere);
 //! - [`choices`]: multiple-choice log-likelihoods with the context computed once per example;
 //! - [`metrics`]: acc, acc_norm, acc_bytes, exact_match, standard errors, Wilson and bootstrap
 //!   intervals, micro and macro averages;
@@ -11,6 +13,7 @@
 //! - [`run`]: prompts (zero- and n-shot), variants (base, adapters, per-task adapter sets),
 //!   scoring of every variant on one loaded base, and the output files.
 
+pub mod batch;
 pub mod choices;
 pub mod eee;
 pub mod eee_store;

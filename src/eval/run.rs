@@ -1,8 +1,8 @@
 //! An evaluation end to end: an [`EvalPlan`] (model, adapters, opened tasks) in; under the output
 //! folder `samples.parquet` (one row per variant x example), `metrics.parquet` and
 //! `metrics.md` (per variant x task x language, plus micro and macro averages over languages)
-//! and `results.json` (the resolved configuration, task versions, model and adapter identity,
-//! seeds, code version, timing). Everything is checked before the first forward pass; all files
+//! and `results.json` (the resolved configuration, the batch size it ran at, task versions,
+//! model and adapter identity, seeds, code version, timing). Everything is checked before the first forward pass; all files
 //! are written atomically.
 
 use std::collections::BTreeMap;
@@ -12,6 +12,7 @@ use polars::prelude::*;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use super::batch::Workload;
 use super::choices::{score_choices, ChoiceRequest};
 use super::metrics::{self, Estimate};
 use crate::data::schema::{self, Example};
@@ -19,6 +20,7 @@ use crate::data::{catalogue, sample};
 use crate::error::{Error, Result};
 use crate::model::lora::Adapter;
 use crate::model::LoadedModel;
+use crate::plan::eval::BatchSize;
 use crate::plan::{EvalConfig, EvalPlan};
 use crate::tasks::{Rendered, Scoring, TaskSpec};
 use crate::util::{derive_seed, sha256_hex, write_bytes_atomic, Rng};
@@ -473,9 +475,29 @@ pub fn score_all(
     cfg: &EvalConfig,
     progress: &mut ProgressFn,
 ) -> Result<Vec<Record>> {
+    Ok(score_all_sized(m, variants, items, specs, cfg, progress)?.0)
+}
+
+/// [`score_all`], with the batch size it ran at (`auto` resolved by [`super::batch::choose`]).
+pub fn score_all_sized(
+    m: &LoadedModel,
+    variants: &[NamedVariant],
+    items: &[Item],
+    specs: &BTreeMap<String, TaskSpec>,
+    cfg: &EvalConfig,
+    progress: &mut ProgressFn,
+) -> Result<(Vec<Record>, usize)> {
     let groups = item_groups(items);
     check_variants(variants, &groups)?;
     let requests = choice_requests(&m.tok, items, specs)?;
+    let batch = match cfg.batch_size {
+        BatchSize::Fixed(n) => n,
+        BatchSize::Auto => {
+            let largest = groups.iter().map(|(_, idx)| idx.len()).max().unwrap_or(1);
+            let w = Workload::new(&m.tok, items, specs, &requests, largest, cfg.max_len)?;
+            super::batch::choose(m, &w)?
+        }
+    };
     let mut records = Vec::with_capacity(items.len() * variants.len());
     for v in variants {
         for ((task, lang), idx) in &groups {
@@ -488,6 +510,7 @@ pub fn score_all(
                 lang,
                 idx,
                 cfg,
+                batch,
             };
             progress(&v.name, task, lang, 0, idx.len());
             let metric_names: Vec<String> = spec.metrics.iter().map(|m| m.name.clone()).collect();
@@ -505,7 +528,7 @@ pub fn score_all(
             }
         }
     }
-    Ok(records)
+    Ok((records, batch))
 }
 
 /// The items per (task, language), in item order.
@@ -581,7 +604,7 @@ fn choice_requests(
 }
 
 /// One (variant, task, language) group being scored: the model, the variant's name and
-/// adapter, the group's item indices and the configuration.
+/// adapter, the group's item indices, the configuration and the batch size.
 struct Group<'a> {
     m: &'a LoadedModel,
     variant: &'a str,
@@ -590,34 +613,36 @@ struct Group<'a> {
     lang: &'a String,
     idx: &'a [usize],
     cfg: &'a EvalConfig,
+    /// Examples per forward pass (`cfg.batch_size`, `auto` resolved).
+    batch: usize,
 }
 
 impl Group<'_> {
-    /// The scores of every choice of the group's items, `batch_size * 8` items at a time.
+    /// The scores of every choice of the group's items, `batch * 8` items at a time.
     fn choice_scores(
         &self,
         requests: &[Option<ChoiceRequest>],
         progress: &mut ProgressFn,
     ) -> Result<Vec<Vec<crate::model::score::Score>>> {
-        let (cfg, idx) = (self.cfg, self.idx);
+        let (batch, idx) = (self.batch.max(1), self.idx);
         let reqs: Vec<ChoiceRequest> = idx
             .iter()
             .map(|&i| requests[i].clone().expect("mc"))
             .collect();
         let mut scores = Vec::with_capacity(reqs.len());
-        for (ci, chunk) in reqs.chunks(cfg.batch_size.max(1) * 8).enumerate() {
+        for (ci, chunk) in reqs.chunks(batch * 8).enumerate() {
             scores.extend(score_choices(
                 &self.m.model,
                 self.adapter,
                 chunk,
-                cfg.batch_size,
-                cfg.max_len,
+                batch,
+                self.cfg.max_len,
             )?);
             progress(
                 self.variant,
                 self.task,
                 self.lang,
-                (ci * cfg.batch_size * 8 + chunk.len()).min(idx.len()),
+                (ci * batch * 8 + chunk.len()).min(idx.len()),
                 idx.len(),
             );
         }
@@ -677,7 +702,7 @@ impl Group<'_> {
         let re = regex::Regex::new(&g.answer_regex)
             .map_err(|e| Error::Invalid(format!("task `{task}`: answer_regex: {e}")))?;
         let mut n_done = 0;
-        for chunk in self.idx.chunks(self.cfg.batch_size.max(1)) {
+        for chunk in self.idx.chunks(self.batch.max(1)) {
             let prompts: Vec<&str> = chunk.iter().map(|&i| items[i].prompt.as_str()).collect();
             let texts = crate::model::score::generate_batch(
                 &self.m.model,
@@ -912,6 +937,8 @@ pub struct EvalReport {
     pub metrics: Vec<MetricRow>,
     pub seconds: f64,
     pub examples_per_s: f64,
+    /// The batch size scoring ran at (`auto` resolved).
+    pub batch_size: usize,
 }
 
 /// Checks the data, loads, scores and writes; see the module doc.
@@ -927,7 +954,7 @@ pub fn evaluate(plan: &EvalPlan, out: &Path, progress: &mut ProgressFn) -> Resul
     let m = crate::model::load(&cfg.model, cfg.dtype.dtype(), &device)?;
     let variants = load_variants(&m, cfg)?;
     let t0 = std::time::Instant::now();
-    let records = score_all(&m, &variants, &items, &specs, cfg, progress)?;
+    let (records, batch_size) = score_all_sized(&m, &variants, &items, &specs, cfg, progress)?;
     let seconds = t0.elapsed().as_secs_f64();
     let metrics_rows = summarize(&records, &specs, cfg.seed);
     std::fs::create_dir_all(out).map_err(|e| Error::io("create directory", out, e))?;
@@ -938,6 +965,7 @@ pub fn evaluate(plan: &EvalPlan, out: &Path, progress: &mut ProgressFn) -> Resul
         "kind": "mlbench-eval",
         "code_version": crate::util::code_version(),
         "config": cfg,
+        "batch_size_chosen": batch_size,
         "tasks": specs.values().map(|s| serde_json::json!({
             "name": s.name, "version": s.version, "scoring": s.scoring,
             "split": cfg.split.clone().unwrap_or_else(|| s.eval_split.clone()),
@@ -968,5 +996,6 @@ pub fn evaluate(plan: &EvalPlan, out: &Path, progress: &mut ProgressFn) -> Resul
         records,
         metrics: metrics_rows,
         seconds,
+        batch_size,
     })
 }

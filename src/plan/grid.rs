@@ -40,7 +40,7 @@ pub struct EvalSection {
     pub split: Option<String>,
     pub shots: usize,
     pub limit: Option<usize>,
-    pub batch_size: usize,
+    pub batch_size: crate::plan::eval::BatchSize,
     pub max_len: usize,
 }
 
