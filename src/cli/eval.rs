@@ -6,7 +6,7 @@ use clap::Args;
 
 use super::{split_list, table, Global};
 use mlbench::eval::run::evaluate;
-use mlbench::plan::eval::BatchSize;
+use mlbench::plan::BatchSize;
 use mlbench::plan::{EvalConfig, EvalPlan, Layers};
 use mlbench::Error;
 

@@ -20,7 +20,7 @@ pub mod method;
 pub mod train;
 
 pub use device::{DeviceSpec, Precision};
-pub use eval::{EvalConfig, EvalPlan};
+pub use eval::{BatchSize, EvalConfig, EvalPlan};
 pub use layers::{Layers, Source};
 pub use method::{Method, METHODS};
 pub use train::{TrainConfig, TrainPlan};
