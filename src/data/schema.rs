@@ -10,7 +10,7 @@
 //! | `id`        | string        | no   | stable id, unique within (task, lang); equal across languages for parallel items |
 //! | `text`      | string        | no   | the main input (sentence, tweet, premise, question); never empty |
 //! | `question`  | string        | yes  | a second input field (XCOPA: `cause` or `effect`) |
-//! | `choices`   | list[string]  | yes  | answer options (class names or alternatives) |
+//! | `choices`   | list\[string\]  | yes  | answer options (class names or alternatives) |
 //! | `label`     | int64         | yes  | index of the gold choice in `choices` |
 //! | `target`    | string        | yes  | gold answer of generation tasks (MGSM: the integer) |
 //! | `rationale` | string        | yes  | worked solution for few-shot exemplars (MGSM) |

@@ -70,7 +70,7 @@ pub fn score_choices(
     Ok(out)
 }
 
-/// The length in tokens of a request's packed row (what [`pack`] builds): its context as cut
+/// The length in tokens of a request's packed row (what `pack` builds): its context as cut
 /// to fit `max_len`, then every continuation but its last token.
 pub fn packed_len(r: &ChoiceRequest, max_len: usize) -> usize {
     let longest = r.continuations.iter().map(Vec::len).max().unwrap_or(0);

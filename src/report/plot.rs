@@ -4,7 +4,7 @@
 //! their bands, `lora-full` also at its real K; one panel per column of the table) and a
 //! per-language chart (each method at its largest budget, with 95% interval bars). Colours are
 //! the Okabe-Ito palette, each method also has its own marker and solid or dashed line, and the
-//! legend sits in a strip below the data. The drawing pieces here (a series' [`Look`], its
+//! legend sits in a strip below the data. The drawing pieces here (a series' `Look`, its
 //! marker, a legend entry, an interval band) serve the history plot too ([`super::history`]).
 //!
 //! Sizes are layout units of 1/96 inch, drawn through one [`Scale`] ([`super::figure`]): the

@@ -1,7 +1,7 @@
 //! Comparison tables over a results store: metric rows and per-example records in; a table with
 //! one row per method x K and one column per task x language (plus micro and macro averages)
 //! out, as text, Markdown, CSV and LaTeX (booktabs); and, against a declared reference method
-//! and margin, the verdict table of the study protocol ([`verdicts`]).
+//! and margin, the verdict table of the study protocol ([`super::verdict::verdicts`]).
 //!
 //! A cell of the table is the mean over seeds of the metric, with a 95% interval: Student's t
 //! over the seed means when there are two or more seeds, else the single run's own interval
