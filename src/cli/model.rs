@@ -51,7 +51,7 @@ pub struct ImportArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Weight type of the written folder: f32 or bf16.
-    #[arg(long, default_value = "f32")]
+    #[arg(long, default_value_t = Precision::default())]
     pub dtype: Precision,
 }
 
@@ -76,10 +76,10 @@ pub struct ModelArgs {
     #[arg(long)]
     pub model: String,
     /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value_t = DeviceSpec::default())]
     pub device: DeviceSpec,
     /// f32 (CPU default), bf16 (CUDA), f16 or f64.
-    #[arg(long, default_value = "f32")]
+    #[arg(long, default_value_t = Precision::default())]
     pub dtype: Precision,
 }
 
