@@ -414,3 +414,44 @@ fn bad_configurations_are_refused_before_training_with_every_problem_listed() {
         );
     }
 }
+
+/// MeTA-LoRA's tasks run side by side, one compute thread each, when there are threads to
+/// spare: the adapter and the step log are the same bits as with one thread, where the tasks
+/// run one after the other.
+#[test]
+fn meta_lora_tasks_side_by_side_give_the_serial_bits() {
+    let s = setup();
+    let mut outs = Vec::new();
+    for threads in ["1", "2", "3"] {
+        let out = format!("threads{threads}");
+        let a = train_args(&s, "meta-lora", &out);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_mlbench"))
+            .args(&a)
+            .env_remove("MLBENCH_DATA")
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        outs.push(
+            std::fs::read(s.root.join(&out).join("adapter/adapter_model.safetensors")).unwrap(),
+        );
+    }
+    assert!(outs[0] == outs[1] && outs[0] == outs[2]);
+    // The step logs agree on every loss (their `seconds` columns do not).
+    let losses = |t: &str| -> Vec<f64> {
+        use polars::prelude::{ParquetReader, SerReader};
+        let df =
+            ParquetReader::new(std::fs::File::open(s.root.join(t).join("log.parquet")).unwrap())
+                .finish()
+                .unwrap();
+        df.column("loss")
+            .unwrap()
+            .f64()
+            .unwrap()
+            .into_no_null_iter()
+            .collect()
+    };
+    assert_eq!(losses("threads1"), losses("threads2"));
+    assert_eq!(losses("threads1"), losses("threads3"));
+}

@@ -89,7 +89,11 @@ fn main() {
         .skip(1)
         .map(|s| s.parse().expect("ROWS are whole numbers"))
         .collect();
-    let rows = if rows.is_empty() { vec![512, 160] } else { rows };
+    let rows = if rows.is_empty() {
+        vec![512, 160]
+    } else {
+        rows
+    };
     for n in rows {
         compare("gemma q/k/v", n, 640, &[1024, 256, 256]);
         compare("gemma gate/up", n, 640, &[2048, 2048]);

@@ -252,8 +252,8 @@ pub struct MetaGrad {
 
 /// Stage 1 and stage 2 for one meta-batch at shared weights `theta`: each task adapts a copy of
 /// `theta` with `inner_steps` steps on its support set, then contributes the query-set gradient
-/// at its adapted weights; the gradients are averaged (or summed). First-order: nothing flows
-/// through the inner steps.
+/// at its adapted weights; the gradients are averaged (or summed) in task order. First-order:
+/// nothing flows through the inner steps. The tasks run side by side (see [`per_task`]).
 pub fn meta_gradient(
     model: &Model,
     theta: &Adapter,
@@ -262,90 +262,23 @@ pub fn meta_gradient(
     cfg: &TrainConfig,
     step: usize,
 ) -> Result<MetaGrad> {
-    let s = cfg.effective_inner_steps();
-    let st = step.to_string();
+    let parts = per_task(tasks, |t| task_gradient(model, theta, t, units, cfg, step))?;
+    let n = tasks.len().max(1) as f64;
     let mut acc: Option<Vec<Tensor>> = None;
-    let mut rows = Vec::new();
-    let mut counts = Vec::new();
-    let mut qloss = 0f64;
-    for t in tasks {
-        let name = units[t.unit].name.as_str();
-        let mut support_tokens = 0u64;
-        let mut support_answer = 0u64;
-        let adapted;
-        let at: &Adapter = if s == 0 {
-            theta
-        } else {
-            let sup = sorted_by_len(t.support.clone());
-            adapted = adapt(
-                model,
-                theta,
-                &sup,
-                s,
-                cfg,
-                &["meta", &st, name],
-                |j, g, secs| {
-                    check_finite(g, step, name, "support")?;
-                    support_tokens += g.input_tokens as u64;
-                    support_answer += g.tokens as u64;
-                    rows.push(LogRow {
-                        step: step as u64,
-                        task: name.to_string(),
-                        stage: "support".into(),
-                        inner: j as u32,
-                        loss: g.loss,
-                        lr: Some(cfg.inner_lr),
-                        tokens: g.input_tokens as u64,
-                        seconds: secs,
-                        ..Default::default()
-                    });
-                    Ok(())
-                },
-            )?;
-            // How far stage 1 moved this task's copy: small means multi-task LoRA in disguise.
-            if let Some(last) = rows.last_mut() {
-                last.norm = Some(distance(&adapted, theta)?);
-            }
-            &adapted
-        };
-        let t1 = Instant::now();
-        let q = sorted_by_len(t.query.clone());
-        let g = grads(
-            model,
-            at,
-            &q,
-            StepOptions::of(cfg, derive_seed(cfg.seed, &["meta", &st, name, "query"])),
-        )?;
-        check_finite(&g, step, name, "query")?;
-        qloss += g.loss;
-        rows.push(LogRow {
-            step: step as u64,
-            task: name.to_string(),
-            stage: "query".into(),
-            loss: g.loss,
-            tokens: g.input_tokens as u64,
-            seconds: t1.elapsed().as_secs_f64(),
-            ..Default::default()
-        });
-        counts.push((
-            t.unit,
-            Seen {
-                examples: (t.support.len() * usize::from(s > 0) + t.query.len()) as u64,
-                tokens: support_tokens + g.input_tokens as u64,
-                answer_tokens: support_answer + g.tokens as u64,
-                sequences: (t.support.len() * s + t.query.len()) as u64,
-            },
-        ));
+    let (mut rows, mut counts, mut qloss) = (Vec::new(), Vec::new(), 0f64);
+    for p in parts {
+        qloss += p.loss;
+        rows.extend(p.rows);
+        counts.push(p.seen);
         acc = Some(match acc {
-            None => g.grads,
+            None => p.grads,
             Some(a) => a
                 .iter()
-                .zip(&g.grads)
+                .zip(&p.grads)
                 .map(|(x, y)| x + y)
                 .collect::<candle_core::Result<_>>()?,
         });
     }
-    let n = tasks.len().max(1) as f64;
     let mut grads = acc.ok_or_else(|| Error::Internal("a meta-batch needs a task".into()))?;
     if cfg.aggregate == Aggregate::Mean {
         grads = grads
@@ -359,6 +292,147 @@ pub fn meta_gradient(
         rows,
         counts,
     })
+}
+
+/// One task's part of a meta-gradient.
+struct TaskGrad {
+    /// The query gradient at the task's adapted copy.
+    grads: Vec<Tensor>,
+    /// The query loss.
+    loss: f64,
+    /// The support steps' and the query's log rows.
+    rows: Vec<LogRow>,
+    /// The task's unit and what it saw.
+    seen: (usize, Seen),
+}
+
+/// Stage 1 on task `t`'s support set (skipped when the method runs no inner steps), then its
+/// query gradient.
+fn task_gradient(
+    model: &Model,
+    theta: &Adapter,
+    t: &MetaTask,
+    units: &[TaskUnit],
+    cfg: &TrainConfig,
+    step: usize,
+) -> Result<TaskGrad> {
+    let s = cfg.effective_inner_steps();
+    let st = step.to_string();
+    let name = units[t.unit].name.as_str();
+    let mut rows = Vec::new();
+    let (mut support_tokens, mut support_answer) = (0u64, 0u64);
+    let adapted;
+    let at: &Adapter = if s == 0 {
+        theta
+    } else {
+        let sup = sorted_by_len(t.support.clone());
+        adapted = adapt(
+            model,
+            theta,
+            &sup,
+            s,
+            cfg,
+            &["meta", &st, name],
+            |j, g, secs| {
+                check_finite(g, step, name, "support")?;
+                support_tokens += g.input_tokens as u64;
+                support_answer += g.tokens as u64;
+                rows.push(LogRow {
+                    step: step as u64,
+                    task: name.to_string(),
+                    stage: "support".into(),
+                    inner: j as u32,
+                    loss: g.loss,
+                    lr: Some(cfg.inner_lr),
+                    tokens: g.input_tokens as u64,
+                    seconds: secs,
+                    ..Default::default()
+                });
+                Ok(())
+            },
+        )?;
+        // How far stage 1 moved this task's copy: small means multi-task LoRA in disguise.
+        if let Some(last) = rows.last_mut() {
+            last.norm = Some(distance(&adapted, theta)?);
+        }
+        &adapted
+    };
+    let t1 = Instant::now();
+    let q = sorted_by_len(t.query.clone());
+    let g = grads(
+        model,
+        at,
+        &q,
+        StepOptions::of(cfg, derive_seed(cfg.seed, &["meta", &st, name, "query"])),
+    )?;
+    check_finite(&g, step, name, "query")?;
+    rows.push(LogRow {
+        step: step as u64,
+        task: name.to_string(),
+        stage: "query".into(),
+        loss: g.loss,
+        tokens: g.input_tokens as u64,
+        seconds: t1.elapsed().as_secs_f64(),
+        ..Default::default()
+    });
+    let seen = Seen {
+        examples: (t.support.len() * usize::from(s > 0) + t.query.len()) as u64,
+        tokens: support_tokens + g.input_tokens as u64,
+        answer_tokens: support_answer + g.tokens as u64,
+        sequences: (t.support.len() * s + t.query.len()) as u64,
+    };
+    Ok(TaskGrad {
+        grads: g.grads,
+        loss: g.loss,
+        rows,
+        seen: (t.unit, seen),
+    })
+}
+
+/// `f` on every task of a meta-batch, the results in task order. The tasks are independent
+/// until their gradients are summed, and one task's micro-batches (4 short sequences) are too
+/// small to keep two cores busy (a second thread made a meta-iteration only 1.11x faster, see
+/// `benchmarks/perf/README.md`), so the tasks run side by side on the compute threads, each
+/// task on one thread. Each task computes exactly what it computes alone: a product's sums do
+/// not depend on how many threads split its rows, so the bits are those of a serial run.
+fn per_task<T: Send>(
+    tasks: &[MetaTask],
+    f: impl Fn(&MetaTask) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let threads = candle_core::utils::get_num_threads().min(tasks.len());
+    if threads <= 1 {
+        return tasks.iter().map(f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<Result<T>>>> =
+        tasks.iter().map(|_| Default::default()).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build();
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(t) = tasks.get(i) else { break };
+                    let r = match &pool {
+                        Ok(p) => p.install(|| f(t)),
+                        Err(e) => Err(Error::Internal(format!("a task thread pool: {e}"))),
+                    };
+                    if let Ok(mut slot) = slots[i].lock() {
+                        *slot = Some(r);
+                    }
+                }
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| Err(Error::Internal("a task's result went missing".into())))
+        })
+        .collect()
 }
 
 /// The tasks of meta-iteration `m`: `n` units drawn without replacement, each with its
