@@ -253,7 +253,8 @@ pub struct MetaGrad {
 /// Stage 1 and stage 2 for one meta-batch at shared weights `theta`: each task adapts a copy of
 /// `theta` with `inner_steps` steps on its support set, then contributes the query-set gradient
 /// at its adapted weights; the gradients are averaged (or summed) in task order. First-order:
-/// nothing flows through the inner steps. The tasks run side by side (see [`per_task`]).
+/// nothing flows through the inner steps. The tasks run one after the other: side by side (one
+/// compute thread each) was 1.08x faster for 1.34x the memory (`benchmarks/perf/README.md`).
 pub fn meta_gradient(
     model: &Model,
     theta: &Adapter,
@@ -262,7 +263,10 @@ pub fn meta_gradient(
     cfg: &TrainConfig,
     step: usize,
 ) -> Result<MetaGrad> {
-    let parts = per_task(tasks, |t| task_gradient(model, theta, t, units, cfg, step))?;
+    let parts = tasks
+        .iter()
+        .map(|t| task_gradient(model, theta, t, units, cfg, step))
+        .collect::<Result<Vec<_>>>()?;
     let n = tasks.len().max(1) as f64;
     let mut acc: Option<Vec<Tensor>> = None;
     let (mut rows, mut counts, mut qloss) = (Vec::new(), Vec::new(), 0f64);
@@ -387,52 +391,6 @@ fn task_gradient(
         rows,
         seen: (t.unit, seen),
     })
-}
-
-/// `f` on every task of a meta-batch, the results in task order. The tasks are independent
-/// until their gradients are summed, and one task's micro-batches (4 short sequences) are too
-/// small to keep two cores busy (a second thread made a meta-iteration only 1.11x faster, see
-/// `benchmarks/perf/README.md`), so the tasks run side by side on the compute threads, each
-/// task on one thread. Each task computes exactly what it computes alone: a product's sums do
-/// not depend on how many threads split its rows, so the bits are those of a serial run.
-fn per_task<T: Send>(
-    tasks: &[MetaTask],
-    f: impl Fn(&MetaTask) -> Result<T> + Sync,
-) -> Result<Vec<T>> {
-    let threads = candle_core::utils::get_num_threads().min(tasks.len());
-    if threads <= 1 {
-        return tasks.iter().map(f).collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let slots: Vec<std::sync::Mutex<Option<Result<T>>>> =
-        tasks.iter().map(|_| Default::default()).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build();
-                loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(t) = tasks.get(i) else { break };
-                    let r = match &pool {
-                        Ok(p) => p.install(|| f(t)),
-                        Err(e) => Err(Error::Internal(format!("a task thread pool: {e}"))),
-                    };
-                    if let Ok(mut slot) = slots[i].lock() {
-                        *slot = Some(r);
-                    }
-                }
-            });
-        }
-    });
-    slots
-        .into_iter()
-        .map(|m| {
-            m.into_inner()
-                .ok()
-                .flatten()
-                .unwrap_or_else(|| Err(Error::Internal("a task's result went missing".into())))
-        })
-        .collect()
 }
 
 /// The tasks of meta-iteration `m`: `n` units drawn without replacement, each with its
