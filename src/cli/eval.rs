@@ -232,7 +232,9 @@ pub struct ExportArgs {
 
 pub fn export(_g: &Global, a: ExportArgs) -> anyhow::Result<()> {
     let written = match a.format {
-        ExportFormat::Eee => mlbench::eval::eee::export_from(&a.from, &a.out, &a.organization)?,
+        ExportFormat::Eee => {
+            mlbench::runner::eee_store::export_from(&a.from, &a.out, &a.organization)?
+        }
     };
     for p in written {
         tracing::info!("wrote {}", p.display());

@@ -19,8 +19,9 @@
 //!   listed with its sha256 under `detailed_evaluation_results`.
 //!
 //! Values the schema wants as strings (every `additional_details`) are strings. Files are
-//! written atomically; nothing in the evaluation folder changes. [`export_from`] also takes a
-//! results store, which [`super::eee_store`] writes one aggregate per finished cell of.
+//! written atomically; nothing in the evaluation folder changes. A results store's cells are
+//! exported by [`crate::runner::eee_store`], one aggregate per finished cell, with this
+//! module's pieces.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,27 +34,10 @@ use crate::util::{sha256_hex, write_bytes_atomic};
 
 /// The schema versions written.
 pub const SCHEMA: &str = "0.2.1";
-pub(super) const INSTANCE_SCHEMA: &str = "instance_level_eval_0.2.1";
-
-/// Writes the Every Eval Ever files of `from` into `out`: an evaluation folder (it has
-/// `results.json`: [`export`]) or a results store (it has `cells/`:
-/// [`super::eee_store::export_store`]); anything else is refused, saying so.
-pub fn export_from(from: &Path, out: &Path, organization: &str) -> Result<Vec<PathBuf>> {
-    if from.join("results.json").is_file() {
-        export(from, out, organization)
-    } else if from.join("cells").is_dir() {
-        super::eee_store::export_store(from, out, organization)
-    } else {
-        Err(Error::Invalid(format!(
-            "{} is neither an evaluation folder (no results.json, as `mlbench eval --out` \
-             writes) nor a results store (no cells/ folder, as `mlbench run --store` writes)",
-            from.display()
-        )))
-    }
-}
+pub(crate) const INSTANCE_SCHEMA: &str = "instance_level_eval_0.2.1";
 
 /// One metric row of `metrics.parquet`.
-pub(super) struct Row {
+pub(crate) struct Row {
     pub variant: String,
     pub task: String,
     pub lang: String,
@@ -101,7 +85,7 @@ pub fn export(eval_dir: &Path, out: &Path, organization: &str) -> Result<Vec<Pat
 
 /// Writes `<name>.instances.jsonl` of `lines` into `out` and lists it, with its sha256, under
 /// the aggregate `record`'s `detailed_evaluation_results`; returns the file's path.
-pub(super) fn write_instances(
+pub(crate) fn write_instances(
     out: &Path,
     name: &str,
     lines: &[Value],
@@ -122,7 +106,7 @@ pub(super) fn write_instances(
 }
 
 /// Writes the aggregate `record` as `<name>.json` into `out`; returns the file's path.
-pub(super) fn write_record(out: &Path, name: &str, record: &Value) -> Result<PathBuf> {
+pub(crate) fn write_record(out: &Path, name: &str, record: &Value) -> Result<PathBuf> {
     let path = out.join(format!("{}.json", safe(name)));
     write_bytes_atomic(&path, &serde_json::to_vec_pretty(record)?)?;
     Ok(path)
@@ -141,7 +125,7 @@ fn safe(name: &str) -> String {
         .collect()
 }
 
-pub(super) fn read_json(path: &Path) -> Result<Value> {
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
     let bytes =
         std::fs::read(path).map_err(|e| Error::missing_or_io("results file", "read", path, e))?;
     serde_json::from_slice(&bytes).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
@@ -153,7 +137,7 @@ fn read_metrics(path: &Path) -> Result<Vec<Row>> {
 }
 
 /// The metric rows of a frame in the `metrics.parquet` layout read from `path`.
-pub(super) fn rows_of(df: &DataFrame, path: &Path) -> Result<Vec<Row>> {
+pub(crate) fn rows_of(df: &DataFrame, path: &Path) -> Result<Vec<Row>> {
     let bad = |e: PolarsError| Error::Invalid(format!("{}: {e}", path.display()));
     let s = |c: &str| -> Result<StringChunked> {
         Ok(df.column(c).map_err(bad)?.str().map_err(bad)?.clone())
@@ -263,7 +247,7 @@ fn aggregate(
 }
 
 /// The model's id as given (a Hub id or a folder's name), with the adapter after a `+`.
-pub(super) fn model_id(model: &str, variant: &str) -> String {
+pub(crate) fn model_id(model: &str, variant: &str) -> String {
     let base = if Path::new(model).is_dir() {
         Path::new(model)
             .file_name()
@@ -289,7 +273,7 @@ fn task_spec<'a>(results: &'a Value, task: &str) -> Option<&'a Value> {
 
 /// One `evaluation_results` entry, for an evaluation with `shots` few-shot examples of a task
 /// described by `spec` (its `split` and, where known, `version`).
-pub(super) fn result_entry(r: &Row, shots: &Value, spec: Option<&Value>) -> Value {
+pub(crate) fn result_entry(r: &Row, shots: &Value, spec: Option<&Value>) -> Value {
     let split = spec.and_then(|t| t["split"].as_str()).unwrap_or_default();
     let version = spec
         .and_then(|t| t.get("version"))

@@ -7,8 +7,8 @@
 //! - [`choices`]: multiple-choice log-likelihoods with the context computed once per example;
 //! - [`metrics`]: acc, acc_norm, acc_bytes, exact_match, standard errors, Wilson and bootstrap
 //!   intervals, micro and macro averages;
-//! - [`eee`]: an evaluation folder in the Every Eval Ever schema (aggregate and instances);
-//!   [`eee_store`]: the same for each finished cell of a results store;
+//! - [`eee`]: an evaluation folder in the Every Eval Ever schema (aggregate and instances; a
+//!   results store's cells are exported by [`crate::runner::eee_store`] with its pieces);
 //! - [`lmeval`]: the same results in lm-evaluation-harness's shapes (results file, sample logs);
 //! - [`run`]: prompts (zero- and n-shot), variants (base, adapters, per-task adapter sets),
 //!   scoring of every variant on one loaded base, and the output files.
@@ -16,7 +16,6 @@
 pub mod batch;
 pub mod choices;
 pub mod eee;
-pub mod eee_store;
 pub mod lmeval;
 pub mod metrics;
 pub mod run;

@@ -1,6 +1,9 @@
-//! Stage 0 of the data's journey: resolution. Raw inputs (a struct's defaults, TOML files and
-//! sections, command-line flags, `--set` pairs, experiment files) in; typed, checked plans out,
-//! which the later stages accept (they never read a flag or a key by name).
+//! Resolution, the layer between the command line and the work: raw inputs (a struct's
+//! defaults, TOML files and sections, command-line flags, `--set` pairs, experiment files) in;
+//! typed, checked plans out, which training, evaluation and the runner accept (they never read
+//! a flag or a key by name). It reads the data catalogue ([`crate::data`]), task specs
+//! ([`crate::tasks`]) and the LoRA defaults and model identity ([`crate::model`]) to resolve;
+//! [`crate::train`], [`crate::eval`] and [`crate::runner`] depend on it, never the reverse.
 //!
 //! - [`method`]: the [`Method`] enum, the only place a method name is parsed;
 //! - [`device`]: [`DeviceSpec`] and [`Precision`], parsed once;

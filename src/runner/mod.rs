@@ -2,6 +2,7 @@
 //! [`crate::plan::grid`] from an experiment file) in; trained and evaluated
 //! cells in a resumable, shardable Parquet results store out; comparison tables from the store.
 //!
+//! - [`eee_store`]: a store's finished cells in the Every Eval Ever schema;
 //! - [`store`]: the results store (one folder per finished cell, committed by a rename);
 //! - [`lock`]: claims on a store's cells and on its compaction (one worker per cell);
 //! - [`grid`]: running one cell (train, evaluate, commit);
@@ -12,6 +13,7 @@
 //! - [`study`]: the budget table, label-distribution diagnostics and the setup block.
 
 pub mod compare;
+pub mod eee_store;
 pub mod grid;
 pub mod lock;
 pub mod select;

@@ -1,7 +1,7 @@
-//! A results store in the Every Eval Ever schema (v0.2.1, as [`super::eee`] writes for one
+//! A results store in the Every Eval Ever schema (v0.2.1, as [`crate::eval::eee`] writes for one
 //! evaluation folder).
 //!
-//! In: a store `mlbench run` wrote ([`crate::runner::store`]): each finished cell's
+//! In: a store `mlbench run` wrote ([`super::store`]): each finished cell's
 //! `cells/<key>/cell.json` (method, K, seed, the evaluation configuration, code version, the
 //! model weights' sha256) and its rows of `metrics.parquet` and `samples.parquet` (per-cell
 //! files or compacted parts, each cell's rows once). Out, per finished cell, named by its key:
@@ -25,12 +25,29 @@ use std::path::{Path, PathBuf};
 use polars::prelude::*;
 use serde_json::{json, Value};
 
-use super::eee::{
+use super::store::Store;
+use crate::error::{Error, Result};
+use crate::eval::eee::{
     model_id, read_json, result_entry, rows_of, write_instances, write_record, Row,
     INSTANCE_SCHEMA, SCHEMA,
 };
-use crate::error::{Error, Result};
-use crate::runner::store::Store;
+
+/// Writes the Every Eval Ever files of `from` into `out`: an evaluation folder (it has
+/// `results.json`: [`crate::eval::eee::export`]) or a results store (it has `cells/`:
+/// [`export_store`]); anything else is refused, saying so.
+pub fn export_from(from: &Path, out: &Path, organization: &str) -> Result<Vec<PathBuf>> {
+    if from.join("results.json").is_file() {
+        crate::eval::eee::export(from, out, organization)
+    } else if from.join("cells").is_dir() {
+        export_store(from, out, organization)
+    } else {
+        Err(Error::Invalid(format!(
+            "{} is neither an evaluation folder (no results.json, as `mlbench eval --out` \
+             writes) nor a results store (no cells/ folder, as `mlbench run --store` writes)",
+            from.display()
+        )))
+    }
+}
 
 /// Writes the Every Eval Ever files of every finished cell of the store at `dir` into `out`
 /// (see the module doc); `organization` names who ran it. Returns the files written.
