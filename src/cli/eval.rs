@@ -1,4 +1,5 @@
-//! `mlbench eval`: a model and adapters on task test sets (see `mlbench::eval::run`).
+//! `mlbench eval`: a model and adapters on task test sets; the flags resolve into an
+//! `mlbench::plan::EvalPlan` (see `mlbench::eval::run`). Also `mlbench export`.
 
 use std::path::PathBuf;
 

@@ -1,4 +1,5 @@
-//! `mlbench train`: flags and/or a TOML config in, a run folder out (see `mlbench::train::run`).
+//! `mlbench train`: flags and/or a TOML config in, merged by `mlbench::plan::Layers` into a
+//! checked `TrainPlan`; a run folder out (see `mlbench::train::run`).
 
 use std::path::PathBuf;
 

@@ -1,7 +1,8 @@
 //! The few-shot sampler: seeded, stratified, nested training pools, and the support/query split
 //! of a pool for one meta-iteration.
 //!
-//! In: a canonical dataset file and a request (tasks, languages, budgets K, seed).
+//! In: a canonical dataset file (found and read through [`super::catalogue`]) and a request
+//! (tasks, languages, budgets K, seed).
 //! Out: one row per drawn example with `task, lang, lang_code, split, id, label, seed, k, draw`.
 //!
 //! **Draw order.** For each (task, language) the sampler builds one *draw order* over the whole

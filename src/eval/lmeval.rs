@@ -1,6 +1,6 @@
 //! An evaluation in lm-evaluation-harness's shapes, for tools written against the harness.
 //!
-//! In: an evaluation's configuration and [`EvalReport`] (records and metric rows), plus its
+//! In: an evaluation's [`EvalPlan`] and [`EvalReport`] (records and metric rows), plus its
 //! items, rendered again from the same configuration (cheap, and identical: prompts depend only
 //! on the data, the task specs and the seed). Out, under `OUT/lm-eval/<variant>/`:
 //! - `results.json`: `results` keyed by `<task>_<lang>` (`"acc,none"`, `"acc_stderr,none"`, ...

@@ -2,7 +2,8 @@
 //! section fill, their one set of defaults, and the checks that need neither data nor model
 //! (every problem listed at once). Serialised into every evaluation's `results.json` and into
 //! the cell keys of a grid. [`BatchSize`] is `batch_size`: a number, or `auto` (written as the
-//! string `"auto"`; a number stays a number).
+//! string `"auto"`; a number stays a number). [`EvalPlan`] is what an evaluation takes: the
+//! configuration with its tasks opened against the data folder.
 
 use std::path::Path;
 

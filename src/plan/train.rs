@@ -1,6 +1,9 @@
 //! The training configuration: one struct that a TOML file or the command line fills, every
 //! default of `../shared/docs/method.md` marked "ours" included, checked as a whole before a run
-//! starts (every problem listed at once) and recorded in the run manifest.
+//! starts (every problem listed at once) and recorded in the run manifest; and the
+//! [`TrainPlan`] a run takes: that configuration with its tasks opened against the data folder.
+//! The method, device and precision are typed ([`Method`], [`DeviceSpec`], [`Precision`]) and
+//! serialise as their names.
 
 use std::path::Path;
 

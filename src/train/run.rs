@@ -1,4 +1,5 @@
-//! A training run end to end: configuration + data folder in; under the run folder
+//! A training run end to end: a [`TrainPlan`] (the checked configuration, the data folder and
+//! the opened tasks) in; under the run folder
 //! `config.json` (the resolved configuration, written first), the adapter folder(s),
 //! `log.parquet` (one row per step, stage and task) and `manifest.json` (what was trained on
 //! what, with which code, how long, and how many examples and tokens each task contributed).
