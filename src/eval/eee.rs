@@ -225,17 +225,8 @@ fn aggregate(
         "schema_version": SCHEMA,
         "evaluation_id": format!("mlbench-{}/{}/{stamp}", tasks.join("+"), model_id(model, name)),
         "retrieved_timestamp": stamp,
-        "source_metadata": {
-            "source_name": "mlbench",
-            "source_type": "evaluation_run",
-            "source_organization_name": organization,
-            "evaluator_relationship": "third_party",
-        },
-        "eval_library": {
-            "name": "mlbench",
-            "version": env!("CARGO_PKG_VERSION"),
-            "additional_details": {"code_version": results["code_version"].as_str().unwrap_or_default()},
-        },
+        "source_metadata": source_metadata("mlbench", organization),
+        "eval_library": eval_library(results["code_version"].as_str().unwrap_or_default()),
         "model_info": {
             "name": if name == "base" { model.to_string() } else { format!("{model} + LoRA adapter {name}") },
             "id": model_id(model, name),
@@ -243,6 +234,25 @@ fn aggregate(
             "additional_details": details,
         },
         "evaluation_results": rows.iter().map(|r| result_entry(r, &cfg["shots"], task_spec(results, &r.task))).collect::<Vec<_>>(),
+    })
+}
+
+/// The record's `source_metadata`: who ran the evaluation and where it comes from.
+pub(crate) fn source_metadata(source_name: &str, organization: &str) -> Value {
+    json!({
+        "source_name": source_name,
+        "source_type": "evaluation_run",
+        "source_organization_name": organization,
+        "evaluator_relationship": "third_party",
+    })
+}
+
+/// The record's `eval_library`: mlbench, its version and the code version that scored.
+pub(crate) fn eval_library(code_version: &str) -> Value {
+    json!({
+        "name": "mlbench",
+        "version": env!("CARGO_PKG_VERSION"),
+        "additional_details": {"code_version": code_version},
     })
 }
 

@@ -28,8 +28,8 @@ use serde_json::{json, Value};
 use super::store::Store;
 use crate::error::{Error, Result};
 use crate::eval::eee::{
-    model_id, read_json, result_entry, rows_of, write_instances, write_record, Row,
-    INSTANCE_SCHEMA, SCHEMA,
+    eval_library, model_id, read_json, result_entry, rows_of, source_metadata, write_instances,
+    write_record, Row, INSTANCE_SCHEMA, SCHEMA,
 };
 
 /// Writes the Every Eval Ever files of `from` into `out`: an evaluation folder (it has
@@ -158,17 +158,11 @@ fn aggregate(cell: &Value, rows: &[&Row], organization: &str, stamp: &str) -> Va
         "schema_version": SCHEMA,
         "evaluation_id": format!("mlbench-{}/{id}/{}/{stamp}", tasks.join("+"), text(&c["key"])),
         "retrieved_timestamp": stamp,
-        "source_metadata": {
-            "source_name": format!("mlbench results store (experiment {experiment})"),
-            "source_type": "evaluation_run",
-            "source_organization_name": organization,
-            "evaluator_relationship": "third_party",
-        },
-        "eval_library": {
-            "name": "mlbench",
-            "version": env!("CARGO_PKG_VERSION"),
-            "additional_details": {"code_version": text(&cell["code_version"])},
-        },
+        "source_metadata": source_metadata(
+            &format!("mlbench results store (experiment {experiment})"),
+            organization,
+        ),
+        "eval_library": eval_library(&text(&cell["code_version"])),
         "model_info": {
             "name": if c["method"] == "base" { model.clone() } else {
                 format!("{model} + {} LoRA adapter (K = {}, seed {})", text(&c["method"]), details["k"].as_str().unwrap_or_default(), text(&c["seed"]))
