@@ -1,46 +1,23 @@
 //! Would fusing the q/k/v (and gate/up) products into one wider product speed up training and
-//! evaluation? The same f32 GEMM call mlbench's frozen products make (`model::kernels::frozen`,
-//! `gemm` with `x [n, k]` times `w [out, k]` read transposed), timed for the separate weights and
+//! evaluation? mlbench's own frozen-weight product (`model::kernels::linear`: one f32 `gemm`
+//! call, `x [n, k]` times `w [out, k]` read transposed), timed for the separate weights and
 //! for their concatenation, at the row counts of a training micro-batch (about 512 tokens after
 //! prefix sharing on SIB-200) and of a short one (160).
 //!
-//! Reports the median of 20 runs after 5 warm-ups, with 2 rayon threads.
+//! Reports the median of 20 runs after 5 warm-ups, on candle's thread count (the cores, or
+//! `RAYON_NUM_THREADS`).
 //! Run: cargo run --release --example fused_gemm -- [ROWS...]   (default 512 160)
 
 use std::time::Instant;
 
-/// `y [n, out] = x [n, k] w [out, k]^T`.
-fn product(x: &[f32], w: &[f32], (n, k, out): (usize, usize, usize), y: &mut Vec<f32>) {
-    assert!(x.len() == n * k && w.len() == out * k);
-    y.clear();
-    y.reserve(n * out);
-    // SAFETY: x is [n, k] row-major, w is [out, k] row-major read as its transpose, y has
-    // capacity n * out; with alpha 0 and read_dst false the GEMM writes every element of y
-    // without reading it, so the length is set afterwards.
-    unsafe {
-        gemm::gemm(
-            n,
-            out,
-            k,
-            y.as_mut_ptr(),
-            1,
-            out as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(2),
-        );
-        y.set_len(n * out);
-    }
+use candle_core::{Device, Tensor};
+use mlbench::model::kernels::linear;
+
+/// `x w^T` through mlbench's frozen-weight product (`model::kernels::linear`, one GEMM call).
+fn product(x: &Tensor, w: &Tensor) -> Tensor {
+    linear(x, w)
+        .expect("the product runs")
+        .expect("f32 CPU tensors take the GEMM path")
 }
 
 /// Median seconds of 20 runs of `f` after 5 warm-ups.
@@ -59,20 +36,23 @@ fn median(mut f: impl FnMut()) -> f64 {
 
 /// One shape: the input width and the output widths that would be fused.
 fn compare(name: &str, n: usize, k: usize, outs: &[usize]) {
-    let x: Vec<f32> = (0..n * k).map(|i| (i % 97) as f32 * 0.01).collect();
-    let ws: Vec<Vec<f32>> = outs
-        .iter()
-        .map(|&o| (0..o * k).map(|i| (i % 89) as f32 * 0.01).collect())
-        .collect();
-    let fused_w = ws.concat();
+    let dev = Device::Cpu;
+    let tensor = |rows: usize, m: usize| {
+        let v: Vec<f32> = (0..rows * k).map(|i| (i % m) as f32 * 0.01).collect();
+        Tensor::from_vec(v, (rows, k), &dev).expect("a tensor")
+    };
+    let x = tensor(n, 97);
+    let ws: Vec<Tensor> = outs.iter().map(|&o| tensor(o, 89)).collect();
+    let fused_w = Tensor::cat(&ws, 0).expect("the weights concatenate");
     let total: usize = outs.iter().sum();
-    let mut y = Vec::new();
     let separate = median(|| {
-        for (w, &o) in ws.iter().zip(outs) {
-            product(&x, w, (n, k, o), &mut y);
+        for w in &ws {
+            std::hint::black_box(product(&x, w));
         }
     });
-    let fused = median(|| product(&x, &fused_w, (n, k, total), &mut y));
+    let fused = median(|| {
+        std::hint::black_box(product(&x, &fused_w));
+    });
     let flop = 2.0 * (n * k * total) as f64;
     println!(
         "{name:20} rows {n:4}: separate {:7.3} ms ({:5.1} GFLOP/s), fused {:7.3} ms ({:5.1} GFLOP/s), {:.2}x",
