@@ -8,6 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 fn main() {
     mlbench::util::tune_allocator();
+    mlbench::util::tune_threads();
     // `mlbench ... | head` ends quietly instead of panicking on a closed pipe.
     // SAFETY: `signal` with SIG_DFL installs no handler code of ours, and it is called before
     // other threads start, so nothing races on the signal table.

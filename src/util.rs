@@ -25,6 +25,19 @@ pub fn tune_allocator() {
     }
 }
 
+/// Keeps candle's element-wise ops on the calling thread (`CANDLE_NUM_THREADS=1`, unless the
+/// user set it). candle 0.11 runs them on a second pool of its own ("candle-bp" workers that
+/// spin before they sleep) beside rayon's pool, which runs the GEMMs and mlbench's kernels; on a
+/// few cores the two pools' idle spinning takes cores from each other's work. One MeTA-LoRA
+/// meta-iteration on 2 cores (Gemma 3, 7 SIB-200 tasks): 64.2 s with both pools, 49.2 s with
+/// element-wise ops inline (benchmarks/perf/README.md). The ops are per element, so the results
+/// are the same bits. Call once at program start, before other threads exist.
+pub fn tune_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 /// SplitMix64 step: the standard 64-bit mixer, used to expand seeds.
 pub fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
