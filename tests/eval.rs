@@ -96,6 +96,47 @@ fn shared_prefix_scores_equal_per_request_scores_and_do_not_depend_on_the_batch(
 }
 
 #[test]
+fn a_preamble_run_once_gives_the_per_request_scores() {
+    use mlbench::eval::choices::shared_prefix_len;
+    for arch in [Arch::Gemma3, Arch::Llama, Arch::Qwen2] {
+        let (_d, m) = tiny_model(arch);
+        let vocab = m.model.config.vocab_size.min(300) as u32;
+        // Nine common tokens, longer than Gemma's tiny sliding window (4), before each context.
+        let preamble: Vec<u32> = (0..9).map(|i| 3 + (i * 37) % (vocab - 3)).collect();
+        let mut reqs = requests(5, 24, vocab);
+        for r in reqs.iter_mut() {
+            r.context.splice(0..0, preamble.iter().copied());
+        }
+        let shared = shared_prefix_len(&reqs, 2048);
+        assert!(shared >= preamble.len(), "{arch:?}: {shared} shared tokens");
+        let packed = score_choices(&m.model, None, &reqs, 5, 2048).unwrap();
+        let flat: Vec<(Vec<u32>, Vec<u32>)> = reqs
+            .iter()
+            .flat_map(|r| {
+                r.continuations
+                    .iter()
+                    .map(|c| (r.context.clone(), c.clone()))
+            })
+            .collect();
+        let plain = score_ids(&m.model, None, &flat, 8, Pad::Right, 2048).unwrap();
+        let mut k = 0;
+        for (i, scores) in packed.iter().enumerate() {
+            for (j, a) in scores.iter().enumerate() {
+                let c = &plain[k];
+                assert!(
+                    (a.logprob - c.logprob).abs() <= 1e-4,
+                    "{arch:?} request {i} choice {j}: {} vs {}",
+                    a.logprob,
+                    c.logprob
+                );
+                assert_eq!(a.greedy, c.greedy, "{arch:?} request {i} choice {j}");
+                k += 1;
+            }
+        }
+    }
+}
+
+#[test]
 fn long_contexts_are_cut_from_the_left_like_the_per_request_scorer() {
     let (_d, m) = tiny_model(Arch::Llama);
     // One continuation, so the cut is the same for both scorers.

@@ -9,6 +9,13 @@
 //! length and batched; logits are computed only at the rows a target needs, a few hundred at a
 //! time. When a context and its longest continuation exceed `max_len`, the context loses tokens
 //! from the left.
+//!
+//! Tokens that every context begins with (a task's prompt preamble, "Topics: ... Sentence:"
+//! for SIB-200, about a quarter of a row) are run once per call: their keys and values are
+//! computed for one row ([`Model::prefix_cache`]) and every packed row continues them
+//! ([`Model::hidden_packed_after`]). The shared part stops at least one token before the
+//! shortest context (whose last position predicts its continuations' first tokens) and is not
+//! used when some context has to be cut to fit `max_len`.
 
 use crate::error::{Error, Result};
 use crate::model::lora::Adapter;
@@ -24,6 +31,9 @@ pub struct ChoiceRequest {
 
 /// Rows whose logits are computed at once.
 pub const LOGIT_ROWS: usize = 256;
+
+/// The fewest common leading tokens worth running once for all requests.
+pub const MIN_SHARED_PREFIX: usize = 4;
 
 /// One request packed into a row: ids, positions and visibility groups; and for each
 /// continuation the packed indices whose logits predict its tokens.
@@ -44,10 +54,11 @@ pub fn score_choices(
     batch_size: usize,
     max_len: usize,
 ) -> Result<Vec<Vec<Score>>> {
+    let shared = shared_prefix_len(reqs, max_len);
     let packed: Vec<Packed> = reqs
         .iter()
         .enumerate()
-        .map(|(i, r)| pack(i, r, max_len))
+        .map(|(i, r)| pack(i, r, max_len, shared))
         .collect::<Result<_>>()?;
     let mut out: Vec<Vec<Score>> = reqs
         .iter()
@@ -56,9 +67,16 @@ pub fn score_choices(
     let mut order: Vec<usize> = (0..reqs.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(packed[i].ids.len()));
     let ctx = Ctx::eval(adapter);
+    let prefix = match shared {
+        0 => None,
+        n => Some(model.prefix_cache(&reqs[0].context[..n], &ctx)?),
+    };
     for chunk in order.chunks(batch_size.max(1)) {
         let batch = Batch::of(chunk, &packed);
-        let hidden = model.hidden_packed(&batch.ids, batch.pos, batch.vis, &ctx)?;
+        let hidden = match &prefix {
+            None => model.hidden_packed(&batch.ids, batch.pos, batch.vis, &ctx)?,
+            Some(c) => model.hidden_packed_after(c, &batch.ids, batch.pos, batch.vis, &ctx)?,
+        };
         let stats = target_stats(model, &hidden, &batch.rows, &batch.wanted)?;
         let mut w = 0;
         for &i in chunk {
@@ -68,6 +86,41 @@ pub fn score_choices(
         }
     }
     Ok(out)
+}
+
+/// How many leading context tokens all requests share and [`score_choices`] runs once: the
+/// longest common prefix of the contexts, at most the shortest context less one token; 0 when
+/// it is under [`MIN_SHARED_PREFIX`], when there are fewer than two requests, or when some
+/// context would be cut to fit `max_len` (the cut would fall inside the shared part).
+pub fn shared_prefix_len(reqs: &[ChoiceRequest], max_len: usize) -> usize {
+    let Some((first, rest)) = reqs.split_first() else {
+        return 0;
+    };
+    let cut = |r: &ChoiceRequest| {
+        let longest = r.continuations.iter().map(Vec::len).max().unwrap_or(0);
+        r.context.len() + longest > max_len + 1
+    };
+    if rest.is_empty() || reqs.iter().any(cut) {
+        return 0;
+    }
+    let mut n = reqs
+        .iter()
+        .map(|r| r.context.len())
+        .min()
+        .unwrap_or(0)
+        .saturating_sub(1);
+    for r in rest {
+        n = first.context[..n]
+            .iter()
+            .zip(&r.context)
+            .take_while(|(a, b)| a == b)
+            .count();
+    }
+    if n < MIN_SHARED_PREFIX {
+        0
+    } else {
+        n
+    }
 }
 
 /// The length in tokens of a request's packed row (what `pack` builds): its context as cut
@@ -84,8 +137,9 @@ pub fn packed_len(r: &ChoiceRequest, max_len: usize) -> usize {
 
 /// Packs request `i`: its context (cut from the left to fit `max_len` with its longest
 /// continuation), then every continuation but its last token, each restarting at the position
-/// after the context.
-fn pack(i: usize, r: &ChoiceRequest, max_len: usize) -> Result<Packed> {
+/// after the context. The first `shared` context tokens are left out of the row (they are run
+/// once for all rows, [`shared_prefix_len`]); positions stay those of the whole context.
+fn pack(i: usize, r: &ChoiceRequest, max_len: usize, shared: usize) -> Result<Packed> {
     if r.continuations.len() >= PAD as usize {
         return Err(Error::Invalid(format!(
             "request {i}: too many continuations"
@@ -102,13 +156,20 @@ fn pack(i: usize, r: &ChoiceRequest, max_len: usize) -> Result<Packed> {
     }
     let keep = r.context.len().min(max_len + 1 - longest);
     let ctx = &r.context[r.context.len() - keep..];
+    if shared >= ctx.len() || (shared > 0 && keep < r.context.len()) {
+        return Err(Error::Internal(format!(
+            "request {i}: a shared prefix of {shared} tokens does not fit its context of {}",
+            ctx.len()
+        )));
+    }
+    let own = &ctx[shared..];
     let mut p = Packed {
-        ids: ctx.to_vec(),
-        pos: (0..ctx.len() as i64).collect(),
-        vis: vec![0; ctx.len()],
+        ids: own.to_vec(),
+        pos: (shared as i64..ctx.len() as i64).collect(),
+        vis: vec![0; own.len()],
         preds: Vec::with_capacity(r.continuations.len()),
     };
-    let last_ctx = ctx.len() - 1;
+    let last_ctx = own.len() - 1;
     for (j, c) in r.continuations.iter().enumerate() {
         let mut pr = Vec::with_capacity(c.len());
         let mut prev = last_ctx;
@@ -244,6 +305,35 @@ fn target_stats(
 mod tests {
     use super::*;
 
+    fn req(context: &[u32], cont: &[u32]) -> ChoiceRequest {
+        ChoiceRequest {
+            context: context.to_vec(),
+            continuations: vec![cont.to_vec()],
+        }
+    }
+
+    #[test]
+    fn the_shared_prefix_is_common_leaves_a_context_token_and_yields_to_cuts() {
+        let a = req(&[1, 2, 3, 4, 5, 6, 7], &[9]);
+        let b = req(&[1, 2, 3, 4, 5, 8, 7, 7], &[9, 9]);
+        assert_eq!(shared_prefix_len(&[a.clone(), b.clone()], 64), 5);
+        // At most the shortest context less one token.
+        let c = req(&[1, 2, 3, 4, 5], &[9]);
+        assert_eq!(shared_prefix_len(&[a.clone(), c.clone()], 64), 4);
+        // Under the minimum, one request, or a context cut to fit: nothing shared.
+        let d = req(&[1, 2, 3, 0, 5, 6], &[9]);
+        assert_eq!(shared_prefix_len(&[a.clone(), d], 64), 0);
+        assert_eq!(shared_prefix_len(std::slice::from_ref(&a), 64), 0);
+        assert_eq!(shared_prefix_len(&[a.clone(), b.clone()], 8), 0);
+        assert_eq!(shared_prefix_len(&[a.clone(), b.clone()], 9), 5);
+        // The packed row leaves the shared tokens out and keeps absolute positions.
+        let p = pack(0, &b, 64, 5).unwrap();
+        assert_eq!(p.ids, vec![8, 7, 7, 9]);
+        assert_eq!(p.pos, vec![5, 6, 7, 8]);
+        assert_eq!(p.preds, vec![vec![(2, 9), (3, 9)]]);
+        assert!(pack(0, &c, 64, 5).is_err());
+    }
+
     #[test]
     fn packed_len_is_the_length_of_the_packed_row() {
         let r = ChoiceRequest {
@@ -253,7 +343,7 @@ mod tests {
         for max_len in [4, 8, 2048] {
             assert_eq!(
                 packed_len(&r, max_len),
-                pack(0, &r, max_len).unwrap().ids.len()
+                pack(0, &r, max_len, 0).unwrap().ids.len()
             );
         }
     }

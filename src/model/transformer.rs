@@ -157,12 +157,20 @@ impl Model {
             .iter()
             .map(|r| r.iter().map(|&m| if m != 0 { 0 } else { PAD }).collect())
             .collect();
-        self.prepare_layout(pos, vis)
+        self.prepare_layout(0, pos, vis)
     }
 
     /// Masks and rope tables from explicit positions and visibility groups: query `q` sees key
     /// `k <= q` when `vis[k]` is not [`PAD`] and is 0 (a shared prefix) or equal to `vis[q]`.
-    fn prepare_layout(&self, pos: Vec<Vec<i64>>, vis: Vec<Vec<u16>>) -> Result<Prepared> {
+    /// With `past > 0` the rows continue `past` cached tokens at positions `0..past`, which
+    /// every query sees (within the sliding window on sliding layers): the masks are then `[B,
+    /// 1, T, past + T]`, the cached keys first.
+    fn prepare_layout(
+        &self,
+        past: usize,
+        pos: Vec<Vec<i64>>,
+        vis: Vec<Vec<u16>>,
+    ) -> Result<Prepared> {
         let b = pos.len();
         let t = pos.first().map(|r| r.len()).unwrap_or(0);
         if b == 0
@@ -175,25 +183,29 @@ impl Model {
                 "positions and groups must be non-empty rectangles of the same shape ({b} rows)"
             )));
         }
+        let total = past + t;
         let build = |window: Option<usize>| -> Result<Tensor> {
-            let mut m = vec![NEG; b * t * t];
+            let near = |q: i64, k: i64| window.is_none_or(|w| ((q - k) as usize) < w);
+            let mut m = vec![NEG; b * t * total];
             for bi in 0..b {
                 for qi in 0..t {
+                    let row = &mut m[(bi * t + qi) * total..(bi * t + qi + 1) * total];
+                    let qp = pos[bi][qi];
+                    for (ki, slot) in row[..past].iter_mut().enumerate() {
+                        if near(qp, ki as i64) {
+                            *slot = 0.0;
+                        }
+                    }
                     for ki in 0..=qi {
                         let g = vis[bi][ki];
-                        if g == PAD || (g != 0 && g != vis[bi][qi]) {
+                        if g == PAD || (g != 0 && g != vis[bi][qi]) || !near(qp, pos[bi][ki]) {
                             continue;
                         }
-                        if let Some(w) = window {
-                            if (pos[bi][qi] - pos[bi][ki]) as usize >= w {
-                                continue;
-                            }
-                        }
-                        m[(bi * t + qi) * t + ki] = 0.0;
+                        row[past + ki] = 0.0;
                     }
                 }
             }
-            Ok(Tensor::from_vec(m, (b, 1, t, t), &self.device)?.to_dtype(self.dtype)?)
+            Ok(Tensor::from_vec(m, (b, 1, t, total), &self.device)?.to_dtype(self.dtype)?)
         };
         let mask_full = build(None)?;
         let mask_sliding = if self.config.layer_kinds.contains(&LayerKind::Sliding) {
@@ -472,8 +484,51 @@ impl Model {
         vis: Vec<Vec<u16>>,
         ctx: &Ctx,
     ) -> Result<Tensor> {
-        let p = self.prepare_layout(pos, vis)?;
+        let p = self.prepare_layout(0, pos, vis)?;
         self.hidden_prepared(ids, p, ctx)
+    }
+
+    /// The keys and values of `ids` (one row at positions `0..P`) for rows that continue them
+    /// ([`Model::hidden_packed_after`]): a prompt's preamble that every request of a task
+    /// begins with, run once for all of them.
+    pub fn prefix_cache(&self, ids: &[u32], ctx: &Ctx) -> Result<KvCache> {
+        let mut cache = KvCache::default();
+        self.hidden_cached(ids, &mut cache, ctx)?;
+        Ok(cache)
+    }
+
+    /// [`Model::hidden_packed`] for rows that all continue the one-row `prefix` (of `P`
+    /// tokens, from [`Model::prefix_cache`]): `pos` are absolute positions (the rows' own
+    /// tokens start at `P` or later) and every token also sees the prefix, as if each row
+    /// began with it. Returns the rows' own tokens, `[B, T, hidden]`. The prefix's work is
+    /// done once instead of once per row; `prefix` is left as it was.
+    pub fn hidden_packed_after(
+        &self,
+        prefix: &KvCache,
+        ids: &[Vec<u32>],
+        pos: Vec<Vec<i64>>,
+        vis: Vec<Vec<u16>>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        if prefix.rows != 1 || prefix.layers.len() != self.layers.len() {
+            return Err(Error::Internal(
+                "a shared prefix is one row of this model's keys and values".into(),
+            ));
+        }
+        let p = self.prepare_layout(prefix.len, pos, vis)?;
+        let rows = p.b;
+        let mut layers = prefix
+            .layers
+            .iter()
+            .map(|slot| {
+                slot.as_ref()
+                    .map(|(k, v)| -> Result<(Tensor, Tensor)> {
+                        Ok((repeat_rows(k, rows)?, repeat_rows(v, rows)?))
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.hidden_run(ids, p, ctx, Some(&mut layers))
     }
 
     fn hidden_prepared(&self, ids: &[Vec<u32>], p: Prepared, ctx: &Ctx) -> Result<Tensor> {
@@ -774,6 +829,14 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// `x: [1, ...]` repeated into `[rows, ...]` (a cached prefix's keys or values, one copy per
+/// row of the batch that continues it).
+fn repeat_rows(x: &Tensor, rows: usize) -> Result<Tensor> {
+    let mut shape = x.dims().to_vec();
+    shape[0] = rows;
+    Ok(x.broadcast_as(shape)?.contiguous()?)
 }
 
 /// With a cache slot: the cached keys and values come first along the time axis `t_dim`, and
