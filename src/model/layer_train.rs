@@ -32,6 +32,28 @@ pub(crate) struct Batch<'a> {
     pub attend: Attend,
 }
 
+/// Where the `N` real tokens of a shared-prefix batch sit in its padded layout of `P + R * S`
+/// slots (u32 indices): `to_padded[slot]` is the real token at that slot, or `N` (a zero row
+/// appended to the real tokens) for padding; `to_real[i]` is the slot of real token `i`.
+#[derive(Clone)]
+pub(crate) struct Padding {
+    pub(crate) to_padded: Tensor,
+    pub(crate) to_real: Tensor,
+}
+
+impl Padding {
+    /// `[N, w]` real-token rows laid out as the padded `[P + R * S, w]` (zeros at padding).
+    pub(crate) fn pad(&self, x: &Tensor) -> Result<Tensor> {
+        let zero = Tensor::zeros((1, x.dim(1)?), x.dtype(), x.device())?;
+        Ok(Tensor::cat(&[x, &zero], 0)?.index_select(&self.to_padded, 0)?)
+    }
+
+    /// The real tokens' rows `[N, w]` of a padded `[P + R * S, w]`.
+    pub(crate) fn unpad(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.index_select(&self.to_real, 0)?)
+    }
+}
+
 /// Which keys each query of a batch attends to.
 #[derive(Clone)]
 pub(crate) enum Attend {
@@ -40,12 +62,15 @@ pub(crate) enum Attend {
     /// One prefix of `P` tokens attending causally within itself (`prefix_mask: [1, 1, P, P]`),
     /// then `rows` rows of `len` tokens, each attending to the prefix and to itself (`mask:
     /// [rows, 1, len, P + len]`). The tokens are laid out prefix first, then row by row.
+    /// With `padding`, the op's tokens are the batch's real tokens only; the attention lays
+    /// them out padded and takes its results back.
     Shared {
         prefix: usize,
         rows: usize,
         len: usize,
         prefix_mask: Tensor,
         mask: Tensor,
+        padding: Option<Padding>,
     },
 }
 
@@ -63,11 +88,24 @@ impl Attend {
         match self {
             Attend::Rows { mask } => kernels::attention_2d::forward(q, k, v, mask, scale, heads),
             Attend::Shared {
+                padding: Some(pad), ..
+            } => {
+                let a = self.padded().forward(
+                    &pad.pad(q)?,
+                    &pad.pad(k)?,
+                    &pad.pad(v)?,
+                    scale,
+                    heads,
+                )?;
+                pad.unpad(&a)
+            }
+            Attend::Shared {
                 prefix,
                 rows,
                 len,
                 prefix_mask,
                 mask,
+                padding: None,
             } => {
                 let (p, n) = (*prefix, rows * len);
                 let ap = kernels::attention_2d::forward(
@@ -107,11 +145,25 @@ impl Attend {
                 kernels::attention_2d::backward(q, k, v, mask, da, scale, heads)
             }
             Attend::Shared {
+                padding: Some(pad), ..
+            } => {
+                let (dq, dk, dv) = self.padded().backward(
+                    &pad.pad(q)?,
+                    &pad.pad(k)?,
+                    &pad.pad(v)?,
+                    &pad.pad(da)?,
+                    scale,
+                    heads,
+                )?;
+                Ok((pad.unpad(&dq)?, pad.unpad(&dk)?, pad.unpad(&dv)?))
+            }
+            Attend::Shared {
                 prefix,
                 rows,
                 len,
                 prefix_mask,
                 mask,
+                padding: None,
             } => {
                 let (p, n) = (*prefix, rows * len);
                 let (dqp, dkp, dvp) = kernels::attention_2d::backward(
@@ -147,6 +199,28 @@ impl Attend {
                     split(dvp, dvr)?,
                 ))
             }
+        }
+    }
+
+    /// The same attention on the padded layout (its tokens `P + rows * len`).
+    fn padded(&self) -> Attend {
+        match self {
+            Attend::Shared {
+                prefix,
+                rows,
+                len,
+                prefix_mask,
+                mask,
+                ..
+            } => Attend::Shared {
+                prefix: *prefix,
+                rows: *rows,
+                len: *len,
+                prefix_mask: prefix_mask.clone(),
+                mask: mask.clone(),
+                padding: None,
+            },
+            other => other.clone(),
         }
     }
 

@@ -26,7 +26,7 @@ use super::autograd::with_grad;
 use super::blocks::frozen_matmul;
 use super::config::{Arch, LayerKind, ModelConfig};
 use super::kernels;
-use super::layer_train::{self, Attend, Batch};
+use super::layer_train::{self, Attend, Batch, Padding};
 use super::lora::{Adapter, ModuleInfo};
 use crate::error::{Error, Result};
 
@@ -85,6 +85,10 @@ pub(crate) struct SharedLayout {
     /// Causal masks of the prefix over itself, `[1, 1, P, P]`, for full and sliding layers.
     prefix_full: Tensor,
     prefix_sliding: Option<Tensor>,
+    /// The layers run on the `N` real tokens only (prefix, then each row's own tokens, no
+    /// padding); the attention lays them out padded and back ([`Padding`]). `None` when no row
+    /// is padded.
+    pub(crate) padding: Option<Padding>,
 }
 
 /// Keys and values of the tokens a batch has run so far, per layer (after rope; `[B, T,
@@ -357,10 +361,35 @@ impl Model {
         };
         let sliding = self.config.layer_kinds.contains(&LayerKind::Sliding);
         let window = self.config.sliding_window;
+        // Real tokens only: the prefix, then each row's own tokens.
         let pos: Vec<i64> = (0..p)
-            .chain((0..rows).flat_map(|_| p..p + s))
+            .chain(lens.iter().flat_map(|&len| p..p + len))
             .map(|x| x as i64)
             .collect();
+        let padding = if lens.iter().all(|&len| len == s) {
+            None
+        } else {
+            let n = pos.len() as u32;
+            let (mut to_padded, mut to_real): (Vec<u32>, Vec<u32>) =
+                ((0..p as u32).collect(), (0..p as u32).collect());
+            let mut next = p as u32;
+            for (r, &len) in lens.iter().enumerate() {
+                for j in 0..s {
+                    if j < len {
+                        to_padded.push(next);
+                        to_real.push((p + r * s + j) as u32);
+                        next += 1;
+                    } else {
+                        to_padded.push(n);
+                    }
+                }
+            }
+            let idx = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), &self.device);
+            Some(Padding {
+                to_padded: idx(to_padded)?,
+                to_real: idx(to_real)?,
+            })
+        };
         Ok(Prepared {
             b: 1,
             t: pos.len(),
@@ -381,6 +410,7 @@ impl Model {
                 } else {
                     None
                 },
+                padding,
             }),
         })
     }
@@ -394,9 +424,10 @@ impl Model {
     /// Training hidden states of rows that all begin with `prefix`: the prefix runs once and
     /// each row of `rows` (its tokens after the prefix, right-padded to the longest, `S`)
     /// continues it, seeing the prefix and its own earlier tokens. Returns `[1, P + R * S,
-    /// hidden]`: prefix token `i` is flat row `i`, token `j` of row `r` is `P + r * S + j`.
-    /// Equal to [`Model::hidden`] over the full rows at those tokens, with the prefix's work
-    /// done once instead of `R` times (with LoRA dropout, the prefix's tokens get one dropout
+    /// hidden]`: prefix token `i` is flat row `i`, token `j` of row `r` is `P + r * S + j`
+    /// (zeros at padding). Equal to [`Model::hidden`] over the full rows at those tokens, with
+    /// the prefix's work done once instead of `R` times and no work on padding (the layers run
+    /// on the real tokens; only the attention sees the padded layout) (with LoRA dropout, the prefix's tokens get one dropout
     /// draw for all rows). `None` without running anything when the model cannot
     /// ([`Model::shares_prefixes`]) or `ctx` is not a training context.
     pub fn hidden_shared_prefix(
@@ -410,13 +441,17 @@ impl Model {
         }
         let lens: Vec<usize> = rows.iter().map(Vec::len).collect();
         let p = self.prepare_shared(prefix.len(), &lens)?;
-        let s = p.shared.as_ref().map_or(0, |l| l.len);
+        let padding = p.shared.as_ref().and_then(|l| l.padding.clone());
+        // The layers run on the real tokens only; the result is laid out padded for the caller.
         let mut flat = prefix.to_vec();
         for r in rows {
             flat.extend(r);
-            flat.resize(flat.len() + s - r.len(), 0);
         }
-        Ok(Some(self.hidden_run(&[flat], p, ctx, None)?))
+        let x = self.hidden_run(&[flat], p, ctx, None)?;
+        Ok(Some(match padding {
+            None => x,
+            Some(pad) => pad.pad(&x.squeeze(0)?)?.unsqueeze(0)?,
+        }))
     }
 
     /// Hidden states `[1, tn, hidden]` of `ids` (one row) continuing the tokens held in
@@ -610,6 +645,7 @@ impl Model {
                     .unwrap_or(&sh.prefix_full)
                     .clone(),
                     mask: mask.clone(),
+                    padding: sh.padding.clone(),
                 },
             };
             let batch = Batch {
