@@ -57,6 +57,23 @@ fn requests(seed: u64, n: usize, vocab: u32) -> Vec<ChoiceRequest> {
         .collect()
 }
 
+/// Every choice of every request scored alone by the plain per-request scorer (the
+/// lm-evaluation-harness reading), in request then choice order.
+fn per_request_scores(
+    m: &LoadedModel,
+    reqs: &[ChoiceRequest],
+) -> Vec<mlbench::model::score::Score> {
+    let flat: Vec<(Vec<u32>, Vec<u32>)> = reqs
+        .iter()
+        .flat_map(|r| {
+            r.continuations
+                .iter()
+                .map(|c| (r.context.clone(), c.clone()))
+        })
+        .collect();
+    score_ids(&m.model, None, &flat, 8, Pad::Right, 2048).unwrap()
+}
+
 #[test]
 fn shared_prefix_scores_equal_per_request_scores_and_do_not_depend_on_the_batch() {
     for arch in [Arch::Gemma3, Arch::Llama, Arch::Qwen2] {
@@ -65,15 +82,7 @@ fn shared_prefix_scores_equal_per_request_scores_and_do_not_depend_on_the_batch(
         let reqs = requests(1, 40, vocab);
         let packed1 = score_choices(&m.model, None, &reqs, 1, 2048).unwrap();
         let packed32 = score_choices(&m.model, None, &reqs, 32, 2048).unwrap();
-        let flat: Vec<(Vec<u32>, Vec<u32>)> = reqs
-            .iter()
-            .flat_map(|r| {
-                r.continuations
-                    .iter()
-                    .map(|c| (r.context.clone(), c.clone()))
-            })
-            .collect();
-        let plain = score_ids(&m.model, None, &flat, 8, Pad::Right, 2048).unwrap();
+        let plain = per_request_scores(&m, &reqs);
         let mut k = 0;
         let mut worst = 0f64;
         for (i, r) in reqs.iter().enumerate() {
@@ -110,15 +119,7 @@ fn a_preamble_run_once_gives_the_per_request_scores() {
         let shared = shared_prefix_len(&reqs, 2048);
         assert!(shared >= preamble.len(), "{arch:?}: {shared} shared tokens");
         let packed = score_choices(&m.model, None, &reqs, 5, 2048).unwrap();
-        let flat: Vec<(Vec<u32>, Vec<u32>)> = reqs
-            .iter()
-            .flat_map(|r| {
-                r.continuations
-                    .iter()
-                    .map(|c| (r.context.clone(), c.clone()))
-            })
-            .collect();
-        let plain = score_ids(&m.model, None, &flat, 8, Pad::Right, 2048).unwrap();
+        let plain = per_request_scores(&m, &reqs);
         let mut k = 0;
         for (i, scores) in packed.iter().enumerate() {
             for (j, a) in scores.iter().enumerate() {

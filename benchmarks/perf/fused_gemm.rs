@@ -8,7 +8,9 @@
 //! `RAYON_NUM_THREADS`).
 //! Run: cargo run --release --example fused_gemm -- [ROWS...]   (default 512 160)
 
-use std::time::Instant;
+mod timing;
+
+use timing::median;
 
 use candle_core::{Device, Tensor};
 use mlbench::model::kernels::linear;
@@ -18,20 +20,6 @@ fn product(x: &Tensor, w: &Tensor) -> Tensor {
     linear(x, w)
         .expect("the product runs")
         .expect("f32 CPU tensors take the GEMM path")
-}
-
-/// Median seconds of 20 runs of `f` after 5 warm-ups.
-fn median(mut f: impl FnMut()) -> f64 {
-    let mut t: Vec<f64> = (0..25)
-        .map(|_| {
-            let t0 = Instant::now();
-            f();
-            t0.elapsed().as_secs_f64()
-        })
-        .skip(5)
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
 }
 
 /// One shape: the input width and the output widths that would be fused.
@@ -65,15 +53,7 @@ fn compare(name: &str, n: usize, k: usize, outs: &[usize]) {
 }
 
 fn main() {
-    let rows: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|s| s.parse().expect("ROWS are whole numbers"))
-        .collect();
-    let rows = if rows.is_empty() {
-        vec![512, 160]
-    } else {
-        rows
-    };
+    let rows = timing::rows_or(&[512, 160]);
     for n in rows {
         compare("gemma q/k/v", n, 640, &[1024, 256, 256]);
         compare("gemma gate/up", n, 640, &[2048, 2048]);

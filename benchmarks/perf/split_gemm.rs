@@ -7,21 +7,9 @@
 //! Reports the median of 20 runs after 5 warm-ups. Run with two threads available:
 //! cargo run --release --example split_gemm -- [ROWS...]   (default 236 448)
 
-use std::time::Instant;
+mod timing;
 
-/// Median seconds of 20 runs of `f` after 5 warm-ups.
-fn median(mut f: impl FnMut()) -> f64 {
-    let mut t: Vec<f64> = (0..25)
-        .map(|_| {
-            let t0 = Instant::now();
-            f();
-            t0.elapsed().as_secs_f64()
-        })
-        .skip(5)
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
-}
+use timing::median;
 
 /// A strided matrix operand: pointer, column stride, row stride.
 #[derive(Clone, Copy)]
@@ -103,15 +91,7 @@ fn compare(name: &str, m: usize, n: usize, k: usize, a: Mat, b: Mat) {
 }
 
 fn main() {
-    let rows: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|s| s.parse().expect("ROWS are whole numbers"))
-        .collect();
-    let rows = if rows.is_empty() {
-        vec![236, 448]
-    } else {
-        rows
-    };
+    let rows = timing::rows_or(&[236, 448]);
     let data =
         |len: usize, md: usize| -> Vec<f32> { (0..len).map(|i| (i % md) as f32 * 0.01).collect() };
     for m in rows {

@@ -205,24 +205,11 @@ impl Attend {
 
     /// The same attention on the padded layout (its tokens `P + rows * len`).
     fn padded(&self) -> Attend {
-        match self {
-            Attend::Shared {
-                prefix,
-                rows,
-                len,
-                prefix_mask,
-                mask,
-                ..
-            } => Attend::Shared {
-                prefix: *prefix,
-                rows: *rows,
-                len: *len,
-                prefix_mask: prefix_mask.clone(),
-                mask: mask.clone(),
-                padding: None,
-            },
-            other => other.clone(),
+        let mut a = self.clone();
+        if let Attend::Shared { padding, .. } = &mut a {
+            *padding = None;
         }
+        a
     }
 
     /// Each row's keys (or values) preceded by the prefix's: `[rows * (P + len), w]` from the
