@@ -2,7 +2,8 @@
 //! `gemm` call mlbench makes (`x [n, k]` times `w [out, k]` read transposed, and the input
 //! gradient `g [n, out]` times `w`), timed on one thread, with gemm's own two-thread split, and
 //! with the work cut in two by hand (the output's columns, or its rows) and each half run on
-//! one thread with `rayon::join`.
+//! one thread with `rayon::join`; and the forward with the weight stored transposed (`fwd
+//! wT`), which spares gemm its packing of the weight.
 //!
 //! Reports the median of 20 runs after 5 warm-ups. Run with two threads available:
 //! cargo run --release --example split_gemm -- [ROWS...]   (default 236 448)
@@ -110,6 +111,17 @@ fn main() {
                 k,
                 Mat(x.as_ptr(), 1, k as isize),
                 Mat(w.as_ptr(), k as isize, 1),
+            );
+            // the same forward with the weight stored transposed, `w^T [k, out]` row-major (col
+            // stride 1, row stride out): the layout gemm need not pack
+            let wt: Vec<f32> = (0..k * out).map(|i| w[(i % out) * k + i / out]).collect();
+            compare(
+                &format!("{name} fwd wT"),
+                m,
+                out,
+                k,
+                Mat(x.as_ptr(), 1, k as isize),
+                Mat(wt.as_ptr(), 1, out as isize),
             );
             let gr = data(m * out, 83);
             // input gradient: g [m, out] times w [out, k] (col stride 1, row stride k)
