@@ -3,8 +3,8 @@
 //! In: a layer (the `blocks` types), its input `x: [B * T, H]` (tracked), the batch's rope
 //! tables and attention layout ([`Attend`]: padded rows, or rows continuing one shared prefix,
 //! whose tokens are then the real ones only: the attention alone sees them laid out padded,
-//! [`Padding`]), and the training context (adapter, dropout RNG). Out: the layer's output `[B * T, H]`,
-//! attached to the gradient graph as a single op whose inputs are `x` and the layer's LoRA
+//! [`Padding`]), and the training context (adapter, dropout RNG). Out: the layer's output
+//! `[B * T, H]`, attached to the gradient graph as a single op whose inputs are `x` and the layer's LoRA
 //! weights (each side concatenated into one flat tensor), with the layer's backward pass
 //! written out here from the kernels' own backward passes.
 //!

@@ -384,7 +384,10 @@ impl Model {
                     }
                 }
             }
-            let idx = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), &self.device);
+            let idx = |v: Vec<u32>| {
+                let len = v.len();
+                Tensor::from_vec(v, len, &self.device)
+            };
             Some(Padding {
                 to_padded: idx(to_padded)?,
                 to_real: idx(to_real)?,
@@ -426,9 +429,10 @@ impl Model {
     /// continues it, seeing the prefix and its own earlier tokens. Returns `[1, P + R * S,
     /// hidden]`: prefix token `i` is flat row `i`, token `j` of row `r` is `P + r * S + j`
     /// (zeros at padding). Equal to [`Model::hidden`] over the full rows at those tokens, with
-    /// the prefix's work done once instead of `R` times and no work on padding (the layers run
-    /// on the real tokens; only the attention sees the padded layout) (with LoRA dropout, the prefix's tokens get one dropout
-    /// draw for all rows). `None` without running anything when the model cannot
+    /// the prefix's work done once instead of `R` times and none on padding: the layers run on
+    /// the real tokens, only the attention sees the padded layout. With LoRA dropout the
+    /// prefix's tokens get one dropout draw for all rows, and masks are drawn for real tokens
+    /// only. `None` without running anything when the model cannot
     /// ([`Model::shares_prefixes`]) or `ctx` is not a training context.
     pub fn hidden_shared_prefix(
         &self,
