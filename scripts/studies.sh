@@ -6,7 +6,8 @@
 # `device = "cuda"` in the experiment files it is an hour-scale job.
 #
 #   BIN=/path/to/pinned/mlbench scripts/studies.sh          # niced, in the background:
-#   nohup nice -n 19 env BIN=... scripts/studies.sh > studies.log 2>&1 &
+#   nohup nice -n 19 env BIN=... BIN_MULTITASK=... scripts/studies.sh > studies.log 2>&1 &
+# (BIN_MULTITASK: the multi-task study's own pinned binary, BIN when unset.)
 #
 # The stores live in studies/<name>/ and their finished cells are committed (scripts/
 # studies-save.sh), so a later session resumes where this one stopped. A cell's key includes
@@ -27,7 +28,12 @@ WORKERS=${WORKERS:-$(nproc)}
 [ -x "$BIN" ] || cargo build --release --locked
 [ -d models/gemma-3-270m ] || scripts/fetch-models.sh gemma3 "$BIN"
 
-grids=("benchmarks/sib200-multilingual.toml studies/sib200" "benchmarks/multitask.toml studies/multitask")
+# Each grid with the binary it is pinned to (studies/PINNED): a study's cells all come from one
+# code version, but two studies need not share one.
+BIN_MULTITASK=${BIN_MULTITASK:-$BIN}
+[ -x "$BIN_MULTITASK" ] || { echo "no binary at $BIN_MULTITASK" >&2; exit 2; }
+grids=("benchmarks/sib200-multilingual.toml studies/sib200 $BIN"
+  "benchmarks/multitask.toml studies/multitask $BIN_MULTITASK")
 
 # Cells of both grids still to run or running, and searched methods still waiting for their
 # selection (their grid cells appear once it is complete).
@@ -35,7 +41,7 @@ left() {
   local g
   for g in "${grids[@]}"; do
     set -- $g
-    "$BIN" -q run "$1" --store "$2" --dry-run
+    "$3" -q run "$1" --store "$2" --dry-run
   done | grep -c -E 'to run|running|built once' || true
 }
 
@@ -46,7 +52,7 @@ worker() {
   while :; do
     for g in "${grids[@]}"; do
       set -- $g
-      RAYON_NUM_THREADS=1 "$BIN" run "$1" --store "$2" || return $?
+      RAYON_NUM_THREADS=1 "$3" run "$1" --store "$2" || return $?
     done
     [ "$(left)" -eq 0 ] && return 0
     sleep 60

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
 use common::*;
-use mlbench::model::config::Arch;
+use mlbench::model::config::{Arch, LayerKind};
 use mlbench::model::lora::{Adapter, LoraConfig, Targets};
 use mlbench::model::score::{score_ids, Pad};
 use mlbench::model::transformer::{Ctx, Model};
@@ -776,10 +776,33 @@ fn a_shared_prefix_gives_the_padded_batch_loss_and_gradients() {
         })
         .collect();
     let refs: Vec<&Seq> = seqs.iter().collect();
-    for arch in ARCHS {
-        let (_d64, m64) = tiny_model(arch, DType::F64);
-        let (_d32, m32) = tiny_model(arch, DType::F32);
+    // The shared path runs the last layer's queries at the loss rows only; the tiny Gemma's
+    // last layer is a full one, so it also runs with the layer kinds swapped (a sliding last
+    // layer, whose window cuts into the prefix for those queries).
+    let variants = ARCHS
+        .iter()
+        .map(|&a| (a, false))
+        .chain([(Arch::Gemma3, true)]);
+    for (arch, swapped) in variants {
+        let load = |dtype| {
+            let dir = tempfile::tempdir().unwrap();
+            tiny::write_tiny(arch, dir.path(), 0).unwrap();
+            if swapped {
+                let path = dir.path().join("config.json");
+                let mut c: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+                c["layer_types"] = serde_json::json!(["full_attention", "sliding_attention"]);
+                std::fs::write(&path, c.to_string()).unwrap();
+            }
+            let m = load_dir(dir.path(), dtype, &test_device()).unwrap();
+            (dir, m)
+        };
+        let (_d64, m64) = load(DType::F64);
+        let (_d32, m32) = load(DType::F32);
         assert!(m32.model.shares_prefixes() && !m64.model.shares_prefixes());
+        if swapped {
+            assert_eq!(m32.model.config.layer_kinds[1], LayerKind::Sliding);
+        }
         let ad64 = random_adapter(&m64.model, 7);
         let ad32 = random_adapter(&m32.model, 7);
         let run = |m: &Model, ad: &Adapter, micro: usize, share_prefix: bool| {

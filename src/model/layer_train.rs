@@ -1,12 +1,14 @@
 //! One graph node per decoder layer for LoRA training on the CPU in f32.
 //!
 //! In: a layer (the `blocks` types), its input `x: [B * T, H]` (tracked), the batch's rope
-//! tables and attention layout ([`Attend`]: padded rows, or rows continuing one shared prefix,
-//! whose tokens are then the real ones only: the attention alone sees them laid out padded,
-//! [`Padding`]), and the training context (adapter, dropout RNG). Out: the layer's output
+//! tables and attention layout ([`Attend`]: padded rows, or the real tokens of rows that
+//! continue one shared prefix, attending as blocks of their own lengths), and the training
+//! context (adapter, dropout RNG). Out: the layer's output
 //! `[B * T, H]`, attached to the gradient graph as a single op whose inputs are `x` and the layer's LoRA
 //! weights (each side concatenated into one flat tensor), with the layer's backward pass
-//! written out here from the kernels' own backward passes.
+//! written out here from the kernels' own backward passes. With [`Only`] (the model's last
+//! layer, whose output feeds only the loss) the output is `[M, H]` at `M` chosen tokens: keys
+//! and values come from every token, queries, output projection and MLP from those `M` alone.
 //!
 //! Why: candle's autograd gives every gradient of every node a fresh zero tensor and an add,
 //! and every op a new buffer; a layer built from ~15 nodes paid that ~15 times per step. The
@@ -15,12 +17,14 @@
 //! dropped. The same dropout masks are drawn, in the same order, as the per-node path, so both
 //! give the same values and gradients (checked against the f64 model's plain ops).
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 
 use super::autograd::{with_grad, with_grad3};
 use super::blocks::{Ctx, Layer, Linear, RmsNorm};
 use super::config::{Arch, ModelConfig};
-use super::kernels::{self, Glu};
+use super::kernels::{self, Block, Glu};
 use crate::error::Result;
 
 /// The batch-level inputs a layer needs besides `x`: the rope tables `[B, T, hd / 2]` of its
@@ -31,28 +35,23 @@ pub(crate) struct Batch<'a> {
     pub cos: &'a Tensor,
     pub sin: &'a Tensor,
     pub attend: Attend,
+    /// The output wanted at some tokens only (the last layer; see [`Only`]).
+    pub only: Option<Only>,
 }
 
-/// Where the `N` real tokens of a shared-prefix batch sit in its padded layout of `P + R * S`
-/// slots (u32 indices): `to_padded[slot]` is the real token at that slot, or `N` (a zero row
-/// appended to the real tokens) for padding; `to_real[i]` is the slot of real token `i`.
+/// The `M` tokens a layer's output is wanted at (the positions that predict answer tokens,
+/// in the last layer): their queries attend to every token's keys and values, and the output
+/// projection and MLP run on them alone. For Gemma 3 270M and SIB-200 that skips about 94% of
+/// the last layer's products (q, o, gate, up and down at all but a few tokens per row). Only
+/// for [`Attend::Packed`] batches, whose key copies the blocks read.
 #[derive(Clone)]
-pub(crate) struct Padding {
-    pub(crate) to_padded: Tensor,
-    pub(crate) to_real: Tensor,
-}
-
-impl Padding {
-    /// `[N, w]` real-token rows laid out as the padded `[P + R * S, w]` (zeros at padding).
-    pub(crate) fn pad(&self, x: &Tensor) -> Result<Tensor> {
-        let zero = Tensor::zeros((1, x.dim(1)?), x.dtype(), x.device())?;
-        Ok(Tensor::cat(&[x, &zero], 0)?.index_select(&self.to_padded, 0)?)
-    }
-
-    /// The real tokens' rows `[N, w]` of a padded `[P + R * S, w]`.
-    pub(crate) fn unpad(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.index_select(&self.to_real, 0)?)
-    }
+pub(crate) struct Only {
+    /// u32 `[M]`: the op's tokens kept, in output order (distinct).
+    pub(crate) rows: Tensor,
+    /// The blocks of those `M` queries (a run of one row's tokens each, over that row's key
+    /// copy in [`Attend::Packed`]) and their masks' values, for this layer's kind.
+    pub(crate) mask: Tensor,
+    pub(crate) blocks: Arc<[Block]>,
 }
 
 /// Which keys each query of a batch attends to.
@@ -60,24 +59,21 @@ impl Padding {
 pub(crate) enum Attend {
     /// `B` rows of `T` tokens, each attending within itself: additive mask `[B, 1, T, T]`.
     Rows { mask: Tensor },
-    /// One prefix of `P` tokens attending causally within itself (`prefix_mask: [1, 1, P, P]`),
-    /// then `rows` rows of `len` tokens, each attending to the prefix and to itself (`mask:
-    /// [rows, 1, len, P + len]`). The tokens are laid out prefix first, then row by row.
-    /// With `padding`, the op's tokens are the batch's real tokens only; the attention lays
-    /// them out padded and takes its results back.
-    Shared {
-        prefix: usize,
-        rows: usize,
-        len: usize,
-        prefix_mask: Tensor,
+    /// A shared prefix, then rows of their own lengths (no padding), as blocks of one
+    /// attention call: the prefix's queries over its own keys, each row's over a copy of the
+    /// prefix's keys followed by its own. `keys: u32 [K]` picks those copies from the op's
+    /// tokens (the prefix's appear once per block, and their gradients are summed back);
+    /// `mask` holds the blocks' masks' values, for this layer's kind (full or sliding).
+    Packed {
+        keys: Tensor,
         mask: Tensor,
-        padding: Option<Padding>,
+        blocks: Arc<[Block]>,
     },
 }
 
 impl Attend {
     /// Attention output `[N, nh * hd]` for rope'd queries `[N, nh * hd]` and keys and values
-    /// `[N, nkv * hd]`.
+    /// `[N, nkv * hd]` of the op's `N` tokens.
     fn forward(
         &self,
         q: &Tensor,
@@ -88,50 +84,14 @@ impl Attend {
     ) -> Result<Tensor> {
         match self {
             Attend::Rows { mask } => kernels::attention_2d::forward(q, k, v, mask, scale, heads),
-            Attend::Shared {
-                padding: Some(pad), ..
-            } => {
-                let a = self.padded().forward(
-                    &pad.pad(q)?,
-                    &pad.pad(k)?,
-                    &pad.pad(v)?,
-                    scale,
-                    heads,
-                )?;
-                pad.unpad(&a)
-            }
-            Attend::Shared {
-                prefix,
-                rows,
-                len,
-                prefix_mask,
-                mask,
-                padding: None,
-            } => {
-                let (p, n) = (*prefix, rows * len);
-                let ap = kernels::attention_2d::forward(
-                    &q.narrow(0, 0, p)?,
-                    &k.narrow(0, 0, p)?,
-                    &v.narrow(0, 0, p)?,
-                    prefix_mask,
-                    scale,
-                    heads,
-                )?;
-                let ar = kernels::attention_2d::forward(
-                    &q.narrow(0, p, n)?.contiguous()?,
-                    &self.row_keys(k)?,
-                    &self.row_keys(v)?,
-                    mask,
-                    scale,
-                    heads,
-                )?;
-                Ok(Tensor::cat(&[ap, ar], 0)?)
+            Attend::Packed { mask, blocks, .. } => {
+                self.forward_at(q, k, v, mask, blocks, scale, heads)
             }
         }
     }
 
-    /// `(dq, dk, dv)` of [`Attend::forward`] for the output gradient `da`. A shared prefix's
-    /// key and value gradients add its own queries' share to every row's.
+    /// `(dq, dk, dv)` of [`Attend::forward`] for the output gradient `da`.
+    #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         q: &Tensor,
@@ -145,91 +105,60 @@ impl Attend {
             Attend::Rows { mask } => {
                 kernels::attention_2d::backward(q, k, v, mask, da, scale, heads)
             }
-            Attend::Shared {
-                padding: Some(pad), ..
-            } => {
-                let (dq, dk, dv) = self.padded().backward(
-                    &pad.pad(q)?,
-                    &pad.pad(k)?,
-                    &pad.pad(v)?,
-                    &pad.pad(da)?,
-                    scale,
-                    heads,
-                )?;
-                Ok((pad.unpad(&dq)?, pad.unpad(&dk)?, pad.unpad(&dv)?))
-            }
-            Attend::Shared {
-                prefix,
-                rows,
-                len,
-                prefix_mask,
-                mask,
-                padding: None,
-            } => {
-                let (p, n) = (*prefix, rows * len);
-                let (dqp, dkp, dvp) = kernels::attention_2d::backward(
-                    &q.narrow(0, 0, p)?,
-                    &k.narrow(0, 0, p)?,
-                    &v.narrow(0, 0, p)?,
-                    prefix_mask,
-                    &da.narrow(0, 0, p)?.contiguous()?,
-                    scale,
-                    heads,
-                )?;
-                let (dqr, dkr, dvr) = kernels::attention_2d::backward(
-                    &q.narrow(0, p, n)?.contiguous()?,
-                    &self.row_keys(k)?,
-                    &self.row_keys(v)?,
-                    mask,
-                    &da.narrow(0, p, n)?.contiguous()?,
-                    scale,
-                    heads,
-                )?;
-                // Rows' key gradients `[rows, P + len, w]`: the prefix part is summed over the
-                // rows onto the prefix's own.
-                let split = |own: Tensor, d: Tensor| -> Result<Tensor> {
-                    let w = d.dim(1)?;
-                    let d = d.reshape((*rows, p + len, w))?;
-                    let to_prefix = d.narrow(1, 0, p)?.sum(0)?;
-                    let to_rows = d.narrow(1, p, *len)?.reshape((n, w))?;
-                    Ok(Tensor::cat(&[(own + to_prefix)?, to_rows], 0)?)
-                };
-                Ok((
-                    Tensor::cat(&[dqp, dqr], 0)?,
-                    split(dkp, dkr)?,
-                    split(dvp, dvr)?,
-                ))
+            Attend::Packed { mask, blocks, .. } => {
+                self.backward_at(q, k, v, da, mask, blocks, scale, heads)
             }
         }
     }
 
-    /// The same attention on the padded layout (its tokens `P + rows * len`).
-    fn padded(&self) -> Attend {
-        let mut a = self.clone();
-        if let Attend::Shared { padding, .. } = &mut a {
-            *padding = None;
-        }
-        a
+    /// Attention of queries `q` in `blocks` (with `mask`) over the key copies of a packed
+    /// batch, from its tokens' keys and values `k`, `v: [N, nkv * hd]`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_at(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        blocks: &[Block],
+        scale: f32,
+        heads: (usize, usize),
+    ) -> Result<Tensor> {
+        let keys = self.keys()?;
+        let (kc, vc) = (k.index_select(keys, 0)?, v.index_select(keys, 0)?);
+        kernels::attention_2d::forward_blocks(q, &kc, &vc, mask, blocks, scale, heads)
     }
 
-    /// Each row's keys (or values) preceded by the prefix's: `[rows * (P + len), w]` from the
-    /// batch's `[P + rows * len, w]`.
-    fn row_keys(&self, k: &Tensor) -> Result<Tensor> {
-        let Attend::Shared {
-            prefix, rows, len, ..
-        } = self
-        else {
-            return Ok(k.clone());
-        };
-        let w = k.dim(1)?;
-        let kp = k
-            .narrow(0, 0, *prefix)?
-            .unsqueeze(0)?
-            .broadcast_as((*rows, *prefix, w))?;
-        let kr = k
-            .narrow(0, *prefix, rows * len)?
-            .reshape((*rows, *len, w))?;
-        Ok(Tensor::cat(&[kp, kr], 1)?.reshape((rows * (prefix + len), w))?)
+    /// `(dq, dk, dv)` of [`Attend::forward_at`]: the key copies' gradients summed onto the
+    /// tokens they were copied from.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_at(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        da: &Tensor,
+        mask: &Tensor,
+        blocks: &[Block],
+        scale: f32,
+        heads: (usize, usize),
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let keys = self.keys()?;
+        let (kc, vc) = (k.index_select(keys, 0)?, v.index_select(keys, 0)?);
+        let (dq, dkc, dvc) =
+            kernels::attention_2d::backward_blocks(q, &kc, &vc, mask, blocks, da, scale, heads)?;
+        let back = |d: Tensor| -> Result<Tensor> { Ok(k.zeros_like()?.index_add(keys, &d, 0)?) };
+        Ok((dq, back(dkc)?, back(dvc)?))
+    }
+
+    /// The key copies of a packed batch.
+    fn keys(&self) -> Result<&Tensor> {
+        match self {
+            Attend::Packed { keys, .. } => Ok(keys),
+            Attend::Rows { .. } => Err(crate::error::Error::Internal(
+                "queries at some tokens only need a packed batch".into(),
+            )),
+        }
     }
 }
 
@@ -413,6 +342,12 @@ impl Dims {
 struct AttnSaved {
     x: Tensor,
     h1: Tensor,
+    /// The normed input at the query tokens (`h1` itself without [`Only`]), with their rope
+    /// tables (the sine negated, for the backward) and `(B, T)` layout.
+    h1q: Tensor,
+    q_cos: Tensor,
+    q_neg_sin: Tensor,
+    q_bt: (usize, usize),
     q0: Tensor,
     k0: Tensor,
     qr: Tensor,
@@ -447,7 +382,8 @@ fn mlp_norm(l: &Layer, gemma: bool) -> &RmsNorm {
 }
 
 /// The attention half of the forward, `x1 = x + o` (Gemma: `x + norm(o)`) for the detached
-/// input `xd`, with what its backward needs and the q, k, v, o layers (in op-input order).
+/// input `xd` (at the tokens of [`Only`] when the batch has it), with what its backward needs
+/// and the q, k, v, o layers (in op-input order).
 fn attention_forward(
     d: &Dims,
     l: &Layer,
@@ -457,8 +393,34 @@ fn attention_forward(
     vars: &mut Vars,
 ) -> Result<(Tensor, AttnSaved, [Lin; 4])> {
     let h1 = norm_fwd(&l.input_norm, &xd, d.hidden)?;
-    let lq = Lin::new(&l.q, &h1, ctx, vars)?;
-    let q0 = lq.forward(&h1)?;
+    // The query side: every token, or the tokens of `Only` with their rope tables.
+    let (h1q, xq, q_cos, q_sin, q_bt) = match &batch.only {
+        None => (
+            h1.clone(),
+            xd.clone(),
+            batch.cos.clone(),
+            batch.sin.clone(),
+            (d.b, d.t),
+        ),
+        Some(o) => {
+            let m = o.rows.dim(0)?;
+            let pick = |c: &Tensor| -> Result<Tensor> {
+                let half = c.dim(2)?;
+                Ok(c.reshape((d.b * d.t, half))?
+                    .index_select(&o.rows, 0)?
+                    .reshape((1, m, half))?)
+            };
+            (
+                h1.index_select(&o.rows, 0)?,
+                xd.index_select(&o.rows, 0)?,
+                pick(batch.cos)?,
+                pick(batch.sin)?,
+                (1, m),
+            )
+        }
+    };
+    let lq = Lin::new(&l.q, &h1q, ctx, vars)?;
+    let q0 = lq.forward(&h1q)?;
     let lk = Lin::new(&l.k, &h1, ctx, vars)?;
     let k0 = lk.forward(&h1)?;
     let lv = Lin::new(&l.v, &h1, ctx, vars)?;
@@ -471,9 +433,15 @@ fn attention_forward(
         Some(n) => norm_fwd(n, &k0, d.hd)?,
         None => k0.clone(),
     };
-    let qr = rope(&qn, batch.cos, batch.sin, (d.b, d.t, d.nh, d.hd))?;
+    let qr = rope(&qn, &q_cos, &q_sin, (q_bt.0, q_bt.1, d.nh, d.hd))?;
     let kr = rope(&kn, batch.cos, batch.sin, (d.b, d.t, d.nkv, d.hd))?;
-    let a = batch.attend.forward(&qr, &kr, &v, d.scale, (d.nh, d.nkv))?;
+    let heads = (d.nh, d.nkv);
+    let a = match &batch.only {
+        None => batch.attend.forward(&qr, &kr, &v, d.scale, heads)?,
+        Some(o) => batch
+            .attend
+            .forward_at(&qr, &kr, &v, &o.mask, &o.blocks, d.scale, heads)?,
+    };
     let lo = Lin::new(&l.o, &a, ctx, vars)?;
     let o0 = lo.forward(&a)?;
     let o = if d.gemma {
@@ -481,10 +449,14 @@ fn attention_forward(
     } else {
         o0.clone()
     };
-    let x1 = (&xd + o)?;
+    let x1 = (xq + o)?;
     let saved = AttnSaved {
         x: xd,
         h1,
+        h1q,
+        q_cos,
+        q_neg_sin: q_sin.neg()?,
+        q_bt,
         q0,
         k0,
         qr,
@@ -550,6 +522,7 @@ struct Node {
     cos: Tensor,
     neg_sin: Tensor,
     attend: Attend,
+    only: Option<Only>,
     /// Whether the layer's input carries a graph (not for the first layer's embeddings).
     x_tracked: bool,
 }
@@ -585,6 +558,18 @@ impl Node {
         Ok((dx1, [gr_g, gr_u, gr_d]))
     }
 
+    /// A gradient at the query tokens `[M, w]` as one at every token (zeros elsewhere) under
+    /// [`Only`]; unchanged otherwise.
+    fn to_all(&self, g: Tensor) -> Result<Tensor> {
+        match &self.only {
+            None => Ok(g),
+            Some(o) => {
+                let all = Tensor::zeros((self.d.b * self.d.t, g.dim(1)?), g.dtype(), g.device())?;
+                Ok(all.index_add(&o.rows, &g, 0)?)
+            }
+        }
+    }
+
     /// The input gradient from the gradient at `x1` (when the input is tracked) and the q, k, v
     /// and o layers' LoRA grads.
     fn attention_backward(&self, dx1: Tensor) -> Result<(Option<Tensor>, [LoraGrads; 4])> {
@@ -597,10 +582,16 @@ impl Node {
         };
         let (da, gr_o) = asked(lo.backward(&s.a, &do0, true)?);
         let heads = (d.nh, d.nkv);
-        let (dqr, dkr, dv) = self
-            .attend
-            .backward(&s.qr, &s.kr, &s.v, &da, d.scale, heads)?;
-        let dqn = rope(&dqr, &self.cos, &self.neg_sin, (d.b, d.t, d.nh, d.hd))?;
+        let (dqr, dkr, dv) = match &self.only {
+            None => self
+                .attend
+                .backward(&s.qr, &s.kr, &s.v, &da, d.scale, heads)?,
+            Some(o) => self
+                .attend
+                .backward_at(&s.qr, &s.kr, &s.v, &da, &o.mask, &o.blocks, d.scale, heads)?,
+        };
+        let (qb, qt) = s.q_bt;
+        let dqn = rope(&dqr, &s.q_cos, &s.q_neg_sin, (qb, qt, d.nh, d.hd))?;
         let dkn = rope(&dkr, &self.cos, &self.neg_sin, (d.b, d.t, d.nkv, d.hd))?;
         let dq0 = match &l.q_norm {
             Some(n) => norm_bwd(n, &s.q0, &dqn, d.hd)?,
@@ -612,13 +603,13 @@ impl Node {
         };
         // The input: q, k, v and the residual. The first layer's input (the embeddings) needs
         // no gradient, so its frozen products' input gradients are skipped there.
-        let (dq, gr_q) = lq.backward(&s.h1, &dq0, self.x_tracked)?;
+        let (dq, gr_q) = lq.backward(&s.h1q, &dq0, self.x_tracked)?;
         let (dk, gr_k) = lk.backward(&s.h1, &dk0, self.x_tracked)?;
         let (dvv, gr_v) = lv.backward(&s.h1, &dv, self.x_tracked)?;
         let dx = match (dq, dk, dvv) {
             (Some(a), Some(b), Some(c)) => {
-                let dh1 = ((a + b)? + c)?;
-                Some((dx1 + norm_bwd(&l.input_norm, &s.x, &dh1, d.hidden)?)?)
+                let dh1 = ((self.to_all(a)? + b)? + c)?;
+                Some((self.to_all(dx1)? + norm_bwd(&l.input_norm, &s.x, &dh1, d.hidden)?)?)
             }
             _ => None,
         };
@@ -649,6 +640,7 @@ pub(crate) fn layer(
         cos: batch.cos.clone(),
         neg_sin: batch.sin.neg()?,
         attend: batch.attend.clone(),
+        only: batch.only.clone(),
         x_tracked: x.track_op(),
     };
     attach(x, y, node, vars)
@@ -662,11 +654,11 @@ fn attach(x: &Tensor, y: Tensor, node: Node, vars: Vars) -> Result<Tensor> {
         return with_grad(
             x,
             y,
-            Box::new(move |_x, _y, dy| {
+            Box::new(move |x, _y, dy| {
                 let (dx, _) = node.backward(dy).map_err(candle_core::Error::wrap)?;
                 match dx {
                     Some(dx) => Ok(dx),
-                    None => dy.zeros_like(),
+                    None => x.zeros_like(),
                 }
             }),
         );

@@ -19,14 +19,15 @@
 //! each layer as one fused graph node (`layer_train`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 
 use super::autograd::with_grad;
 use super::blocks::frozen_matmul;
 use super::config::{Arch, LayerKind, ModelConfig};
-use super::kernels;
-use super::layer_train::{self, Attend, Batch, Padding};
+use super::kernels::{self, Block};
+use super::layer_train::{self, Attend, Batch, Only};
 use super::lora::{Adapter, ModuleInfo};
 use crate::error::{Error, Result};
 
@@ -70,25 +71,32 @@ struct Prepared {
     mask_sliding: Option<Tensor>,
     /// Rope tables per rope base.
     rope: HashMap<u64, RopeTables>,
-    /// `Some` for rows that continue one shared prefix ([`Model::hidden_shared_prefix`]); the
-    /// batch is then one row of `T = P + R * S` tokens and the masks above are the rows' own
-    /// (`[R, 1, S, P + S]`).
+    /// `Some` for rows that continue one shared prefix ([`Model::hidden_shared_prefix_at`]); the
+    /// batch is then one row of its `T = N` real tokens and the masks above hold the values of
+    /// its attention blocks' masks, one after the other.
     shared: Option<SharedLayout>,
 }
 
-/// The attention layout of a shared-prefix batch: `prefix` tokens run once, then `rows` rows of
-/// `len` tokens (right-padded) that each see the prefix and their own earlier tokens.
-pub(crate) struct SharedLayout {
-    pub(crate) prefix: usize,
-    pub(crate) rows: usize,
-    pub(crate) len: usize,
-    /// Causal masks of the prefix over itself, `[1, 1, P, P]`, for full and sliding layers.
-    prefix_full: Tensor,
-    prefix_sliding: Option<Tensor>,
-    /// The layers run on the `N` real tokens only (prefix, then each row's own tokens, no
-    /// padding); the attention lays them out padded and back ([`Padding`]). `None` when no row
-    /// is padded.
-    pub(crate) padding: Option<Padding>,
+/// The attention layout of a shared-prefix batch: the `N` real tokens (the prefix, then each
+/// row's own tokens, no padding) attend as blocks of one call ([`Attend::Packed`]; the masks'
+/// values are [`Prepared`]'s `mask_full` and `mask_sliding`).
+struct SharedLayout {
+    /// u32 `[K]`: the key copies the blocks read (the prefix, then per row the prefix and the
+    /// row's tokens).
+    keys: Tensor,
+    blocks: Arc<[Block]>,
+    /// The tokens the last layer's output is wanted at ([`Model::hidden_shared_prefix_at`]).
+    only: OnlyAt,
+}
+
+/// The last layer's query tokens of a shared-prefix batch ([`layer_train::Only`] per layer
+/// kind): u32 indices into the real tokens, their blocks over the batch's key copies and the
+/// blocks' masks' values for full and sliding layers.
+struct OnlyAt {
+    rows: Tensor,
+    blocks: Arc<[Block]>,
+    mask_full: Tensor,
+    mask_sliding: Option<Tensor>,
 }
 
 /// Keys and values of the tokens a batch has run so far, per layer (after rope; `[B, T,
@@ -322,10 +330,12 @@ impl Model {
     }
 
     /// Masks and rope tables of a shared-prefix batch: `prefix` tokens at positions `0..P`,
-    /// then rows of `lens[r]` tokens at positions `P..`, right-padded to the longest (`S`).
-    /// Row query `j` (position `P + j`) sees prefix key `i` and own key `j' <= j`, within the
-    /// sliding window on sliding layers; a padding query sees nothing.
-    fn prepare_shared(&self, prefix: usize, lens: &[usize]) -> Result<Prepared> {
+    /// then rows of `lens[r]` tokens at positions `P..`, laid out as the real tokens (prefix,
+    /// then each row's own) and attending as blocks: the prefix causally over itself, row
+    /// query `j` (position `P + j`) over prefix key `i` and own key `j' <= j`, within the
+    /// sliding window on sliding layers. The last layer's queries are the tokens `at` only
+    /// ([`OnlyAt`]: slots `P + r * S + j` of the rows right-padded to the longest, `S`).
+    fn prepare_shared(&self, prefix: usize, lens: &[usize], at: &[u32]) -> Result<Prepared> {
         let (p, rows) = (prefix, lens.len());
         let s = lens.iter().copied().max().unwrap_or(0);
         if p == 0 || rows == 0 || s == 0 {
@@ -334,128 +344,215 @@ impl Model {
             )));
         }
         let within = |d: usize, w: Option<usize>| w.is_none_or(|w| d < w);
-        let prefix_mask = |w: Option<usize>| -> Result<Tensor> {
-            let mut m = vec![NEG; p * p];
+        // Real-token index of each row's first token, and each block's first key copy.
+        let starts: Vec<usize> = lens
+            .iter()
+            .scan(p, |next, &len| {
+                let start = *next;
+                *next += len;
+                Some(start)
+            })
+            .collect();
+        let key_at: Vec<usize> = lens
+            .iter()
+            .scan(p, |next, &len| {
+                let start = *next;
+                *next += p + len;
+                Some(start)
+            })
+            .collect();
+        let mut keys: Vec<u32> = (0..p as u32).collect();
+        for (r, &len) in lens.iter().enumerate() {
+            keys.extend(0..p as u32);
+            keys.extend((starts[r]..starts[r] + len).map(|i| i as u32));
+        }
+        // Mask values of a query over its block's keys: prefix query `q` (`Err(q)`), or the
+        // query at position `j` of row `r` (`Ok((r, j))`).
+        let query_mask =
+            |m: &mut Vec<f32>, query: std::result::Result<(usize, usize), usize>, w| match query {
+                Err(q) => {
+                    m.extend((0..p).map(|k| if k <= q && within(q - k, w) { 0.0 } else { NEG }));
+                }
+                Ok((r, j)) => {
+                    m.extend((0..p).map(|k| if within(p + j - k, w) { 0.0 } else { NEG }));
+                    m.extend((0..lens[r]).map(
+                        |k| {
+                            if k <= j && within(j - k, w) {
+                                0.0
+                            } else {
+                                NEG
+                            }
+                        },
+                    ));
+                }
+            };
+        let mut blocks = vec![Block {
+            q: 0,
+            t: p,
+            k: 0,
+            tk: p,
+            mask: 0,
+        }];
+        for (r, &len) in lens.iter().enumerate() {
+            let mask = blocks.last().map_or(0, |b| b.mask + b.t * b.tk);
+            blocks.push(Block {
+                q: starts[r],
+                t: len,
+                k: key_at[r],
+                tk: p + len,
+                mask,
+            });
+        }
+        let packed_mask = |w: Option<usize>| -> Result<Tensor> {
+            let mut m = Vec::new();
             for q in 0..p {
-                for k in (0..=q).filter(|&k| within(q - k, w)) {
-                    m[q * p + k] = 0.0;
-                }
+                query_mask(&mut m, Err(q), w);
             }
-            Ok(Tensor::from_vec(m, (1, 1, p, p), &self.device)?.to_dtype(self.dtype)?)
-        };
-        let row_mask = |w: Option<usize>| -> Result<Tensor> {
-            let tk = p + s;
-            let mut m = vec![NEG; rows * s * tk];
             for (r, &len) in lens.iter().enumerate() {
-                for q in 0..len {
-                    let at = (r * s + q) * tk;
-                    for k in (0..p).filter(|&k| within(p + q - k, w)) {
-                        m[at + k] = 0.0;
-                    }
-                    for k in (0..=q).filter(|&k| within(q - k, w)) {
-                        m[at + p + k] = 0.0;
-                    }
+                for j in 0..len {
+                    query_mask(&mut m, Ok((r, j)), w);
                 }
             }
-            Ok(Tensor::from_vec(m, (rows, 1, s, tk), &self.device)?.to_dtype(self.dtype)?)
+            let n = m.len();
+            Ok(Tensor::from_vec(m, n, &self.device)?.to_dtype(self.dtype)?)
         };
         let sliding = self.config.layer_kinds.contains(&LayerKind::Sliding);
         let window = self.config.sliding_window;
+        let only = self.only_at(at, p, lens, &starts, &key_at, |m, q, w| {
+            query_mask(m, Ok(q), w)
+        })?;
         // Real tokens only: the prefix, then each row's own tokens.
         let pos: Vec<i64> = (0..p)
             .chain(lens.iter().flat_map(|&len| p..p + len))
             .map(|x| x as i64)
             .collect();
-        let padding = if lens.iter().all(|&len| len == s) {
-            None
-        } else {
-            let n = pos.len() as u32;
-            let (mut to_padded, mut to_real): (Vec<u32>, Vec<u32>) =
-                ((0..p as u32).collect(), (0..p as u32).collect());
-            let mut next = p as u32;
-            for (r, &len) in lens.iter().enumerate() {
-                for j in 0..s {
-                    if j < len {
-                        to_padded.push(next);
-                        to_real.push((p + r * s + j) as u32);
-                        next += 1;
-                    } else {
-                        to_padded.push(n);
-                    }
-                }
-            }
-            let idx = |v: Vec<u32>| {
-                let len = v.len();
-                Tensor::from_vec(v, len, &self.device)
-            };
-            Some(Padding {
-                to_padded: idx(to_padded)?,
-                to_real: idx(to_real)?,
-            })
-        };
+        let k = keys.len();
         Ok(Prepared {
             b: 1,
             t: pos.len(),
-            mask_full: row_mask(None)?,
+            mask_full: packed_mask(None)?,
             mask_sliding: if sliding {
-                Some(row_mask(window)?)
+                Some(packed_mask(window)?)
             } else {
                 None
             },
             rope: self.rope_tables(&[pos])?,
             shared: Some(SharedLayout {
-                prefix: p,
-                rows,
-                len: s,
-                prefix_full: prefix_mask(None)?,
-                prefix_sliding: if sliding {
-                    Some(prefix_mask(window)?)
-                } else {
-                    None
-                },
-                padding,
+                keys: Tensor::from_vec(keys, k, &self.device)?,
+                blocks: blocks.into(),
+                only,
             }),
         })
     }
 
-    /// Whether [`Model::hidden_shared_prefix`] runs for this model in training: LoRA training
+    /// The last layer's queries at padded slots `at` of a shared-prefix batch ([`OnlyAt`]):
+    /// one block per run of a row's tokens over that row's key copy (from `key_at`), masks by
+    /// `query_mask`. A row's tokens must be consecutive in `at`.
+    fn only_at(
+        &self,
+        at: &[u32],
+        p: usize,
+        lens: &[usize],
+        starts: &[usize],
+        key_at: &[usize],
+        query_mask: impl Fn(&mut Vec<f32>, (usize, usize), Option<usize>),
+    ) -> Result<OnlyAt> {
+        let s = lens.iter().copied().max().unwrap_or(0);
+        let mut rj = Vec::with_capacity(at.len());
+        for &slot in at {
+            let slot = slot as usize;
+            let Some((r, j)) = slot.checked_sub(p).map(|x| (x / s, x % s)) else {
+                return Err(Error::Internal(format!(
+                    "slot {slot} is in the prefix of {p}"
+                )));
+            };
+            if r >= lens.len() || j >= lens[r] {
+                return Err(Error::Internal(format!(
+                    "slot {slot} is not a row token (prefix {p}, rows of {lens:?})"
+                )));
+            }
+            rj.push((r, j));
+        }
+        let mut blocks: Vec<Block> = Vec::new();
+        for (i, &(r, _)) in rj.iter().enumerate() {
+            match blocks.last_mut() {
+                Some(b) if b.k == key_at[r] => b.t += 1,
+                _ => {
+                    let mask = blocks.last().map_or(0, |b| b.mask + b.t * b.tk);
+                    if blocks.iter().any(|b| b.k == key_at[r]) {
+                        return Err(Error::Internal(format!(
+                            "the slots of row {r} are not consecutive in {at:?}"
+                        )));
+                    }
+                    blocks.push(Block {
+                        q: i,
+                        t: 1,
+                        k: key_at[r],
+                        tk: p + lens[r],
+                        mask,
+                    });
+                }
+            }
+        }
+        let masks = |w: Option<usize>| -> Result<Tensor> {
+            let mut m = Vec::new();
+            for &q in &rj {
+                query_mask(&mut m, q, w);
+            }
+            let n = m.len();
+            Ok(Tensor::from_vec(m, n, &self.device)?.to_dtype(self.dtype)?)
+        };
+        let real: Vec<u32> = rj.iter().map(|&(r, j)| (starts[r] + j) as u32).collect();
+        let sliding = self.config.layer_kinds.contains(&LayerKind::Sliding);
+        Ok(OnlyAt {
+            rows: Tensor::from_vec(real, rj.len(), &self.device)?,
+            blocks: blocks.into(),
+            mask_full: masks(None)?,
+            mask_sliding: if sliding {
+                Some(masks(self.config.sliding_window)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Whether [`Model::hidden_shared_prefix_at`] runs for this model in training: LoRA training
     /// on the CPU in f32, where each layer is one fused graph node (`layer_train`).
     pub fn shares_prefixes(&self) -> bool {
         self.dtype == DType::F32 && self.device.is_cpu()
     }
 
-    /// Training hidden states of rows that all begin with `prefix`: the prefix runs once and
-    /// each row of `rows` (its tokens after the prefix, right-padded to the longest, `S`)
-    /// continues it, seeing the prefix and its own earlier tokens. Returns `[1, P + R * S,
-    /// hidden]`: prefix token `i` is flat row `i`, token `j` of row `r` is `P + r * S + j`
-    /// (zeros at padding). Equal to [`Model::hidden`] over the full rows at those tokens, with
-    /// the prefix's work done once instead of `R` times and none on padding: the layers run on
-    /// the real tokens, only the attention sees the padded layout. With LoRA dropout the
-    /// prefix's tokens get one dropout draw for all rows, and masks are drawn for real tokens
-    /// only. `None` without running anything when the model cannot
-    /// ([`Model::shares_prefixes`]) or `ctx` is not a training context.
-    pub fn hidden_shared_prefix(
+    /// Training hidden states of rows that all begin with `prefix`, at some of their tokens:
+    /// the prefix runs once and each row of `rows` (its tokens after the prefix) continues it,
+    /// seeing the prefix and its own earlier tokens. `at` names the tokens wanted as slots of
+    /// the rows right-padded to the longest (`S`): token `j` of row `r` is `P + r * S + j`
+    /// (distinct, a row's consecutive; the positions a loss is taken at). Returns `[1, M,
+    /// hidden]` in the order of `at`, equal to [`Model::hidden`] over the full rows at those
+    /// tokens, with the prefix's work done once instead of `R` times, none on padding (the
+    /// layers run on the real tokens, the attention as one block per row of its own length),
+    /// and the last layer's queries, output projection and MLP run at the `M` tokens only (its
+    /// keys and values still come from every token). With LoRA dropout the prefix's tokens get
+    /// one draw for all rows, masks are drawn for real tokens only, and the last layer's for
+    /// those products at the `M` tokens only. `None` without running anything when the model
+    /// cannot ([`Model::shares_prefixes`]) or `ctx` is not a training context.
+    pub fn hidden_shared_prefix_at(
         &self,
         prefix: &[u32],
         rows: &[Vec<u32>],
+        at: &[u32],
         ctx: &Ctx,
     ) -> Result<Option<Tensor>> {
         if !self.shares_prefixes() || !ctx.training() {
             return Ok(None);
         }
         let lens: Vec<usize> = rows.iter().map(Vec::len).collect();
-        let p = self.prepare_shared(prefix.len(), &lens)?;
-        let padding = p.shared.as_ref().and_then(|l| l.padding.clone());
-        // The layers run on the real tokens only; the result is laid out padded for the caller.
-        let mut flat = prefix.to_vec();
-        for r in rows {
-            flat.extend(r);
-        }
-        let x = self.hidden_run(&[flat], p, ctx, None)?;
-        Ok(Some(match padding {
-            None => x,
-            Some(pad) => pad.pad(&x.squeeze(0)?)?.unsqueeze(0)?,
-        }))
+        let p = self.prepare_shared(prefix.len(), &lens, at)?;
+        Ok(Some(self.hidden_run(
+            &[shared_ids(prefix, rows)],
+            p,
+            ctx,
+            None,
+        )?))
     }
 
     /// Hidden states `[1, tn, hidden]` of `ids` (one row) continuing the tokens held in
@@ -607,7 +704,9 @@ impl Model {
         let x = self
             .final_norm
             .run(&x, !ctx.training() && self.dtype != DType::F64)?;
-        Ok(x.reshape((b, t, self.config.hidden_size))?)
+        // `b * t` tokens, or the last layer's chosen ones (`OnlyAt`, one row).
+        let n = x.dim(0)?;
+        Ok(x.reshape((b, n / b, self.config.hidden_size))?)
     }
 
     fn layer(
@@ -638,19 +737,26 @@ impl Model {
         if ctx.training() && kv.is_none() && self.dtype == DType::F32 && self.device.is_cpu() {
             let attend = match &p.shared {
                 None => Attend::Rows { mask: mask.clone() },
-                Some(sh) => Attend::Shared {
-                    prefix: sh.prefix,
-                    rows: sh.rows,
-                    len: sh.len,
-                    prefix_mask: match l.kind {
-                        LayerKind::Sliding => sh.prefix_sliding.as_ref(),
+                Some(sh) => Attend::Packed {
+                    keys: sh.keys.clone(),
+                    mask: mask.clone(),
+                    blocks: sh.blocks.clone(),
+                },
+            };
+            // The last layer runs its queries at the chosen tokens only, when there are some.
+            let last = i + 1 == self.layers.len();
+            let only = match p.shared.as_ref().map(|sh| &sh.only) {
+                Some(o) if last => Some(Only {
+                    rows: o.rows.clone(),
+                    blocks: o.blocks.clone(),
+                    mask: match l.kind {
+                        LayerKind::Sliding => o.mask_sliding.as_ref(),
                         LayerKind::Full => None,
                     }
-                    .unwrap_or(&sh.prefix_full)
+                    .unwrap_or(&o.mask_full)
                     .clone(),
-                    mask: mask.clone(),
-                    padding: sh.padding.clone(),
-                },
+                }),
+                _ => None,
             };
             let batch = Batch {
                 b,
@@ -658,6 +764,7 @@ impl Model {
                 cos: &rt.cos_half,
                 sin: &rt.sin_half,
                 attend,
+                only,
             };
             return layer_train::layer(c, l, x, &batch, ctx);
         }
@@ -873,6 +980,15 @@ impl Model {
 
 /// `x: [1, ...]` repeated into `[rows, ...]` (a cached prefix's keys or values, one copy per
 /// row of the batch that continues it).
+/// A shared-prefix batch's real tokens in op order: the prefix, then each row's own tokens.
+fn shared_ids(prefix: &[u32], rows: &[Vec<u32>]) -> Vec<u32> {
+    let mut flat = prefix.to_vec();
+    for r in rows {
+        flat.extend(r);
+    }
+    flat
+}
+
 fn repeat_rows(x: &Tensor, rows: usize) -> Result<Tensor> {
     let mut shape = x.dims().to_vec();
     shape[0] = rows;

@@ -8,9 +8,11 @@
 //!
 //! With `share_prefix`, the tokens a micro-batch's sequences all begin with (a task's prompt
 //! preamble, about a quarter of a SIB-200 example) run once for the micro-batch instead of once
-//! per sequence ([`Model::hidden_shared_prefix`]); the prefix never reaches into an answer, so
-//! every loss position lies after it. Without LoRA dropout the loss and gradient are those of
-//! the padded batch up to float rounding; with it, the prefix's tokens share one dropout draw.
+//! per sequence ([`Model::hidden_shared_prefix_at`]); the prefix never reaches into an answer, so
+//! every loss position lies after it. The model's last layer then runs its queries, output
+//! projection and MLP only at the loss positions. Without
+//! LoRA dropout the loss and gradient are those of the padded batch up to float rounding; with
+//! it, the prefix's tokens share one dropout draw.
 
 use candle_core::Tensor;
 
@@ -136,8 +138,10 @@ pub fn grads(model: &Model, adapter: &Adapter, seqs: &[&Seq], opt: StepOptions) 
             let (rows, targets) = loss_rows(chunk, shared);
             let suffixes: Vec<Vec<u32>> = chunk.iter().map(|s| s.ids[shared..].to_vec()).collect();
             let prefix = &chunk[0].ids[..shared];
-            match model.hidden_shared_prefix(prefix, &suffixes, &ctx)? {
-                Some(h) => (h, rows, targets),
+            // The hidden states at the loss rows only, in their order (the last layer runs its
+            // queries and MLP there alone).
+            match model.hidden_shared_prefix_at(prefix, &suffixes, &rows, &ctx)? {
+                Some(h) => (h, (0..rows.len() as u32).collect(), targets),
                 None => return Err(Error::Internal("the model refused a shared prefix".into())),
             }
         } else {

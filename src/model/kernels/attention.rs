@@ -65,6 +65,90 @@ struct AttnDims {
     hd: usize,
 }
 
+impl AttnDims {
+    fn heads(&self) -> Heads {
+        Heads {
+            nh: self.nh,
+            nkv: self.nkv,
+            hd: self.hd,
+        }
+    }
+
+    /// The batch as blocks: row `i` is queries `i * t..`, keys `i * tk..`, mask `i * t * tk..`.
+    fn blocks(&self) -> Vec<Block> {
+        (0..self.b)
+            .map(|i| Block {
+                q: i * self.t,
+                t: self.t,
+                k: i * self.tk,
+                tk: self.tk,
+                mask: i * self.t * self.tk,
+            })
+            .collect()
+    }
+}
+
+/// The heads of an attention call: `nh` query heads over `nkv` key/value heads (a multiple),
+/// `hd` values each; a token's queries are `nh * hd` values, its keys `nkv * hd`.
+#[derive(Debug, Clone, Copy)]
+struct Heads {
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+}
+
+/// One block of an attention call ([`attention_2d::forward_blocks`]): the `t` queries from
+/// query token `q` attend to the `tk` keys (and values) from key token `k`, under the additive
+/// mask `[t, tk]` that starts at element `mask` of the mask's values. A batch of equal rows is
+/// one block per row; rows of different lengths are blocks of their own sizes, with no padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    pub q: usize,
+    pub t: usize,
+    pub k: usize,
+    pub tk: usize,
+    pub mask: usize,
+}
+
+/// Checks that `blocks` fit `nq` query tokens, `nk` key tokens and `mask_len` mask values, that
+/// their query ranges do not overlap (each task writes its block's outputs) and, with
+/// `own_keys` (the backward pass writes key and value gradients per block), neither do their
+/// key ranges.
+fn check_blocks(
+    blocks: &[Block],
+    nq: usize,
+    nk: usize,
+    mask_len: usize,
+    own_keys: bool,
+) -> Result<()> {
+    let bad = |why: &str| {
+        Err(crate::error::Error::Internal(format!(
+            "attention blocks {why}: {blocks:?} over {nq} queries, {nk} keys, {mask_len} mask \
+             values"
+        )))
+    };
+    for b in blocks {
+        if b.q + b.t > nq || b.k + b.tk > nk || b.mask + b.t * b.tk > mask_len {
+            return bad("run past their tensors");
+        }
+        if b.t > 0 && b.tk == 0 {
+            return bad("give queries no keys");
+        }
+    }
+    let disjoint = |mut r: Vec<(usize, usize)>| {
+        r.retain(|&(_, len)| len > 0);
+        r.sort_unstable();
+        r.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0)
+    };
+    if !disjoint(blocks.iter().map(|b| (b.q, b.t)).collect()) {
+        return bad("overlap in their queries");
+    }
+    if own_keys && !disjoint(blocks.iter().map(|b| (b.k, b.tk)).collect()) {
+        return bad("overlap in their keys");
+    }
+    Ok(())
+}
+
 /// A strided matrix view for [`gemm1`]: pointer, column stride, row stride (in elements).
 type View<T> = (T, isize, isize);
 
@@ -107,27 +191,27 @@ unsafe fn gemm1(
     );
 }
 
-/// `p = softmax(scale q_h k_g^T + mask)` for batch row `bi`, query head `h` and key/value head
+/// `p = softmax(scale q_h k_g^T + mask)` for block `blk`, query head `h` and key/value head
 /// `kh` (`p: [t, tk]`), with a single-threaded GEMM reading the heads in place.
 #[allow(clippy::too_many_arguments)]
 fn head_probs(
     q: &[f32],
     k: &[f32],
     mask: &[f32],
-    d: AttnDims,
-    (bi, h, kh): (usize, usize, usize),
+    blk: Block,
+    hs: Heads,
+    (h, kh): (usize, usize),
     scale: f32,
     wide: bool,
     p: &mut [f32],
 ) {
-    let AttnDims {
-        t, tk, nh, nkv, hd, ..
-    } = d;
-    let q0 = bi * t * nh * hd + h * hd;
-    let k0 = bi * tk * nkv * hd + kh * hd;
-    assert!(p.len() == t * tk && mask.len() >= (bi + 1) * t * tk);
-    assert!(t == 0 || q.len() >= q0 + (t - 1) * nh * hd + hd);
-    assert!(tk == 0 || k.len() >= k0 + (tk - 1) * nkv * hd + hd);
+    let Heads { nh, nkv, hd } = hs;
+    let (t, tk) = (blk.t, blk.tk);
+    let q0 = blk.q * nh * hd + h * hd;
+    let k0 = blk.k * nkv * hd + kh * hd;
+    assert!(t > 0 && tk > 0 && p.len() == t * tk && mask.len() >= blk.mask + t * tk);
+    assert!(q.len() >= q0 + (t - 1) * nh * hd + hd);
+    assert!(k.len() >= k0 + (tk - 1) * nkv * hd + hd);
     // SAFETY: the asserts above bound every offset and stride the GEMM reads and writes.
     unsafe {
         gemm1(
@@ -140,8 +224,8 @@ fn head_probs(
             scale,
         );
     }
-    for (qi, row) in p.chunks_exact_mut(tk).enumerate() {
-        let m = &mask[(bi * t + qi) * tk..(bi * t + qi + 1) * tk];
+    let masks = &mask[blk.mask..blk.mask + t * tk];
+    for (row, m) in p.chunks_exact_mut(tk).zip(masks.chunks_exact(tk)) {
         #[cfg(target_arch = "x86_64")]
         if wide {
             // SAFETY: `avx512()` checked the features the function is compiled for.
@@ -153,44 +237,43 @@ fn head_probs(
     }
 }
 
-/// `softmax(scale q k^T + mask) v` per (batch row, head), in parallel over those pairs, each
-/// with a single-threaded GEMM that reads the heads in place (query head `h` uses key/value
-/// head `h / (nh / nkv)`), writing `[b, t, nh, hd]`.
+/// `softmax(scale q k^T + mask) v` per (block, head), in parallel over those pairs, each with
+/// a single-threaded GEMM that reads the heads in place (query head `h` uses key/value head
+/// `h / (nh / nkv)`), writing `[nq, nh, hd]` (zeros at queries no block covers). The blocks
+/// must have passed [`check_blocks`].
 fn attention_slices(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     mask: &[f32],
-    d: AttnDims,
+    blocks: &[Block],
+    hs: Heads,
     scale: f32,
 ) -> Vec<f32> {
-    let AttnDims {
-        b,
-        t,
-        tk,
-        nh,
-        nkv,
-        hd,
-    } = d;
-    let mut out = vec![0f32; b * t * nh * hd];
+    let Heads { nh, nkv, hd } = hs;
+    let mut out = vec![0f32; q.len()];
     let dst = OutPtr(out.as_mut_ptr());
     let wide = avx512();
     let rep = nh / nkv;
-    (0..b * nh).into_par_iter().for_each(|bh| {
-        let (bi, h) = (bh / nh, bh % nh);
+    (0..blocks.len() * nh).into_par_iter().for_each(|bh| {
+        let (blk, h) = (blocks[bh / nh], bh % nh);
+        if blk.t == 0 {
+            return;
+        }
         let kh = h / rep;
-        let mut s = vec![0f32; t * tk];
-        let q0 = bi * t * nh * hd + h * hd;
-        let k0 = bi * tk * nkv * hd + kh * hd;
-        head_probs(q, k, mask, d, (bi, h, kh), scale, wide, &mut s);
-        // SAFETY: the offsets and strides stay inside v (its length was checked against the
-        // dims) and inside this task's own block of `out` (rows bi*t.., columns h*hd..).
+        let mut s = vec![0f32; blk.t * blk.tk];
+        let q0 = blk.q * nh * hd + h * hd;
+        let k0 = blk.k * nkv * hd + kh * hd;
+        head_probs(q, k, mask, blk, hs, (h, kh), scale, wide, &mut s);
+        assert!(v.len() >= k0 + (blk.tk - 1) * nkv * hd + hd);
+        // SAFETY: the offsets and strides stay inside v (asserted) and inside this task's own
+        // block of `out` (the block's query rows, columns h*hd..; blocks' queries are disjoint).
         unsafe {
             gemm1(
-                (t, hd, tk),
+                (blk.t, hd, blk.tk),
                 (dst.get().add(q0), 1, (nh * hd) as isize),
                 false,
-                (s.as_ptr(), 1, tk as isize),
+                (s.as_ptr(), 1, blk.tk as isize),
                 (v.as_ptr().add(k0), 1, (nkv * hd) as isize),
                 0.0,
                 1.0,
@@ -200,108 +283,126 @@ fn attention_slices(
     out
 }
 
-/// The gradients of [`attention_slices`] for the output gradient `dout: [b, t, nh, hd]`:
-/// `(dq, dk, dv)` in the layouts of `q`, `k`, `v`. Per (batch row, key/value head), in
-/// parallel, for each query head of the group: the probabilities `P` are recomputed (cheaper
-/// than keeping `[b, nh, t, tk]` per layer), then `dP = dO V^T`, `dS = P (dP - rowsum(P dP))`,
-/// `dQ = scale dS K`, `dK += scale dS^T Q`, `dV += P^T dO`. A group's key/value gradients are
-/// written only by its own task.
+/// The gradients of [`attention_slices`] for the output gradient `dout` (the queries'
+/// layout): `(dq, dk, dv)` in the layouts of `q`, `k`, `v`. Per (block, query head), in
+/// parallel: the probabilities `P` are recomputed (cheaper than keeping them per layer), then
+/// `dP = dO V^T`, `dS = P (dP - rowsum(P dP))`, `dQ = scale dS K`, `dK += scale dS^T Q`,
+/// `dV += P^T dO`. The `nh / nkv` query heads of a key/value head write their key and value
+/// gradients to separate parts, summed at the end, so a long block's heads run in parallel
+/// too (Gemma 3 270M has one key/value head); the blocks' keys must be disjoint
+/// ([`check_blocks`] with `own_keys`).
+#[allow(clippy::too_many_arguments)]
 fn attention_backward_slices(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     mask: &[f32],
     dout: &[f32],
-    d: AttnDims,
+    blocks: &[Block],
+    hs: Heads,
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let AttnDims {
-        b,
-        t,
-        tk,
-        nh,
-        nkv,
-        hd,
-    } = d;
-    let mut dq = vec![0f32; b * t * nh * hd];
-    let mut dk = vec![0f32; b * tk * nkv * hd];
-    let mut dv = vec![0f32; b * tk * nkv * hd];
+    let Heads { nh, nkv, hd } = hs;
+    let rep = nh / nkv;
+    let mut dq = vec![0f32; q.len()];
+    let mut dk_parts = vec![0f32; rep * k.len()];
+    let mut dv_parts = vec![0f32; rep * k.len()];
     let (dqp, dkp, dvp) = (
         OutPtr(dq.as_mut_ptr()),
-        OutPtr(dk.as_mut_ptr()),
-        OutPtr(dv.as_mut_ptr()),
+        OutPtr(dk_parts.as_mut_ptr()),
+        OutPtr(dv_parts.as_mut_ptr()),
     );
     let wide = avx512();
-    let rep = nh / nkv;
-    (0..b * nkv).into_par_iter().for_each(|bg| {
-        let (bi, kh) = (bg / nkv, bg % nkv);
+    assert!(dout.len() == q.len() && v.len() == k.len());
+    (0..blocks.len() * nh).into_par_iter().for_each(|bh| {
+        let (blk, h) = (blocks[bh / nh], bh % nh);
+        if blk.t == 0 {
+            return;
+        }
+        let kh = h / rep;
+        let (t, tk) = (blk.t, blk.tk);
         let mut p = vec![0f32; t * tk];
         let mut dp = vec![0f32; t * tk];
-        let k0 = bi * tk * nkv * hd + kh * hd;
+        let k0 = blk.k * nkv * hd + kh * hd;
+        // This head's part of the key and value gradients.
+        let part = (h % rep) * k.len() + k0;
         let (ks, qs) = ((nkv * hd) as isize, (nh * hd) as isize);
-        for h in kh * rep..(kh + 1) * rep {
-            let q0 = bi * t * nh * hd + h * hd;
-            head_probs(q, k, mask, d, (bi, h, kh), scale, wide, &mut p);
-            // SAFETY: offsets and strides stay inside v and dout (lengths checked against the
-            // dims by the caller) and inside the task's own scratch `dp`, which is t x tk.
-            unsafe {
-                // dP = dO V^T
-                gemm1(
-                    (t, tk, hd),
-                    (dp.as_mut_ptr(), 1, tk as isize),
-                    false,
-                    (dout.as_ptr().add(q0), 1, qs),
-                    (v.as_ptr().add(k0), ks, 1),
-                    0.0,
-                    1.0,
-                );
-            }
-            // dS = P (dP - rowsum(P dP)), into dp.
-            for (pr, dr) in p.chunks_exact(tk).zip(dp.chunks_exact_mut(tk)) {
-                let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                for (x, &pp) in dr.iter_mut().zip(pr) {
-                    *x = pp * (*x - dot);
-                }
-            }
-            // SAFETY: offsets and strides stay inside k and q (lengths checked against the dims
-            // by the caller), inside the task's own scratch (`dp`, `p`: t x tk), and inside this
-            // task's blocks of dq (rows bi, head h) and dk/dv (rows bi, head kh), which no
-            // other task writes.
-            unsafe {
-                // dQ = scale dS K
-                gemm1(
-                    (t, hd, tk),
-                    (dqp.get().add(q0), 1, qs),
-                    false,
-                    (dp.as_ptr(), 1, tk as isize),
-                    (k.as_ptr().add(k0), 1, ks),
-                    0.0,
-                    scale,
-                );
-                // dK += scale dS^T Q
-                gemm1(
-                    (tk, hd, t),
-                    (dkp.get().add(k0), 1, ks),
-                    true,
-                    (dp.as_ptr(), tk as isize, 1),
-                    (q.as_ptr().add(q0), 1, qs),
-                    1.0,
-                    scale,
-                );
-                // dV += P^T dO
-                gemm1(
-                    (tk, hd, t),
-                    (dvp.get().add(k0), 1, ks),
-                    true,
-                    (p.as_ptr(), tk as isize, 1),
-                    (dout.as_ptr().add(q0), 1, qs),
-                    1.0,
-                    1.0,
-                );
+        let q0 = blk.q * nh * hd + h * hd;
+        // Bounds q and k (and so v, dout, dq and each part, of the same lengths) for this block.
+        head_probs(q, k, mask, blk, hs, (h, kh), scale, wide, &mut p);
+        // SAFETY: offsets and strides stay inside v and dout (same lengths as k and q,
+        // asserted, and head_probs bounded q and k) and inside the task's own scratch `dp`,
+        // which is t x tk.
+        unsafe {
+            // dP = dO V^T
+            gemm1(
+                (t, tk, hd),
+                (dp.as_mut_ptr(), 1, tk as isize),
+                false,
+                (dout.as_ptr().add(q0), 1, qs),
+                (v.as_ptr().add(k0), ks, 1),
+                0.0,
+                1.0,
+            );
+        }
+        // dS = P (dP - rowsum(P dP)), into dp.
+        for (pr, dr) in p.chunks_exact(tk).zip(dp.chunks_exact_mut(tk)) {
+            let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+            for (x, &pp) in dr.iter_mut().zip(pr) {
+                *x = pp * (*x - dot);
             }
         }
+        // SAFETY: offsets and strides stay inside k and q (bounded above), inside the task's
+        // own scratch (`dp`, `p`: t x tk), and inside this task's blocks of dq (the block's
+        // query rows, head h) and of its part of dk/dv (the block's key rows, head kh, part
+        // h % rep), which no other task writes.
+        unsafe {
+            // dQ = scale dS K
+            gemm1(
+                (t, hd, tk),
+                (dqp.get().add(q0), 1, qs),
+                false,
+                (dp.as_ptr(), 1, tk as isize),
+                (k.as_ptr().add(k0), 1, ks),
+                0.0,
+                scale,
+            );
+            // dK = scale dS^T Q
+            gemm1(
+                (tk, hd, t),
+                (dkp.get().add(part), 1, ks),
+                false,
+                (dp.as_ptr(), tk as isize, 1),
+                (q.as_ptr().add(q0), 1, qs),
+                0.0,
+                scale,
+            );
+            // dV = P^T dO
+            gemm1(
+                (tk, hd, t),
+                (dvp.get().add(part), 1, ks),
+                false,
+                (p.as_ptr(), tk as isize, 1),
+                (dout.as_ptr().add(q0), 1, qs),
+                0.0,
+                1.0,
+            );
+        }
     });
-    (dq, dk, dv)
+    (dq, sum_parts(dk_parts, rep), sum_parts(dv_parts, rep))
+}
+
+/// The sum of the `rep` equal parts of `parts`.
+fn sum_parts(mut parts: Vec<f32>, rep: usize) -> Vec<f32> {
+    let n = parts.len() / rep;
+    let (first, rest) = parts.split_at_mut(n);
+    for part in rest.chunks_exact(n) {
+        for (a, b) in first.iter_mut().zip(part) {
+            *a += b;
+        }
+    }
+    parts.truncate(n);
+    parts
 }
 
 /// Shapes of an attention call, checked: `q: [B, T, nh, hd]`, `k`, `v: [B, Tk, nkv, hd]`,
@@ -376,10 +477,38 @@ fn attention_dims_2d(
     })
 }
 
+/// The heads of 2-D projections `q: [Nq, nh * hd]`, `k`, `v: [Nk, nkv * hd]`, checked.
+fn heads_2d(q: &Tensor, k: &Tensor, v: &Tensor, heads: (usize, usize)) -> Result<Heads> {
+    let (nh, nkv) = heads;
+    let (_, qw) = q.dims2()?;
+    let (nk, kw) = k.dims2()?;
+    if nh == 0 || nkv == 0 || nh % nkv != 0 || qw % nh != 0 || kw * nh != qw * nkv {
+        return Err(crate::error::Error::Internal(format!(
+            "attention heads do not fit: q {:?}, k {:?}, {nh} query and {nkv} key/value heads",
+            q.shape(),
+            k.shape()
+        )));
+    }
+    if v.dims2()? != (nk, kw) {
+        return Err(crate::error::Error::Internal(format!(
+            "values {:?} do not match keys {:?}",
+            v.shape(),
+            k.shape()
+        )));
+    }
+    Ok(Heads {
+        nh,
+        nkv,
+        hd: qw / nh,
+    })
+}
+
 /// Attention on 2-D projections (see `attention_dims_2d`) as plain functions without a graph,
 /// for the training layer, which writes its own backward pass: `forward` gives
 /// `[B * T, nh * hd]`, `backward` gives `(dq, dk, dv)` for an output gradient `dout` (the
-/// probabilities are recomputed). f32 CPU tensors only.
+/// probabilities are recomputed). The `_blocks` forms take any [`Block`]s of queries
+/// `[Nq, nh * hd]` over keys and values `[Nk, nkv * hd]` with their masks' values in one tensor
+/// (rows of different lengths without padding). f32 CPU tensors only.
 pub mod attention_2d {
     use super::*;
 
@@ -392,11 +521,7 @@ pub mod attention_2d {
         heads: (usize, usize),
     ) -> Result<Tensor> {
         let d = attention_dims_2d(q, k, v, mask, heads)?;
-        let out = f32_slices([q, k, v, mask], |[q, k, v, m]| {
-            attention_slices(q, k, v, m, d, scale)
-        })?
-        .ok_or_else(not_f32_cpu)?;
-        Ok(Tensor::from_vec(out, q.shape(), q.device())?)
+        forward_blocks(q, k, v, mask, &d.blocks(), scale, heads)
     }
 
     pub fn backward(
@@ -409,8 +534,54 @@ pub mod attention_2d {
         heads: (usize, usize),
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let d = attention_dims_2d(q, k, v, mask, heads)?;
+        backward_blocks(q, k, v, mask, &d.blocks(), dout, scale, heads)
+    }
+
+    /// The attention of each block's queries over its keys: `[Nq, nh * hd]`, zeros at queries
+    /// no block covers. Blocks must not share queries.
+    pub fn forward_blocks(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        blocks: &[Block],
+        scale: f32,
+        heads: (usize, usize),
+    ) -> Result<Tensor> {
+        let hs = heads_2d(q, k, v, heads)?;
+        check_blocks(blocks, q.dim(0)?, k.dim(0)?, mask.elem_count(), false)?;
+        let out = f32_slices([q, k, v, mask], |[q, k, v, m]| {
+            attention_slices(q, k, v, m, blocks, hs, scale)
+        })?
+        .ok_or_else(not_f32_cpu)?;
+        Ok(Tensor::from_vec(out, q.shape(), q.device())?)
+    }
+
+    /// `(dq, dk, dv)` of [`forward_blocks`] for the output gradient `dout` (zeros where no
+    /// block reads). Blocks must share neither queries nor keys (a key that several blocks
+    /// see is given to each as a copy of its own, and the copies' gradients summed after).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_blocks(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        blocks: &[Block],
+        dout: &Tensor,
+        scale: f32,
+        heads: (usize, usize),
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let hs = heads_2d(q, k, v, heads)?;
+        check_blocks(blocks, q.dim(0)?, k.dim(0)?, mask.elem_count(), true)?;
+        if dout.dims() != q.dims() {
+            return Err(crate::error::Error::Internal(format!(
+                "attention output gradient {:?} does not match the queries {:?}",
+                dout.shape(),
+                q.shape()
+            )));
+        }
         let (gq, gk, gv) = f32_slices([q, k, v, mask, dout], |[q, k, v, m, g]| {
-            attention_backward_slices(q, k, v, m, g, d, scale)
+            attention_backward_slices(q, k, v, m, g, blocks, hs, scale)
         })?
         .ok_or_else(not_f32_cpu)?;
         Ok((
@@ -443,7 +614,7 @@ pub fn attention(
     let dims = attention_dims(q, k, v, mask)?;
     let (b, t, nh, hd) = (dims.b, dims.t, dims.nh, dims.hd);
     let out = f32_slices([q, k, v, mask], |[q, k, v, m]| {
-        attention_slices(q, k, v, m, dims, scale)
+        attention_slices(q, k, v, m, &dims.blocks(), dims.heads(), scale)
     })?;
     let Some(out) = out else {
         return Ok(None);
@@ -497,7 +668,7 @@ mod tests {
     fn attention_matches_a_naive_f64_computation() {
         let (d, q, k, v, mask) = attention_case();
         let scale = 0.3f32;
-        let got = attention_slices(&q, &k, &v, &mask, d, scale);
+        let got = attention_slices(&q, &k, &v, &mask, &d.blocks(), d.heads(), scale);
         let rep = d.nh / d.nkv;
         for bi in 0..d.b {
             for qi in 0..d.t {
@@ -537,7 +708,8 @@ mod tests {
             .map(|i| case_val(i, 613))
             .collect();
         let scale = 0.3f32;
-        let (gq, gk, gv) = attention_backward_slices(&q, &k, &v, &mask, &r, d, scale);
+        let (gq, gk, gv) =
+            attention_backward_slices(&q, &k, &v, &mask, &r, &d.blocks(), d.heads(), scale);
 
         // Reference: d/dx sum(attention(q, k, v) * r) with candle's plain f64 ops.
         let dev = Device::Cpu;
@@ -599,5 +771,67 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn blocks_of_their_own_lengths_equal_separate_calls_and_may_not_share_keys() {
+        // Queries 0..3 over keys 0..4 and queries 3..5 over keys 4..7, masks one after the
+        // other; each must equal a call on its own slices.
+        let (d, q, k, v, mask) = attention_case();
+        let hs = d.heads();
+        let (qw, kw) = (d.nh * d.hd, d.nkv * d.hd);
+        let (q, k, v) = (&q[..5 * qw], &k[..7 * kw], &v[..7 * kw]);
+        let blocks = [
+            Block {
+                q: 0,
+                t: 3,
+                k: 0,
+                tk: 4,
+                mask: 0,
+            },
+            Block {
+                q: 3,
+                t: 2,
+                k: 4,
+                tk: 3,
+                mask: 12,
+            },
+        ];
+        let mask = &mask[..18];
+        let dout: Vec<f32> = (0..q.len()).map(|i| case_val(i, 613)).collect();
+        let got = attention_slices(q, k, v, mask, &blocks, hs, 0.3);
+        let (gq, gk, gv) = attention_backward_slices(q, k, v, mask, &dout, &blocks, hs, 0.3);
+        for b in blocks {
+            let one = Block {
+                q: 0,
+                k: 0,
+                mask: 0,
+                ..b
+            };
+            let qs = &q[b.q * qw..(b.q + b.t) * qw];
+            let (ks, vs) = (
+                &k[b.k * kw..(b.k + b.tk) * kw],
+                &v[b.k * kw..(b.k + b.tk) * kw],
+            );
+            let ms = &mask[b.mask..b.mask + b.t * b.tk];
+            let want = attention_slices(qs, ks, vs, ms, &[one], hs, 0.3);
+            assert_eq!(&got[b.q * qw..(b.q + b.t) * qw], &want[..]);
+            let ds = &dout[b.q * qw..(b.q + b.t) * qw];
+            let (wq, wk, wv) = attention_backward_slices(qs, ks, vs, ms, ds, &[one], hs, 0.3);
+            assert_eq!(&gq[b.q * qw..(b.q + b.t) * qw], &wq[..]);
+            assert_eq!(&gk[b.k * kw..(b.k + b.tk) * kw], &wk[..]);
+            assert_eq!(&gv[b.k * kw..(b.k + b.tk) * kw], &wv[..]);
+        }
+        assert!(check_blocks(&blocks, 5, 7, 18, true).is_ok());
+        // Two blocks reading one key are fine forward, refused backward; ranges past the
+        // tensors are refused.
+        let shared = [blocks[0], Block { k: 2, ..blocks[1] }];
+        assert!(check_blocks(&shared, 5, 7, 18, false).is_ok());
+        let err = check_blocks(&shared, 5, 7, 18, true).unwrap_err();
+        assert!(err.to_string().contains("overlap in their keys"), "{err}");
+        let err = check_blocks(&blocks, 5, 6, 18, false).unwrap_err();
+        assert!(err.to_string().contains("run past"), "{err}");
+        let both = [blocks[0], Block { q: 2, ..blocks[1] }];
+        assert!(check_blocks(&both, 5, 7, 18, false).is_err());
     }
 }

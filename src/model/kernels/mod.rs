@@ -24,7 +24,7 @@ mod norm;
 mod softmax;
 
 pub use activation::{exp, glu, glu_backward, glu_backward_slices, glu_slices, Glu};
-pub use attention::{attention, attention_2d};
+pub use attention::{attention, attention_2d, Block};
 pub use frozen::{frozen_linear, frozen_linear_grad, linear, set_matmul_precision, PackCache};
 pub use norm::{rms_norm_backward, rms_norm_backward_slices};
 pub use softmax::{cross_entropy_rows, max_and_sum_exp};
