@@ -276,8 +276,10 @@ pub fn suggestions<'a>(code: &str, known: impl IntoIterator<Item = &'a str>) -> 
     scored.into_iter().take(3).map(|(_, k)| k).collect()
 }
 
-/// `mlbench <version>` plus the git commit it was built from, when known, and ` matmul=bf16`
-/// when frozen-weight products run in bf16 ([`crate::precision::matmul_precision`]).
+/// `mlbench <version>` plus the git commit it was built from, when known (`<commit>-dirty-<hash
+/// of the difference>` when its code differed from that commit; see `build.rs`), and
+/// ` matmul=bf16` when frozen-weight products run in bf16
+/// ([`crate::precision::matmul_precision`]).
 pub fn code_version() -> String {
     let commit = env!("MLBENCH_GIT_COMMIT");
     let mut v = if commit.is_empty() {
