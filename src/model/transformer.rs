@@ -89,6 +89,13 @@ struct SharedLayout {
     only: OnlyAt,
 }
 
+/// A query of a shared-prefix batch: the prefix's token `q`, or token `j` of row `r`.
+#[derive(Clone, Copy)]
+enum Query {
+    Prefix(usize),
+    Row(usize, usize),
+}
+
 /// The last layer's query tokens of a shared-prefix batch ([`layer_train::Only`] per layer
 /// kind): u32 indices into the real tokens, their blocks over the batch's key copies and the
 /// blocks' masks' values for full and sliding layers.
@@ -366,26 +373,15 @@ impl Model {
             keys.extend(0..p as u32);
             keys.extend((starts[r]..starts[r] + len).map(|i| i as u32));
         }
-        // Mask values of a query over its block's keys: prefix query `q` (`Err(q)`), or the
-        // query at position `j` of row `r` (`Ok((r, j))`).
-        let query_mask =
-            |m: &mut Vec<f32>, query: std::result::Result<(usize, usize), usize>, w| match query {
-                Err(q) => {
-                    m.extend((0..p).map(|k| if k <= q && within(q - k, w) { 0.0 } else { NEG }));
-                }
-                Ok((r, j)) => {
-                    m.extend((0..p).map(|k| if within(p + j - k, w) { 0.0 } else { NEG }));
-                    m.extend((0..lens[r]).map(
-                        |k| {
-                            if k <= j && within(j - k, w) {
-                                0.0
-                            } else {
-                                NEG
-                            }
-                        },
-                    ));
-                }
-            };
+        // Mask values of a query over its block's keys.
+        let val = |seen: bool| if seen { 0.0 } else { NEG };
+        let query_mask = |m: &mut Vec<f32>, query: Query, w: Option<usize>| match query {
+            Query::Prefix(q) => m.extend((0..p).map(|k| val(k <= q && within(q - k, w)))),
+            Query::Row(r, j) => {
+                m.extend((0..p).map(|k| val(within(p + j - k, w))));
+                m.extend((0..lens[r]).map(|k| val(k <= j && within(j - k, w))));
+            }
+        };
         let mut blocks = vec![Block {
             q: 0,
             t: p,
@@ -406,11 +402,11 @@ impl Model {
         let packed_mask = |w: Option<usize>| -> Result<Tensor> {
             let mut m = Vec::new();
             for q in 0..p {
-                query_mask(&mut m, Err(q), w);
+                query_mask(&mut m, Query::Prefix(q), w);
             }
             for (r, &len) in lens.iter().enumerate() {
                 for j in 0..len {
-                    query_mask(&mut m, Ok((r, j)), w);
+                    query_mask(&mut m, Query::Row(r, j), w);
                 }
             }
             let n = m.len();
@@ -419,7 +415,7 @@ impl Model {
         let sliding = self.config.layer_kinds.contains(&LayerKind::Sliding);
         let window = self.config.sliding_window;
         let only = self.only_at(at, p, lens, &starts, &key_at, |m, q, w| {
-            query_mask(m, Ok(q), w)
+            query_mask(m, Query::Row(q.0, q.1), w)
         })?;
         // Real tokens only: the prefix, then each row's own tokens.
         let pos: Vec<i64> = (0..p)
