@@ -360,14 +360,9 @@ impl Model {
                 Some(start)
             })
             .collect();
-        let key_at: Vec<usize> = lens
-            .iter()
-            .scan(p, |next, &len| {
-                let start = *next;
-                *next += p + len;
-                Some(start)
-            })
-            .collect();
+        // Row `r`'s key copy follows the prefix block and the `r` copies before it, each of
+        // which repeats the prefix.
+        let key_at: Vec<usize> = starts.iter().enumerate().map(|(r, &s)| s + r * p).collect();
         let mut keys: Vec<u32> = (0..p as u32).collect();
         for (r, &len) in lens.iter().enumerate() {
             keys.extend(0..p as u32);
