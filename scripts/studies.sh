@@ -7,7 +7,8 @@
 #
 #   BIN=/path/to/pinned/mlbench scripts/studies.sh          # niced, in the background:
 #   nohup nice -n 19 env BIN=... BIN_MULTITASK=... scripts/studies.sh > studies.log 2>&1 &
-# (BIN_MULTITASK: the multi-task study's own pinned binary, BIN when unset.)
+# (BIN_MULTITASK: the multi-task study's own pinned binary, BIN when unset; REPORT_BIN: the
+# binary that writes the reports, this checkout's release build by default.)
 #
 # The stores live in studies/<name>/ and their finished cells are committed (scripts/
 # studies-save.sh), so a later session resumes where this one stopped. A cell's key includes
@@ -78,4 +79,6 @@ done
 status=0
 for p in "${pids[@]}"; do wait "$p" || status=$?; done
 [ "$status" -eq 0 ] || exit "$status"
-scripts/study-reports.sh "$BIN"
+# The reports come from this checkout's code (reports do not enter the cells' keys, and later
+# code reports more: every selection candidate, for one), not from the grids' pinned binaries.
+scripts/study-reports.sh "${REPORT_BIN:-target/release/mlbench}"

@@ -261,6 +261,33 @@ fn a_study_selects_on_dev_reports_verdicts_budget_and_diagnostics() {
         "sections in the protocol's order"
     );
     assert!(rep.join("curves.png").exists() && rep.join("labels.md").exists());
+    // Every selection candidate with its dev score (as recorded), the choice and its diagnostics.
+    let csv = std::fs::read_to_string(rep.join("selection.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{csv}");
+    for (row, cand) in rows.iter().zip(lk["candidates"].as_array().unwrap()) {
+        assert_eq!(row[0], "lora-k");
+        assert_eq!((row[1], row[2], row[3]), ("dev", "4", "0"));
+        assert_eq!(row[5], cand["key"].as_str().unwrap());
+        let score: f64 = row[6].parse().unwrap();
+        assert!((score - cand["score"].as_f64().unwrap()).abs() < 1e-12);
+        assert_eq!(row[7] == "true", cand["settings"] == lk["chosen"], "{csv}");
+        // 2 languages x 3 classes x 3 dev examples, each with a predicted label.
+        assert_eq!(row[8], "18", "{csv}");
+        let top: f64 = row[9].parse().unwrap();
+        assert!((1.0 / 3.0..=1.0).contains(&top), "{csv}");
+        // Balanced gold (a third per class): a unit collapses exactly when one label takes
+        // over 80% of its predictions, so the largest share and the list agree.
+        assert_eq!(top > 0.8, !row[11].is_empty(), "{csv}");
+        assert!(row[12].is_empty(), "no inner steps: {csv}");
+        assert!(row[13].parse::<f64>().unwrap() > 0.0, "update norm: {csv}");
+    }
+    assert!(html.contains("<h2>Selection on dev</h2>"));
+    assert!(rep.join("selection.md").exists());
 }
 
 #[test]

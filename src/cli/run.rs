@@ -702,6 +702,10 @@ fn study_parts(
     let selection = experiment.and_then(|e| mlbench::runner::select::read_record(store, e));
     let setup = study::setup(&infos, selection.as_ref(), Some(reference), margin);
     let curves = study::curves(store, &infos)?;
+    let searches = match &selection {
+        Some(r) => mlbench::runner::candidates::searches(store, r)?,
+        None => vec![],
+    };
     Ok(mlbench::report::Study {
         verdicts,
         budget,
@@ -709,6 +713,7 @@ fn study_parts(
         setup,
         curves,
         selected: selection.is_some(),
+        searches,
     })
 }
 

@@ -3,9 +3,10 @@
 //! written beside its final place and renamed into it: `index.html` (self-contained, plots
 //! inline, each shown at its size in CSS pixels), `table.md`, `table.csv`, `table.tex`, the
 //! plots as PNG (300 dpi) and SVG ([`plot`], [`figure`]), and for a
-//! study `verdicts.{md,csv,tex}`, `budget.{md,csv}`, `labels.md`, `setup.md` and
-//! `curves.{png,svg}`. The page follows `../shared/docs/study.md`, section 5: setup, verdicts,
-//! accuracy, budget, the efficiency plot, diagnostics, and a plain-words reading.
+//! study `verdicts.{md,csv,tex}`, `budget.{md,csv}`, `labels.md`, `setup.md`,
+//! `curves.{png,svg}` and, when its methods were searched on dev, `selection.{md,csv}`. The page
+//! follows `../shared/docs/study.md`, section 5: setup, verdicts, accuracy, budget, the
+//! efficiency plot, diagnostics, and a plain-words reading; then every selection candidate.
 
 pub mod figure;
 pub mod history;
@@ -14,6 +15,7 @@ pub mod plot;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::runner::candidates::{self, Search};
 use crate::runner::compare::{k_label, Table};
 use crate::runner::study::{self, BudgetRow, Curve, LabelDist, Setup};
 use crate::runner::verdict::{exploratory, VerdictTable};
@@ -159,6 +161,8 @@ pub struct Study {
     pub curves: Vec<Curve>,
     /// Whether the methods' settings were chosen on dev (a `[search]` ran).
     pub selected: bool,
+    /// Every candidate of the selection (empty when nothing was searched).
+    pub searches: Vec<Search>,
 }
 
 /// A plain-words reading of the verdicts: per row, what the confirmatory columns say, and what
@@ -208,7 +212,8 @@ pub fn reading(v: &VerdictTable, dists: &[LabelDist], selected: bool) -> String 
     s
 }
 
-/// The study's HTML sections: (setup, verdicts and reading), budget, diagnostics.
+/// The study's HTML sections: (setup, verdicts and reading), budget, diagnostics (with every
+/// selection candidate).
 fn study_sections(st: &Study, dir: &Path) -> Result<[String; 3]> {
     Ok([
         format!(
@@ -237,18 +242,41 @@ fn study_sections(st: &Study, dir: &Path) -> Result<[String; 3]> {
 <div class="wide">{labels}</div>
 <h3>Training curves</h3>
 {curves}
-"#,
+{search}"#,
             labels = study::dists_html(&st.dists),
             curves = png_img(
                 dir,
                 "curves",
                 "training loss, dev score and update norms per step"
             )?,
+            search = search_section(&st.searches),
         ),
     ])
 }
 
+/// The selection section: every candidate's dev score, choice and diagnostics.
+fn search_section(searches: &[Search]) -> String {
+    if searches.is_empty() {
+        return String::new();
+    }
+    format!(
+        "<h2>Selection on dev</h2>\n<div class=\"wide\">{}</div><p><small>{}</small></p>\n",
+        candidates::html(searches),
+        esc(&candidates::note(searches))
+    )
+}
+
 fn write_study_files(st: &Study, dir: &Path) -> Result<()> {
+    if !st.searches.is_empty() {
+        write_bytes_atomic(
+            &dir.join("selection.md"),
+            candidates::markdown(&st.searches).as_bytes(),
+        )?;
+        write_bytes_atomic(
+            &dir.join("selection.csv"),
+            candidates::csv(&st.searches).as_bytes(),
+        )?;
+    }
     write_bytes_atomic(&dir.join("verdicts.md"), st.verdicts.markdown().as_bytes())?;
     write_bytes_atomic(&dir.join("verdicts.csv"), st.verdicts.csv().as_bytes())?;
     write_bytes_atomic(&dir.join("verdicts.tex"), st.verdicts.latex().as_bytes())?;
@@ -287,7 +315,11 @@ pub fn write_report(
                 write_study_files(st, tmp)?;
                 (
                     study_sections(st, tmp)?,
-                    " verdicts.md/.csv/.tex, budget.md/.csv, labels.md, setup.md, curves.png/.svg.",
+                    if st.searches.is_empty() {
+                        " verdicts.md/.csv/.tex, budget.md/.csv, labels.md, setup.md, curves.png/.svg."
+                    } else {
+                        " verdicts.md/.csv/.tex, budget.md/.csv, labels.md, setup.md, curves.png/.svg, selection.md/.csv."
+                    },
                 )
             }
             None => (Default::default(), ""),

@@ -7,11 +7,13 @@
 //! - [`lock`]: claims on a store's cells and on its compaction (one worker per cell);
 //! - [`grid`]: running one cell (train, evaluate, commit);
 //! - [`select`]: choosing each searched method's settings on the dev split;
+//! - [`candidates`]: every candidate of a selection with its dev diagnostics, for the report;
 //! - [`compare`]: tables over the store (mean over seeds with intervals, paired tests);
 //! - [`stats`]: seed-aware intervals, paired bootstrap differences, non-inferiority verdicts;
 //! - [`verdict`]: the verdict table of a study against its declared reference and margin;
 //! - [`study`]: the budget table, label-distribution diagnostics and the setup block.
 
+pub mod candidates;
 pub mod compare;
 pub mod eee_store;
 pub mod grid;
