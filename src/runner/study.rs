@@ -36,6 +36,18 @@ impl CellInfo {
     fn training(&self) -> &serde_json::Value {
         &self.doc["info"]["training"]
     }
+
+    /// Wall seconds of the training the cell's adapter took: the run's own total over every
+    /// process that worked on it (a run resumed from a checkpoint, or shared with a sibling
+    /// cell, counts whole), else the cell's process time (cells without a training manifest).
+    /// The cell's `train_seconds` alone is what its last process spent: a few seconds for a
+    /// run found finished, the last stretch for one resumed.
+    pub fn train_wall_seconds(&self) -> f64 {
+        self.training()["train_wall_seconds"]
+            .as_f64()
+            .or_else(|| self.doc["info"]["train_seconds"].as_f64())
+            .unwrap_or(0.0)
+    }
 }
 
 /// The `cell.json` of each finished cell of `store` whose key is in `keys`.
@@ -132,7 +144,7 @@ pub fn budget(infos: &[CellInfo], order: &[(String, Option<i64>)]) -> Vec<Budget
             visits: f(&|c| num(&c.training()["example_visits"])),
             sequences: f(&|c| num(&c.training()["sequences_forwarded"])),
             tokens: f(&|c| num(&c.training()["tokens_forwarded"])),
-            train_seconds: f(&|c| num(&c.doc["info"]["train_seconds"])),
+            train_seconds: f(&|c| c.train_wall_seconds()),
             eval_seconds: f(&|c| num(&c.doc["info"]["eval_seconds"])),
             device: cells[0].doc["cell"]["eval"]["device"]
                 .as_str()
@@ -177,7 +189,7 @@ fn budget_cells(r: &BudgetRow) -> Vec<String> {
 }
 
 /// What the budget table's figures are.
-pub const BUDGET_NOTE: &str = "Means over the row's seeds. Distinct examples per task and language: K for the budgeted methods, the train split for lora-full. Visits: an example put in a batch, or in a support, query or adaptation set. Sequences and tokens: every forward and backward pass of training, inner steps and test-time adaptation included (evaluation is the same for every method and not counted). Compute is reported, not equalised.";
+pub const BUDGET_NOTE: &str = "Means over the row's seeds. Distinct examples per task and language: K for the budgeted methods, the train split for lora-full. Visits: an example put in a batch, or in a support, query or adaptation set. Sequences and tokens: every forward and backward pass of training, inner steps and test-time adaptation included (evaluation is the same for every method and not counted). Train s: the training run's wall time over every process that worked on it (a run resumed from a checkpoint counts whole; meta-lora and meta-lora+tta share one run, shown on both); it includes any time the process was paused or shared its cores. Compute is reported, not equalised.";
 
 /// The budget table as Markdown.
 pub fn budget_markdown(rows: &[BudgetRow]) -> String {
@@ -677,10 +689,7 @@ fn method_lines(
     let secs: f64 = infos
         .iter()
         .filter(|x| x.method == m)
-        .map(|x| {
-            x.doc["info"]["train_seconds"].as_f64().unwrap_or(0.0)
-                + x.doc["info"]["eval_seconds"].as_f64().unwrap_or(0.0)
-        })
+        .map(|x| x.train_wall_seconds() + x.doc["info"]["eval_seconds"].as_f64().unwrap_or(0.0))
         .sum();
     put(
         lines,
@@ -803,6 +812,57 @@ mod tests {
             pred: pred.iter().copied().collect(),
             gold: gold.iter().copied().collect(),
         }
+    }
+
+    fn info(method: &str, k: Option<i64>, seed: u64, info: serde_json::Value) -> CellInfo {
+        CellInfo {
+            key: format!("{method}-{seed}"),
+            method: method.into(),
+            k,
+            seed,
+            doc: serde_json::json!({ "info": info }),
+        }
+    }
+
+    #[test]
+    fn the_budget_counts_a_resumed_or_shared_run_whole() {
+        // Seed 0 resumed near its end (its last process trained 144 s of a 1,342 s run); seed
+        // 1 found its run finished by a sibling (0.4 s); both report the run's own total.
+        let resumed = info(
+            "lora-k",
+            Some(64),
+            0,
+            serde_json::json!({"train_seconds": 144.0, "eval_seconds": 200.0,
+                "training": {"train_wall_seconds": 1342.0, "optimizer_steps": 336}}),
+        );
+        let shared = info(
+            "lora-k",
+            Some(64),
+            1,
+            serde_json::json!({"train_seconds": 0.4, "eval_seconds": 190.0,
+                "training": {"train_wall_seconds": 1358.0, "optimizer_steps": 336}}),
+        );
+        // A cell from before the training facts were recorded keeps its process time.
+        let old = info(
+            "meta-lora",
+            Some(64),
+            0,
+            serde_json::json!({"train_seconds": 900.0, "eval_seconds": 100.0}),
+        );
+        let base = info("base", None, 0, serde_json::json!({"eval_seconds": 50.0}));
+        let rows = budget(
+            &[resumed, shared, old, base],
+            &[
+                ("lora-k".into(), Some(64)),
+                ("meta-lora".into(), Some(64)),
+                ("base".into(), None),
+            ],
+        );
+        assert_eq!(rows.len(), 3);
+        assert_eq!((rows[0].seeds, rows[0].train_seconds), (2, 1350.0));
+        assert_eq!(rows[0].eval_seconds, 195.0);
+        assert_eq!(rows[1].train_seconds, 900.0);
+        assert_eq!(rows[2].train_seconds, 0.0);
     }
 
     #[test]
