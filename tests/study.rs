@@ -1,7 +1,8 @@
 //! The study protocol end to end on a tiny model: selection on dev (never reading test), a
 //! full-data reference with its length chosen on dev, budget accounting, the verdict table, a
-//! missing reference seed reported as missing, the report's study parts, and the bad input of
-//! `[study]` and `[search.*]`.
+//! missing reference seed reported as missing, the report's study parts (every selection
+//! candidate among them), settings taken from another study's selection (`[study]
+//! settings_from`), and the bad input of `[study]` and `[search.*]`.
 
 mod common;
 
@@ -521,4 +522,128 @@ fn a_dry_run_lists_the_candidates_and_writes_nothing() {
         "{out}"
     );
     assert!(!store.exists(), "a dry run writes nothing");
+}
+
+/// A second study on the same data whose `[study] settings_from` names `record` (`search`: more
+/// lines at the end, such as a `[search.lora-k]` table).
+fn transfer_experiment(r: &Ran, record: &Path, search: &str) -> PathBuf {
+    let exp = r.dir.join("study-b.toml");
+    let model = r.dir.join("tiny");
+    std::fs::write(
+        &exp,
+        format!(
+            r#"name = "study-b"
+model = {model:?}
+tasks = ["toy"]
+langs = ["en", "fr"]
+methods = ["lora-k", "lora-full"]
+ks = [2]
+seeds = [0]
+[train]
+passes = 1.0
+[method.lora-full]
+passes = 1.0
+[study]
+settings_from = {record:?}
+{search}"#
+        ),
+    )
+    .unwrap();
+    exp
+}
+
+#[test]
+fn a_study_can_take_its_settings_from_another_studys_selection() {
+    let a = run_study(false, "[0]", &["--shard", "0/1"]);
+    let chosen = selection(&a)["lora-k"]["chosen"].clone();
+    let record = a.store.join("selection/study.json");
+    let store_b = a.dir.join("store-b");
+    let run_b = |exp: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            exp.to_str().unwrap(),
+            "--store",
+            store_b.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        cli(&a.data, &args)
+    };
+
+    // A record whose choice is not made yet: no lora-k grid cells, and a line that says why.
+    let mut pending = selection(&a);
+    pending["lora-k"]["chosen"] = serde_json::Value::Null;
+    let pending_record = a.dir.join("pending.json");
+    std::fs::write(&pending_record, pending.to_string()).unwrap();
+    let o = run_b(
+        &transfer_experiment(&a, &pending_record, ""),
+        &["--dry-run"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("(the grid cells of lora-k are built once the selection it takes its settings from is complete"),
+        "{out}"
+    );
+    assert!(!out.contains("lora-k/k2/s0"), "{out}");
+    assert!(out.contains("lora-full/full/s0"), "{out}");
+
+    // Refused: the same method searched here too; a record that is not there.
+    let o = run_b(
+        &transfer_experiment(&a, &record, "[search.lora-k]\nlr = [1e-3]\n"),
+        &["--dry-run"],
+    );
+    assert_user_error(
+        &o,
+        &[
+            "[search.lora-k] and [study] settings_from",
+            "both give its settings",
+        ],
+    );
+    let o = run_b(
+        &transfer_experiment(&a, &a.dir.join("nowhere.json"), ""),
+        &["--dry-run"],
+    );
+    assert_user_error(&o, &["nowhere.json"]);
+
+    // The real run: the grid trains with the first study's choice, and the report says so.
+    let exp = transfer_experiment(&a, &record, "");
+    let o = run_b(&exp, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let store = mlbench::runner::store::Store::new(&store_b);
+    let mut lrs = Vec::new();
+    for key in store.finished() {
+        let doc: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(store.cell_dir(&key).join("cell.json")).unwrap(),
+        )
+        .unwrap();
+        if doc["cell"]["method"] == "lora-k" {
+            lrs.push(doc["cell"]["train"]["lr"].clone());
+        }
+    }
+    assert_eq!(lrs, vec![chosen["lr"].clone()]);
+    let rec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(store_b.join("selection/study-b.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rec["lora-k"]["chosen"], chosen);
+    assert_eq!(rec["lora-k"]["from"], record.display().to_string());
+    let rep = a.dir.join("report-b");
+    let o = cli(
+        &a.data,
+        &[
+            "compare",
+            "--store",
+            store_b.to_str().unwrap(),
+            "--experiment",
+            "study-b",
+            "--out",
+            rep.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let setup = std::fs::read_to_string(rep.join("setup.md")).unwrap();
+    assert!(setup.contains("| lora-k: settings from |"), "{setup}");
+    assert!(setup.contains("used here unchanged"), "{setup}");
+    let sel = std::fs::read_to_string(rep.join("selection.md")).unwrap();
+    assert!(sel.contains("its cells are not in this store"), "{sel}");
 }

@@ -186,7 +186,7 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
             println!("{}  {:<28} {}", c.key, what, cell_state(&store, &c.key)?);
         }
         for m in exp.methods.iter().filter(|m| exp.pending(**m)) {
-            println!("(the grid cells of {m} are built once its selection is complete)");
+            println!("{}", pending_note(&exp, *m));
         }
         return Ok(());
     }
@@ -222,7 +222,11 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
             t0.elapsed().as_secs_f64()
         );
         for m in &pending {
-            println!("{m}: its selection is not complete (candidates left to other shards or processes); rerun when it is");
+            if exp.transferred.contains(m) {
+                println!("{}", pending_note(&exp, **m));
+            } else {
+                println!("{m}: its selection is not complete (candidates left to other shards or processes); rerun when it is");
+            }
         }
     }
     // A whole grid that finished here is compacted (shards leave that to `mlbench merge` once
@@ -279,20 +283,25 @@ fn cell_state(store: &Store, key: &str) -> anyhow::Result<String> {
     )
 }
 
-/// Reads the finished candidates' scores, records the selection (when `record`: not in a dry
-/// run), and gives `exp` the choices made so far.
+/// Reads the finished candidates' scores and the choices `[study] settings_from` names,
+/// records the selection (when `record`: not in a dry run), and gives `exp` the choices made
+/// so far.
 fn apply_choices(store: &Store, exp: &mut Experiment, record: bool) -> anyhow::Result<()> {
+    use mlbench::runner::select;
     let candidates = exp.selection_cells()?;
-    if candidates.is_empty() {
-        return Ok(());
-    }
-    let choices = mlbench::runner::select::choose(store, exp, &candidates)?;
+    let choices = if candidates.is_empty() {
+        vec![]
+    } else {
+        select::choose(store, exp, &candidates)?
+    };
+    let transferred = select::transfer(exp)?;
     if record
-        && choices
-            .iter()
-            .any(|c| c.candidates.iter().any(|x| x.2.is_some()))
+        && (!transferred.is_empty()
+            || choices
+                .iter()
+                .any(|c| c.candidates.iter().any(|x| x.2.is_some())))
     {
-        mlbench::runner::select::write_record(store, exp, &choices)?;
+        select::write_record(store, exp, &choices, &transferred)?;
     }
     for c in choices {
         if let Some(o) = c.chosen {
@@ -300,7 +309,25 @@ fn apply_choices(store: &Store, exp: &mut Experiment, record: bool) -> anyhow::R
             exp.chosen.insert(c.method, o);
         }
     }
+    for t in transferred {
+        exp.transferred.insert(t.method);
+        if let Some(o) = t.chosen {
+            tracing::debug!(method = %t.method, chosen = %show(&o), "settings from another study's selection");
+            exp.chosen.insert(t.method, o);
+        }
+    }
     Ok(())
+}
+
+/// Why a pending method has no grid cells yet.
+fn pending_note(exp: &Experiment, m: Method) -> String {
+    match &exp.study.settings_from {
+        Some(p) if exp.transferred.contains(&m) => format!(
+            "(the grid cells of {m} are built once the selection it takes its settings from is complete: {})",
+            p.display()
+        ),
+        _ => format!("(the grid cells of {m} are built once its selection is complete)"),
+    }
 }
 
 /// Writes `STORE/experiments/<name>.json`: the study declaration compare reads (reference,
@@ -713,6 +740,7 @@ fn study_parts(
         setup,
         curves,
         selected: selection.is_some(),
+        settings_from: selection.as_ref().and_then(study::settings_from),
         searches,
     })
 }

@@ -76,6 +76,12 @@ pub struct StudySection {
     pub selection_metric: String,
     /// Let training cut prompts longer than `max_len` (refused otherwise; reported).
     pub allow_truncation: bool,
+    /// Another study's selection record (`STORE/selection/NAME.json`, relative to the working
+    /// folder like `model`): each grid method it covers runs with the settings that study
+    /// chose on its dev split, instead of searching again here. A covered method whose choice
+    /// is not made yet has no grid cells until it is; a method both covered and searched here
+    /// is refused.
+    pub settings_from: Option<std::path::PathBuf>,
 }
 
 impl Default for StudySection {
@@ -88,6 +94,7 @@ impl Default for StudySection {
             selection_split: "dev".into(),
             selection_metric: "acc".into(),
             allow_truncation: false,
+            settings_from: None,
         }
     }
 }
@@ -127,9 +134,13 @@ pub struct Experiment {
     #[serde(default)]
     pub search: BTreeMap<Method, toml::Table>,
     /// The settings selection chose per searched method (set by the runner from the store's
-    /// selection record; a searched method without a choice has no grid cells yet).
+    /// selection record; a searched method without a choice has no grid cells yet), and those
+    /// taken from `[study] settings_from`.
     #[serde(skip)]
     pub chosen: BTreeMap<Method, Overrides>,
+    /// The grid methods `[study] settings_from` covers (set by the runner from that record).
+    #[serde(skip)]
+    pub transferred: std::collections::BTreeSet<Method>,
     /// The file it was read from (messages name it).
     #[serde(skip)]
     pub path: Option<std::path::PathBuf>,
@@ -285,7 +296,13 @@ impl Experiment {
         }
         if let Some(o) = overrides {
             let t: toml::Table = o.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            l.table(&self.source(&format!("search.{method}")), &t);
+            let from = match &self.study.settings_from {
+                Some(p) if self.transferred.contains(&method) => {
+                    Source::file(p, Some(method.name()))
+                }
+                _ => self.source(&format!("search.{method}")),
+            };
+            l.table(&from, &t);
         }
         l.value("the grid", "method", method.name())
             .value("the grid", "model", self.model.clone())
@@ -320,9 +337,11 @@ impl Experiment {
         }
     }
 
-    /// A method with a search space whose choice is not made yet.
+    /// A method with a search space, or covered by `[study] settings_from`, whose choice is
+    /// not made yet.
     pub fn pending(&self, method: Method) -> bool {
-        self.search.contains_key(&method) && !self.chosen.contains_key(&method)
+        (self.search.contains_key(&method) || self.transferred.contains(&method))
+            && !self.chosen.contains_key(&method)
     }
 
     /// The seed and budget selection candidates train at (`None` budget for `lora-full`).

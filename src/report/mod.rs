@@ -159,15 +159,23 @@ pub struct Study {
     pub dists: Vec<LabelDist>,
     pub setup: Setup,
     pub curves: Vec<Curve>,
-    /// Whether the methods' settings were chosen on dev (a `[search]` ran).
+    /// Whether the methods' settings were chosen on dev (a `[search]` ran, or another study's
+    /// choices were taken).
     pub selected: bool,
+    /// The other study's selection record the settings came from (`[study] settings_from`).
+    pub settings_from: Option<String>,
     /// Every candidate of the selection (empty when nothing was searched).
     pub searches: Vec<Search>,
 }
 
 /// A plain-words reading of the verdicts: per row, what the confirmatory columns say, and what
 /// the numbers do not say.
-pub fn reading(v: &VerdictTable, dists: &[LabelDist], selected: bool) -> String {
+pub fn reading(
+    v: &VerdictTable,
+    dists: &[LabelDist],
+    selected: bool,
+    settings_from: Option<&str>,
+) -> String {
     let mut s = String::new();
     for ((m, k), js) in &v.rows {
         let parts: Vec<String> = v
@@ -200,11 +208,17 @@ pub fn reading(v: &VerdictTable, dists: &[LabelDist], selected: bool) -> String 
         "What this does not say: an inconclusive verdict is not evidence of equivalence; a verdict holds for this model, these tasks and languages, these budgets and the declared margin of {:.1} points only",
         v.margin
     ));
-    s.push_str(if selected {
-        "; the hyper-parameters were chosen on the dev split for every searched method alike"
-    } else {
-        "; no method was tuned (each ran with the experiment file's settings), so a method's verdict may change with its settings"
-    });
+    match settings_from {
+        Some(f) => s.push_str(&format!(
+            "; the hyper-parameters were chosen on the dev split of another study ({f}) and used here unchanged, so a method's verdict may change with settings searched on this experiment's own data"
+        )),
+        None if selected => s.push_str(
+            "; the hyper-parameters were chosen on the dev split for every searched method alike",
+        ),
+        None => s.push_str(
+            "; no method was tuned (each ran with the experiment file's settings), so a method's verdict may change with its settings",
+        ),
+    }
     if v.columns.iter().any(|c| exploratory(c, &v.columns)) {
         s.push_str("; per-language verdicts are exploratory");
     }
@@ -226,7 +240,12 @@ fn study_sections(st: &Study, dir: &Path) -> Result<[String; 3]> {
             setup = st.setup.html(),
             verdicts = st.verdicts.html(),
             vfoot = esc(&st.verdicts.footnote()),
-            reading = esc(&reading(&st.verdicts, &st.dists, st.selected)),
+            reading = esc(&reading(
+                &st.verdicts,
+                &st.dists,
+                st.selected,
+                st.settings_from.as_deref()
+            )),
         ),
         format!(
             r#"<h2>Budget</h2>

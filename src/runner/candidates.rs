@@ -52,6 +52,8 @@ pub struct Search {
     pub k: Option<i64>,
     pub seed: u64,
     pub metric: String,
+    /// The other study's record the choice was taken from (its candidates ran there).
+    pub from: Option<String>,
     pub rows: Vec<Candidate>,
 }
 
@@ -122,6 +124,7 @@ pub fn searches(store: &Store, record: &serde_json::Value) -> Result<Vec<Search>
             k: m["k"].as_i64(),
             seed: m["seed"].as_u64().unwrap_or(0),
             metric: m["metric"].as_str().unwrap_or("").to_string(),
+            from: m["from"].as_str().map(str::to_string),
             rows: vec![],
         };
         for c in m["candidates"].as_array().into_iter().flatten() {
@@ -199,11 +202,15 @@ pub fn note(searches: &[Search]) -> String {
         .iter()
         .map(|s| {
             format!(
-                "{} on {} at K = {}, seed {}",
+                "{} on {} at K = {}, seed {}{}",
                 s.method,
                 s.split,
                 s.k.map_or_else(|| "full".into(), |k| k.to_string()),
-                s.seed
+                s.seed,
+                s.from
+                    .as_ref()
+                    .map(|f| format!(", in the study of {f} (its cells are not in this store)"))
+                    .unwrap_or_default()
             )
         })
         .collect();
@@ -276,6 +283,7 @@ mod tests {
             k: Some(64),
             seed: 0,
             metric: "acc (micro over languages, mean over tasks)".into(),
+            from: None,
             rows: vec![
                 Candidate {
                     settings: "inner_lr=0.001 lr=0.003".into(),

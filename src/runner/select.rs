@@ -7,12 +7,16 @@
 //! when the experiment is read). The highest score wins; ties go to the candidate listed first
 //! (the search space's order). The choice and every candidate's score are written to
 //! `STORE/selection/<name>.json` (atomically) before any grid cell of the method is built.
+//!
+//! `[study] settings_from` names another study's record instead: each grid method it covers
+//! takes that study's choice ([`transfer`]); the record of this experiment then carries those
+//! entries with `"from"` set to the file, so its report says where the settings came from.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::store::{Store, METRIC_COLUMNS};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::plan::grid::{Cell, Experiment, Overrides};
 use crate::plan::Method;
 use crate::util::write_bytes_atomic;
@@ -107,9 +111,103 @@ pub fn choose(store: &Store, exp: &Experiment, cells: &[Cell]) -> Result<Vec<Cho
     Ok(out)
 }
 
-/// Writes the selection record of `exp` (every candidate's score and each method's choice).
-pub fn write_record(store: &Store, exp: &Experiment, choices: &[Choice]) -> Result<()> {
+/// A grid method whose settings come from another study's selection record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transferred {
+    pub method: Method,
+    /// That study's choice (`None` until it has made it).
+    pub chosen: Option<Overrides>,
+    /// The method's entry of that record, as written there.
+    pub entry: serde_json::Value,
+}
+
+/// The methods of `exp` that `[study] settings_from` covers, with that record's choices (none
+/// when the experiment names no record). A missing or malformed record, a choice that is not
+/// a table of settings, and a covered method that `exp` also searches are errors.
+pub fn transfer(exp: &Experiment) -> Result<Vec<Transferred>> {
+    let Some(path) = &exp.study.settings_from else {
+        return Ok(vec![]);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::missing_or_io(
+            "selection record (`[study] settings_from`)",
+            "read",
+            path,
+            e,
+        )
+    })?;
+    let bad = |message: String| Error::Config {
+        path: path.clone(),
+        message,
+    };
+    let doc: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not a selection record: {e}")))?;
+    let Some(entries) = doc.as_object() else {
+        return Err(bad(
+            "not a selection record: expected an object of methods".into()
+        ));
+    };
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    for &m in &exp.methods {
+        let Some(entry) = entries.get(m.name()) else {
+            continue;
+        };
+        if exp.search.contains_key(&m) {
+            problems.push(format!(
+                "`{m}`: [search.{m}] and [study] settings_from ({}) both give its settings",
+                path.display()
+            ));
+            continue;
+        }
+        let chosen = match &entry["chosen"] {
+            serde_json::Value::Null => None,
+            serde_json::Value::Object(o) => {
+                let mut set = Overrides::new();
+                for (k, v) in o {
+                    let v = toml::Value::try_from(v)
+                        .map_err(|e| bad(format!("`{m}`: chosen `{k}` = {v}: {e}")))?;
+                    set.insert(k.clone(), v);
+                }
+                Some(set)
+            }
+            other => {
+                return Err(bad(format!(
+                    "`{m}`: `chosen` must be a table of settings or null, found {other}"
+                )))
+            }
+        };
+        out.push(Transferred {
+            method: m,
+            chosen,
+            entry: entry.clone(),
+        });
+    }
+    if !problems.is_empty() {
+        return Err(Error::Problems {
+            context: format!("experiment `{}`", exp.name),
+            problems,
+        });
+    }
+    Ok(out)
+}
+
+/// Writes the selection record of `exp`: every candidate's score and each searched method's
+/// choice, and the entries taken from `[study] settings_from` (marked with `"from"`).
+pub fn write_record(
+    store: &Store,
+    exp: &Experiment,
+    choices: &[Choice],
+    transferred: &[Transferred],
+) -> Result<()> {
     let mut doc = serde_json::Map::new();
+    for t in transferred {
+        let mut entry = t.entry.clone();
+        if let (Some(o), Some(p)) = (entry.as_object_mut(), &exp.study.settings_from) {
+            o.insert("from".into(), p.display().to_string().into());
+        }
+        doc.insert(t.method.to_string(), entry);
+    }
     for c in choices {
         let (seed, k) = exp.selection_point(c.method);
         doc.insert(

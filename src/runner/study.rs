@@ -573,7 +573,9 @@ pub fn setup(
     put(
         &mut lines,
         "selection",
-        if selection.is_some() {
+        if let Some(f) = selection.and_then(settings_from) {
+            format!("the hyper-parameters and lengths of the methods marked \"settings from\" were chosen on the dev split of another study ({f}) and used here unchanged, not searched on this experiment's data (lora-full's length by early stopping on this experiment's dev split where set); a true few-shot setting would not have a dev split this large")
+        } else if selection.is_some() {
             "the searched hyper-parameters and lengths were chosen on the dev split, for every searched method alike (lora-full's length by early stopping on dev where set); a true few-shot setting would not have a dev split this large".into()
         } else {
             "none: every method ran with the experiment file's settings (no [search])".into()
@@ -697,19 +699,32 @@ fn method_lines(
         format!("{:.0} s", secs),
     );
     if let Some(sel) = selection.and_then(|v| v.get(m)) {
-        put(
-            lines,
-            &format!(
-                "{m}: selected on {}",
-                sel["split"].as_str().unwrap_or("dev")
+        let split = sel["split"].as_str().unwrap_or("dev");
+        let of = sel["candidates"].as_array().map_or(0, Vec::len);
+        match sel["from"].as_str() {
+            Some(f) => put(
+                lines,
+                &format!("{m}: settings from"),
+                format!(
+                    "{f}: {} (chosen there on {split} at K = {}, seed {}, of {of} candidates)",
+                    sel["chosen"], sel["k"], sel["seed"]
+                ),
             ),
-            format!(
-                "{} (of {} candidates)",
-                sel["chosen"],
-                sel["candidates"].as_array().map_or(0, Vec::len)
+            None => put(
+                lines,
+                &format!("{m}: selected on {split}"),
+                format!("{} (of {of} candidates)", sel["chosen"]),
             ),
-        );
+        }
     }
+}
+
+/// The other study's record a selection record took its settings from, if any.
+pub fn settings_from(selection: &serde_json::Value) -> Option<String> {
+    selection
+        .as_object()?
+        .values()
+        .find_map(|e| e["from"].as_str().map(str::to_string))
 }
 
 /// The training settings a run recorded, `key=value` separated by spaces (unset ones left out).
