@@ -646,4 +646,38 @@ fn a_study_can_take_its_settings_from_another_studys_selection() {
     assert!(setup.contains("used here unchanged"), "{setup}");
     let sel = std::fs::read_to_string(rep.join("selection.md")).unwrap();
     assert!(sel.contains("its cells are not in this store"), "{sel}");
+
+    // While a study is still selecting (no grid cell yet), compare shows the candidates so far.
+    let store_a = mlbench::runner::store::Store::new(&a.store);
+    for key in store_a.finished() {
+        let p = store_a.cell_dir(&key).join("cell.json");
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        if doc["cell"]["experiment"] == "study" {
+            std::fs::remove_dir_all(store_a.cell_dir(&key)).unwrap();
+        }
+    }
+    let o = cli(
+        &a.data,
+        &[
+            "compare",
+            "--store",
+            a.store.to_str().unwrap(),
+            "--experiment",
+            "study",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("No grid cell of `study` has finished yet"),
+        "{out}"
+    );
+    let best = selection(&a)["lora-k"]["candidates"][0]["score"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        out.contains(&format!("| lora-k | lr=0.001 | {:.2} |", 100.0 * best)),
+        "{out}"
+    );
 }

@@ -525,6 +525,11 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
     if let Some(against) = &a.against {
         return gate(&store, &metrics, against, &a);
     }
+    if let Some(e) = &a.sel.experiment {
+        if selection_only(&store, &metrics, e, a.out.is_some())? {
+            return Ok(());
+        }
+    }
     let keys = compared_keys(&store, &metrics, a.run.as_ref())?;
     let metrics = with_keys(&metrics, &keys)?;
     let (reference, margin) = reference_and_margin(&store, &a)?;
@@ -567,6 +572,38 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
         }
     }
     write_comparison(g, &a, &t, study.as_ref(), &q)
+}
+
+/// While experiment `e` is still selecting (no grid cell finished, a selection record in the
+/// store), prints every candidate so far instead of a comparison; `true` when it did.
+fn selection_only(
+    store: &Store,
+    metrics: &polars::prelude::DataFrame,
+    e: &str,
+    wanted_report: bool,
+) -> anyhow::Result<bool> {
+    let grid_done = metrics.height() > 0
+        && metrics
+            .column("experiment")?
+            .str()?
+            .iter()
+            .any(|x| x == Some(e));
+    let Some(record) = (!grid_done)
+        .then(|| mlbench::runner::select::read_record(store, e))
+        .flatten()
+    else {
+        return Ok(false);
+    };
+    use mlbench::runner::candidates;
+    println!("No grid cell of `{e}` has finished yet; its selection so far:\n");
+    print!(
+        "{}",
+        candidates::markdown(&candidates::searches(store, &record)?)
+    );
+    if wanted_report {
+        eprintln!("no report written: a report compares grid cells, and `{e}` has none yet");
+    }
+    Ok(true)
 }
 
 /// The cells a comparison reads: those of run `run` (a code version of the store), else each
