@@ -44,7 +44,8 @@ grep -q '^ks = \[16, 64\]$' "$first.tmp" || { echo "studies.sh: ks line of the S
 mv "$first.tmp" "$first"
 grids=("$first studies/sib200 $BIN"
   "benchmarks/sib200-multilingual.toml studies/sib200 $BIN"
-  "benchmarks/multitask.toml studies/multitask $BIN_MULTITASK")
+  "benchmarks/multitask.toml studies/multitask $BIN_MULTITASK"
+  "benchmarks/multitask-collapse.toml studies/multitask $BIN_MULTITASK")
 
 # Cells of both grids still to run or running, and searched methods still waiting for their
 # selection (their grid cells appear once it is complete).
