@@ -218,6 +218,13 @@ fn a_study_selects_on_dev_reports_verdicts_budget_and_diagnostics() {
             .any(|l| l.starts_with("lora-k,4,toy/eng_Latn,true,")),
         "{verdicts}"
     );
+    // `base` (untrained, 0-shot) runs once, and that run pairs with both reference seeds.
+    let base = rows
+        .iter()
+        .find(|l| l.starts_with("base,0,toy/micro,"))
+        .unwrap_or_else(|| panic!("{verdicts}"));
+    let f: Vec<&str> = base.split(',').collect();
+    assert_eq!((f[11], f[12]), ("0 1", ""), "{base}");
     for l in &rows {
         let v = l.split(',').nth(8).unwrap();
         assert!(

@@ -74,6 +74,7 @@ impl Selection {
             metric: self.metric.clone(),
             baseline,
             averages_only: false,
+            seed_free: vec![],
         })
     }
 }
@@ -541,7 +542,8 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
     } else {
         polars::prelude::DataFrame::empty()
     };
-    let q = a.sel.query(&metrics, a.baseline.clone())?;
+    let mut q = a.sel.query(&metrics, a.baseline.clone())?;
+    q.seed_free = seed_free_methods(&store, &keys)?;
     let mut t = table(&metrics, &samples, &q)?;
     print!("{}", t.text());
     let study = match &reference {
@@ -572,6 +574,26 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
         }
     }
     write_comparison(g, &a, &t, study.as_ref(), &q)
+}
+
+/// The methods of the compared cells that no seed enters: every cell of theirs trains nothing
+/// and evaluates without in-context examples (`base` at 0 shots, which the runner evaluates
+/// once).
+fn seed_free_methods(
+    store: &Store,
+    keys: &std::collections::HashSet<String>,
+) -> anyhow::Result<Vec<String>> {
+    let mut free: std::collections::BTreeMap<String, bool> = Default::default();
+    for c in mlbench::runner::study::cell_infos(store, keys)? {
+        let cell = &c.doc["cell"];
+        let none = cell["train"].is_null() && cell["eval"]["shots"].as_u64() == Some(0);
+        *free.entry(c.method).or_insert(true) &= none;
+    }
+    Ok(free
+        .into_iter()
+        .filter(|(_, f)| *f)
+        .map(|(m, _)| m)
+        .collect())
 }
 
 /// While experiment `e` is still selecting (no grid cell finished, a selection record in the
@@ -752,7 +774,14 @@ fn study_parts(
         .into());
     }
     let outcomes = compare::outcomes(samples, q)?;
-    let verdicts = verdict::verdicts(&outcomes, &rows, &t.columns, reference, margin);
+    let verdicts = verdict::verdicts(
+        &outcomes,
+        &rows,
+        &t.columns,
+        reference,
+        margin,
+        &q.seed_free,
+    );
     let infos = study::cell_infos(store, keys)?;
     let infos: Vec<study::CellInfo> = infos
         .into_iter()

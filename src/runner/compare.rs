@@ -31,6 +31,9 @@ pub struct Query {
     pub baseline: Option<String>,
     /// With no `langs`: only the micro and macro averages, no per-language columns.
     pub averages_only: bool,
+    /// Methods no seed enters (`base` at 0 shots, evaluated once): their one run stands for
+    /// every seed of the run it is paired with.
+    pub seed_free: Vec<String>,
 }
 
 /// One table entry.
@@ -268,7 +271,7 @@ fn entry(
     };
     let p = match &q.baseline {
         Some(b) if b != m => {
-            let paired = pair_with(outcomes, m, kk, b, c);
+            let paired = pair_with(outcomes, m, kk, b, c, &q.seed_free);
             if let Some(pd) = &paired {
                 for s in &pd.missing {
                     let line = format!(
@@ -376,20 +379,35 @@ fn reference_of<'a>(
         .or_else(|| o.get(&(reference.to_string(), None, task.to_string())))
 }
 
+/// The one run of a seed-free side given to every seed of the other side (`side` unchanged
+/// unless it is seed-free with exactly one seed).
+fn spread(side: Outcomes, free: bool, other: &Outcomes) -> Outcomes {
+    if !free || side.len() != 1 {
+        return side;
+    }
+    let items = side.into_values().next().unwrap_or_default();
+    other.keys().map(|&s| (s, items.clone())).collect()
+}
+
 /// The paired difference of method `m` at `k` to `reference` in one column, with a bootstrap
-/// seeded by the row and column (so a report is reproducible).
+/// seeded by the row and column (so a report is reproducible). A side in `seed_free` with one
+/// run is paired with each seed of the other side.
 pub fn pair_with(
     o: &CellOutcomes,
     m: &str,
     k: Option<i64>,
     reference: &str,
     column: &str,
+    seed_free: &[String],
 ) -> Option<stats::Paired> {
     let task = column.split_once('/').map_or(column, |(t, _)| t);
     let mine = o.get(&(m.to_string(), k, task.to_string()))?;
     let theirs = reference_of(o, reference, k, task)?;
     let (x, avg) = column_outcomes(mine, column);
     let (y, _) = column_outcomes(theirs, column);
+    let free = |name: &str| seed_free.iter().any(|f| f == name);
+    let x = spread(x, free(m), &y);
+    let y = spread(y, free(reference), &x);
     let seed = crate::util::derive_seed(0, &["paired", m, &k_label(m, k), reference, column]);
     stats::paired_difference(&x, &y, avg, RESAMPLES, seed)
 }
@@ -695,6 +713,40 @@ mod tests {
         assert!((mcnemar_exact(1, 5) - 0.21875).abs() < 1e-12);
         assert_eq!(mcnemar_exact(3, 3), 1.0);
         assert_eq!(mcnemar_exact(0, 0), 1.0);
+    }
+
+    #[test]
+    fn a_seed_free_run_pairs_with_every_seed_of_the_other_side() {
+        // base (one run, seed 0) against a reference with seeds 0, 1, 2.
+        let items = |v: &[bool]| -> BTreeMap<String, BTreeMap<String, bool>> {
+            let by_id = v
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| (format!("i{i}"), c))
+                .collect();
+            BTreeMap::from([("en".to_string(), by_id)])
+        };
+        let base: Outcomes = BTreeMap::from([(0, items(&[true, false, false, false]))]);
+        let reference: Outcomes = (0..3)
+            .map(|s| (s, items(&[true, true, s != 2, true])))
+            .collect();
+        let mut o = CellOutcomes::new();
+        o.insert(("base".into(), None, "t".into()), base);
+        o.insert(("lora-full".into(), None, "t".into()), reference.clone());
+        let one = pair_with(&o, "base", None, "lora-full", "t/micro", &[]).unwrap();
+        assert_eq!((one.seeds.clone(), one.items), (vec![0], 4));
+        let all = pair_with(&o, "base", None, "lora-full", "t/micro", &["base".into()]).unwrap();
+        assert_eq!((all.seeds.clone(), all.items), (vec![0, 1, 2], 12));
+        // Seeds 0 and 1: 1/4 - 4/4; seed 2: 1/4 - 3/4.
+        assert!(
+            (all.diff - (-0.75 - 0.75 - 0.5) / 3.0).abs() < 1e-12,
+            "{}",
+            all.diff
+        );
+        assert!(all.missing.is_empty());
+        // Spreading applies to a side with one run only.
+        let two: Outcomes = BTreeMap::from([(0, items(&[true])), (1, items(&[false]))]);
+        assert_eq!(spread(two.clone(), true, &reference), two);
     }
 }
 

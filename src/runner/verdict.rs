@@ -50,6 +50,8 @@ pub struct VerdictTable {
     pub rows: Vec<VerdictRow>,
     /// Missing pairs, one line each.
     pub missing: Vec<String>,
+    /// Rows' methods no seed enters, paired with every seed of the reference.
+    pub seed_free: Vec<String>,
 }
 
 /// Is `column` a language column rather than an average?
@@ -78,6 +80,7 @@ pub fn verdicts(
     columns: &[String],
     reference: &str,
     margin: f64,
+    seed_free: &[String],
 ) -> VerdictTable {
     let mut cols: Vec<String> = columns
         .iter()
@@ -94,7 +97,7 @@ pub fn verdicts(
         let judged: Vec<Option<Judged>> = cols
             .iter()
             .map(|c| {
-                pair_with(o, m, *k, reference, c).map(|p| Judged {
+                pair_with(o, m, *k, reference, c, seed_free).map(|p| Judged {
                     verdict: verdict(p.low, p.high, margin / 100.0),
                     paired: p,
                 })
@@ -115,12 +118,20 @@ pub fn verdicts(
             out_rows.push(((m.clone(), *k), judged));
         }
     }
+    let seed_free = out_rows
+        .iter()
+        .map(|((m, _), _)| m.clone())
+        .filter(|m| seed_free.contains(m))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     VerdictTable {
         reference: reference.to_string(),
         margin,
         columns: cols,
         rows: out_rows,
         missing,
+        seed_free,
     }
 }
 
@@ -148,6 +159,12 @@ impl VerdictTable {
             m = self.margin,
             n = super::compare::RESAMPLES,
         );
+        for m in &self.seed_free {
+            s.push_str(&format!(
+                " `{m}` has no seed (untrained and without in-context examples, it is evaluated once): its run is paired with every seed of `{}`.",
+                self.reference
+            ));
+        }
         for m in &self.missing {
             s.push_str(&format!(" Missing pair: {m}."));
         }
