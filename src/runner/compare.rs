@@ -9,8 +9,9 @@
 //! whose paired two-level bootstrap ([`super::stats::paired_difference`]: seeds, then items
 //! within each language) gives p < 0.05. Pairs are formed only within a seed (the same example
 //! id, at the same K where the baseline has budgets): a seed the baseline lacks is reported as
-//! missing, never paired with another seed's run; micro and macro columns each get their own
-//! statistic (items pooled; mean of languages).
+//! missing, never paired with another seed's run (except the one run of a method no seed
+//! enters, `Query::seed_free`, which stands for every seed); micro and macro columns each get
+//! their own statistic (items pooled; mean of languages).
 
 use std::collections::BTreeMap;
 

@@ -10,7 +10,8 @@
 //! Micro and macro columns are the confirmatory ones; per-language verdicts are shown as
 //! exploratory (many comparisons, no correction), except for a task evaluated in one language,
 //! whose language column is its analysis. Seeds of a method that the reference lacks
-//! are listed as missing pairs and left out, never paired with another seed's run. The
+//! are listed as missing pairs and left out, never paired with another seed's run (a method
+//! no seed enters, such as `base` at 0 shots, has one run that pairs with every seed). The
 //! reference's own row and rows without any pair are left out.
 
 use super::compare::{k_label, pair_with, CellOutcomes};
