@@ -664,6 +664,13 @@ fn a_study_can_take_its_settings_from_another_studys_selection() {
             std::fs::remove_dir_all(store_a.cell_dir(&key)).unwrap();
         }
     }
+    // A candidate finished after the record was written: its score comes from its cell.
+    let best = selection(&a)["lora-k"]["candidates"][0]["score"]
+        .as_f64()
+        .unwrap();
+    let mut late = selection(&a);
+    late["lora-k"]["candidates"][0]["score"] = serde_json::Value::Null;
+    std::fs::write(a.store.join("selection/study.json"), late.to_string()).unwrap();
     let o = cli(
         &a.data,
         &[
@@ -680,9 +687,6 @@ fn a_study_can_take_its_settings_from_another_studys_selection() {
         out.contains("No grid cell of `study` has finished yet"),
         "{out}"
     );
-    let best = selection(&a)["lora-k"]["candidates"][0]["score"]
-        .as_f64()
-        .unwrap();
     assert!(
         out.contains(&format!("| lora-k | lr=0.001 | {:.2} |", 100.0 * best)),
         "{out}"

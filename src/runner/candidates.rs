@@ -11,8 +11,9 @@
 //! methods the mean inner displacement `|theta_i - theta|` and outer update `|theta' - theta|`
 //! over the run — as Markdown, CSV and HTML.
 //!
-//! A candidate whose cell is not finished has no score and no diagnostics (shown as "-"); the
-//! norms are missing when the run's step log is gone from the store.
+//! A candidate whose cell is not finished has no score and no diagnostics (shown as "-"); one
+//! finished after the record was written gets its score from its cell, as the runner will
+//! record it; the norms are missing when the run's step log is gone from the store.
 
 use std::collections::HashSet;
 
@@ -118,6 +119,21 @@ pub fn searches(store: &Store, record: &serde_json::Value) -> Result<Vec<Search>
     let infos = study::cell_infos(store, &keys)?;
     let mut out = Vec::new();
     for (method, m) in methods {
+        // Cells finished since the record was written have their score computed here (the
+        // runner records it at its next start).
+        let metric = m["metric"]
+            .as_str()
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or("acc");
+        let unrecorded: Vec<&str> = m["candidates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["score"].is_null())
+            .filter_map(|c| c["key"].as_str())
+            .filter(|k| keys.contains(*k))
+            .collect();
+        let late = super::select::scores(store, &unrecorded, metric)?;
         let mut s = Search {
             method: method.clone(),
             split: m["split"].as_str().unwrap_or("dev").to_string(),
@@ -131,7 +147,9 @@ pub fn searches(store: &Store, record: &serde_json::Value) -> Result<Vec<Search>
             let mut row = Candidate {
                 settings: settings_text(&c["settings"]),
                 key: c["key"].as_str().unwrap_or("").to_string(),
-                score: c["score"].as_f64(),
+                score: c["score"]
+                    .as_f64()
+                    .or_else(|| c["key"].as_str().and_then(|k| late.get(k).copied())),
                 chosen: !m["chosen"].is_null() && m["chosen"] == c["settings"],
                 ..Default::default()
             };

@@ -43,7 +43,7 @@ pub fn read_record(store: &Store, name: &str) -> Option<serde_json::Value> {
 }
 
 /// The dev score of each finished candidate key: the metric's micro rows, averaged over tasks.
-fn scores(store: &Store, keys: &[&str], metric: &str) -> Result<BTreeMap<String, f64>> {
+pub(crate) fn scores(store: &Store, keys: &[&str], metric: &str) -> Result<BTreeMap<String, f64>> {
     let mut out = BTreeMap::new();
     if !store.dir.join("cells").is_dir() || !keys.iter().any(|k| store.is_done(k)) {
         return Ok(out);
