@@ -310,3 +310,57 @@ impl VerdictTable {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::runner::stats::Outcomes;
+
+    /// Three seeds of 40 items in one language, `right` of them correct in each seed.
+    fn runs(right: usize) -> Outcomes {
+        (0..3)
+            .map(|s| {
+                let items = (0..40).map(|i| (format!("i{i}"), i < right)).collect();
+                (s, BTreeMap::from([("en".to_string(), items)]))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_budgeted_reference_is_paired_at_equal_k_only() {
+        // Against lora-k: meta-lora at K = 16 must meet lora-k at K = 16 (equal outcomes), not
+        // at K = 64 (20 more right); lora-full, without a budget, has no lora-k to pair with.
+        let mut o = CellOutcomes::new();
+        let t = "t".to_string();
+        o.insert(("lora-k".into(), Some(16), t.clone()), runs(10));
+        o.insert(("lora-k".into(), Some(64), t.clone()), runs(30));
+        o.insert(("meta-lora".into(), Some(16), t.clone()), runs(10));
+        o.insert(("meta-lora".into(), Some(64), t.clone()), runs(38));
+        o.insert(("lora-full".into(), None, t.clone()), runs(36));
+        let rows: Vec<(String, Option<i64>)> = vec![
+            ("lora-full".into(), None),
+            ("lora-k".into(), Some(16)),
+            ("lora-k".into(), Some(64)),
+            ("meta-lora".into(), Some(16)),
+            ("meta-lora".into(), Some(64)),
+        ];
+        let v = verdicts(&o, &rows, &["t/micro".into()], "lora-k", 2.0, &[]);
+        let got: Vec<(String, Option<i64>, f64, Verdict)> = v
+            .rows
+            .iter()
+            .map(|((m, k), js)| {
+                let j = js[0].as_ref().unwrap();
+                (m.clone(), *k, j.paired.diff, j.verdict)
+            })
+            .collect();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!((got[0].0.as_str(), got[0].1), ("meta-lora", Some(16)));
+        assert_eq!(got[0].2, 0.0);
+        assert_eq!((got[1].0.as_str(), got[1].1), ("meta-lora", Some(64)));
+        assert!((got[1].2 - 0.2).abs() < 1e-12, "{got:?}");
+        assert_eq!(got[1].3, Verdict::Superior);
+        assert!(v.missing.is_empty());
+    }
+}
