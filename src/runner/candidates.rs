@@ -194,7 +194,9 @@ fn cells(s: &Search, c: &Candidate) -> Vec<String> {
         } else {
             String::new()
         },
-        if c.score.is_some() {
+        // Unknown, not zero: a candidate still running, or one whose cells are in the store of
+        // the study the settings came from.
+        if c.score.is_some() && s.from.is_none() {
             c.n.to_string()
         } else {
             "-".into()
@@ -269,7 +271,11 @@ pub fn csv(searches: &[Search]) -> String {
                 c.key,
                 opt(c.score),
                 c.chosen,
-                c.n,
+                if m.from.is_none() {
+                    c.n.to_string()
+                } else {
+                    String::new()
+                },
                 opt(c.top.as_ref().map(|t| t.0)),
                 c.top.as_ref().map(|t| t.1.as_str()).unwrap_or(""),
                 c.collapsed.join(" "),
@@ -337,6 +343,16 @@ mod tests {
             "meta-lora,dev,64,0,inner_lr=0.001 lr=0.003,aaaa,0.6811,true,693,0.31,sib200/quy_Latn,,0.0123,0.0456"
         ));
         assert!(html(&[search()]).contains("<td>68.11</td><td>chosen</td>"));
+    }
+
+    #[test]
+    fn transferred_rows_leave_n_unknown() {
+        let mut s = search();
+        s.from = Some("studies/sib200/selection/sib200-study.json".into());
+        let md = markdown(&[s.clone()]);
+        assert!(md.contains("| meta-lora | inner_lr=0.001 lr=0.003 | 68.11 | chosen | - |"));
+        assert!(md.contains("(its cells are not in this store)"));
+        assert!(csv(&[s]).lines().nth(1).unwrap().contains(",0.6811,true,,"));
     }
 
     #[test]
