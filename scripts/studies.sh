@@ -5,15 +5,22 @@
 # (the plan and the progress are in README.md's study section); with `--features cuda` and
 # `device = "cuda"` in the experiment files it is an hour-scale job.
 #
-#   BIN=/path/to/pinned/mlbench scripts/studies.sh          # niced, in the background:
-#   nohup nice -n 19 env BIN=... BIN_MULTITASK=... scripts/studies.sh > studies.log 2>&1 &
-# (BIN_MULTITASK: the multi-task study's own pinned binary, BIN when unset; REPORT_BIN: the
-# binary that writes the reports, this checkout's release build by default.)
+#   nohup nice -n 19 env BIN=... BIN_SELECTION=... scripts/studies.sh > studies.log 2>&1 &
+# BIN: the grids' pinned binary (SIB-200's grid, the multi-task mix and the collapse grid);
+# BIN_SELECTION: the binary the SIB-200 selection ran on, needed only while its record still
+# has a method without a choice; REPORT_BIN: the binary that writes the reports, this
+# checkout's release build by default. studies/PINNED names the commits and how to build them.
 #
 # The stores live in studies/<name>/ and their finished cells are committed (scripts/
 # studies-save.sh), so a later session resumes where this one stopped. A cell's key includes
-# the code version: resume with a binary built from the commit that started the grid
-# (studies/PINNED names it), or the grid starts afresh beside the old cells.
+# the code version: resume with the binaries built from the pinned commits, or the grid starts
+# afresh beside the old cells.
+# The SIB-200 selection (benchmarks/sib200-multilingual.toml, experiment `sib200-study`) ran on
+# 9d0f1ad; its grid (benchmarks/sib200-grid.toml) takes the choices from the selection's record
+# (`[study] settings_from`) and runs on the faster a055fa8, like the multi-task study. While the
+# record lacks a choice, the selection binary runs the selection file: once the record is
+# complete, this script stops it (SIGINT: a cell it started beyond the selection is left
+# unfinished, minutes of work at most), so no test cell comes from the selection's binary.
 # Workers: one per core (WORKERS, default `nproc`), each with one compute thread, sharing the
 # stores (each cell is claimed by one worker; a worker skips cells another holds). On these
 # 2-core machines a second thread makes one process only 1.11x (MeTA-LoRA) to 1.32x (lora-k)
@@ -29,31 +36,52 @@ WORKERS=${WORKERS:-$(nproc)}
 [ -x "$BIN" ] || cargo build --release --locked
 [ -d models/gemma-3-270m ] || scripts/fetch-models.sh gemma3 "$BIN"
 
-# Each grid with the binary it is pinned to (studies/PINNED): a study's cells all come from one
-# code version, but two studies need not share one.
-BIN_MULTITASK=${BIN_MULTITASK:-$BIN}
-[ -x "$BIN_MULTITASK" ] || { echo "no binary at $BIN_MULTITASK" >&2; exit 2; }
-# SIB-200 runs in two passes: first its K = 16 and 64 cells for every method and seed (what the
-# study needs before its verdicts can be read: issue 20's minimum), then the whole file (K = 8
-# and 32). The first pass is the same file with `ks` cut to 16 and 64: a cell's key does not
-# depend on the list, so both passes name the same cells (checked with --dry-run).
-first=studies/.sib200-k16-k64.toml
-mkdir -p studies
-sed 's/^ks = \[8, 16, 32, 64\]$/ks = [16, 64]/' benchmarks/sib200-multilingual.toml >"$first.tmp"
-grep -q '^ks = \[16, 64\]$' "$first.tmp" || { echo "studies.sh: ks line of the SIB-200 file changed" >&2; exit 2; }
-mv "$first.tmp" "$first"
-grids=("$first studies/sib200 $BIN"
-  "benchmarks/sib200-multilingual.toml studies/sib200 $BIN"
-  "benchmarks/multitask.toml studies/multitask $BIN_MULTITASK"
-  "benchmarks/multitask-collapse.toml studies/multitask $BIN_MULTITASK")
+# The SIB-200 selection, while its record has a method without a choice.
+record=studies/sib200/selection/sib200-study.json
+selection_left() { [ ! -f "$record" ] || grep -q '"chosen": null' "$record"; }
+if selection_left; then
+  [ -x "${BIN_SELECTION:-}" ] || {
+    echo "studies.sh: the SIB-200 selection is not complete ($record): set BIN_SELECTION to its binary (studies/PINNED)" >&2
+    exit 2
+  }
+  sel=()
+  for _ in $(seq "$WORKERS"); do
+    RAYON_NUM_THREADS=1 "$BIN_SELECTION" run benchmarks/sib200-multilingual.toml --store studies/sib200 &
+    sel+=($!)
+    sleep 5
+  done
+  while selection_left; do
+    alive=0
+    for p in "${sel[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" -eq 1 ] || break
+    sleep 30
+  done
+  kill -INT "${sel[@]}" 2>/dev/null || true
+  for p in "${sel[@]}"; do wait "$p" || true; done
+  selection_left && { echo "studies.sh: the selection processes ended with the record incomplete" >&2; exit 1; }
+fi
 
-# Cells of both grids still to run or running, and searched methods still waiting for their
-# selection (their grid cells appear once it is complete).
+# SIB-200's grid runs in two passes: first its K = 16 and 64 cells for every method and seed
+# (what the study needs before its verdicts can be read: issue 20's minimum), then the whole
+# file (K = 8 and 32). The first pass is the same file with `ks` cut to 16 and 64: a cell's key
+# does not depend on the list, so both passes name the same cells (checked with --dry-run).
+first=studies/.sib200-grid-k16-k64.toml
+mkdir -p studies
+sed 's/^ks = \[8, 16, 32, 64\]$/ks = [16, 64]/' benchmarks/sib200-grid.toml >"$first.tmp"
+grep -q '^ks = \[16, 64\]$' "$first.tmp" || { echo "studies.sh: ks line of the SIB-200 grid file changed" >&2; exit 2; }
+mv "$first.tmp" "$first"
+grids=("$first studies/sib200"
+  "benchmarks/sib200-grid.toml studies/sib200"
+  "benchmarks/multitask.toml studies/multitask"
+  "benchmarks/multitask-collapse.toml studies/multitask")
+
+# Cells of the grids still to run or running, and methods still waiting for their selection
+# (their grid cells appear once it is complete).
 left() {
   local g
   for g in "${grids[@]}"; do
     set -- $g
-    "$3" -q run "$1" --store "$2" --dry-run
+    "$BIN" -q run "$1" --store "$2" --dry-run
   done | grep -c -E 'to run|running|built once' || true
 }
 
@@ -64,7 +92,7 @@ worker() {
   while :; do
     for g in "${grids[@]}"; do
       set -- $g
-      RAYON_NUM_THREADS=1 "$3" run "$1" --store "$2" || return $?
+      RAYON_NUM_THREADS=1 "$BIN" run "$1" --store "$2" || return $?
     done
     [ "$(left)" -eq 0 ] && return 0
     sleep 60

@@ -22,11 +22,11 @@ report() {
   fi
   "$BIN" compare --store "$store" --experiment "$exp" --out "$out" "$@"
 }
-report studies/sib200 sib200-study reports/sib200-multilingual
+report studies/sib200 sib200-grid reports/sib200-multilingual
 report studies/multitask multitask-study reports/multitask
 report studies/multitask multitask-collapse reports/multitask-collapse
 # The second question of the study: is MeTA-LoRA better than LoRA on the same K examples? The
 # same cells with lora-k as the reference, paired at equal K (superior: the interval's lower
 # bound above 0).
-report studies/sib200 sib200-study reports/sib200-multilingual-vs-lora-k --reference lora-k
+report studies/sib200 sib200-grid reports/sib200-multilingual-vs-lora-k --reference lora-k
 report studies/multitask multitask-study reports/multitask-vs-lora-k --reference lora-k

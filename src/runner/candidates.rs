@@ -184,6 +184,11 @@ fn num(x: Option<f64>, f: impl Fn(f64) -> String) -> String {
     x.map_or_else(|| "-".to_string(), f)
 }
 
+/// Whether a candidate's examples were counted: its cell finished in this store.
+fn known_n(s: &Search, c: &Candidate) -> bool {
+    c.score.is_some() && (s.from.is_none() || c.n > 0)
+}
+
 fn cells(s: &Search, c: &Candidate) -> Vec<String> {
     vec![
         s.method.clone(),
@@ -194,9 +199,9 @@ fn cells(s: &Search, c: &Candidate) -> Vec<String> {
         } else {
             String::new()
         },
-        // Unknown, not zero: a candidate still running, or one whose cells are in the store of
-        // the study the settings came from.
-        if c.score.is_some() && s.from.is_none() {
+        // Unknown, not zero: a candidate still running, or one whose cell is in the store of
+        // the study the settings came from and not in this one.
+        if known_n(s, c) {
             c.n.to_string()
         } else {
             "-".into()
@@ -229,7 +234,17 @@ pub fn note(searches: &[Search]) -> String {
                 s.seed,
                 s.from
                     .as_ref()
-                    .map(|f| format!(", in the study of {f} (its cells are not in this store)"))
+                    .map(|f| {
+                        let here = s.rows.iter().any(|c| c.n > 0);
+                        format!(
+                            ", in the study of {f}{}",
+                            if here {
+                                ""
+                            } else {
+                                " (its cells are not in this store)"
+                            }
+                        )
+                    })
                     .unwrap_or_default()
             )
         })
@@ -271,7 +286,7 @@ pub fn csv(searches: &[Search]) -> String {
                 c.key,
                 opt(c.score),
                 c.chosen,
-                if m.from.is_none() {
+                if known_n(m, c) {
                     c.n.to_string()
                 } else {
                     String::new()
@@ -349,10 +364,20 @@ mod tests {
     fn transferred_rows_leave_n_unknown() {
         let mut s = search();
         s.from = Some("studies/sib200/selection/sib200-study.json".into());
+        s.rows[0].n = 0;
         let md = markdown(&[s.clone()]);
         assert!(md.contains("| meta-lora | inner_lr=0.001 lr=0.003 | 68.11 | chosen | - |"));
         assert!(md.contains("(its cells are not in this store)"));
-        assert!(csv(&[s]).lines().nth(1).unwrap().contains(",0.6811,true,,"));
+        assert!(csv(&[s.clone()])
+            .lines()
+            .nth(1)
+            .unwrap()
+            .contains(",0.6811,true,,"));
+        // The other study's cells in the same store: counted and diagnosed as usual.
+        s.rows[0].n = 693;
+        let md = markdown(&[s]);
+        assert!(md.contains("| meta-lora | inner_lr=0.001 lr=0.003 | 68.11 | chosen | 693 |"));
+        assert!(md.contains("in the study of studies/sib200/selection/sib200-study.json)"));
     }
 
     #[test]
