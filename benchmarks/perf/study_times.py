@@ -38,10 +38,13 @@ for d in cells:
     wall = training.get("train_wall_seconds")
     if wall is None:
         wall = info.get("train_seconds", 0.0)
-    # One training run per configuration (the method aside: meta-lora and meta-lora+tta share
-    # theirs; a grid cell reuses its selection candidate's): counted on the first finisher.
+    # One training run per configuration (meta-lora and meta-lora+tta share theirs, so the two
+    # count as one method here; a grid cell reuses its selection candidate's): counted on the
+    # first finisher. Other methods never share: stage2-only's configuration can equal a
+    # meta-lora or lora-k candidate's in every other key (it carries the unused inner settings).
     cfg = dict(training.get("config") or {})
-    cfg.pop("method", None)
+    if cfg.get("method") == "meta-lora+tta":
+        cfg["method"] = "meta-lora"
     run_id = json.dumps(cfg, sort_keys=True) if cfg else None
     shared = run_id is not None and run_id in seen_runs
     if run_id is not None:
