@@ -14,6 +14,11 @@ use crate::error::{Error, Result};
 use crate::model::lora::{read_safetensors, Adapter};
 use crate::util::write_bytes_atomic;
 
+/// An `f64` that JSON may hold as `null` (serde_json writes NaN so): `null` reads as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
 /// One row of the per-step log (`log.parquet`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LogRow {
@@ -25,6 +30,9 @@ pub struct LogRow {
     pub stage: String,
     /// Stage-1 step index (0 elsewhere).
     pub inner: u32,
+    /// NaN on rows without a loss (`dev` rows), which JSON writes as `null`: read back as NaN, so
+    /// a checkpoint taken after a dev evaluation resumes.
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
     pub lr: Option<f64>,
     pub grad_norm: Option<f64>,
@@ -197,4 +205,34 @@ pub fn load(
         }
     };
     Ok((opt, meta))
+}
+
+#[cfg(test)]
+mod nan_rows {
+    use super::LogRow;
+
+    #[test]
+    fn a_dev_row_without_a_loss_survives_the_json_round_trip() {
+        let row = LogRow {
+            step: 200,
+            stage: "dev".into(),
+            loss: f64::NAN,
+            dev: Some(0.61),
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&row).unwrap();
+        assert!(text.contains("\"loss\":null"), "{text}");
+        let back: LogRow = serde_json::from_str(&text).unwrap();
+        assert!(back.loss.is_nan());
+        assert_eq!(back.dev, Some(0.61));
+        let train: LogRow = serde_json::from_str(
+            &serde_json::to_string(&LogRow {
+                loss: 1.25,
+                ..Default::default()
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(train.loss, 1.25);
+    }
 }
