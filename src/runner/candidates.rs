@@ -184,9 +184,10 @@ fn num(x: Option<f64>, f: impl Fn(f64) -> String) -> String {
     x.map_or_else(|| "-".to_string(), f)
 }
 
-/// Whether a candidate's examples were counted: its cell finished in this store.
-fn known_n(s: &Search, c: &Candidate) -> bool {
-    c.score.is_some() && (s.from.is_none() || c.n > 0)
+/// Whether a candidate's examples were counted: its cell finished in this store (a finished
+/// cell always has scored examples; a running one, or one in another study's store, has none).
+fn known_n(c: &Candidate) -> bool {
+    c.n > 0
 }
 
 fn cells(s: &Search, c: &Candidate) -> Vec<String> {
@@ -201,7 +202,7 @@ fn cells(s: &Search, c: &Candidate) -> Vec<String> {
         },
         // Unknown, not zero: a candidate still running, or one whose cell is in the store of
         // the study the settings came from and not in this one.
-        if known_n(s, c) {
+        if known_n(c) {
             c.n.to_string()
         } else {
             "-".into()
@@ -235,7 +236,7 @@ pub fn note(searches: &[Search]) -> String {
                 s.from
                     .as_ref()
                     .map(|f| {
-                        let here = s.rows.iter().any(|c| c.n > 0);
+                        let here = s.rows.iter().any(known_n);
                         format!(
                             ", in the study of {f}{}",
                             if here {
@@ -286,7 +287,7 @@ pub fn csv(searches: &[Search]) -> String {
                 c.key,
                 opt(c.score),
                 c.chosen,
-                if known_n(m, c) {
+                if known_n(c) {
                     c.n.to_string()
                 } else {
                     String::new()
