@@ -54,6 +54,17 @@ fn main() {
         }
     };
     println!("cargo:rustc-env=MLBENCH_GIT_COMMIT={version}");
+    // What `mlbench --version` prints: the package version and the commit, so a pinned binary
+    // can be checked against the commit it should carry (a target folder copied between
+    // checkouts keeps its timestamps, and cargo may then skip this script: the binary would
+    // claim the old commit).
+    let pkg = std::env::var("CARGO_PKG_VERSION").unwrap_or_default();
+    let line = if version.is_empty() {
+        pkg
+    } else {
+        format!("{pkg} (git {version})")
+    };
+    println!("cargo:rustc-env=MLBENCH_VERSION_LINE={line}");
     // HEAD, the branch it names and packed refs, wherever this checkout keeps them (only
     // paths that exist: cargo reruns for a missing one every time).
     let mut refs = vec!["HEAD".to_string(), "packed-refs".to_string()];

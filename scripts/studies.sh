@@ -34,6 +34,14 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/mlbench}
 WORKERS=${WORKERS:-$(nproc)}
 [ -x "$BIN" ] || cargo build --release --locked
+# The grids' binary must be the pinned commit's build: its cells' keys carry the commit it
+# reports (a target folder copied from another checkout can keep an old commit: session 13's
+# "a055fa8" build reported 9d0f1ad).
+pinned=$(awk '$1 == "grids" { print $2 }' studies/PINNED)
+"$BIN" --version | grep -qE "\(git ${pinned}[0-9a-f]*\)$" || {
+  echo "studies.sh: $BIN reports '$("$BIN" --version)', studies/PINNED pins the grids to $pinned" >&2
+  exit 2
+}
 [ -d models/gemma-3-270m ] || scripts/fetch-models.sh gemma3 "$BIN"
 
 # The SIB-200 selection, while its record has a method without a choice.

@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 /// mlbench: how much task data does an LLM need per language and per task?
 #[derive(Debug, Parser)]
-#[command(name = "mlbench", version, about, long_about = None, propagate_version = true)]
+#[command(name = "mlbench", version = env!("MLBENCH_VERSION_LINE"), about, long_about = None, propagate_version = true)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
