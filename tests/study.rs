@@ -375,6 +375,45 @@ fn a_missing_reference_seed_is_reported_not_replaced() {
         ("0", "1"),
         "paired seed 0, seed 1 missing: {micro}"
     );
+
+    // No reference cell at all (a grid still running): the table, a warning, no verdicts.
+    for key in store.finished() {
+        let p = store.cell_dir(&key).join("cell.json");
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        if doc["cell"]["method"] == "lora-full" {
+            std::fs::remove_dir_all(store.cell_dir(&key)).unwrap();
+        }
+    }
+    let rep = r.dir.join("report-partial");
+    let args = |extra: &[&'static str]| {
+        let mut v = vec![
+            "compare",
+            "--store",
+            r.store.to_str().unwrap(),
+            "--experiment",
+            "study",
+        ];
+        v.extend_from_slice(extra);
+        v
+    };
+    let mut a = args(&[]);
+    a.extend(["--out", rep.to_str().unwrap()]);
+    let o = cli(&r.data, &a);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("lora-k"), "{}", stdout(&o));
+    assert!(!stdout(&o).contains("lora-full"), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("no verdicts: the declared reference `lora-full` has no finished cell"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(rep.join("index.html").exists());
+    assert!(!rep.join("verdicts.csv").exists());
+    // A reference asked for by name must exist.
+    let o = cli(&r.data, &args(&["--reference", "lora-ful"]));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("lora-ful"), "{}", stderr(&o));
 }
 
 #[test]

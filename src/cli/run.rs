@@ -110,7 +110,8 @@ pub struct CompareArgs {
     #[arg(long, default_value_t = 1.0)]
     pub max_drop: f64,
     /// The reference of the verdict table (default: the experiment's declared one, recorded in
-    /// the store by `mlbench run`).
+    /// the store by `mlbench run`; while that one has no finished cell, the table comes without
+    /// verdicts and with a warning; a reference named here must be among the results).
     #[arg(long)]
     pub reference: Option<String>,
     /// The non-inferiority margin in points (default: the experiment's declared one, else 2.0).
@@ -546,6 +547,18 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
     q.seed_free = seed_free_methods(&store, &keys)?;
     let mut t = table(&metrics, &samples, &q)?;
     print!("{}", t.text());
+    // A study whose declared reference has no finished cell yet (a grid in progress) shows its
+    // table without verdicts; a reference asked for by name must be there.
+    let reference = reference.filter(|r| {
+        let present = t.rows.iter().any(|((m, _), _)| *m == r.method);
+        if r.declared && !present {
+            tracing::warn!(
+                "no verdicts: the declared reference `{}` has no finished cell in the selected results yet",
+                r.method
+            );
+        }
+        present || !r.declared
+    });
     let study = match &reference {
         Some(r) => Some(study_parts(
             &store,
@@ -553,7 +566,7 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
             &samples,
             &t,
             &q,
-            r,
+            &r.method,
             margin,
             a.sel.experiment.as_deref(),
         )?),
@@ -657,19 +670,37 @@ fn compared_keys(
         .collect())
 }
 
+/// The reference method of a comparison, and whether the experiment declared it (rather than
+/// `--reference`).
+struct Reference {
+    method: String,
+    declared: bool,
+}
+
 /// The reference method and margin of a comparison: the flags, else the experiment's
 /// declaration (the margin defaults to 2 points and must be positive).
-fn reference_and_margin(store: &Store, a: &CompareArgs) -> anyhow::Result<(Option<String>, f64)> {
+fn reference_and_margin(
+    store: &Store,
+    a: &CompareArgs,
+) -> anyhow::Result<(Option<Reference>, f64)> {
     let declared = a
         .sel
         .experiment
         .as_ref()
         .and_then(|e| read_declaration(store, e));
-    let reference = a.reference.clone().or_else(|| {
-        declared
+    let reference = match &a.reference {
+        Some(m) => Some(Reference {
+            method: m.clone(),
+            declared: false,
+        }),
+        None => declared
             .as_ref()
-            .and_then(|d| d["reference"].as_str().map(str::to_string))
-    });
+            .and_then(|d| d["reference"].as_str())
+            .map(|m| Reference {
+                method: m.to_string(),
+                declared: true,
+            }),
+    };
     let margin = a
         .margin
         .or_else(|| declared.as_ref().and_then(|d| d["margin"].as_f64()))
