@@ -100,6 +100,19 @@ fn selection(r: &Ran) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
+/// Removes the store's finished cells whose `cell` object (of `cell.json`) satisfies `which`.
+fn remove_cells(store: &Path, which: impl Fn(&serde_json::Value) -> bool) {
+    let store = mlbench::runner::store::Store::new(store);
+    for key in store.finished() {
+        let p = store.cell_dir(&key).join("cell.json");
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        if which(&doc["cell"]) {
+            std::fs::remove_dir_all(store.cell_dir(&key)).unwrap();
+        }
+    }
+}
+
 /// `mlbench compare` of the study with its report in `rep`, the JSON and the Bencher Metric
 /// Format files; checks the machine-readable outputs and returns the run.
 fn compare_study(r: &Ran, rep: &Path) -> std::process::Output {
@@ -347,16 +360,8 @@ fn selection_never_reads_the_test_split() {
 #[test]
 fn a_missing_reference_seed_is_reported_not_replaced() {
     let r = run_study(false, "[0, 1]", &["--shard", "0/1"]);
-    let store = mlbench::runner::store::Store::new(&r.store);
     // Remove lora-full's seed-1 cell.
-    for key in store.finished() {
-        let p = store.cell_dir(&key).join("cell.json");
-        let doc: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-        if doc["cell"]["method"] == "lora-full" && doc["cell"]["seed"] == 1 {
-            std::fs::remove_dir_all(store.cell_dir(&key)).unwrap();
-        }
-    }
+    remove_cells(&r.store, |c| c["method"] == "lora-full" && c["seed"] == 1);
     let rep = r.dir.join("report");
     let o = compare_study(&r, &rep);
     let out = stdout(&o);
@@ -377,14 +382,7 @@ fn a_missing_reference_seed_is_reported_not_replaced() {
     );
 
     // No reference cell at all (a grid still running): the table, a warning, no verdicts.
-    for key in store.finished() {
-        let p = store.cell_dir(&key).join("cell.json");
-        let doc: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-        if doc["cell"]["method"] == "lora-full" {
-            std::fs::remove_dir_all(store.cell_dir(&key)).unwrap();
-        }
-    }
+    remove_cells(&r.store, |c| c["method"] == "lora-full");
     let rep = r.dir.join("report-partial");
     let args = |extra: &[&'static str]| {
         let mut v = vec![
@@ -694,15 +692,7 @@ fn a_study_can_take_its_settings_from_another_studys_selection() {
     assert!(sel.contains("its cells are not in this store"), "{sel}");
 
     // While a study is still selecting (no grid cell yet), compare shows the candidates so far.
-    let store_a = mlbench::runner::store::Store::new(&a.store);
-    for key in store_a.finished() {
-        let p = store_a.cell_dir(&key).join("cell.json");
-        let doc: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-        if doc["cell"]["experiment"] == "study" {
-            std::fs::remove_dir_all(store_a.cell_dir(&key)).unwrap();
-        }
-    }
+    remove_cells(&a.store, |c| c["experiment"] == "study");
     // A candidate finished after the record was written: its score comes from its cell.
     let best = selection(&a)["lora-k"]["candidates"][0]["score"]
         .as_f64()
