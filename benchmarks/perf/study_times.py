@@ -6,9 +6,9 @@ Markdown.
 
 Training seconds are the training run's own wall time over every process that worked on it
 (`info.training.train_wall_seconds`: a run resumed in a later session counts whole), counted
-once per run: a run shared by two cells (`meta-lora` and its `meta-lora+tta` sibling, or a grid
-cell reusing its selection candidate's run) is counted on the first cell that finished and shown
-as "shared" on the others. Cells without the training facts fall back to `info.train_seconds`
+once per run (a configuration under one code version): a run shared by two cells (`meta-lora`
+and its `meta-lora+tta` sibling, or a grid cell reusing its selection candidate's run on the
+same binary) is counted on the first cell that finished and shown as "shared" on the others. Cells without the training facts fall back to `info.train_seconds`
 (their last process's time). With one compute thread per worker, a worker's wall seconds are
 its core's seconds.
 
@@ -45,7 +45,9 @@ for d in cells:
     cfg = dict(training.get("config") or {})
     if cfg.get("method") == "meta-lora+tta":
         cfg["method"] = "meta-lora"
-    run_id = json.dumps(cfg, sort_keys=True) if cfg else None
+    # A run is one configuration under one code version: a grid on another binary than its
+    # selection trains its own runs even where the configurations agree.
+    run_id = json.dumps([cfg, info.get("code_version")], sort_keys=True) if cfg else None
     shared = run_id is not None and run_id in seen_runs
     if run_id is not None:
         seen_runs.add(run_id)
