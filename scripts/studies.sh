@@ -17,8 +17,8 @@
 # afresh beside the old cells.
 # The SIB-200 selection (benchmarks/sib200-multilingual.toml, experiment `sib200-study`) ran on
 # 9d0f1ad; its grid (benchmarks/sib200-grid.toml) takes the choices from the selection's record
-# (`[study] settings_from`) and runs on the faster grids' binary, like the multi-task study. While the
-# record lacks a choice, the selection binary runs the selection file: once the record is
+# (`[study] settings_from`) and runs on the faster grids' binary, like the multi-task study.
+# While the record lacks a choice, the selection binary runs the selection file: once the record is
 # complete, this script stops it (SIGINT: a cell it started beyond the selection is left
 # unfinished, minutes of work at most), so no test cell comes from the selection's binary.
 # Workers: one per core (WORKERS, default `nproc`), each with one compute thread, sharing the

@@ -281,12 +281,8 @@ pub fn suggestions<'a>(code: &str, known: impl IntoIterator<Item = &'a str>) -> 
 /// ` matmul=bf16` when frozen-weight products run in bf16
 /// ([`crate::precision::matmul_precision`]).
 pub fn code_version() -> String {
-    let commit = env!("MLBENCH_GIT_COMMIT");
-    let mut v = if commit.is_empty() {
-        format!("mlbench {}", env!("CARGO_PKG_VERSION"))
-    } else {
-        format!("mlbench {} (git {commit})", env!("CARGO_PKG_VERSION"))
-    };
+    // The line `mlbench --version` prints (package version and commit, from `build.rs`).
+    let mut v = format!("mlbench {}", env!("MLBENCH_VERSION_LINE"));
     // Numerics other than the default change every score, so they are part of the identity.
     use crate::precision::{matmul_precision, MatmulPrecision};
     if matmul_precision() != MatmulPrecision::F32 {

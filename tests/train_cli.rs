@@ -116,6 +116,9 @@ fn b_norm(a: &Adapter) -> f64 {
 #[test]
 fn every_method_trains_and_writes_loadable_adapters_a_manifest_and_a_log() {
     let s = setup();
+    let v = mlbench(&["--version"]);
+    assert!(v.status.success(), "{}", stderr(&v));
+    let version = String::from_utf8_lossy(&v.stdout).trim_end().to_string();
     for (method, shared, per_task) in [
         ("lora-full", true, false),
         ("lora-k", true, false),
@@ -162,12 +165,7 @@ fn every_method_trains_and_writes_loadable_adapters_a_manifest_and_a_log() {
             .starts_with("mlbench "));
         // `--version` names the same build the manifest (and a cell's key) records, so a pinned
         // binary can be checked against its commit before a grid runs.
-        let v = mlbench(&["--version"]);
-        assert!(v.status.success(), "{}", stderr(&v));
-        assert_eq!(
-            String::from_utf8_lossy(&v.stdout).trim_end(),
-            man["code_version"].as_str().unwrap()
-        );
+        assert_eq!(version, man["code_version"].as_str().unwrap(), "{method}");
         let log = mlbench::data::schema::read_parquet(&dir.join("log.parquet")).unwrap();
         assert!(log.height() > 0, "{method}: empty log");
         for c in [

@@ -8,8 +8,8 @@ Training seconds are the training run's own wall time over every process that wo
 (`info.training.train_wall_seconds`: a run resumed in a later session counts whole), counted
 once per run (a configuration under one code version): a run shared by two cells (`meta-lora`
 and its `meta-lora+tta` sibling, or a grid cell reusing its selection candidate's run on the
-same binary) is counted on the first cell that finished and shown as "shared" on the others. Cells without the training facts fall back to `info.train_seconds`
-(their last process's time). With one compute thread per worker, a worker's wall seconds are
+same binary) is counted on the first cell that finished and shown as "shared" on the others.
+Cells without the training facts fall back to `info.train_seconds` (their last process's time). With one compute thread per worker, a worker's wall seconds are
 its core's seconds.
 
   python study_times.py STORE

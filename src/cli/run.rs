@@ -549,16 +549,16 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
     print!("{}", t.text());
     // A study whose declared reference has no finished cell yet (a grid in progress) shows its
     // table without verdicts; a reference asked for by name must be there.
-    let reference = reference.filter(|r| {
-        let present = t.rows.iter().any(|((m, _), _)| *m == r.method);
-        if r.declared && !present {
+    let reference = match reference {
+        Some(r) if r.declared && !t.rows.iter().any(|((m, _), _)| *m == r.method) => {
             tracing::warn!(
                 "no verdicts: the declared reference `{}` has no finished cell in the selected results yet",
                 r.method
             );
+            None
         }
-        present || !r.declared
-    });
+        r => r,
+    };
     let study = match &reference {
         Some(r) => Some(study_parts(
             &store,
