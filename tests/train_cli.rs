@@ -303,9 +303,16 @@ fn ctrl_c_checkpoints_and_resume_gives_the_uninterrupted_bytes() {
         assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    // A scheduler's SIGTERM (Ctrl-C's SIGINT goes to the same handler).
+    // A scheduler's SIGTERM (Ctrl-C's SIGINT goes to the same handler), and the same request
+    // again a moment later, as GNU `timeout -s INT` delivers it (to the child, then to its
+    // process group): one request, so the run still checkpoints rather than dying at once.
+    // SAFETY: signalling our own child process.
     unsafe {
         libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
     }
     let o = child.wait_with_output().unwrap();
     let err = stderr(&o);
