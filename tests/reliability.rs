@@ -918,6 +918,37 @@ fn long_work_prints_progress_lines_when_stderr_is_not_a_terminal() {
 }
 
 #[test]
+fn a_resumed_grid_estimates_what_is_left_from_the_cells_it_ran_itself() {
+    let f = Fixture::new();
+    let store = f.path("store");
+    let run = |seeds: &str| {
+        let exp = f.experiment(
+            "eta",
+            "[\"base\"]",
+            &format!("seeds = {seeds}\n[eval]\nshots = 1\n"),
+        );
+        let args = [
+            "run",
+            exp.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+        ];
+        let o = cli_env(&f, &args, &[("MLBENCH_PROGRESS_SECS", "0")]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stderr(&o)
+    };
+    run("[0, 1]");
+    // Seeds 0 and 1 are finished and pass in no time: the first cell this process runs has no
+    // timed cell behind it, so the estimate is unknown rather than "no time at all".
+    let err = run("[0, 1, 2, 3]");
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("cells: ")).collect();
+    let first = lines.iter().find(|l| l.contains("cells: 2/4")).expect(&err);
+    assert!(first.contains("eta ?"), "{lines:?}");
+    let last = lines.iter().find(|l| l.contains("cells: 3/4")).expect(&err);
+    assert!(!last.contains("eta ?") && last.contains(" s:"), "{lines:?}");
+}
+
+#[test]
 fn a_cell_key_names_the_model_weights_not_only_the_path() {
     let f = Fixture::new();
     let exp = f.experiment("ident", "[\"base\"]", "");
