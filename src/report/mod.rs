@@ -189,10 +189,12 @@ pub fn reading(
             })
             .collect();
         if !parts.is_empty() {
+            let n = crate::runner::verdict::row_seeds(js);
             s.push_str(&format!(
-                "{m} at K = {} against {}: {}. ",
+                "{m} at K = {} against {} ({n} seed{}): {}. ",
                 k_label(m, *k),
                 v.reference,
+                if n == 1 { "" } else { "s" },
                 parts.join("; ")
             ));
         }
@@ -221,6 +223,11 @@ pub fn reading(
     }
     if v.columns.iter().any(|c| exploratory(c, &v.columns)) {
         s.push_str("; per-language verdicts are exploratory");
+    }
+    if !v.short_rows().0.is_empty() {
+        s.push_str(
+            "; rows on fewer seeds than the others are interim (their intervals see less of the seed-to-seed spread)",
+        );
     }
     s.push('.');
     s

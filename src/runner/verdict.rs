@@ -151,7 +151,35 @@ fn header(c: &str, columns: &[String]) -> String {
     }
 }
 
+/// How many seeds a row's verdicts rest on: the most paired in any of its columns.
+pub fn row_seeds(js: &[Option<Judged>]) -> usize {
+    js.iter()
+        .flatten()
+        .map(|j| j.paired.seeds.len())
+        .max()
+        .unwrap_or(0)
+}
+
 impl VerdictTable {
+    /// The rows that rest on fewer seeds than the table's best-covered row, as
+    /// `(method K, seeds)`, and that most; empty when every row has as many (a study in
+    /// progress shows some rows on fewer seeds than others).
+    pub fn short_rows(&self) -> (Vec<(String, usize)>, usize) {
+        let most = self
+            .rows
+            .iter()
+            .map(|(_, js)| row_seeds(js))
+            .max()
+            .unwrap_or(0);
+        let short = self
+            .rows
+            .iter()
+            .filter(|(_, js)| row_seeds(js) < most)
+            .map(|((m, k), js)| (format!("{m} K={}", k_label(m, *k)), row_seeds(js)))
+            .collect();
+        (short, most)
+    }
+
     /// What the table shows, in one paragraph.
     pub fn footnote(&self) -> String {
         let mut s = format!(
@@ -169,17 +197,25 @@ impl VerdictTable {
         for m in &self.missing {
             s.push_str(&format!(" Missing pair: {m}."));
         }
+        let (short, most) = self.short_rows();
+        if !short.is_empty() {
+            let list: Vec<String> = short.iter().map(|(r, n)| format!("{r} ({n})")).collect();
+            s.push_str(&format!(
+                " Seeds: the rows do not rest on as many seeds each; fewer than {most}: {}.",
+                list.join(", ")
+            ));
+        }
         s
     }
 
     fn grid(&self) -> Vec<Vec<String>> {
         let mut rows = vec![{
-            let mut h = vec!["method".to_string(), "K".to_string()];
+            let mut h = vec!["method".to_string(), "K".to_string(), "seeds".to_string()];
             h.extend(self.columns.iter().map(|c| header(c, &self.columns)));
             h
         }];
         for ((m, k), js) in &self.rows {
-            let mut r = vec![m.clone(), k_label(m, *k)];
+            let mut r = vec![m.clone(), k_label(m, *k), row_seeds(js).to_string()];
             r.extend(js.iter().map(cell));
             rows.push(r);
         }
@@ -245,7 +281,7 @@ impl VerdictTable {
     pub fn latex(&self) -> String {
         let esc = |x: &str| x.replace('_', "\\_").replace('%', "\\%");
         let mut s = format!(
-            "\\begin{{tabular}}{{ll{}}}\n\\toprule\n",
+            "\\begin{{tabular}}{{llr{}}}\n\\toprule\n",
             "l".repeat(self.columns.len())
         );
         let heads: Vec<String> = self
@@ -254,7 +290,7 @@ impl VerdictTable {
             .map(|c| esc(&header(c, &self.columns)))
             .collect();
         s.push_str(&format!(
-            "method & $K$ & {} \\\\\n\\midrule\n",
+            "method & $K$ & seeds & {} \\\\\n\\midrule\n",
             heads.join(" & ")
         ));
         for ((m, k), js) in &self.rows {
@@ -266,9 +302,10 @@ impl VerdictTable {
                 })
                 .collect();
             s.push_str(&format!(
-                "{} & {} & {} \\\\\n",
+                "{} & {} & {} & {} \\\\\n",
                 esc(m),
                 k_label(m, *k),
+                row_seeds(js),
                 cells.join(" & ")
             ));
         }
@@ -288,9 +325,10 @@ impl VerdictTable {
         s.push_str("</tr></thead>\n<tbody>\n");
         for ((m, k), js) in &self.rows {
             s.push_str(&format!(
-                "<tr><td>{}</td><td>{}</td>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td>",
                 esc(m),
-                k_label(m, *k)
+                k_label(m, *k),
+                row_seeds(js)
             ));
             for j in js {
                 match j {
@@ -362,5 +400,39 @@ mod tests {
         assert!((got[1].2 - 0.2).abs() < 1e-12, "{got:?}");
         assert_eq!(got[1].3, Verdict::Superior);
         assert!(v.missing.is_empty());
+    }
+
+    #[test]
+    fn each_row_says_how_many_seeds_it_rests_on_and_short_rows_are_named() {
+        let mut o = CellOutcomes::new();
+        let t = "t".to_string();
+        let one_seed = |right| {
+            let mut r = runs(right);
+            r.retain(|s, _| *s == 0);
+            r
+        };
+        o.insert(("lora-full".into(), None, t.clone()), runs(30));
+        o.insert(("lora-k".into(), Some(16), t.clone()), runs(20));
+        o.insert(("meta-lora".into(), Some(16), t.clone()), one_seed(20));
+        let rows: Vec<(String, Option<i64>)> = vec![
+            ("lora-full".into(), None),
+            ("lora-k".into(), Some(16)),
+            ("meta-lora".into(), Some(16)),
+        ];
+        let v = verdicts(&o, &rows, &["t/micro".into()], "lora-full", 2.0, &[]);
+        let seeds: Vec<usize> = v.rows.iter().map(|(_, js)| row_seeds(js)).collect();
+        assert_eq!(seeds, [3, 1]);
+        assert_eq!(v.short_rows(), (vec![("meta-lora K=16".to_string(), 1)], 3));
+        let md = v.markdown();
+        assert!(md.starts_with("| method | K | seeds | t/micro |"), "{md}");
+        assert!(md.contains("| meta-lora | 16 | 1 | "), "{md}");
+        assert!(md.contains("fewer than 3: meta-lora K=16 (1)."), "{md}");
+        assert!(v.latex().contains("meta-lora & 16 & 1 & "), "{}", v.latex());
+        assert!(v.html().contains("<td>meta-lora</td><td>16</td><td>1</td>"));
+        // Every row on three seeds: no note.
+        o.insert(("meta-lora".into(), Some(16), t.clone()), runs(20));
+        let v = verdicts(&o, &rows, &["t/micro".into()], "lora-full", 2.0, &[]);
+        assert!(v.short_rows().0.is_empty());
+        assert!(!v.footnote().contains("Seeds:"), "{}", v.footnote());
     }
 }
