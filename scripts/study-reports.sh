@@ -30,3 +30,5 @@ report studies/multitask multitask-collapse reports/multitask-collapse
 # bound above 0).
 report studies/sib200 sib200-grid reports/sib200-multilingual-vs-lora-k --reference lora-k
 report studies/multitask multitask-study reports/multitask-vs-lora-k --reference lora-k
+# The README's copies of the report tables (tests/docs.rs holds them equal to the files).
+scripts/readme-includes.sh
