@@ -448,11 +448,18 @@ fn a_baseline_with_budgets_is_paired_at_the_same_k() {
     );
     let (same_k, other_k) = (same.p, other.p);
     let csv = std::fs::read_to_string(rep.join("table.csv")).unwrap();
+    let col = csv
+        .lines()
+        .next()
+        .unwrap()
+        .split(',')
+        .position(|h| h == "p_vs_baseline")
+        .unwrap();
     let line = csv
         .lines()
         .find(|l| l.starts_with("meta-lora,64,toy/eng_Latn,"))
         .unwrap();
-    let p: f64 = line.rsplit(',').next().unwrap().parse().unwrap();
+    let p: f64 = line.split(',').nth(col).unwrap().parse().unwrap();
     assert!(
         (p - same_k).abs() < 1e-6,
         "csv p {p}, same K {same_k}, other K {other_k}"

@@ -3,9 +3,13 @@
 //! out, as text, Markdown, CSV and LaTeX (booktabs); and, against a declared reference method
 //! and margin, the verdict table of the study protocol ([`super::verdict::verdicts`]).
 //!
-//! A cell of the table is the mean over seeds of the metric, with a 95% interval: Student's t
-//! over the seed means when there are two or more seeds, else the single run's own interval
-//! (Wilson, or bootstrap for macro averages). A `*` marks a difference from the baseline method
+//! A cell of the table is the mean over seeds of the metric, with a 95% interval: with two or
+//! more seeds, the two-level bootstrap of [`super::stats::two_level_bootstrap`] (seeds, then
+//! test items within each language, as the verdicts resample) when the per-example records were
+//! read and reproduce the metric's per-seed values, else Student's t over the seed means (a
+//! metric the records do not hold, or a plain `compare` that reads no records); with one seed,
+//! the run's own interval (Wilson, or bootstrap for macro averages). [`Entry::interval`] says
+//! which. A `*` marks a difference from the baseline method
 //! whose paired two-level bootstrap ([`super::stats::paired_difference`]: seeds, then items
 //! within each language) gives p < 0.05. Pairs are formed only within a seed (the same example
 //! id, at the same K where the baseline has budgets): a seed the baseline lacks is reported as
@@ -47,6 +51,39 @@ pub struct Entry {
     /// p-value of the paired test against the baseline (None for the baseline itself or when
     /// no pairs exist).
     pub p: Option<f64>,
+    /// How `low` and `high` were made.
+    pub interval: Interval,
+}
+
+/// The kind of a table entry's 95% interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Interval {
+    /// One seed: the run's own (Wilson, or bootstrap for macro averages).
+    Run,
+    /// Two or more seeds: two-level bootstrap over seeds, then test items.
+    Bootstrap,
+    /// Two or more seeds: Student's t over the seed means.
+    T,
+}
+
+impl Interval {
+    pub fn name(self) -> &'static str {
+        match self {
+            Interval::Run => "run",
+            Interval::Bootstrap => "bootstrap",
+            Interval::T => "t",
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Interval::Run => "one seed: the run's own Wilson/bootstrap interval".into(),
+            Interval::Bootstrap => format!(
+                "two or more seeds: two-level bootstrap, seeds then test items within each language, {RESAMPLES} resamples"
+            ),
+            Interval::T => "two or more seeds: t over the seed means".into(),
+        }
+    }
 }
 
 /// One table row: (method, K) and one entry per column.
@@ -264,11 +301,15 @@ fn entry(
 ) -> Entry {
     let vals: Vec<f64> = runs.values().map(|r| r.0).collect();
     let n = vals.len();
-    let (mean, low, high) = if n >= 2 {
-        stats::t_interval(&vals)
+    let (mean, low, high, interval) = if n >= 2 {
+        let (mean, t_low, t_high) = stats::t_interval(&vals);
+        match seeds_bootstrap(runs, outcomes, (m, kk, c)) {
+            Some((low, high)) => (mean, low, high, Interval::Bootstrap),
+            None => (mean, t_low, t_high, Interval::T),
+        }
     } else {
         let r = runs.values().next().expect("one run");
-        (r.0, r.1, r.2)
+        (r.0, r.1, r.2, Interval::Run)
     };
     let p = match &q.baseline {
         Some(b) if b != m => {
@@ -294,7 +335,32 @@ fn entry(
         high,
         seeds: n,
         p,
+        interval,
     }
+}
+
+/// The two-level bootstrap interval of column `c` of (method `m`, K `kk`) from its per-example
+/// outcomes, when they hold exactly the runs' seeds and reproduce each seed's value (they record
+/// the primary metric only, so another metric falls back to t); `None` otherwise.
+fn seeds_bootstrap(
+    runs: &Runs,
+    outcomes: &CellOutcomes,
+    (m, kk, c): (&String, Option<i64>, &String),
+) -> Option<(f64, f64)> {
+    let task = c.split_once('/').map_or(c.as_str(), |(t, _)| t);
+    let all = outcomes.get(&(m.clone(), kk, task.to_string()))?;
+    let (o, avg) = column_outcomes(all, c);
+    let same = o.len() == runs.len()
+        && runs.iter().all(|(seed, r)| {
+            o.get(seed)
+                .is_some_and(|by| (stats::seed_accuracy(by, avg) - r.0).abs() < 1e-9)
+        });
+    if !same {
+        return None;
+    }
+    let seed = crate::util::derive_seed(0, &["table", m, &k_label(m, kk), c]);
+    let (low, high) = stats::two_level_bootstrap(&o, avg, RESAMPLES, seed);
+    (low.is_finite() && high.is_finite()).then_some((low, high))
 }
 
 /// Per-example outcomes of every (method, K, task): seed -> language -> id -> correct.
@@ -414,7 +480,7 @@ pub fn pair_with(
 }
 
 /// The table (and the verdicts, when given) as JSON: `{"metric", "baseline", "rows": [{"method",
-/// "k", "column", "mean", "ci_low", "ci_high", "seeds", "p_vs_baseline"}], "verdicts": [{"method",
+/// "k", "column", "mean", "ci_low", "ci_high", "seeds", "p_vs_baseline", "interval"}], "verdicts": [{"method",
 /// "k", "column", "exploratory", "diff", "ci_low", "ci_high", "p", "verdict", "seeds_missing"}],
 /// "reference", "margin"}`; fractions, not points.
 pub fn table_json(t: &Table, verdicts: Option<&super::verdict::VerdictTable>) -> serde_json::Value {
@@ -425,6 +491,7 @@ pub fn table_json(t: &Table, verdicts: Option<&super::verdict::VerdictTable>) ->
                 rows.push(serde_json::json!({
                     "method": m, "k": k_label(m, *k), "column": c, "mean": e.mean,
                     "ci_low": e.low, "ci_high": e.high, "seeds": e.seeds, "p_vs_baseline": e.p,
+                    "interval": e.interval.name(),
                 }));
             }
         }
@@ -540,9 +607,16 @@ pub fn k_label(method: &str, k: Option<i64>) -> String {
 
 impl Table {
     pub fn footnote(&self) -> String {
+        let kinds: std::collections::BTreeSet<Interval> = self
+            .rows
+            .iter()
+            .flat_map(|(_, es)| es.iter().flatten().map(|e| e.interval))
+            .collect();
+        let kinds: Vec<String> = kinds.into_iter().map(Interval::describe).collect();
         let mut s = format!(
-            "{} x 100, mean over seeds ± half the 95% interval (t over the seed means; one seed: the run's own Wilson/bootstrap interval).",
-            self.metric
+            "{} x 100, mean over seeds ± half the 95% interval ({}).",
+            self.metric,
+            kinds.join("; ")
         );
         if let Some(b) = &self.baseline {
             s.push_str(&format!(
@@ -589,18 +663,20 @@ impl Table {
 
     /// CSV: one line per method x K x column with mean, interval, seeds and p-value.
     pub fn csv(&self) -> String {
-        let mut s = String::from("method,k,column,mean,ci_low,ci_high,seeds,p_vs_baseline\n");
+        let mut s =
+            String::from("method,k,column,mean,ci_low,ci_high,seeds,p_vs_baseline,interval\n");
         for ((m, k), es) in &self.rows {
             for (c, e) in self.columns.iter().zip(es) {
                 if let Some(e) = e {
                     s.push_str(&format!(
-                        "{m},{},{c},{:.6},{:.6},{:.6},{},{}\n",
+                        "{m},{},{c},{:.6},{:.6},{:.6},{},{},{}\n",
                         k_label(m, *k),
                         e.mean,
                         e.low,
                         e.high,
                         e.seeds,
-                        e.p.map(|p| format!("{p:.6}")).unwrap_or_default()
+                        e.p.map(|p| format!("{p:.6}")).unwrap_or_default(),
+                        e.interval.name()
                     ));
                 }
             }
@@ -705,6 +781,48 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_seeds_that_agree_get_the_bootstrap_interval_not_a_zero_width_t() {
+        // Two seeds of 40 items, both 20 right (different items): t over the seed means has
+        // zero width; the two-level bootstrap keeps the item noise (about +-15 points).
+        let seed_items = |shift: usize| -> BTreeMap<String, BTreeMap<String, bool>> {
+            let by_id = (0..40)
+                .map(|i| (format!("i{i}"), (i + shift) % 40 < 20))
+                .collect();
+            BTreeMap::from([("en".to_string(), by_id)])
+        };
+        let mut o = CellOutcomes::new();
+        o.insert(
+            ("lora-k".into(), Some(16), "t".into()),
+            BTreeMap::from([(0, seed_items(0)), (1, seed_items(10))]),
+        );
+        let runs: Runs = BTreeMap::from([(0, (0.5, 0.35, 0.65)), (1, (0.5, 0.35, 0.65))]);
+        let (m, c) = ("lora-k".to_string(), "t/en".to_string());
+        let mut missing = Vec::new();
+        let q = Query::default();
+        let e = entry(&runs, &q, (&m, Some(16), &c), &o, &mut missing);
+        assert_eq!(e.interval, Interval::Bootstrap);
+        assert!((e.mean - 0.5).abs() < 1e-12);
+        assert!(e.low < 0.42 && e.high > 0.58, "{e:?}");
+        // The same runs without per-example records, or with records of another metric (their
+        // per-seed accuracy is not the runs' value): t over the seed means.
+        let e = entry(
+            &runs,
+            &q,
+            (&m, Some(16), &c),
+            &CellOutcomes::new(),
+            &mut missing,
+        );
+        assert_eq!((e.interval, e.low, e.high), (Interval::T, 0.5, 0.5));
+        let other: Runs = BTreeMap::from([(0, (0.6, 0.45, 0.75)), (1, (0.4, 0.25, 0.55))]);
+        let e = entry(&other, &q, (&m, Some(16), &c), &o, &mut missing);
+        assert_eq!(e.interval, Interval::T);
+        assert!(
+            (e.mean - 0.5).abs() < 1e-12 && e.high - e.low > 0.5,
+            "{e:?}"
+        );
+    }
 
     #[test]
     fn mcnemar_exact_matches_hand_values() {

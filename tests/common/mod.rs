@@ -113,7 +113,7 @@ pub fn test_device() -> candle_core::Device {
         .unwrap_or_else(|e| panic!("MLBENCH_TEST_DEVICE={d}: {e}"))
 }
 
-/// A comparison-table entry: `mean` ± `half`, three seeds, paired-test p-value `p`.
+/// A comparison-table entry: `mean` ± `half`, three seeds (t interval), paired-test p-value `p`.
 pub fn entry(mean: f64, half: f64, p: Option<f64>) -> Option<mlbench::runner::compare::Entry> {
     Some(mlbench::runner::compare::Entry {
         mean,
@@ -121,6 +121,7 @@ pub fn entry(mean: f64, half: f64, p: Option<f64>) -> Option<mlbench::runner::co
         high: mean + half,
         seeds: 3,
         p,
+        interval: mlbench::runner::compare::Interval::T,
     })
 }
 
