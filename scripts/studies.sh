@@ -78,10 +78,14 @@ mkdir -p studies
 sed 's/^ks = \[8, 16, 32, 64\]$/ks = [16, 64]/' benchmarks/sib200-grid.toml >"$first.tmp"
 grep -q '^ks = \[16, 64\]$' "$first.tmp" || { echo "studies.sh: ks line of the SIB-200 grid file changed" >&2; exit 2; }
 mv "$first.tmp" "$first"
+# Order (session 15): what the issue needs first, then the most answer per CPU hour: SIB-200
+# at K = 16 and 64 (the minimum for its verdicts), the collapse grid (9 cells, about 3
+# worker-hours, one whole question), SIB-200 at K = 8 and 32 (about 4.5), the multi-task grid
+# (28 cells, about 8).
 grids=("$first studies/sib200"
+  "benchmarks/multitask-collapse.toml studies/multitask"
   "benchmarks/sib200-grid.toml studies/sib200"
-  "benchmarks/multitask.toml studies/multitask"
-  "benchmarks/multitask-collapse.toml studies/multitask")
+  "benchmarks/multitask.toml studies/multitask")
 
 # Cells of the grids still to run or running, and methods still waiting for their selection
 # (their grid cells appear once it is complete).
