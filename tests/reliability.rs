@@ -946,6 +946,11 @@ fn a_resumed_grid_estimates_what_is_left_from_the_cells_it_ran_itself() {
     assert!(first.contains("eta ?"), "{lines:?}");
     let last = lines.iter().find(|l| l.contains("cells: 3/4")).expect(&err);
     assert!(!last.contains("eta ?") && last.contains(" s:"), "{lines:?}");
+    // The evaluation reports its items too, not only that it started.
+    assert!(
+        lines.iter().any(|l| l.contains("base/full/s3 eval toy/")),
+        "{lines:?}"
+    );
 }
 
 #[test]

@@ -78,6 +78,7 @@ pub fn training_sibling<'a>(cell: &Cell, cells: &'a [Cell]) -> Option<&'a Cell> 
 /// Runs one cell. `stop` is the Ctrl-C flag (training checkpoints and returns
 /// [`Error::Interrupted`]). `sibling` is a cell whose training run serves this one too (see
 /// [`training_sibling`]): that run is trained (or found) in the sibling's work folder.
+/// `progress` hears the training steps and then the evaluation's items per task and language.
 #[allow(clippy::too_many_arguments)]
 pub fn run_cell(
     data_dir: &Path,
@@ -114,11 +115,14 @@ pub fn run_cell(
     };
     let work = store.work_dir(&cell.key);
     let trained = train_cell(data_dir, store, cell, sibling, stop, progress)?;
-    progress(&format!("{} eval", cell.label()));
+    let label = cell.label();
+    progress(&format!("{label} eval"));
     let t1 = Instant::now();
-    let mut quiet = |_: &str, _: &str, _: &str, _: usize, _: usize| {};
+    let mut evaluating = |_: &str, task: &str, lang: &str, done: usize, total: usize| {
+        progress(&format!("{label} eval {task}/{lang} {done}/{total}"))
+    };
     let plan = EvalPlan::resolve(data_dir, trained.eval.clone())?;
-    let report = evaluate(&plan, &work.join("eval"), &mut quiet)?;
+    let report = evaluate(&plan, &work.join("eval"), &mut evaluating)?;
     let eval_s = t1.elapsed().as_secs_f64();
     let (records, metrics) = cell_results(report, trained.variant, cell)?;
     let training = match &trained.run_dir {
