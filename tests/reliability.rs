@@ -800,6 +800,8 @@ fn item10_messages_name_the_key_the_file_and_the_way_on() {
         err.contains("rerun the same `mlbench run` command") && !err.contains("--resume"),
         "{err}"
     );
+    // The signal is acknowledged at once, with what the stop waits for.
+    assert_eq!(err.matches("mlbench: stopping cleanly").count(), 1, "{err}");
 }
 
 /// Runs `mlbench` as the fixture's CLI with extra environment variables.

@@ -271,13 +271,26 @@ fn monotonic_ns() -> u64 {
         .max(1)
 }
 
-/// First signal: set [`STOP`]. A repeat within [`REPEAT_WINDOW_NS`]: nothing. A later one: the
-/// user insists, so the process ends at once (default action, no checkpoint).
+/// Whether the first stop signal is acknowledged on stderr (not with `--quiet`).
+static SAY_STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// What the first stop signal prints: the stop is not instant, and how to make it so.
+const STOPPING: &[u8] = b"mlbench: stopping cleanly: training checkpoints at its next step, an evaluation in progress finishes first; a second Ctrl-C (after a second) ends at once without saving\n";
+
+/// First signal: set [`STOP`] and say so. A repeat within [`REPEAT_WINDOW_NS`]: nothing. A
+/// later one: the user insists, so the process ends at once (default action, no checkpoint).
 extern "C" fn on_stop_signal(sig: libc::c_int) {
     use std::sync::atomic::Ordering::SeqCst;
     let now = monotonic_ns();
     match FIRST_STOP_NS.compare_exchange(0, now, SeqCst, SeqCst) {
-        Ok(_) => STOP.store(true, SeqCst),
+        Ok(_) => {
+            STOP.store(true, SeqCst);
+            if SAY_STOPPING.load(SeqCst) {
+                // SAFETY: write(2) is async-signal-safe; the buffer is a static byte string of
+                // the given length. A failed or short write loses only the message.
+                unsafe { libc::write(2, STOPPING.as_ptr().cast(), STOPPING.len()) };
+            }
+        }
         Err(first) if now.saturating_sub(first) < REPEAT_WINDOW_NS => {}
         // SAFETY: `signal` and `raise` are async-signal-safe (POSIX) and SIG_DFL installs no
         // code of ours; the raised signal is delivered with its default action (termination)
@@ -290,8 +303,10 @@ extern "C" fn on_stop_signal(sig: libc::c_int) {
     }
 }
 
-/// Routes SIGINT and SIGTERM (Slurm, Kubernetes) to [`STOP`].
-pub fn catch_stop_signals() {
+/// Routes SIGINT and SIGTERM (Slurm, Kubernetes) to [`STOP`]; the first one is acknowledged on
+/// stderr unless `quiet`.
+pub fn catch_stop_signals(quiet: bool) {
+    SAY_STOPPING.store(!quiet, std::sync::atomic::Ordering::SeqCst);
     let h = on_stop_signal as *const () as libc::sighandler_t;
     // SAFETY: `h` is an `extern "C" fn(c_int)`, the signature `signal` expects, and the handler
     // only touches atomics and calls async-signal-safe functions (clock_gettime, signal, raise).

@@ -193,7 +193,7 @@ pub fn run(g: &Global, a: RunArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     record_declaration(&store, &exp, &a.experiment)?;
-    super::catch_stop_signals();
+    super::catch_stop_signals(g.quiet);
     let mut tally = Tally::default();
     let t0 = std::time::Instant::now();
     run_cells(g, &a, &store, &candidates, &all_candidates, &mut tally)?;

@@ -103,7 +103,7 @@ pub fn run(g: &Global, a: TrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let out = a.out.clone().expect("clap requires --out");
-    super::catch_stop_signals();
+    super::catch_stop_signals(g.quiet);
     let pb = if g.quiet {
         ProgressBar::hidden()
     } else {
