@@ -9,10 +9,10 @@
 //! read and reproduce the metric's per-seed values, else Student's t over the seed means (a
 //! metric the records do not hold, or a plain `compare` that reads no records); with one seed,
 //! the run's own interval (Wilson, or bootstrap for macro averages). [`Entry::interval`] says
-//! which. A `*` marks a difference from the baseline method
-//! whose paired two-level bootstrap ([`super::stats::paired_difference`]: seeds, then items
-//! within each language) gives p < 0.05. Pairs are formed only within a seed (the same example
-//! id, at the same K where the baseline has budgets): a seed the baseline lacks is reported as
+//! which. A `*` marks a difference from the baseline method whose paired two-level bootstrap
+//! ([`super::stats::paired_difference`]: seeds, then items within each language) gives
+//! p < 0.05. Pairs are formed only within a seed (the same example id, at the same K where the
+//! baseline has budgets): a seed the baseline lacks is reported as
 //! missing, never paired with another seed's run (except the one run of a method no seed
 //! enters, `Query::seed_free`, which stands for every seed); micro and macro columns each get
 //! their own statistic (items pooled; mean of languages).
@@ -480,9 +480,9 @@ pub fn pair_with(
 }
 
 /// The table (and the verdicts, when given) as JSON: `{"metric", "baseline", "rows": [{"method",
-/// "k", "column", "mean", "ci_low", "ci_high", "seeds", "p_vs_baseline", "interval"}], "verdicts": [{"method",
-/// "k", "column", "exploratory", "diff", "ci_low", "ci_high", "p", "verdict", "seeds_missing"}],
-/// "reference", "margin"}`; fractions, not points.
+/// "k", "column", "mean", "ci_low", "ci_high", "seeds", "p_vs_baseline", "interval"}],
+/// "verdicts": [{"method", "k", "column", "exploratory", "diff", "ci_low", "ci_high", "p",
+/// "verdict", "seeds_missing"}], "reference", "margin"}`; fractions, not points.
 pub fn table_json(t: &Table, verdicts: Option<&super::verdict::VerdictTable>) -> serde_json::Value {
     let mut rows = Vec::new();
     for ((m, k), es) in &t.rows {
@@ -661,7 +661,8 @@ impl Table {
         s
     }
 
-    /// CSV: one line per method x K x column with mean, interval, seeds and p-value.
+    /// CSV: one line per method x K x column with mean, interval, seeds, p-value and the
+    /// interval's kind ([`Interval::name`]).
     pub fn csv(&self) -> String {
         let mut s =
             String::from("method,k,column,mean,ci_low,ci_high,seeds,p_vs_baseline,interval\n");
