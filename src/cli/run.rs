@@ -385,11 +385,13 @@ fn run_cells(
     let mut beat = super::Beat::new(g, "cells");
     // The estimate counts this cell and every later one as work to do (some may turn out
     // finished or claimed by another worker: an upper bound) at the mean time of the cells
-    // this process finished: (cells, seconds from the start to the last one's end).
-    let t0 = std::time::Instant::now();
-    let mut ran = (0u64, 0f64);
+    // this process finished (the tally's count since the start, over the seconds to the last
+    // one's end).
+    let (t0, done_before) = (std::time::Instant::now(), tally.done);
+    let mut last_done_s = 0f64;
     for (i, c) in cells.iter().enumerate() {
         let left = (cells.len() - i) as u64;
+        let ran = ((tally.done - done_before) as u64, last_done_s);
         let mut say = |m: &str| {
             pb.set_message(m.to_string());
             beat.tick_units(i as u64, cells.len() as u64, ran, left, m);
@@ -418,7 +420,7 @@ fn run_cells(
             Outcome::Skipped => tally.skipped += 1,
             Outcome::Done { train_s, eval_s } => {
                 tally.done += 1;
-                ran = (ran.0 + 1, t0.elapsed().as_secs_f64());
+                last_done_s = t0.elapsed().as_secs_f64();
                 tracing::info!(cell = %c.label(), key = %c.key, train_s, eval_s, "cell finished");
             }
             Outcome::Busy(holder) => {
