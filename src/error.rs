@@ -130,8 +130,16 @@ pub enum Error {
     #[error("interrupted at step {step}; checkpoint written to {path}: continue with --resume")]
     Interrupted { step: usize, path: PathBuf },
 
+    /// An evaluation was stopped (Ctrl-C or a termination signal) between forward passes.
+    #[error("evaluation interrupted with {kept} of {groups} (variant, task, language) groups finished, kept in {path}: rerun the same command to continue")]
+    EvalInterrupted {
+        kept: usize,
+        groups: usize,
+        path: PathBuf,
+    },
+
     /// A grid run was interrupted (Ctrl-C or a termination signal) between or inside cells.
-    #[error("interrupted after {cells} cell(s) finished in {store}; rerun the same `mlbench run` command to continue (finished cells are kept, a cell in training resumes from its checkpoint)")]
+    #[error("interrupted after {cells} cell(s) finished in {store}; rerun the same `mlbench run` command to continue (finished cells are kept; a cell resumes from its training checkpoint or its finished evaluation groups)")]
     GridInterrupted { cells: usize, store: PathBuf },
 
     /// A fault inside mlbench (an invariant broken, a shape that cannot happen): not the user's
@@ -175,6 +183,7 @@ impl Error {
             | Error::NonFinite { .. }
             | Error::Internal(_)
             | Error::Interrupted { .. }
+            | Error::EvalInterrupted { .. }
             | Error::GridInterrupted { .. } => false,
             // What the user's files and folders are (missing, unreadable, not text, a file
             // where a folder belongs, on a full or read-only disk) is theirs to fix; the rest

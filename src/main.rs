@@ -34,7 +34,11 @@ fn main() {
         let interrupted = e.chain().any(|c| {
             matches!(
                 c.downcast_ref(),
-                Some(mlbench::Error::Interrupted { .. } | mlbench::Error::GridInterrupted { .. })
+                Some(
+                    mlbench::Error::Interrupted { .. }
+                        | mlbench::Error::EvalInterrupted { .. }
+                        | mlbench::Error::GridInterrupted { .. }
+                )
             )
         });
         let user = e

@@ -943,3 +943,106 @@ fn a_misspelt_batch_size_is_refused_naming_the_flag() {
     assert_user_error(&o, &["batch_size = 0"]);
     assert!(!out.exists());
 }
+
+/// A stopped evaluation keeps the groups it finished and the next run reads them back: the
+/// records equal an uninterrupted run's to the bit; a changed setting scores everything again.
+#[test]
+fn a_stopped_evaluation_resumes_from_its_finished_groups() {
+    use mlbench::eval::run::{evaluate, evaluate_stoppable};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let d = data();
+    let m = mlbench::model::load_dir(&d.model, DType::F32, &candle_core::Device::Cpu).unwrap();
+    let ad = mlbench::model::lora::Adapter::new(
+        "a",
+        mlbench::model::lora::LoraConfig::default(),
+        &m.model.modules(),
+        5,
+        DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    for p in ad.pairs.values() {
+        let ones = candle_core::Tensor::ones(p.b.dims(), DType::F32, &candle_core::Device::Cpu);
+        p.b.set(&ones.unwrap().affine(0.05, 0.0).unwrap()).unwrap();
+    }
+    let adir = d._tmp.path().join("ad");
+    ad.save_peft(&adir).unwrap();
+    let mut c = cfg(&d);
+    c.adapters = vec![format!("a={}", adir.display())];
+    c.batch_size = mlbench::plan::eval::BatchSize::Fixed(2);
+    let plan = EvalPlan::resolve(&d.dir, c.clone()).unwrap();
+    let whole = evaluate(&plan, &d._tmp.path().join("whole"), &mut |_, _, _, _, _| {}).unwrap();
+
+    // Stop once two of the four groups (base and adapter x en and fr) are finished.
+    let out = d._tmp.path().join("stopped");
+    let stop = AtomicBool::new(false);
+    let mut finished = 0;
+    let mut raise = |_: &str, _: &str, _: &str, done: usize, total: usize| {
+        if done == total {
+            finished += 1;
+            if finished == 2 {
+                stop.store(true, Ordering::SeqCst);
+            }
+        }
+    };
+    match evaluate_stoppable(&plan, &out, &stop, &mut raise) {
+        Err(mlbench::Error::EvalInterrupted {
+            kept: 2, groups: 4, ..
+        }) => {}
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("the evaluation did not stop"),
+    }
+    assert_eq!(files_in(&out.join("groups")).len(), 2);
+    assert!(!out.join("results.json").exists());
+
+    // The rerun reads the two groups back (finished at once, never started) and scores the rest.
+    stop.store(false, Ordering::SeqCst);
+    let mut started = Vec::new();
+    let mut note = |v: &str, t: &str, l: &str, done: usize, _: usize| {
+        if done == 0 {
+            started.push(format!("{v} {t}/{l}"));
+        }
+    };
+    let again = evaluate_stoppable(&plan, &out, &stop, &mut note).unwrap();
+    assert_eq!(started.len(), 2, "{started:?}");
+    assert_eq!(again.groups_read_back, 2);
+    assert_eq!(results_of(&out)["groups_read_back"], 2);
+    assert!(
+        !out.join("groups").exists(),
+        "kept groups removed once written"
+    );
+    let key = |r: &mlbench::eval::run::Record| {
+        let bits = r
+            .logprobs
+            .iter()
+            .flatten()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>();
+        (
+            r.variant.clone(),
+            r.lang.clone(),
+            r.id.clone(),
+            bits,
+            r.outcomes.clone(),
+        )
+    };
+    let keys = |rs: &[mlbench::eval::run::Record]| rs.iter().map(key).collect::<Vec<_>>();
+    assert_eq!(keys(&again.records), keys(&whole.records));
+    assert_eq!(again.metrics, whole.metrics);
+
+    // Groups kept under other settings are not read back.
+    stop.store(false, Ordering::SeqCst);
+    let other = d._tmp.path().join("other");
+    let mut once = |_: &str, _: &str, _: &str, done: usize, total: usize| {
+        if done == total {
+            stop.store(true, Ordering::SeqCst);
+        }
+    };
+    assert!(evaluate_stoppable(&plan, &other, &stop, &mut once).is_err());
+    stop.store(false, Ordering::SeqCst);
+    let mut c2 = c.clone();
+    c2.batch_size = mlbench::plan::eval::BatchSize::Fixed(3);
+    let plan2 = EvalPlan::resolve(&d.dir, c2).unwrap();
+    let fresh = evaluate_stoppable(&plan2, &other, &stop, &mut |_, _, _, _, _| {}).unwrap();
+    assert_eq!(fresh.groups_read_back, 0);
+}

@@ -515,3 +515,83 @@ fn shipped_experiment_files_are_valid_and_smoke_shrinks_the_nightly() {
         && c.k.is_none_or(|k| k == 16)
         && c.eval.limit == Some(20)));
 }
+
+/// A cell stopped during its evaluation keeps its finished (task, language) groups; run again,
+/// it reads them back and commits the rows an uninterrupted run commits.
+#[test]
+fn a_cell_stopped_while_evaluating_resumes_from_its_finished_groups() {
+    use mlbench::runner::grid::{run_cell, Outcome, WhenBusy};
+    use mlbench::runner::store::Store;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let s = setup();
+    let cells = Experiment::load(&s.exp).unwrap().cells().unwrap();
+    let cell = cells
+        .iter()
+        .find(|c| c.train.is_none())
+        .expect("the base cell");
+    let (stopped, whole) = (
+        Store::new(s.tmp.path().join("stopped")),
+        Store::new(s.tmp.path().join("whole")),
+    );
+    let stop = AtomicBool::new(false);
+    let done = run_cell(
+        &s.data,
+        &whole,
+        cell,
+        None,
+        WhenBusy::Skip,
+        &stop,
+        &mut |_| {},
+    );
+    assert!(matches!(done, Ok(Outcome::Done { .. })), "{done:?}");
+
+    // Raise the flag once the first language's items are all scored ("... eval toy/en 9/9").
+    let mut raise = |m: &str| {
+        let counts = m.rsplit(' ').next().and_then(|c| c.split_once('/'));
+        if m.contains(" eval toy/") && counts.is_some_and(|(a, b)| a == b && a != "0") {
+            stop.store(true, Ordering::SeqCst);
+        }
+    };
+    match run_cell(
+        &s.data,
+        &stopped,
+        cell,
+        None,
+        WhenBusy::Skip,
+        &stop,
+        &mut raise,
+    ) {
+        Err(mlbench::Error::EvalInterrupted {
+            kept: 1, groups: 2, ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(!stopped.is_done(&cell.key));
+    let groups = stopped.work_dir(&cell.key).join("eval/groups");
+    assert_eq!(files_in(&groups).len(), 1);
+
+    stop.store(false, Ordering::SeqCst);
+    let again = run_cell(
+        &s.data,
+        &stopped,
+        cell,
+        None,
+        WhenBusy::Skip,
+        &stop,
+        &mut |_| {},
+    );
+    assert!(matches!(again, Ok(Outcome::Done { .. })), "{again:?}");
+    let info: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(stopped.cell_dir(&cell.key).join("cell.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(info["info"]["eval_groups_read_back"], 1, "{info}");
+    for (file, order) in [
+        ("metrics.parquet", ["task", "lang", "metric"]),
+        ("samples.parquet", ["task", "lang", "id"]),
+    ] {
+        let a = store_rows(&stopped.dir, file, &order);
+        let b = store_rows(&whole.dir, file, &order);
+        assert!(a.equals_missing(&b), "{file}: {a}\n{b}");
+    }
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{split_list, table, Global};
-use mlbench::eval::run::evaluate;
+use mlbench::eval::run::evaluate_stoppable;
 use mlbench::plan::BatchSize;
 use mlbench::plan::{EvalConfig, EvalPlan, Layers};
 use mlbench::Error;
@@ -60,7 +60,9 @@ pub struct EvalArgs {
     #[arg(long)]
     pub dtype: Option<String>,
     /// Output folder (samples.parquet, metrics.parquet, metrics.md, results.json, and
-    /// lm-eval/<variant>/results.json in lm-evaluation-harness's shape).
+    /// lm-eval/<variant>/results.json in lm-evaluation-harness's shape). Ctrl-C or SIGTERM
+    /// stops before the next batch and keeps the finished (variant, task, language) groups in
+    /// OUT/groups/: the same command again continues from them.
     #[arg(long, alias = "output-path")]
     pub out: PathBuf,
     /// Also write lm-evaluation-harness sample logs:
@@ -168,7 +170,8 @@ pub fn run(g: &Global, a: EvalArgs) -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
     let plan = EvalPlan::resolve(&g.data_dir, cfg)?;
-    let report = evaluate(&plan, &a.out, &mut progress);
+    super::catch_stop_signals(g.quiet);
+    let report = evaluate_stoppable(&plan, &a.out, &super::STOP, &mut progress);
     pb.finish_and_clear();
     let report = report?;
     mlbench::eval::lmeval::write(&plan, &a.out, &report, started, a.log_samples)?;

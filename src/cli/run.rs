@@ -413,7 +413,9 @@ fn run_cells(
             &super::STOP,
             &mut say,
         ) {
-            Err(Error::Interrupted { .. }) => return Err(interrupted(tally.done).into()),
+            Err(Error::Interrupted { .. } | Error::EvalInterrupted { .. }) => {
+                return Err(interrupted(tally.done).into())
+            }
             other => other?,
         };
         match outcome {

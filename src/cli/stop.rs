@@ -1,11 +1,12 @@
 //! Stop signals: SIGINT (Ctrl-C) and SIGTERM (Slurm, Kubernetes) in; the [`STOP`] flag that
-//! `train` and `run` poll out (they checkpoint and end with exit status 130). The first signal
+//! `train`, `run` and `eval` poll out (they keep their finished work and end with exit status
+//! 130). The first signal
 //! sets the flag and says so on stderr (unless `--quiet`); a repeat within a second is the same
 //! request (one request can arrive twice); a later one ends the process at once. The handler
 //! only touches atomics and calls async-signal-safe functions.
 
 /// Set by Ctrl-C (SIGINT) or a scheduler's SIGTERM once [`catch_stop_signals`] is in place:
-/// long commands (`train`, `run`) checkpoint and stop cleanly when they see it.
+/// long commands (`train`, `run`, `eval`) keep their finished work and stop when they see it.
 pub static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// When the first stop signal came (CLOCK_MONOTONIC nanoseconds; 0 = none yet).
@@ -35,7 +36,7 @@ fn monotonic_ns() -> u64 {
 static SAY_STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// What the first stop signal prints: the stop is not instant, and how to make it so.
-const STOPPING: &[u8] = b"mlbench: stopping cleanly: training checkpoints at its next step, an evaluation in progress finishes first; a second Ctrl-C (after a second) ends at once without saving\n";
+const STOPPING: &[u8] = b"mlbench: stopping cleanly at the next training step or evaluation batch (finished work is kept); a second Ctrl-C (after a second) ends at once without saving\n";
 
 /// First signal: set [`STOP`] and say so. A repeat within [`REPEAT_WINDOW_NS`]: nothing. A
 /// later one: the user insists, so the process ends at once (default action, no checkpoint).

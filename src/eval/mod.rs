@@ -9,6 +9,8 @@
 //!   intervals, micro and macro averages;
 //! - [`eee`]: an evaluation folder in the Every Eval Ever schema (aggregate and instances; a
 //!   results store's cells are exported by [`crate::runner::eee_store`] with its pieces);
+//! - [`resume`]: a stoppable evaluation's finished (variant, task, language) groups, kept
+//!   under a fingerprint of what decides them and read back by the next run;
 //! - [`lmeval`]: the same results in lm-evaluation-harness's shapes (results file, sample logs);
 //! - [`run`]: prompts (zero- and n-shot), variants (base, adapters, per-task adapter sets),
 //!   scoring of every variant on one loaded base, and the output files.
@@ -18,4 +20,5 @@ pub mod choices;
 pub mod eee;
 pub mod lmeval;
 pub mod metrics;
+pub mod resume;
 pub mod run;

@@ -15,6 +15,7 @@ use serde::Serialize;
 use super::batch::Workload;
 use super::choices::{score_choices, ChoiceRequest};
 use super::metrics::{self, Estimate};
+use super::resume::{adapter_digest, group_fingerprint, groups_dir, Resume};
 use crate::data::schema::{self, Example};
 use crate::data::{catalogue, sample};
 use crate::error::{Error, Result};
@@ -53,13 +54,14 @@ pub struct NamedVariant {
 }
 
 /// One scored example.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Record {
     pub variant: String,
     pub task: String,
     pub lang: String,
     pub id: String,
     pub prompt_sha: String,
+    #[serde(with = "super::resume::f64_bits")]
     pub logprobs: Option<Vec<f64>>,
     pub pred: Option<i64>,
     pub pred_norm: Option<i64>,
@@ -475,16 +477,19 @@ pub fn score_all(
     cfg: &EvalConfig,
     progress: &mut ProgressFn,
 ) -> Result<Vec<Record>> {
-    Ok(score_all_sized(m, variants, items, specs, cfg, progress)?.0)
+    Ok(score_all_sized(m, variants, items, specs, cfg, None, progress)?.0)
 }
 
 /// [`score_all`], with the batch size it ran at (`auto` resolved by [`super::batch::choose`]).
+/// With `resume`, finished groups are kept and read back, and the stop flag ends scoring
+/// ([`super::resume`]).
 pub fn score_all_sized(
     m: &LoadedModel,
     variants: &[NamedVariant],
     items: &[Item],
     specs: &BTreeMap<String, TaskSpec>,
     cfg: &EvalConfig,
+    resume: Option<&Resume>,
     progress: &mut ProgressFn,
 ) -> Result<(Vec<Record>, usize)> {
     let groups = item_groups(items);
@@ -498,21 +503,48 @@ pub fn score_all_sized(
             super::batch::choose(m, &w)?
         }
     };
+    let context = serde_json::to_string(&(crate::util::code_version(), cfg, batch))?;
+    let n_groups = variants.len() * groups.len();
     let mut records = Vec::with_capacity(items.len() * variants.len());
-    for v in variants {
-        for ((task, lang), idx) in &groups {
+    for (vi, v) in variants.iter().enumerate() {
+        for (gi, ((task, lang), idx)) in groups.iter().enumerate() {
             let spec = &specs[task];
+            let adapter = adapter_for(&v.variant, task, lang).map_err(Error::Invalid)?;
+            let kept = vi * groups.len() + gi;
+            let halt = || resume.map_or(Ok(()), |r| r.check(kept, n_groups));
+            let fp = match resume {
+                Some(r) => {
+                    let its: Vec<&Item> = idx.iter().map(|&i| &items[i]).collect();
+                    let fp = group_fingerprint(
+                        &context,
+                        (&v.name, &adapter_digest(adapter)?),
+                        (task, &spec.version.to_string()),
+                        lang,
+                        &its,
+                    )?;
+                    if let Some(saved) = r.load(&fp)? {
+                        r.read_back.set(r.read_back.get() + 1);
+                        progress(&v.name, task, lang, idx.len(), idx.len());
+                        records.extend(saved);
+                        continue;
+                    }
+                    Some((r, fp))
+                }
+                None => None,
+            };
             let g = Group {
                 m,
                 variant: &v.name,
-                adapter: adapter_for(&v.variant, task, lang).map_err(Error::Invalid)?,
+                adapter,
                 task,
                 lang,
                 idx,
                 cfg,
                 batch,
+                halt: &halt,
             };
             progress(&v.name, task, lang, 0, idx.len());
+            let start = records.len();
             let metric_names: Vec<String> = spec.metrics.iter().map(|m| m.name.clone()).collect();
             match spec.scoring {
                 Scoring::MultipleChoice => {
@@ -525,6 +557,9 @@ pub fn score_all_sized(
                     let gen = spec.generation.as_ref().expect("checked");
                     g.generate(items, gen, &metric_names, &mut records, progress)?;
                 }
+            }
+            if let Some((r, fp)) = fp {
+                r.save(&fp, &records[start..])?;
             }
         }
     }
@@ -615,6 +650,8 @@ struct Group<'a> {
     cfg: &'a EvalConfig,
     /// Examples per forward pass (`cfg.batch_size`, `auto` resolved).
     batch: usize,
+    /// Called before each forward pass: an error (a stop request) ends the scoring.
+    halt: &'a dyn Fn() -> Result<()>,
 }
 
 impl Group<'_> {
@@ -631,6 +668,7 @@ impl Group<'_> {
             .collect();
         let mut scores = Vec::with_capacity(reqs.len());
         for (ci, chunk) in reqs.chunks(batch * 8).enumerate() {
+            (self.halt)()?;
             scores.extend(score_choices(
                 &self.m.model,
                 self.adapter,
@@ -703,6 +741,7 @@ impl Group<'_> {
             .map_err(|e| Error::Invalid(format!("task `{task}`: answer_regex: {e}")))?;
         let mut n_done = 0;
         for chunk in self.idx.chunks(self.batch.max(1)) {
+            (self.halt)()?;
             let prompts: Vec<&str> = chunk.iter().map(|&i| items[i].prompt.as_str()).collect();
             let texts = crate::model::score::generate_batch(
                 &self.m.model,
@@ -939,10 +978,38 @@ pub struct EvalReport {
     pub examples_per_s: f64,
     /// The batch size scoring ran at (`auto` resolved).
     pub batch_size: usize,
+    /// (Variant, task, language) groups read back from an interrupted run of this evaluation
+    /// ([`evaluate_stoppable`]); `seconds` covers the others.
+    pub groups_read_back: usize,
 }
 
 /// Checks the data, loads, scores and writes; see the module doc.
 pub fn evaluate(plan: &EvalPlan, out: &Path, progress: &mut ProgressFn) -> Result<EvalReport> {
+    evaluate_with(plan, out, None, progress)
+}
+
+/// [`evaluate`], stoppable and resumable: `stop` ends it before the next forward pass with
+/// [`Error::EvalInterrupted`], keeping the (variant, task, language) groups it finished in
+/// `out/groups/`; the next call with the same `out` reads them back instead of scoring them
+/// again (see [`super::resume`]). The folder is removed once the outputs are written.
+pub fn evaluate_stoppable(
+    plan: &EvalPlan,
+    out: &Path,
+    stop: &std::sync::atomic::AtomicBool,
+    progress: &mut ProgressFn,
+) -> Result<EvalReport> {
+    let r = Resume::new(stop, groups_dir(out));
+    let report = evaluate_with(plan, out, Some(&r), progress)?;
+    r.finish()?;
+    Ok(report)
+}
+
+fn evaluate_with(
+    plan: &EvalPlan,
+    out: &Path,
+    resume: Option<&Resume>,
+    progress: &mut ProgressFn,
+) -> Result<EvalReport> {
     let cfg = &plan.config;
     if !cfg.base && cfg.adapters.is_empty() {
         return Err(Error::Invalid(
@@ -954,7 +1021,9 @@ pub fn evaluate(plan: &EvalPlan, out: &Path, progress: &mut ProgressFn) -> Resul
     let m = crate::model::load(&cfg.model, cfg.dtype.dtype(), &device)?;
     let variants = load_variants(&m, cfg)?;
     let t0 = std::time::Instant::now();
-    let (records, batch_size) = score_all_sized(&m, &variants, &items, &specs, cfg, progress)?;
+    let (records, batch_size) =
+        score_all_sized(&m, &variants, &items, &specs, cfg, resume, progress)?;
+    let read_back = resume.map_or(0, |r| r.read_back.get());
     let seconds = t0.elapsed().as_secs_f64();
     let metrics_rows = summarize(&records, &specs, cfg.seed);
     std::fs::create_dir_all(out).map_err(|e| Error::io("create directory", out, e))?;
@@ -983,6 +1052,9 @@ pub fn evaluate(plan: &EvalPlan, out: &Path, progress: &mut ProgressFn) -> Resul
         })).collect::<Vec<_>>(),
         "seeds": { "seed": cfg.seed, "fewshot": "derive_seed(seed, fewshot, task, lang, id)", "bootstrap": "derive_seed(seed, variant, task, metric)" },
         "examples": items.len(),
+        // Groups an interrupted run of this evaluation finished, read back: `seconds` and the
+        // rate cover only the groups scored in this run.
+        "groups_read_back": read_back,
         "seconds": seconds,
         "examples_per_s": (items.len() * variants.len()) as f64 / seconds.max(1e-9),
         "metrics": metrics_rows,
@@ -993,6 +1065,7 @@ pub fn evaluate(plan: &EvalPlan, out: &Path, progress: &mut ProgressFn) -> Resul
     )?;
     Ok(EvalReport {
         examples_per_s: (items.len() * variants.len()) as f64 / seconds.max(1e-9),
+        groups_read_back: read_back,
         records,
         metrics: metrics_rows,
         seconds,

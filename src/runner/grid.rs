@@ -1,7 +1,9 @@
 //! Running a grid: cells in, finished cells in the store out. A cell trains its method (or
 //! nothing, for `base`), evaluates the result on every task x language (in `work/<key>/eval/`,
-//! removed once the cell is committed), and is committed to the store in one rename. Finished cells are skipped; a cell interrupted while training resumes
-//! from its checkpoint, so a killed run loses at most the step in progress. A cell is worked on
+//! removed once the cell is committed), and is committed to the store in one rename. Finished
+//! cells are skipped; a cell stopped while training resumes from its checkpoint (a killed run
+//! loses at most the step in progress), one stopped while evaluating from the (task, language)
+//! groups it finished ([`crate::eval::resume`]). A cell is worked on
 //! only under its claim in the store ([`super::lock`]): a second process on the same store
 //! (a requeued array job, an overlapping shard) skips or waits for a cell that is claimed.
 
@@ -11,7 +13,7 @@ use std::time::Instant;
 
 use super::store::Store;
 use crate::error::{Error, Result};
-use crate::eval::run::{evaluate, metrics_frame, samples_frame, Record};
+use crate::eval::run::{evaluate_stoppable, metrics_frame, samples_frame, Record};
 use crate::plan::grid::Cell;
 use crate::plan::{EvalPlan, Method, TrainPlan};
 
@@ -76,7 +78,8 @@ pub fn training_sibling<'a>(cell: &Cell, cells: &'a [Cell]) -> Option<&'a Cell> 
 }
 
 /// Runs one cell. `stop` is the Ctrl-C flag (training checkpoints and returns
-/// [`Error::Interrupted`]). `sibling` is a cell whose training run serves this one too (see
+/// [`Error::Interrupted`]; evaluation keeps its finished groups and returns
+/// [`Error::EvalInterrupted`]). `sibling` is a cell whose training run serves this one too (see
 /// [`training_sibling`]): that run is trained (or found) in the sibling's work folder.
 /// `progress` hears the training steps and then the evaluation's items per task and language.
 #[allow(clippy::too_many_arguments)]
@@ -122,8 +125,9 @@ pub fn run_cell(
         progress(&format!("{label} eval {task}/{lang} {done}/{total}"))
     };
     let plan = EvalPlan::resolve(data_dir, trained.eval.clone())?;
-    let report = evaluate(&plan, &work.join("eval"), &mut evaluating)?;
+    let report = evaluate_stoppable(&plan, &work.join("eval"), stop, &mut evaluating)?;
     let eval_s = t1.elapsed().as_secs_f64();
+    let report_groups_read_back = report.groups_read_back;
     let (records, metrics) = cell_results(report, trained.variant, cell)?;
     let training = match &trained.run_dir {
         Some(run) => training_facts(run, cell.method)?,
@@ -140,6 +144,8 @@ pub fn run_cell(
         // The cell whose work folder holds the training run, when not this one.
         "train_run_of": sibling.filter(|_| cell.train.is_some()).map(|s| s.key.clone()),
         "eval_seconds": eval_s,
+        // Evaluation groups an interrupted run finished (not timed in `eval_seconds`).
+        "eval_groups_read_back": report_groups_read_back,
         "finished_at_unix": std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

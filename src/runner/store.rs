@@ -10,8 +10,8 @@
 //! - `parts/metrics-<generation>.parquet`, `parts/samples-<generation>.parquet`: the rows of many
 //!   cells compacted by `mlbench merge` (and at the end of an unsharded `mlbench run`), whose
 //!   per-cell Parquet files are then removed;
-//! - `work/<key>/`: the training run and evaluation output of a cell in progress (a killed run
-//!   resumes from its checkpoint).
+//! - `work/<key>/`: the training run and evaluation output of a cell in progress (a stopped
+//!   run resumes from its checkpoint, or from the evaluation groups kept in `eval/groups/`).
 //!
 //! - `locks/<key>.lock`, `locks/store.lock`: claims on a cell and on compaction (see
 //!   [`super::lock`]): a process works on a cell, or merges, only while it holds the claim.
