@@ -78,12 +78,29 @@ mkdir -p studies
 sed 's/^ks = \[8, 16, 32, 64\]$/ks = [16, 64]/' benchmarks/sib200-grid.toml >"$first.tmp"
 grep -q '^ks = \[16, 64\]$' "$first.tmp" || { echo "studies.sh: ks line of the SIB-200 grid file changed" >&2; exit 2; }
 mv "$first.tmp" "$first"
-# Order (session 15): what the issue needs first, then the most answer per CPU hour: SIB-200
+# The multi-task grid's tuned MeTA-LoRA cells at K = 64 (meta-lora, meta-lora+tta sharing its
+# training run, stage2-only) come first in their own pass: with the collapse grid's untuned
+# cells they say whether tuning removes the collapse. The pass's file is the grid's without
+# `lora-full` (its method table dropped, `stage2-only` the reference so the file is valid); a
+# cell's key depends on neither, so both name the same cells (checked with --dry-run, like
+# SIB-200's first pass).
+meta64=studies/.multitask-k64-meta.toml
+sed -e 's/^methods = \[.*\]$/methods = ["meta-lora", "meta-lora+tta", "stage2-only"]/' \
+  -e 's/^ks = \[16, 64\]$/ks = [64]/' -e 's/^reference = "lora-full"$/reference = "stage2-only"/' \
+  benchmarks/multitask.toml | awk '/^\[/ { skip = ($0 == "[method.lora-full]") } !skip' >"$meta64.tmp"
+grep -q '^ks = \[64\]$' "$meta64.tmp" && grep -q '^methods = \["meta-lora", ' "$meta64.tmp" &&
+  grep -q '^reference = "stage2-only"$' "$meta64.tmp" ||
+  { echo "studies.sh: methods, ks or reference line of the multi-task grid file changed" >&2; exit 2; }
+mv "$meta64.tmp" "$meta64"
+
+# Order (session 16): what the issue needs first, then the most answer per CPU hour: SIB-200
 # at K = 16 and 64 (the minimum for its verdicts), the collapse grid (9 cells, about 3
-# worker-hours, one whole question), SIB-200 at K = 8 and 32 (about 4.5), the multi-task grid
-# (28 cells, about 8).
+# worker-hours) and the tuned multi-task MeTA-LoRA cells at K = 64 (9 cells, 6 trainings: the
+# collapse question answered whole), SIB-200 at K = 8 and 32 (about 4.5), the rest of the
+# multi-task grid.
 grids=("$first studies/sib200"
   "benchmarks/multitask-collapse.toml studies/multitask"
+  "$meta64 studies/multitask"
   "benchmarks/sib200-grid.toml studies/sib200"
   "benchmarks/multitask.toml studies/multitask")
 
