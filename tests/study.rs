@@ -282,6 +282,41 @@ fn a_study_selects_on_dev_reports_verdicts_budget_and_diagnostics() {
         "sections in the protocol's order"
     );
     assert!(rep.join("curves.png").exists() && rep.join("labels.md").exists());
+    // One line of diagnostics per cell: trained cells with their steps, losses and update norms
+    // from the step log, the untrained base without.
+    let dynamics = std::fs::read_to_string(rep.join("dynamics.csv")).unwrap();
+    let cells: Vec<Vec<&str>> = dynamics
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    for want in [
+        "base,0,0,",
+        "lora-full,full,1,",
+        "lora-k,4,0,",
+        "lora-k,4,1,",
+    ] {
+        assert!(
+            dynamics.lines().any(|l| l.starts_with(want)),
+            "{want}: {dynamics}"
+        );
+    }
+    for c in &cells {
+        assert_eq!(c[3], "2", "two units (languages) per cell: {c:?}");
+        let share: f64 = c[4].parse().unwrap();
+        assert!(share > 0.0 && share <= 1.0, "{c:?}");
+        if c[0] == "base" {
+            assert_eq!((c[9], c[11], c[12]), ("", "0", ""), "{c:?}");
+        } else {
+            let steps: usize = c[11].parse().unwrap();
+            let norm: f64 = c[12].parse().unwrap();
+            let (first, last): (f64, f64) = (c[9].parse().unwrap(), c[10].parse().unwrap());
+            assert!(
+                steps > 0 && norm > 0.0 && first.is_finite() && last.is_finite(),
+                "{c:?}"
+            );
+        }
+    }
     // Every selection candidate with its dev score (as recorded), the choice and its diagnostics.
     let csv = std::fs::read_to_string(rep.join("selection.csv")).unwrap();
     let rows: Vec<Vec<&str>> = csv

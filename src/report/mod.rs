@@ -3,7 +3,8 @@
 //! written beside its final place and renamed into it: `index.html` (self-contained, plots
 //! inline, each shown at its size in CSS pixels), `table.md`, `table.csv`, `table.tex`, the
 //! plots as PNG (300 dpi) and SVG ([`plot`], [`figure`]), and for a
-//! study `verdicts.{md,csv,tex}`, `budget.{md,csv}`, `labels.md`, `setup.md`,
+//! study `verdicts.{md,csv,tex}`, `budget.{md,csv}`, `dynamics.{md,csv}` (one line of
+//! diagnostics per cell: [`crate::runner::dynamics`]), `labels.md`, `setup.md`,
 //! `curves.{png,svg}` and, when its methods were searched on dev, `selection.{md,csv}`. The page
 //! follows `../shared/docs/study.md`, section 5: setup, verdicts, accuracy, budget, the
 //! efficiency plot, diagnostics, and a plain-words reading; then every selection candidate.
@@ -17,6 +18,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::runner::candidates::{self, Search};
 use crate::runner::compare::{k_label, Table};
+use crate::runner::dynamics;
 use crate::runner::study::{self, BudgetRow, Curve, LabelDist, Setup};
 use crate::runner::verdict::{exploratory, VerdictTable};
 use crate::util::write_bytes_atomic;
@@ -263,12 +265,16 @@ fn study_sections(st: &Study, dir: &Path) -> Result<[String; 3]> {
         ),
         format!(
             r#"<h2>Diagnostics</h2>
+<h3>Per cell</h3>
+<div class="wide">{dynamics}</div><p><small>{dnote}</small></p>
 <h3>Predicted labels against gold (test)</h3>
 <p><small>A cell is flagged when one label takes more than 80% of its predictions and less than 50% of the gold labels.</small></p>
 <div class="wide">{labels}</div>
 <h3>Training curves</h3>
 {curves}
 {search}"#,
+            dynamics = dynamics::html(&dynamics::summarize(&st.dists, &st.curves)),
+            dnote = esc(dynamics::NOTE),
             labels = study::dists_html(&st.dists),
             curves = png_img(
                 dir,
@@ -314,6 +320,12 @@ fn write_study_files(st: &Study, dir: &Path) -> Result<()> {
         &dir.join("budget.csv"),
         study::budget_csv(&st.budget).as_bytes(),
     )?;
+    let rows = dynamics::summarize(&st.dists, &st.curves);
+    write_bytes_atomic(
+        &dir.join("dynamics.md"),
+        dynamics::markdown(&rows).as_bytes(),
+    )?;
+    write_bytes_atomic(&dir.join("dynamics.csv"), dynamics::csv(&rows).as_bytes())?;
     write_bytes_atomic(
         &dir.join("labels.md"),
         study::dists_markdown(&st.dists).as_bytes(),
@@ -342,9 +354,9 @@ pub fn write_report(
                 (
                     study_sections(st, tmp)?,
                     if st.searches.is_empty() {
-                        " verdicts.md/.csv/.tex, budget.md/.csv, labels.md, setup.md, curves.png/.svg."
+                        " verdicts.md/.csv/.tex, budget.md/.csv, dynamics.md/.csv, labels.md, setup.md, curves.png/.svg."
                     } else {
-                        " verdicts.md/.csv/.tex, budget.md/.csv, labels.md, setup.md, curves.png/.svg, selection.md/.csv."
+                        " verdicts.md/.csv/.tex, budget.md/.csv, dynamics.md/.csv, labels.md, setup.md, curves.png/.svg, selection.md/.csv."
                     },
                 )
             }

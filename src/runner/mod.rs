@@ -11,10 +11,12 @@
 //! - [`compare`]: tables over the store (mean over seeds with intervals, paired tests);
 //! - [`stats`]: seed-aware intervals, paired bootstrap differences, non-inferiority verdicts;
 //! - [`verdict`]: the verdict table of a study against its declared reference and margin;
-//! - [`study`]: the budget table, label-distribution diagnostics and the setup block.
+//! - [`study`]: the budget table, label-distribution diagnostics and the setup block;
+//! - [`dynamics`]: one line per cell of those diagnostics (collapse, loss, update norms).
 
 pub mod candidates;
 pub mod compare;
+pub mod dynamics;
 pub mod eee_store;
 pub mod grid;
 pub mod lock;
