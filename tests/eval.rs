@@ -215,6 +215,29 @@ fn cfg(d: &Data) -> EvalConfig {
     }
 }
 
+/// A PEFT adapter for `d`'s model drawn from `seed`, with B = 0.05 everywhere (so it changes
+/// the scores), saved under `d`'s folder; returns its folder.
+fn adapter(d: &Data, seed: u64) -> PathBuf {
+    let dev = candle_core::Device::Cpu;
+    let m = mlbench::model::load_dir(&d.model, DType::F32, &dev).unwrap();
+    let ad = mlbench::model::lora::Adapter::new(
+        "a",
+        mlbench::model::lora::LoraConfig::default(),
+        &m.model.modules(),
+        seed,
+        DType::F32,
+        &dev,
+    )
+    .unwrap();
+    for p in ad.pairs.values() {
+        let ones = candle_core::Tensor::ones(p.b.dims(), DType::F32, &dev).unwrap();
+        p.b.set(&ones.affine(0.05, 0.0).unwrap()).unwrap();
+    }
+    let dir = d._tmp.path().join("adapters").join(format!("seed{seed}")).join("ad");
+    ad.save_peft(&dir).unwrap();
+    dir
+}
+
 fn eval_cli(d: &Data, extra: &[&str], out: &Path) -> std::process::Output {
     let mut args = vec![
         "--data-dir",
@@ -239,22 +262,7 @@ fn records_join_the_dataset_and_metrics_recompute_from_them() {
     let d = data();
     let out = d._tmp.path().join("ev");
     // An adapter with non-zero B, so the variants differ.
-    let m = mlbench::model::load_dir(&d.model, DType::F32, &candle_core::Device::Cpu).unwrap();
-    let ad = mlbench::model::lora::Adapter::new(
-        "a",
-        mlbench::model::lora::LoraConfig::default(),
-        &m.model.modules(),
-        3,
-        DType::F32,
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    for p in ad.pairs.values() {
-        let ones = candle_core::Tensor::ones(p.b.dims(), DType::F32, &candle_core::Device::Cpu);
-        p.b.set(&ones.unwrap().affine(0.05, 0.0).unwrap()).unwrap();
-    }
-    let adir = d._tmp.path().join("ad");
-    ad.save_peft(&adir).unwrap();
+    let adir = adapter(&d, 3);
     let o = eval_cli(&d, &["--adapters", adir.to_str().unwrap()], &out);
     assert!(o.status.success(), "{}", stderr(&o));
     let s = mlbench::data::schema::read_parquet(&out.join("samples.parquet")).unwrap();
@@ -951,22 +959,7 @@ fn a_stopped_evaluation_resumes_from_its_finished_groups() {
     use mlbench::eval::run::{evaluate, evaluate_stoppable};
     use std::sync::atomic::{AtomicBool, Ordering};
     let d = data();
-    let m = mlbench::model::load_dir(&d.model, DType::F32, &candle_core::Device::Cpu).unwrap();
-    let ad = mlbench::model::lora::Adapter::new(
-        "a",
-        mlbench::model::lora::LoraConfig::default(),
-        &m.model.modules(),
-        5,
-        DType::F32,
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    for p in ad.pairs.values() {
-        let ones = candle_core::Tensor::ones(p.b.dims(), DType::F32, &candle_core::Device::Cpu);
-        p.b.set(&ones.unwrap().affine(0.05, 0.0).unwrap()).unwrap();
-    }
-    let adir = d._tmp.path().join("ad");
-    ad.save_peft(&adir).unwrap();
+    let adir = adapter(&d, 5);
     let mut c = cfg(&d);
     c.adapters = vec![format!("a={}", adir.display())];
     c.batch_size = mlbench::plan::eval::BatchSize::Fixed(2);

@@ -534,15 +534,10 @@ fn a_cell_stopped_while_evaluating_resumes_from_its_finished_groups() {
         Store::new(s.tmp.path().join("whole")),
     );
     let stop = AtomicBool::new(false);
-    let done = run_cell(
-        &s.data,
-        &whole,
-        cell,
-        None,
-        WhenBusy::Skip,
-        &stop,
-        &mut |_| {},
-    );
+    let run = |store: &Store, progress: &mut dyn FnMut(&str)| {
+        run_cell(&s.data, store, cell, None, WhenBusy::Skip, &stop, progress)
+    };
+    let done = run(&whole, &mut |_| {});
     assert!(matches!(done, Ok(Outcome::Done { .. })), "{done:?}");
 
     // Raise the flag once the first language's items are all scored ("... eval toy/en 9/9").
@@ -552,15 +547,7 @@ fn a_cell_stopped_while_evaluating_resumes_from_its_finished_groups() {
             stop.store(true, Ordering::SeqCst);
         }
     };
-    match run_cell(
-        &s.data,
-        &stopped,
-        cell,
-        None,
-        WhenBusy::Skip,
-        &stop,
-        &mut raise,
-    ) {
+    match run(&stopped, &mut raise) {
         Err(mlbench::Error::EvalInterrupted {
             kept: 1, groups: 2, ..
         }) => {}
@@ -571,15 +558,7 @@ fn a_cell_stopped_while_evaluating_resumes_from_its_finished_groups() {
     assert_eq!(files_in(&groups).len(), 1);
 
     stop.store(false, Ordering::SeqCst);
-    let again = run_cell(
-        &s.data,
-        &stopped,
-        cell,
-        None,
-        WhenBusy::Skip,
-        &stop,
-        &mut |_| {},
-    );
+    let again = run(&stopped, &mut |_| {});
     assert!(matches!(again, Ok(Outcome::Done { .. })), "{again:?}");
     let info: serde_json::Value = serde_json::from_slice(
         &std::fs::read(stopped.cell_dir(&cell.key).join("cell.json")).unwrap(),
