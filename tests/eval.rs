@@ -233,7 +233,12 @@ fn adapter(d: &Data, seed: u64) -> PathBuf {
         let ones = candle_core::Tensor::ones(p.b.dims(), DType::F32, &dev).unwrap();
         p.b.set(&ones.affine(0.05, 0.0).unwrap()).unwrap();
     }
-    let dir = d._tmp.path().join("adapters").join(format!("seed{seed}")).join("ad");
+    let dir = d
+        ._tmp
+        .path()
+        .join("adapters")
+        .join(format!("seed{seed}"))
+        .join("ad");
     ad.save_peft(&dir).unwrap();
     dir
 }

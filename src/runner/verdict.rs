@@ -208,16 +208,29 @@ impl VerdictTable {
         s
     }
 
+    /// The header: method, K, seeds, then the columns (exploratory ones marked).
+    fn head(&self) -> Vec<String> {
+        let mut h = vec!["method".to_string(), "K".to_string(), "seeds".to_string()];
+        h.extend(self.columns.iter().map(|c| header(c, &self.columns)));
+        h
+    }
+
+    /// Per row its label cells (method, K, seeds paired) and its verdicts as `fmt` writes them:
+    /// the one layout every format shares.
+    fn labelled<T>(&self, fmt: impl Fn(&Option<Judged>) -> T) -> Vec<([String; 3], Vec<T>)> {
+        self.rows
+            .iter()
+            .map(|((m, k), js)| {
+                let label = [m.clone(), k_label(m, *k), row_seeds(js).to_string()];
+                (label, js.iter().map(&fmt).collect())
+            })
+            .collect()
+    }
+
     fn grid(&self) -> Vec<Vec<String>> {
-        let mut rows = vec![{
-            let mut h = vec!["method".to_string(), "K".to_string(), "seeds".to_string()];
-            h.extend(self.columns.iter().map(|c| header(c, &self.columns)));
-            h
-        }];
-        for ((m, k), js) in &self.rows {
-            let mut r = vec![m.clone(), k_label(m, *k), row_seeds(js).to_string()];
-            r.extend(js.iter().map(cell));
-            rows.push(r);
+        let mut rows = vec![self.head()];
+        for (label, cells) in self.labelled(cell) {
+            rows.push(label.into_iter().chain(cells).collect());
         }
         rows
     }
@@ -293,19 +306,14 @@ impl VerdictTable {
             "method & $K$ & seeds & {} \\\\\n\\midrule\n",
             heads.join(" & ")
         ));
-        for ((m, k), js) in &self.rows {
-            let cells: Vec<String> = js
-                .iter()
-                .map(|j| match j {
-                    None => "--".into(),
-                    Some(j) => j.describe(|x| format!("${x:+.1}$")),
-                })
-                .collect();
+        let tex = |j: &Option<Judged>| match j {
+            None => "--".to_string(),
+            Some(j) => j.describe(|x| format!("${x:+.1}$")),
+        };
+        for ([m, k, seeds], cells) in self.labelled(tex) {
             s.push_str(&format!(
-                "{} & {} & {} & {} \\\\\n",
-                esc(m),
-                k_label(m, *k),
-                row_seeds(js),
+                "{} & {k} & {seeds} & {} \\\\\n",
+                esc(&m),
                 cells.join(" & ")
             ));
         }
@@ -317,31 +325,27 @@ impl VerdictTable {
     /// HTML table (the report's).
     pub fn html(&self) -> String {
         let esc = crate::util::html_escape;
-        let rows = self.grid();
         let mut s = String::from("<table class=\"verdicts\">\n<thead><tr>");
-        for h in &rows[0] {
-            s.push_str(&format!("<th>{}</th>", esc(h)));
+        for h in self.head() {
+            s.push_str(&format!("<th>{}</th>", esc(&h)));
         }
         s.push_str("</tr></thead>\n<tbody>\n");
-        for ((m, k), js) in &self.rows {
-            s.push_str(&format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td>",
-                esc(m),
-                k_label(m, *k),
-                row_seeds(js)
-            ));
-            for j in js {
-                match j {
-                    None => s.push_str("<td>-</td>"),
-                    Some(j) => s.push_str(&format!(
-                        "<td class=\"{v}\">{:+.1} <small>[{:+.1}, {:+.1}]</small> <b>{v}</b></td>",
-                        100.0 * j.paired.diff,
-                        100.0 * j.paired.low,
-                        100.0 * j.paired.high,
-                        v = j.verdict.name()
-                    )),
-                }
+        let td = |j: &Option<Judged>| match j {
+            None => "<td>-</td>".to_string(),
+            Some(j) => format!(
+                "<td class=\"{v}\">{:+.1} <small>[{:+.1}, {:+.1}]</small> <b>{v}</b></td>",
+                100.0 * j.paired.diff,
+                100.0 * j.paired.low,
+                100.0 * j.paired.high,
+                v = j.verdict.name()
+            ),
+        };
+        for (label, cells) in self.labelled(td) {
+            s.push_str("<tr>");
+            for l in label {
+                s.push_str(&format!("<td>{}</td>", esc(&l)));
             }
+            s.push_str(&cells.concat());
             s.push_str("</tr>\n");
         }
         s.push_str("</tbody>\n</table>\n");
