@@ -725,6 +725,54 @@ fn a_study_can_take_its_settings_from_another_studys_selection() {
     assert!(setup.contains("used here unchanged"), "{setup}");
     let sel = std::fs::read_to_string(rep.join("selection.md")).unwrap();
     assert!(sel.contains("its cells are not in this store"), "{sel}");
+    assert!(
+        !setup.contains("chosen on the dev split of this model"),
+        "{setup}"
+    );
+
+    // The same grid in (a copy of) the selection's own store: its candidates ran there on the
+    // same model, data, tasks and languages, so the choice was made on this data, and the
+    // report says so.
+    let here = a.dir.join("store-a-copy");
+    let cp = std::process::Command::new("cp")
+        .args(["-r", a.store.to_str().unwrap(), here.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let o = cli(
+        &a.data,
+        &[
+            "run",
+            exp.to_str().unwrap(),
+            "--store",
+            here.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rep = a.dir.join("report-b-here");
+    let o = cli(
+        &a.data,
+        &[
+            "compare",
+            "--store",
+            here.to_str().unwrap(),
+            "--experiment",
+            "study-b",
+            "--out",
+            rep.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let setup = std::fs::read_to_string(rep.join("setup.md")).unwrap();
+    assert!(
+        setup.contains("chosen on the dev split of this model"),
+        "{setup}"
+    );
+    let html = std::fs::read_to_string(rep.join("index.html")).unwrap();
+    assert!(
+        html.contains("the same model, tasks and languages"),
+        "reading"
+    );
 
     // While a study is still selecting (no grid cell yet), compare shows the candidates so far.
     remove_cells(&a.store, |c| c["experiment"] == "study");

@@ -835,7 +835,17 @@ fn study_parts(
     let budget = study::budget(&infos, &rows);
     let dists = study::label_distributions(samples)?;
     let selection = experiment.and_then(|e| mlbench::runner::select::read_record(store, e));
-    let setup = study::setup(&infos, selection.as_ref(), Some(reference), margin);
+    let from = match &selection {
+        Some(r) => study::settings_source(store, r, &infos)?,
+        None => None,
+    };
+    let setup = study::setup(
+        &infos,
+        selection.as_ref(),
+        from.as_ref(),
+        Some(reference),
+        margin,
+    );
     let curves = study::curves(store, &infos)?;
     let searches = match &selection {
         Some(r) => mlbench::runner::candidates::searches(store, r)?,
@@ -848,7 +858,7 @@ fn study_parts(
         setup,
         curves,
         selected: selection.is_some(),
-        settings_from: selection.as_ref().and_then(study::settings_from),
+        settings_from: from,
         searches,
     })
 }

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::runner::candidates::{self, Search};
 use crate::runner::compare::{k_label, Table};
 use crate::runner::dynamics;
-use crate::runner::study::{self, BudgetRow, Curve, LabelDist, Setup};
+use crate::runner::study::{self, BudgetRow, Curve, LabelDist, SettingsFrom, Setup};
 use crate::runner::verdict::{exploratory, VerdictTable};
 use crate::util::write_bytes_atomic;
 
@@ -165,7 +165,7 @@ pub struct Study {
     /// choices were taken).
     pub selected: bool,
     /// The other study's selection record the settings came from (`[study] settings_from`).
-    pub settings_from: Option<String>,
+    pub settings_from: Option<SettingsFrom>,
     /// Every candidate of the selection (empty when nothing was searched).
     pub searches: Vec<Search>,
 }
@@ -176,7 +176,7 @@ pub fn reading(
     v: &VerdictTable,
     dists: &[LabelDist],
     selected: bool,
-    settings_from: Option<&str>,
+    settings_from: Option<&SettingsFrom>,
 ) -> String {
     let mut s = String::new();
     for ((m, k), js) in &v.rows {
@@ -213,8 +213,13 @@ pub fn reading(
         v.margin
     ));
     match settings_from {
+        Some(f) if f.same_data => s.push_str(&format!(
+            "; the hyper-parameters were chosen on the dev split of the same model, tasks and languages (the selection {}) at one K and seed and fixed for every seed and K, so a method's verdict may change with settings searched at another K",
+            f.record
+        )),
         Some(f) => s.push_str(&format!(
-            "; the hyper-parameters were chosen on the dev split of another study ({f}) and used here unchanged, so a method's verdict may change with settings searched on this experiment's own data"
+            "; the hyper-parameters were chosen on the dev split of another study ({}) and used here unchanged, so a method's verdict may change with settings searched on this experiment's own data",
+            f.record
         )),
         None if selected => s.push_str(
             "; the hyper-parameters were chosen on the dev split for every searched method alike",
@@ -253,7 +258,7 @@ fn study_sections(st: &Study, dir: &Path) -> Result<[String; 3]> {
                 &st.verdicts,
                 &st.dists,
                 st.selected,
-                st.settings_from.as_deref()
+                st.settings_from.as_ref()
             )),
         ),
         format!(

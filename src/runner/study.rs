@@ -544,10 +544,12 @@ fn put(lines: &mut Vec<(String, String)>, k: &str, v: String) {
 }
 
 /// The setup block of the compared cells. `selection` is the store's selection record of the
-/// experiment (when it ran a search), `reference` and `margin` the declaration.
+/// experiment (when it ran a search or took another study's choices: `from`, see
+/// [`settings_source`]), `reference` and `margin` the declaration.
 pub fn setup(
     infos: &[CellInfo],
     selection: Option<&serde_json::Value>,
+    from: Option<&SettingsFrom>,
     reference: Option<&str>,
     margin: f64,
 ) -> Setup {
@@ -573,8 +575,10 @@ pub fn setup(
     put(
         &mut lines,
         "selection",
-        if let Some(f) = selection.and_then(settings_from) {
-            format!("the hyper-parameters and lengths of the methods marked \"settings from\" were chosen on the dev split of another study ({f}) and used here unchanged, not searched on this experiment's data (lora-full's length by early stopping on this experiment's dev split where set); a true few-shot setting would not have a dev split this large")
+        if let Some(f) = from.filter(|f| f.same_data) {
+            format!("the hyper-parameters and lengths of the methods marked \"settings from\" were chosen on the dev split of this model, these datasets, tasks and languages by the selection of another experiment ({}; its candidates' cells are in this store) and fixed for every seed and K (lora-full's length by early stopping on dev where set); a true few-shot setting would not have a dev split this large", f.record)
+        } else if let Some(f) = from {
+            format!("the hyper-parameters and lengths of the methods marked \"settings from\" were chosen on the dev split of another study ({}) and used here unchanged, not searched on this experiment's data (lora-full's length by early stopping on this experiment's dev split where set); a true few-shot setting would not have a dev split this large", f.record)
         } else if selection.is_some() {
             "the searched hyper-parameters and lengths were chosen on the dev split, for every searched method alike (lora-full's length by early stopping on dev where set); a true few-shot setting would not have a dev split this large".into()
         } else {
@@ -725,6 +729,57 @@ pub fn settings_from(selection: &serde_json::Value) -> Option<String> {
         .as_object()?
         .values()
         .find_map(|e| e["from"].as_str().map(str::to_string))
+}
+
+/// Where a study's settings came from when `[study] settings_from` named another study's
+/// selection record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SettingsFrom {
+    /// The record's path.
+    pub record: String,
+    /// The record's candidates ran, in this store, on the compared cells' model weights,
+    /// datasets, tasks and languages: the choice was made on this data's dev split, by another
+    /// experiment (a grid split from its selection), not on other data.
+    pub same_data: bool,
+}
+
+/// What decides a cell's data: model weights, datasets manifest, tasks and languages.
+fn data_identity(c: &CellInfo) -> String {
+    let (info, eval) = (&c.doc["info"], &c.doc["cell"]["eval"]);
+    serde_json::json!([
+        info["model_sha256"],
+        info["datasets_manifest_sha256"],
+        eval["tasks"],
+        eval["langs"]
+    ])
+    .to_string()
+}
+
+/// The [`SettingsFrom`] of a selection `record` taken from another study, with its candidates'
+/// cells read from `store` and compared with the compared cells `infos` (none found: not the
+/// same data, as far as this store can tell).
+pub fn settings_source(
+    store: &Store,
+    record: &serde_json::Value,
+    infos: &[CellInfo],
+) -> Result<Option<SettingsFrom>> {
+    let Some(path) = settings_from(record) else {
+        return Ok(None);
+    };
+    let keys: HashSet<String> = record
+        .as_object()
+        .into_iter()
+        .flat_map(|o| o.values())
+        .filter(|m| m["from"].is_string())
+        .flat_map(|m| m["candidates"].as_array().into_iter().flatten())
+        .filter_map(|c| c["key"].as_str().map(str::to_string))
+        .collect();
+    let candidates = cell_infos(store, &keys)?;
+    let ids: HashSet<String> = candidates.iter().chain(infos).map(data_identity).collect();
+    Ok(Some(SettingsFrom {
+        record: path,
+        same_data: !candidates.is_empty() && !infos.is_empty() && ids.len() == 1,
+    }))
 }
 
 /// The training settings a run recorded, `key=value` separated by spaces (unset ones left out).
