@@ -706,21 +706,26 @@ fn a_study_can_take_its_settings_from_another_studys_selection() {
     .unwrap();
     assert_eq!(rec["lora-k"]["chosen"], chosen);
     assert_eq!(rec["lora-k"]["from"], record.display().to_string());
-    let rep = a.dir.join("report-b");
-    let o = cli(
-        &a.data,
-        &[
-            "compare",
-            "--store",
-            store_b.to_str().unwrap(),
-            "--experiment",
-            "study-b",
-            "--out",
-            rep.to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let setup = std::fs::read_to_string(rep.join("setup.md")).unwrap();
+    // study-b's report from `store` into `a.dir/name`: its folder and setup block.
+    let report_b = |store: &Path, name: &str| {
+        let rep = a.dir.join(name);
+        let o = cli(
+            &a.data,
+            &[
+                "compare",
+                "--store",
+                store.to_str().unwrap(),
+                "--experiment",
+                "study-b",
+                "--out",
+                rep.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let setup = std::fs::read_to_string(rep.join("setup.md")).unwrap();
+        (rep, setup)
+    };
+    let (rep, setup) = report_b(&store_b, "report-b");
     assert!(setup.contains("| lora-k: settings from |"), "{setup}");
     assert!(setup.contains("used here unchanged"), "{setup}");
     let sel = std::fs::read_to_string(rep.join("selection.md")).unwrap();
@@ -749,21 +754,7 @@ fn a_study_can_take_its_settings_from_another_studys_selection() {
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let rep = a.dir.join("report-b-here");
-    let o = cli(
-        &a.data,
-        &[
-            "compare",
-            "--store",
-            here.to_str().unwrap(),
-            "--experiment",
-            "study-b",
-            "--out",
-            rep.to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let setup = std::fs::read_to_string(rep.join("setup.md")).unwrap();
+    let (rep, setup) = report_b(&here, "report-b-here");
     assert!(
         setup.contains("chosen on the dev split of this model"),
         "{setup}"
