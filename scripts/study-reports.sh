@@ -11,13 +11,32 @@ cd "$(dirname "$0")/.."
 BIN=${1:-target/release/mlbench}
 [ -x "$BIN" ] || cargo build --release --locked
 
-# report STORE EXPERIMENT OUT [ARGS...]: the comparison report of EXPERIMENT's cells in STORE.
+# finished STORE EXPERIMENT [METHOD]: whether STORE holds a finished cell of EXPERIMENT (of
+# METHOD, when named).
+finished() {
+  python3 - "$@" <<'PY'
+import glob, json, sys
+store, exp = sys.argv[1], sys.argv[2]
+method = sys.argv[3] if len(sys.argv) > 3 else None
+for f in glob.glob(f"{store}/cells/*/cell.json"):
+    c = json.load(open(f))["cell"]
+    if c["experiment"] == exp and method in (None, c["method"]):
+        sys.exit(0)
+sys.exit(1)
+PY
+}
+
+# report STORE EXPERIMENT OUT [--reference METHOD]: the comparison report of EXPERIMENT's cells
+# in STORE (against METHOD when named, which must have a finished cell: else no report yet).
 report() {
   local store=$1 exp=$2 out=$3
   shift 3
-  local cells=("$store"/cells/*/cell.json)
-  if [ ${#cells[@]} -eq 0 ] || ! grep -q -E "\"experiment\": ?\"$exp\"" "${cells[@]}"; then
+  if ! finished "$store" "$exp"; then
     echo "study-reports.sh: no finished cell of $exp in $store yet: no report of $out" >&2
+    return 0
+  fi
+  if [ "${1:-}" = --reference ] && ! finished "$store" "$exp" "$2"; then
+    echo "study-reports.sh: no finished $2 cell of $exp in $store yet: no report of $out" >&2
     return 0
   fi
   "$BIN" compare --store "$store" --experiment "$exp" --out "$out" "$@"
