@@ -726,6 +726,7 @@ fn a_study_can_take_its_settings_from_another_studys_selection() {
         (rep, setup)
     };
     let (rep, setup) = report_b(&store_b, "report-b");
+    let labels_b = std::fs::read_to_string(rep.join("labels.md")).unwrap();
     assert!(setup.contains("| lora-k: settings from |"), "{setup}");
     assert!(setup.contains("used here unchanged"), "{setup}");
     let sel = std::fs::read_to_string(rep.join("selection.md")).unwrap();
@@ -755,6 +756,21 @@ fn a_study_can_take_its_settings_from_another_studys_selection() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let (rep, setup) = report_b(&here, "report-b-here");
+    // The label diagnostics read study-b's records only: the first study's grid cells and its
+    // dev-split candidates share methods, K and seeds with them in this store, and each row
+    // counts the same test items as in study-b's own store.
+    let counts = |labels: &str| -> Vec<String> {
+        labels
+            .lines()
+            .skip(2)
+            .map(|l| l.split('|').take(7).collect::<Vec<_>>().join("|"))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    };
+    let labels_here = std::fs::read_to_string(rep.join("labels.md")).unwrap();
+    assert!(counts(&labels_b).iter().any(|r| r.contains("| lora-k |")));
+    assert_eq!(counts(&labels_here), counts(&labels_b), "{labels_here}");
     assert!(
         setup.contains("chosen on the dev split of this model"),
         "{setup}"

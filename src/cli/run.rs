@@ -833,7 +833,7 @@ fn study_parts(
         })
         .collect();
     let budget = study::budget(&infos, &rows);
-    let dists = study::label_distributions(samples)?;
+    let dists = study::label_distributions(&compare::selected_samples(samples, q)?)?;
     let selection = experiment.and_then(|e| mlbench::runner::select::read_record(store, e));
     let from = match &selection {
         Some(r) => study::settings_source(store, r, &infos)?,

@@ -363,6 +363,31 @@ fn seeds_bootstrap(
     (low.is_finite() && high.is_finite()).then_some((low, high))
 }
 
+/// The per-example rows of `samples` that `q` selects: its experiment, tasks, methods and (when
+/// named) languages. A store holds several experiments (a grid beside its selection's dev-split
+/// candidates, or two grids with the same method names), so anything read per (method, K, seed)
+/// from the records, such as the label diagnostics, starts here.
+pub fn selected_samples(samples: &DataFrame, q: &Query) -> Result<DataFrame> {
+    if samples.height() == 0 {
+        return Ok(samples.clone());
+    }
+    let (exp, method, task, lang) = (
+        strs(samples, "experiment")?,
+        strs(samples, "method")?,
+        strs(samples, "task")?,
+        strs(samples, "lang")?,
+    );
+    let mask: BooleanChunked = (0..samples.height())
+        .map(|i| {
+            q.experiment.as_ref().is_none_or(|e| &exp[i] == e)
+                && (q.tasks.is_empty() || q.tasks.contains(&task[i]))
+                && (q.methods.is_empty() || q.methods.contains(&method[i]))
+                && (q.langs.is_empty() || q.langs.contains(&lang[i]))
+        })
+        .collect();
+    Ok(samples.filter(&mask)?)
+}
+
 /// Per-example outcomes of every (method, K, task): seed -> language -> id -> correct.
 pub type CellOutcomes = BTreeMap<(String, Option<i64>, String), Outcomes>;
 

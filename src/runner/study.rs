@@ -294,7 +294,9 @@ impl LabelDist {
 }
 
 /// The label distributions of every (method, K, seed, task, language) of `samples` (rows with
-/// both `pred` and `gold`; generation tasks have none).
+/// both `pred` and `gold`; generation tasks have none). Rows of another experiment with the same
+/// method, K and seed would pool into one distribution: pass one experiment's rows
+/// ([`super::compare::selected_samples`]).
 pub fn label_distributions(samples: &DataFrame) -> Result<Vec<LabelDist>> {
     if samples.height() == 0 || samples.column("pred").is_err() {
         return Ok(vec![]);
