@@ -2,7 +2,8 @@
 //! full-data reference with its length chosen on dev, budget accounting, the verdict table, a
 //! missing reference seed reported as missing, the report's study parts (every selection
 //! candidate among them), settings taken from another study's selection (`[study]
-//! settings_from`), and the bad input of `[study]` and `[search.*]`.
+//! settings_from`), a changed declaration named when a run records it, and the bad input of
+//! `[study]` and `[search.*]`.
 
 mod common;
 
@@ -447,6 +448,50 @@ fn a_missing_reference_seed_is_reported_not_replaced() {
     let o = cli(&r.data, &args(&["--reference", "lora-ful"]));
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("lora-ful"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_changed_declaration_is_named_when_recorded() {
+    let r = run_study(false, "[0]", &[]);
+    let file = r.dir.join("study.toml");
+    let toml = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        toml.replace("margin = 5.0", "margin = 5.0\nreference = \"lora-k\""),
+    )
+    .unwrap();
+    let o = cli(
+        &r.data,
+        &[
+            "run",
+            file.to_str().unwrap(),
+            "--store",
+            r.store.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o)
+            .contains("experiment `study`: the declared reference changes from \"lora-full\"")
+            && stderr(&o).contains("to \"lora-k\""),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("declared margin"), "{}", stderr(&o));
+    let decl = std::fs::read_to_string(r.store.join("experiments/study.json")).unwrap();
+    assert!(decl.contains("\"reference\": \"lora-k\""), "{decl}");
+    // The same declaration again: nothing to say.
+    let o = cli(
+        &r.data,
+        &[
+            "run",
+            file.to_str().unwrap(),
+            "--store",
+            r.store.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("changes from"), "{}", stderr(&o));
 }
 
 #[test]

@@ -333,7 +333,9 @@ fn pending_note(exp: &Experiment, m: Method) -> String {
 }
 
 /// Writes `STORE/experiments/<name>.json`: the study declaration compare reads (reference,
-/// margin) and the experiment file it came from.
+/// margin) and the experiment file it came from. A run that changes the recorded reference or
+/// margin (another file under the same name, or an edited one) says so: the verdicts `compare`
+/// writes follow the newest declaration.
 fn record_declaration(
     store: &Store,
     exp: &Experiment,
@@ -354,6 +356,20 @@ fn record_declaration(
         .dir
         .join("experiments")
         .join(format!("{}.json", exp.name));
+    if let Some(old) = read_declaration(store, &exp.name) {
+        for key in ["reference", "margin"] {
+            if old[key] != doc[key] {
+                tracing::warn!(
+                    "experiment `{}`: the declared {key} changes from {} ({}) to {} ({}); compare's verdicts follow the new one",
+                    exp.name,
+                    old[key],
+                    old["file"].as_str().unwrap_or("?"),
+                    doc[key],
+                    file.display()
+                );
+            }
+        }
+    }
     mlbench::util::write_bytes_atomic(&p, &serde_json::to_vec_pretty(&doc)?)?;
     Ok(())
 }
