@@ -799,13 +799,11 @@ fn a_study_can_take_its_settings_from_another_studys_selection() {
     // The label diagnostics read study-b's records only: the first study's grid cells and its
     // dev-split candidates share methods, K and seeds with them in this store, and each row
     // counts the same test items as in study-b's own store.
-    let counts = |labels: &str| -> Vec<String> {
+    let counts = |labels: &str| -> std::collections::BTreeSet<String> {
         labels
             .lines()
             .skip(2)
             .map(|l| l.split('|').take(7).collect::<Vec<_>>().join("|"))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
             .collect()
     };
     let labels_here = std::fs::read_to_string(rep.join("labels.md")).unwrap();
