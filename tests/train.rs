@@ -1,6 +1,7 @@
 //! The trainers on tiny models: the masked loss against a hand computation, gradient
 //! accumulation, the meta-gradient against its definition, stage2-only against multi-task LoRA,
-//! learnability, determinism, and bit-exact resumption after an interruption.
+//! learnability, determinism, bit-exact resumption after an interruption, and which settings
+//! each method reads.
 
 mod common;
 
@@ -361,8 +362,25 @@ fn stage2_only_equals_multitask_lora_on_the_same_query_batches() {
         let tasks = meta_batch(&units, &cfg, step).unwrap();
         assert!(
             tasks.iter().all(|t| t.support.is_empty()),
-            "s = 0 draws no support set"
+            "s = 0 trains on no support set"
         );
+        // The ablation's query batches are meta-lora's at the same settings, item for item.
+        let with_stage1 = TrainConfig {
+            method: mlbench::plan::Method::MetaLora,
+            ..cfg.clone()
+        };
+        let meta_tasks = meta_batch(&units, &with_stage1, step).unwrap();
+        let ids = |ts: &[MetaTask]| -> Vec<(usize, Vec<Vec<u32>>)> {
+            ts.iter()
+                .map(|t| (t.unit, t.query.iter().map(|q| q.ids.clone()).collect()))
+                .collect()
+        };
+        assert_eq!(
+            ids(&tasks),
+            ids(&meta_tasks),
+            "step {step}: other query sets"
+        );
+        assert!(meta_tasks.iter().all(|t| t.support.len() == cfg.n_support));
         let mut union: Vec<&Seq> = tasks.iter().flat_map(|t| t.query.clone()).collect();
         union.sort_by_key(|s| s.ids.len());
         let mut g = grads(m, &theta, &union, step_opts(64, 0)).unwrap();
@@ -524,4 +542,85 @@ fn per_task_methods_write_one_adapter_per_task_from_the_same_init() {
         !out.path().join("adapter").exists(),
         "stage1-only has no shared adapter"
     );
+}
+
+/// The adapters a run writes under `dir`: (sub-folder, safetensors bytes), in path order.
+fn adapter_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut subs = vec![dir.join("adapter")];
+    if let Ok(rd) = std::fs::read_dir(dir.join("adapters")) {
+        subs.extend(rd.map(|e| e.unwrap().path()));
+    }
+    let mut v: Vec<(String, Vec<u8>)> = subs
+        .iter()
+        .map(|s| s.join("adapter_model.safetensors"))
+        .filter(|p| p.exists())
+        .map(|p| (p.display().to_string(), std::fs::read(&p).unwrap()))
+        .collect();
+    v.sort();
+    v.into_iter()
+        .map(|(p, b)| (p.replace(&dir.display().to_string(), ""), b))
+        .collect()
+}
+
+/// What the setup block lists is what the method read: changing a key
+/// [`settings_read`](mlbench::plan::train::settings_read) lists for a method changes the
+/// adapters it writes, changing any other of the listed-somewhere keys leaves them
+/// byte-identical (stage2-only ignores the inner rate, stage1-only the outer one, ...).
+#[test]
+fn the_settings_a_method_reads_are_the_ones_that_change_its_adapters() {
+    type Change = fn(&mut TrainConfig);
+    let (_d, lm) = tiny_model(Arch::Llama);
+    let m = &lm.model;
+    let units = vec![synth_unit("a/x", 16, 1, 4), synth_unit("b/y", 16, 2, 4)];
+    let changes: &[(&str, Change)] = &[
+        ("lr", |c| c.lr *= 3.0),
+        ("passes", |c| c.passes += 1.0),
+        ("batch_size", |c| c.batch_size = 4),
+        ("inner_lr", |c| c.inner_lr *= 3.0),
+        ("inner_steps", |c| c.inner_steps -= 1),
+        ("n_support", |c| c.n_support -= 1),
+        ("n_query", |c| c.n_query -= 1),
+        ("tasks_per_batch", |c| c.tasks_per_batch = Some(1)),
+        ("meta_iterations", |c| c.meta_iterations = Some(1)),
+    ];
+    for method in [
+        "lora-full",
+        "lora-k",
+        "lora-per-task-k",
+        "meta-lora",
+        "meta-lora+tta",
+        "stage1-only",
+        "stage2-only",
+    ] {
+        let mut cfg = base_cfg(method);
+        cfg.passes = 2.0;
+        cfg.micro_batch = 4;
+        cfg.checkpoint_every = 0;
+        if method == "lora-full" {
+            cfg.k = None;
+        }
+        let adapters = |c: &TrainConfig| {
+            let out = tempfile::tempdir().unwrap();
+            run(m, c, &units, out.path(), false, None).unwrap();
+            adapter_files(out.path())
+        };
+        let before = adapters(&cfg);
+        assert!(!before.is_empty(), "{method}: no adapter written");
+        let reads = mlbench::plan::train::settings_read(cfg.method);
+        for (key, change) in changes {
+            let mut c = cfg.clone();
+            change(&mut c);
+            assert_eq!(
+                adapters(&c) != before,
+                reads.contains(key),
+                "{method}: changing {key} {} the adapters, but settings_read says it is {}read",
+                if reads.contains(key) {
+                    "left"
+                } else {
+                    "changed"
+                },
+                if reads.contains(key) { "" } else { "not " }
+            );
+        }
+    }
 }

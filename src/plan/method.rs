@@ -27,7 +27,9 @@ pub enum Method {
     MetaLoraTta,
     /// Ablation: per-task adapters from the LoRA init, `inner_steps` stage-1 steps on the pool.
     Stage1Only,
-    /// Ablation: MeTA-LoRA with `inner_steps = 0` (multi-task LoRA on query batches).
+    /// Ablation: MeTA-LoRA with `inner_steps = 0` (multi-task LoRA on query batches): the same
+    /// meta-batches, query sets and number of outer steps as `meta-lora` at the same settings,
+    /// the support sets drawn and left unused.
     Stage2Only,
 }
 

@@ -46,6 +46,62 @@ pub const MAX_STEPS: usize = 1_000_000;
 /// The most passes over the training examples.
 pub const MAX_PASSES: f64 = 10_000.0;
 
+/// The [`TrainConfig`] keys that set how long and how fast `method` trains and on what: the
+/// settings a report's setup block lists for it (the LoRA shape, the optimizer's constants and
+/// the device are reported apart). Only the methods that read a key list it: `stage2-only`
+/// runs no stage 1 (no inner rate or inner steps), though `n_support` still places its query
+/// sets and counts in its outer steps (see `train::loops::meta_batch`); `stage1-only` runs
+/// nothing but stage 1; only the shared LoRA loop stops early on dev; only `lora-full` is
+/// capped. `meta_iterations`, when set, overrides the count `passes` implies.
+pub fn settings_read(method: Method) -> &'static [&'static str] {
+    match method {
+        Method::Base => &[],
+        Method::LoraFull => &[
+            "lr",
+            "passes",
+            "batch_size",
+            "full_cap",
+            "eval_every",
+            "patience",
+            "max_len",
+            "unit",
+        ],
+        Method::LoraK => &[
+            "lr",
+            "passes",
+            "batch_size",
+            "eval_every",
+            "patience",
+            "max_len",
+            "unit",
+        ],
+        Method::LoraPerTaskK => &["lr", "passes", "batch_size", "max_len", "unit"],
+        Method::MetaLora | Method::MetaLoraTta => &[
+            "lr",
+            "passes",
+            "inner_lr",
+            "inner_steps",
+            "n_support",
+            "n_query",
+            "tasks_per_batch",
+            "meta_iterations",
+            "max_len",
+            "unit",
+        ],
+        Method::Stage1Only => &["inner_lr", "inner_steps", "max_len", "unit"],
+        Method::Stage2Only => &[
+            "lr",
+            "passes",
+            "n_support",
+            "n_query",
+            "tasks_per_batch",
+            "meta_iterations",
+            "max_len",
+            "unit",
+        ],
+    }
+}
+
 /// A training run's full configuration. Field names are the TOML keys; the command line's
 /// flags are the same names with `-` for `_`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -20,6 +20,8 @@ use polars::prelude::*;
 use super::compare::k_label;
 use super::store::Store;
 use crate::error::{Error, Result};
+use crate::plan::train::settings_read;
+use crate::plan::Method;
 use crate::util::html_escape as esc;
 
 /// One compared cell's `cell.json`.
@@ -673,7 +675,7 @@ fn method_lines(
         return;
     };
     let cfg = &c.training()["config"];
-    put(lines, &format!("{m}: settings"), settings(cfg));
+    put(lines, &format!("{m}: settings"), settings(cfg, m));
     if let Some(es) = c.training()["early_stopping"].as_object() {
         put(
             lines,
@@ -784,12 +786,15 @@ pub fn settings_source(
     }))
 }
 
-/// The training settings a run recorded, `key=value` separated by spaces (unset ones left out).
-fn settings(cfg: &serde_json::Value) -> String {
-    let keys = [
+/// The training settings a run of method `m` recorded, `key=value` separated by spaces: the
+/// keys the method reads ([`settings_read`]; every key for a method name this version does not
+/// know), unset ones left out.
+fn settings(cfg: &serde_json::Value, m: &str) -> String {
+    const EVERY: &[&str] = &[
         "lr",
         "passes",
         "batch_size",
+        "full_cap",
         "inner_lr",
         "inner_steps",
         "n_support",
@@ -801,6 +806,7 @@ fn settings(cfg: &serde_json::Value) -> String {
         "max_len",
         "unit",
     ];
+    let keys = Method::parse(m).map_or(EVERY, settings_read);
     let set: Vec<String> = keys
         .iter()
         .filter(|k| !cfg[**k].is_null())
@@ -873,6 +879,29 @@ impl Setup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_method_lists_the_settings_it_reads() {
+        let cfg = serde_json::json!({
+            "lr": 0.001, "passes": 5.0, "batch_size": 8, "inner_lr": 0.01, "inner_steps": 3,
+            "n_support": 4, "n_query": 4, "eval_every": 0, "patience": 3, "max_len": 256,
+            "unit": "lang", "full_cap": null
+        });
+        assert_eq!(
+            settings(&cfg, "stage2-only"),
+            "lr=0.001 passes=5.0 n_support=4 n_query=4 max_len=256 unit=\"lang\""
+        );
+        assert_eq!(
+            settings(&cfg, "meta-lora"),
+            "lr=0.001 passes=5.0 inner_lr=0.01 inner_steps=3 n_support=4 n_query=4 max_len=256 unit=\"lang\""
+        );
+        assert_eq!(
+            settings(&cfg, "lora-k"),
+            "lr=0.001 passes=5.0 batch_size=8 eval_every=0 patience=3 max_len=256 unit=\"lang\""
+        );
+        // A method this version does not know: every recorded key.
+        assert!(settings(&cfg, "meta-lora-v2").contains("inner_lr=0.01 inner_steps=3"));
+    }
 
     fn dist(pred: &[(i64, usize)], gold: &[(i64, usize)]) -> LabelDist {
         LabelDist {

@@ -148,7 +148,9 @@ pub fn plan_batches(
 }
 
 /// Meta-iterations of a run: `meta_iterations`, or enough for every pool example to appear
-/// about `passes` times in a support or query set.
+/// about `passes` times in a support or query set. `stage2-only` counts its unused support
+/// sets too, so it runs as many outer steps as `meta-lora` at the same settings (its examples
+/// appear `passes x n_query / (n_support + n_query)` times in a query set).
 pub fn meta_iterations(cfg: &TrainConfig, units: &[TaskUnit]) -> usize {
     if let Some(m) = cfg.meta_iterations {
         return m;
@@ -394,7 +396,9 @@ fn task_gradient(
 }
 
 /// The tasks of meta-iteration `m`: `n` units drawn without replacement, each with its
-/// support/query split of that iteration.
+/// support/query split of that iteration. Without stage 1 (`stage2-only`) the split is drawn
+/// the same way and the support set dropped, so its query sets are those `meta-lora` draws at
+/// the same seed, `n_support`, `n_query` and `tasks_per_batch`.
 pub fn meta_batch<'u>(
     units: &'u [TaskUnit],
     cfg: &TrainConfig,
@@ -408,14 +412,17 @@ pub fn meta_batch<'u>(
         .take(n)
         .map(|u| {
             let seqs: Vec<&Seq> = units[u].seqs.iter().collect();
-            let (support, query) = support_query(
+            let (mut support, query) = support_query(
                 &seqs,
-                cfg.n_support * usize::from(cfg.effective_inner_steps() > 0),
+                cfg.n_support,
                 cfg.n_query,
                 cfg.seed,
                 &[&units[u].name],
                 m as u64,
             )?;
+            if cfg.effective_inner_steps() == 0 {
+                support.clear();
+            }
             Ok(MetaTask {
                 unit: u,
                 support,
