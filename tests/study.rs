@@ -265,6 +265,20 @@ fn a_study_selects_on_dev_reports_verdicts_budget_and_diagnostics() {
     ] {
         assert!(setup.contains(needle), "{needle}: {setup}");
     }
+    let line = |key: &str| {
+        setup
+            .lines()
+            .find(|l| l.starts_with(&format!("| {key} |")))
+            .unwrap_or_else(|| panic!("{key}: {setup}"))
+            .to_string()
+    };
+    // The all-data run's mix, and only the settings each method reads.
+    assert!(
+        line("lora-full: training data").contains("examples: toy "),
+        "{setup}"
+    );
+    assert!(line("lora-full: settings").contains("eval_every=3"));
+    assert!(!line("lora-k: settings").contains("inner_lr"), "{setup}");
     let html = std::fs::read_to_string(rep.join("index.html")).unwrap();
     let order = [
         "<h2>Setup</h2>",

@@ -683,6 +683,11 @@ fn method_lines(
             dev_choice(es, c.seed),
         );
     }
+    if m == Method::LoraFull.name() {
+        if let Some(d) = data_shares(&c.training()["distinct_examples"]) {
+            put(lines, &format!("{m}: training data"), d);
+        }
+    }
     let t = &c.training()["resolved"];
     put(
         lines,
@@ -815,6 +820,41 @@ fn settings(cfg: &serde_json::Value, m: &str) -> String {
     set.join(" ")
 }
 
+/// The examples of an all-data run per task and language (`distinct_examples`: `task/lang` to
+/// a count) as each task's share of the total: `N examples: task n (p%: lang n, ...); ...`.
+/// What a multi-task mix is made of, the capped tasks' shares included.
+fn data_shares(distinct: &serde_json::Value) -> Option<String> {
+    let mut by_task: BTreeMap<&str, Vec<(&str, u64)>> = BTreeMap::new();
+    for (unit, n) in distinct.as_object()? {
+        let (task, lang) = unit.split_once('/').unwrap_or((unit, ""));
+        by_task
+            .entry(task)
+            .or_default()
+            .push((lang, n.as_u64().unwrap_or(0)));
+    }
+    let total: u64 = by_task.values().flatten().map(|(_, n)| n).sum();
+    if total == 0 {
+        return None;
+    }
+    let tasks: Vec<String> = by_task
+        .iter()
+        .map(|(task, langs)| {
+            let n: u64 = langs.iter().map(|(_, n)| n).sum();
+            let each: Vec<String> = langs
+                .iter()
+                .filter(|(l, _)| !l.is_empty())
+                .map(|(l, n)| format!("{l} {n}"))
+                .collect();
+            let pct = 100.0 * n as f64 / total as f64;
+            match each.is_empty() {
+                true => format!("{task} {n} ({pct:.0}%)"),
+                false => format!("{task} {n} ({pct:.0}%: {})", each.join(", ")),
+            }
+        })
+        .collect();
+    Some(format!("{total} examples: {}", tasks.join("; ")))
+}
+
 /// Early stopping's record of a run (seed `seed`): the best dev score, its step and settings.
 fn dev_choice(es: &serde_json::Map<String, serde_json::Value>, seed: u64) -> String {
     let get = |k: &str| es.get(k).map(|v| v.to_string()).unwrap_or_default();
@@ -879,6 +919,19 @@ impl Setup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_all_data_run_states_each_tasks_share() {
+        let d = serde_json::json!({
+            "afrisenti/hau_Latn": 1000, "afrisenti/swa_Latn": 1000,
+            "nusax/ind_Latn": 500, "sib200/eng_Latn": 701, "sib200/swh_Latn": 799
+        });
+        assert_eq!(
+            data_shares(&d).unwrap(),
+            "4000 examples: afrisenti 2000 (50%: hau_Latn 1000, swa_Latn 1000); nusax 500 (12%: ind_Latn 500); sib200 1500 (38%: eng_Latn 701, swh_Latn 799)"
+        );
+        assert_eq!(data_shares(&serde_json::json!({})), None);
+    }
 
     #[test]
     fn a_method_lists_the_settings_it_reads() {
