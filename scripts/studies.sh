@@ -92,16 +92,24 @@ grep -q '^ks = \[64\]$' "$meta64.tmp" && grep -q '^methods = \["meta-lora", ' "$
   grep -q '^reference = "stage2-only"$' "$meta64.tmp" ||
   { echo "studies.sh: methods, ks or reference line of the multi-task grid file changed" >&2; exit 2; }
 mv "$meta64.tmp" "$meta64"
+# Then the rest of the multi-task grid at K = 64 (base, lora-full and lora-k, three seeds: the
+# verdicts against lora-full at K = 64) before its K = 16 cells: the grid's file with `ks`
+# cut to 64, the same cells (checked with --dry-run).
+mt64=studies/.multitask-k64.toml
+sed 's/^ks = \[16, 64\]$/ks = [64]/' benchmarks/multitask.toml >"$mt64.tmp"
+grep -q '^ks = \[64\]$' "$mt64.tmp" || { echo "studies.sh: ks line of the multi-task grid file changed" >&2; exit 2; }
+mv "$mt64.tmp" "$mt64"
 
 # Order (session 16): what the issue needs first, then the most answer per CPU hour: SIB-200
 # at K = 16 and 64 (the minimum for its verdicts), the collapse grid (9 cells, about 3
 # worker-hours) and the tuned multi-task MeTA-LoRA cells at K = 64 (9 cells, 6 trainings: the
-# collapse question answered whole), SIB-200 at K = 8 and 32 (about 4.5), the rest of the
-# multi-task grid.
+# collapse question answered whole), SIB-200 at K = 8 and 32 (about 4.5), the multi-task grid
+# at K = 64 (session 18: its reference and lora-k first), then at K = 16.
 grids=("$first studies/sib200"
   "benchmarks/multitask-collapse.toml studies/multitask"
   "$meta64 studies/multitask"
   "benchmarks/sib200-grid.toml studies/sib200"
+  "$mt64 studies/multitask"
   "benchmarks/multitask.toml studies/multitask")
 
 # Cells of the grids still to run or running, and methods still waiting for their selection
