@@ -583,6 +583,15 @@ fn the_settings_a_method_reads_are_the_ones_that_change_its_adapters() {
         ("tasks_per_batch", |c| c.tasks_per_batch = Some(1)),
         ("meta_iterations", |c| c.meta_iterations = Some(1)),
     ];
+    // Every listed key is changed here, except those the trainer does not see on these units:
+    // the cap and the unit shape the units, max_len their sequences, eval_every needs a dev set.
+    let untested = ["full_cap", "eval_every", "patience", "max_len", "unit"];
+    for k in mlbench::plan::train::SETTING_KEYS {
+        assert!(
+            changes.iter().any(|(c, _)| c == k) || untested.contains(k),
+            "{k}: not checked"
+        );
+    }
     for method in [
         "lora-full",
         "lora-k",

@@ -46,60 +46,56 @@ pub const MAX_STEPS: usize = 1_000_000;
 /// The most passes over the training examples.
 pub const MAX_PASSES: f64 = 10_000.0;
 
-/// The [`TrainConfig`] keys that set how long and how fast `method` trains and on what: the
-/// settings a report's setup block lists for it (the LoRA shape, the optimizer's constants and
-/// the device are reported apart). Only the methods that read a key list it: `stage2-only`
+/// The [`TrainConfig`] keys that set how long and how fast a method trains and on what, in the
+/// order a report lists them (the LoRA shape, the optimizer's constants and the device are
+/// reported apart).
+pub const SETTING_KEYS: &[&str] = &[
+    "lr",
+    "passes",
+    "batch_size",
+    "full_cap",
+    "inner_lr",
+    "inner_steps",
+    "n_support",
+    "n_query",
+    "tasks_per_batch",
+    "meta_iterations",
+    "eval_every",
+    "patience",
+    "max_len",
+    "unit",
+];
+
+/// Whether `method`'s training reads setting `key` (one of [`SETTING_KEYS`]). `stage2-only`
 /// runs no stage 1 (no inner rate or inner steps), though `n_support` still places its query
 /// sets and counts in its outer steps (see `train::loops::meta_batch`); `stage1-only` runs
 /// nothing but stage 1; only the shared LoRA loop stops early on dev; only `lora-full` is
 /// capped. `meta_iterations`, when set, overrides the count `passes` implies.
-pub fn settings_read(method: Method) -> &'static [&'static str] {
-    match method {
-        Method::Base => &[],
-        Method::LoraFull => &[
-            "lr",
-            "passes",
-            "batch_size",
-            "full_cap",
-            "eval_every",
-            "patience",
-            "max_len",
-            "unit",
-        ],
-        Method::LoraK => &[
-            "lr",
-            "passes",
-            "batch_size",
-            "eval_every",
-            "patience",
-            "max_len",
-            "unit",
-        ],
-        Method::LoraPerTaskK => &["lr", "passes", "batch_size", "max_len", "unit"],
-        Method::MetaLora | Method::MetaLoraTta => &[
-            "lr",
-            "passes",
-            "inner_lr",
-            "inner_steps",
-            "n_support",
-            "n_query",
-            "tasks_per_batch",
-            "meta_iterations",
-            "max_len",
-            "unit",
-        ],
-        Method::Stage1Only => &["inner_lr", "inner_steps", "max_len", "unit"],
-        Method::Stage2Only => &[
-            "lr",
-            "passes",
-            "n_support",
-            "n_query",
-            "tasks_per_batch",
-            "meta_iterations",
-            "max_len",
-            "unit",
-        ],
+pub fn reads_setting(method: Method, key: &str) -> bool {
+    let stage1 = matches!(
+        method,
+        Method::MetaLora | Method::MetaLoraTta | Method::Stage1Only
+    );
+    let outer = method.trains() && method != Method::Stage1Only;
+    match key {
+        "lr" | "passes" => outer,
+        "batch_size" => outer && !method.is_meta(),
+        "full_cap" => method == Method::LoraFull,
+        "inner_lr" | "inner_steps" => stage1,
+        "n_support" | "n_query" | "tasks_per_batch" | "meta_iterations" => method.is_meta(),
+        "eval_every" | "patience" => matches!(method, Method::LoraFull | Method::LoraK),
+        "max_len" | "unit" => method.trains(),
+        _ => false,
     }
+}
+
+/// The [`SETTING_KEYS`] `method` reads: what a report's setup block lists for it.
+pub fn settings_read(method: Method) -> Vec<&'static str> {
+    SETTING_KEYS
+        .iter()
+        .copied()
+        .filter(|k| reads_setting(method, k))
+        .collect()
 }
 
 /// A training run's full configuration. Field names are the TOML keys; the command line's

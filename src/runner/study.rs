@@ -20,7 +20,7 @@ use polars::prelude::*;
 use super::compare::k_label;
 use super::store::Store;
 use crate::error::{Error, Result};
-use crate::plan::train::settings_read;
+use crate::plan::train::{settings_read, SETTING_KEYS};
 use crate::plan::Method;
 use crate::util::html_escape as esc;
 
@@ -795,23 +795,7 @@ pub fn settings_source(
 /// keys the method reads ([`settings_read`]; every key for a method name this version does not
 /// know), unset ones left out.
 fn settings(cfg: &serde_json::Value, m: &str) -> String {
-    const EVERY: &[&str] = &[
-        "lr",
-        "passes",
-        "batch_size",
-        "full_cap",
-        "inner_lr",
-        "inner_steps",
-        "n_support",
-        "n_query",
-        "tasks_per_batch",
-        "meta_iterations",
-        "eval_every",
-        "patience",
-        "max_len",
-        "unit",
-    ];
-    let keys = Method::parse(m).map_or(EVERY, settings_read);
+    let keys = Method::parse(m).map_or_else(|_| SETTING_KEYS.to_vec(), settings_read);
     let set: Vec<String> = keys
         .iter()
         .filter(|k| !cfg[**k].is_null())
