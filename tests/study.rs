@@ -561,6 +561,17 @@ fn bad_study_declarations_are_refused_before_anything_runs() {
             "[search.meta-lora]",
             "[search.meta-lora] searches a method the grid does not train",
         ),
+        // A key the method does not read: identical candidates, or a setting that does nothing.
+        (
+            "lr = [1e-3, 2e-2]",
+            "inner_lr = [1e-3, 2e-2]",
+            "[search.lora-k] `inner_lr`: lora-k does not read it",
+        ),
+        (
+            "patience = 2",
+            "patience = 2\nn_support = 2",
+            "[method.lora-full] sets `n_support`, which lora-full does not read",
+        ),
     ] {
         let bad = tmp.path().join("bad.toml");
         std::fs::write(&bad, text.replace(from, to)).unwrap();

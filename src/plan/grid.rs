@@ -5,8 +5,11 @@
 //! Method names (the `methods` list, `[method.M]`, `[search.M]`, `[study] reference`) are
 //! resolved to [`Method`]s when the file is read; a cell's training keys are merged by
 //! [`crate::plan::Layers`] (defaults, `[train]`, `[method.M]`, a candidate, then the grid's own
-//! values), so an unknown key or a wrong type names its section. Every problem of the file is
-//! reported at once.
+//! values), so an unknown key or a wrong type names its section. `[method.M]` and `[search.M]`
+//! may not set a setting M does not read ([`crate::plan::train::reads_setting`]: an inner rate
+//! for `lora-k`, `n_support` for `lora-full`), where it would do nothing or train identical
+//! candidates; `[train]` may (it serves every method). Every problem of the file is reported at
+//! once.
 //!
 //! ```toml
 //! name = "sib200-smoke"
@@ -30,6 +33,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::plan::train::{reads_setting, SETTING_KEYS};
 use crate::plan::EvalConfig;
 use crate::plan::{DeviceSpec, Layers, Method, Precision, Source, TrainConfig};
 
@@ -523,6 +527,11 @@ impl Experiment {
                             .unwrap_or_default()
                     ));
                 }
+                if !reads_setting(*m, key) && SETTING_KEYS.contains(&key.as_str()) {
+                    p.push(format!(
+                        "[search.{m}] `{key}`: {m} does not read it, so its candidates would train the same adapter"
+                    ));
+                }
                 match v.as_array() {
                     Some(a) if !a.is_empty() => {}
                     Some(_) => p.push(format!("[search.{m}] `{key}` has no candidate value")),
@@ -611,11 +620,18 @@ impl Experiment {
         dup("ks", self.ks.iter().map(|k| k.to_string()).collect());
         dup("seeds", self.seeds.iter().map(|s| s.to_string()).collect());
         problems.extend(self.study_problems());
-        for name in self.method.keys() {
+        for (name, table) in &self.method {
             if !self.methods.contains(name) {
                 problems.push(format!(
                     "[method.{name}] configures a method the grid does not run"
                 ));
+            }
+            for key in table.keys() {
+                if !reads_setting(*name, key) && SETTING_KEYS.contains(&key.as_str()) {
+                    problems.push(format!(
+                        "[method.{name}] sets `{key}`, which {name} does not read"
+                    ));
+                }
             }
         }
         problems
