@@ -469,3 +469,24 @@ fn meta_lora_gives_the_same_bits_with_any_number_of_threads() {
     assert_eq!(losses("threads1"), losses("threads2"));
     assert_eq!(losses("threads1"), losses("threads3"));
 }
+
+#[test]
+fn a_set_flag_the_method_does_not_read_is_named() {
+    let s = setup();
+    // The shared arguments set meta_iterations, which lora-k does not read.
+    let mut a = train_args(&s, "lora-k", "unread");
+    a.push("--print-config".into());
+    let o = run_train(&a);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--set meta_iterations: `lora-k` does not read it"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("--set passes"), "{}", stderr(&o));
+    let mut a = train_args(&s, "meta-lora", "read");
+    a.push("--print-config".into());
+    let o = run_train(&a);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("does not read"), "{}", stderr(&o));
+}

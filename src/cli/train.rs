@@ -7,6 +7,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{split_list, Global};
+use mlbench::plan::train::{reads_setting, SETTING_KEYS};
 use mlbench::plan::{Layers, Source, TrainConfig, TrainPlan};
 use mlbench::Error;
 
@@ -47,7 +48,8 @@ pub struct TrainArgs {
     /// f32 (CPU), bf16 (CUDA), f16, f64.
     #[arg(long)]
     pub dtype: Option<String>,
-    /// Any other configuration key: `--set inner_steps=5 --set lr=1e-4` (TOML values).
+    /// Any other configuration key: `--set inner_steps=5 --set lr=1e-4` (TOML values); a
+    /// setting the method does not read (`inner_lr` for `lora-k`) is warned about.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// Print the resolved configuration as TOML and exit.
@@ -93,7 +95,19 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
         }
     }
     l.set_pairs(&a.set);
-    Ok(l.resolve("the training configuration", &[])?)
+    let cfg: TrainConfig = l.resolve("the training configuration", &[])?;
+    // A setting named on the command line that the method does not read does nothing: said,
+    // not refused (one list of --set flags may serve a loop over methods, as an experiment's
+    // [train] serves its grid).
+    for k in l.keys_set_by("--set") {
+        if SETTING_KEYS.contains(&k) && !reads_setting(cfg.method, k) {
+            tracing::warn!(
+                "--set {k}: `{}` does not read it; it has no effect",
+                cfg.method
+            );
+        }
+    }
+    Ok(cfg)
 }
 
 pub fn run(g: &Global, a: TrainArgs) -> anyhow::Result<()> {

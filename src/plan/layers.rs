@@ -80,6 +80,15 @@ impl Layers {
         self
     }
 
+    /// The keys `source` (a flag name such as `--set`, or a file's source) set, in order.
+    pub fn keys_set_by(&self, source: &str) -> Vec<&str> {
+        self.entries
+            .iter()
+            .filter(|(s, _, _)| s.0 == source)
+            .map(|(_, k, _)| k.as_str())
+            .collect()
+    }
+
     /// The typed value: defaults, then every layer in order. Unknown keys (with the closest
     /// known ones suggested), values of the wrong type and the problems met while layering are
     /// all reported together under `context`.
