@@ -7,7 +7,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{split_list, Global};
-use mlbench::plan::train::{reads_setting, SETTING_KEYS};
+use mlbench::plan::train::ignores_setting;
 use mlbench::plan::{Layers, Source, TrainConfig, TrainPlan};
 use mlbench::Error;
 
@@ -100,7 +100,7 @@ fn resolve(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     // not refused (one list of --set flags may serve a loop over methods, as an experiment's
     // [train] serves its grid).
     for k in l.keys_set_by("--set") {
-        if SETTING_KEYS.contains(&k) && !reads_setting(cfg.method, k) {
+        if ignores_setting(cfg.method, k) {
             tracing::warn!(
                 "--set {k}: `{}` does not read it; it has no effect",
                 cfg.method

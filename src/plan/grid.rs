@@ -6,7 +6,7 @@
 //! resolved to [`Method`]s when the file is read; a cell's training keys are merged by
 //! [`crate::plan::Layers`] (defaults, `[train]`, `[method.M]`, a candidate, then the grid's own
 //! values), so an unknown key or a wrong type names its section. `[method.M]` and `[search.M]`
-//! may not set a setting M does not read ([`crate::plan::train::reads_setting`]: an inner rate
+//! may not set a setting M does not read ([`crate::plan::train::ignores_setting`]: an inner rate
 //! for `lora-k`, `n_support` for `lora-full`), where it would do nothing or train identical
 //! candidates; `[train]` may (it serves every method). Every problem of the file is reported at
 //! once.
@@ -33,7 +33,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::plan::train::{reads_setting, SETTING_KEYS};
+use crate::plan::train::ignores_setting;
 use crate::plan::EvalConfig;
 use crate::plan::{DeviceSpec, Layers, Method, Precision, Source, TrainConfig};
 
@@ -527,7 +527,7 @@ impl Experiment {
                             .unwrap_or_default()
                     ));
                 }
-                if !reads_setting(*m, key) && SETTING_KEYS.contains(&key.as_str()) {
+                if ignores_setting(*m, key) {
                     p.push(format!(
                         "[search.{m}] `{key}`: {m} does not read it, so its candidates would train the same adapter"
                     ));
@@ -627,7 +627,7 @@ impl Experiment {
                 ));
             }
             for key in table.keys() {
-                if !reads_setting(*name, key) && SETTING_KEYS.contains(&key.as_str()) {
+                if ignores_setting(*name, key) {
                     problems.push(format!(
                         "[method.{name}] sets `{key}`, which {name} does not read"
                     ));

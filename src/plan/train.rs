@@ -89,6 +89,12 @@ pub fn reads_setting(method: Method, key: &str) -> bool {
     }
 }
 
+/// A setting (one of [`SETTING_KEYS`]) that `method` does not read: set for it alone, it does
+/// nothing. Keys outside the list (the optimizer's constants, the LoRA shape) are not judged.
+pub fn ignores_setting(method: Method, key: &str) -> bool {
+    SETTING_KEYS.contains(&key) && !reads_setting(method, key)
+}
+
 /// The [`SETTING_KEYS`] `method` reads: what a report's setup block lists for it.
 pub fn settings_read(method: Method) -> Vec<&'static str> {
     SETTING_KEYS
