@@ -572,6 +572,12 @@ fn bad_study_declarations_are_refused_before_anything_runs() {
             "patience = 2\nn_support = 2",
             "[method.lora-full] sets `n_support`, which lora-full does not read",
         ),
+        // `[train]` serves every method: refused only when none of the grid's reads the key.
+        (
+            "passes = 1.0\n[method",
+            "passes = 1.0\ninner_steps = 2\n[method",
+            "[train] sets `inner_steps`, which none of the grid's methods (base, lora-k, lora-full) reads",
+        ),
     ] {
         let bad = tmp.path().join("bad.toml");
         std::fs::write(&bad, text.replace(from, to)).unwrap();

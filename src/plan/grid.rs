@@ -8,8 +8,8 @@
 //! values), so an unknown key or a wrong type names its section. `[method.M]` and `[search.M]`
 //! may not set a setting M does not read ([`crate::plan::train::ignores_setting`]: an inner rate
 //! for `lora-k`, `n_support` for `lora-full`), where it would do nothing or train identical
-//! candidates; `[train]` may (it serves every method). Every problem of the file is reported at
-//! once.
+//! candidates; `[train]` may set a setting only when at least one of the grid's methods reads it.
+//! Every problem of the file is reported at once.
 //!
 //! ```toml
 //! name = "sib200-smoke"
@@ -620,6 +620,19 @@ impl Experiment {
         dup("ks", self.ks.iter().map(|k| k.to_string()).collect());
         dup("seeds", self.seeds.iter().map(|s| s.to_string()).collect());
         problems.extend(self.study_problems());
+        // `[train]` serves every method, so a key is wrong there only when none of them reads it.
+        for key in self.train.keys() {
+            if self.methods.iter().all(|m| ignores_setting(*m, key)) {
+                problems.push(format!(
+                    "[train] sets `{key}`, which none of the grid's methods ({}) reads",
+                    self.methods
+                        .iter()
+                        .map(|m| m.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
         for (name, table) in &self.method {
             if !self.methods.contains(name) {
                 problems.push(format!(
