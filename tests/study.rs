@@ -431,7 +431,8 @@ fn a_missing_reference_seed_is_reported_not_replaced() {
         "paired seed 0, seed 1 missing: {micro}"
     );
 
-    // No reference cell at all (a grid still running): the table, a warning, no verdicts.
+    // No reference cell at all (a grid still running): the table, a warning, no verdicts, and
+    // the study parts that do not need the reference (setup, budget, diagnostics).
     remove_cells(&r.store, |c| c["method"] == "lora-full");
     let rep = r.dir.join("report-partial");
     let args = |extra: &[&'static str]| {
@@ -456,8 +457,18 @@ fn a_missing_reference_seed_is_reported_not_replaced() {
         "{}",
         stderr(&o)
     );
-    assert!(rep.join("index.html").exists());
     assert!(!rep.join("verdicts.csv").exists());
+    for part in ["setup.md", "budget.csv", "labels.md", "dynamics.csv"] {
+        assert!(rep.join(part).exists(), "{part} missing");
+    }
+    let budget = std::fs::read_to_string(rep.join("budget.csv")).unwrap();
+    assert!(budget.lines().any(|l| l.starts_with("lora-k,")), "{budget}");
+    let html = std::fs::read_to_string(rep.join("index.html")).unwrap();
+    assert!(
+        html.contains("No verdicts yet: the declared reference `lora-full` has no finished cell"),
+        "{html}"
+    );
+    assert!(!html.contains("verdicts.md/.csv/.tex"), "{html}");
     // A reference asked for by name must exist.
     let o = cli(&r.data, &args(&["--reference", "lora-ful"]));
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));

@@ -574,18 +574,17 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
     q.seed_free = seed_free_methods(&store, &keys)?;
     let mut t = table(&metrics, &samples, &q)?;
     print!("{}", t.text());
-    // A study whose declared reference has no finished cell yet (a grid in progress) shows its
-    // table without verdicts; a reference asked for by name must be there.
-    let reference = match reference {
-        Some(r) if r.declared && !t.rows.iter().any(|((m, _), _)| *m == r.method) => {
-            tracing::warn!(
-                "no verdicts: the declared reference `{}` has no finished cell in the selected results yet",
-                r.method
-            );
-            None
-        }
-        r => r,
-    };
+    // A study whose declared reference has no finished cell yet (a grid in progress) keeps its
+    // setup, budget and diagnostics without verdicts; a reference asked for by name must be there.
+    let pending = reference
+        .as_ref()
+        .is_some_and(|r| r.declared && !t.rows.iter().any(|((m, _), _)| *m == r.method));
+    if let (true, Some(r)) = (pending, &reference) {
+        tracing::warn!(
+            "no verdicts: the declared reference `{}` has no finished cell in the selected results yet",
+            r.method
+        );
+    }
     let study = match &reference {
         Some(r) => Some(study_parts(
             &store,
@@ -593,7 +592,7 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
             &samples,
             &t,
             &q,
-            &r.method,
+            (&r.method, !pending),
             margin,
             a.sel.experiment.as_deref(),
         )?),
@@ -607,8 +606,10 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
         {
             t.real_k.insert(r.method.clone(), r.distinct_per_lang);
         }
-        println!();
-        print!("{}", st.verdicts.text());
+        if let Some(v) = &st.verdicts {
+            println!();
+            print!("{}", v.text());
+        }
         for w in mlbench::runner::study::collapse_warnings(&st.dists) {
             tracing::warn!("{w}");
         }
@@ -751,7 +752,7 @@ fn write_comparison(
     q: &Query,
 ) -> anyhow::Result<()> {
     if let Some(p) = &a.json {
-        let doc = mlbench::runner::compare::table_json(t, study.map(|s| &s.verdicts));
+        let doc = mlbench::runner::compare::table_json(t, study.and_then(|s| s.verdicts.as_ref()));
         mlbench::util::write_bytes_atomic(p, &serde_json::to_vec_pretty(&doc)?)?;
     }
     if let Some(p) = &a.bmf {
@@ -800,7 +801,8 @@ fn read_declaration(store: &Store, name: &str) -> Option<serde_json::Value> {
     serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
 }
 
-/// The verdicts, budget, label distributions and setup of a comparison against `reference`.
+/// The verdicts, budget, label distributions and setup of a comparison against `reference`
+/// (`with_verdicts` false: the declared reference has not finished, so no verdicts).
 #[allow(clippy::too_many_arguments)]
 fn study_parts(
     store: &Store,
@@ -808,13 +810,13 @@ fn study_parts(
     samples: &polars::prelude::DataFrame,
     t: &mlbench::runner::compare::Table,
     q: &Query,
-    reference: &str,
+    (reference, with_verdicts): (&str, bool),
     margin: f64,
     experiment: Option<&str>,
 ) -> anyhow::Result<mlbench::report::Study> {
     use mlbench::runner::{compare, study, verdict};
     let rows: Vec<(String, Option<i64>)> = t.rows.iter().map(|(r, _)| r.clone()).collect();
-    if !rows.iter().any(|(m, _)| m == reference) {
+    if with_verdicts && !rows.iter().any(|(m, _)| m == reference) {
         return Err(Error::Unknown {
             kind: "reference method",
             code: reference.to_string(),
@@ -831,15 +833,17 @@ fn study_parts(
         }
         .into());
     }
-    let outcomes = compare::outcomes(samples, q)?;
-    let verdicts = verdict::verdicts(
-        &outcomes,
-        &rows,
-        &t.columns,
-        reference,
-        margin,
-        &q.seed_free,
-    );
+    let verdicts = match with_verdicts {
+        true => Some(verdict::verdicts(
+            &compare::outcomes(samples, q)?,
+            &rows,
+            &t.columns,
+            reference,
+            margin,
+            &q.seed_free,
+        )),
+        false => None,
+    };
     let infos = study::cell_infos(store, keys)?;
     let infos: Vec<study::CellInfo> = infos
         .into_iter()
@@ -869,6 +873,7 @@ fn study_parts(
     };
     Ok(mlbench::report::Study {
         verdicts,
+        reference: reference.to_string(),
         budget,
         dists,
         setup,

@@ -3,8 +3,9 @@
 //! written beside its final place and renamed into it: `index.html` (self-contained, plots
 //! inline, each shown at its size in CSS pixels), `table.md`, `table.csv`, `table.tex`, the
 //! plots as PNG (300 dpi) and SVG ([`plot`], [`figure`]), and for a
-//! study `verdicts.{md,csv,tex}`, `budget.{md,csv}`, `dynamics.{md,csv}` (one line of
-//! diagnostics per cell: [`crate::runner::dynamics`]), `labels.md`, `setup.md`,
+//! study `verdicts.{md,csv,tex}` (once its reference has a finished cell), `budget.{md,csv}`,
+//! `dynamics.{md,csv}` (one line of diagnostics per cell: [`crate::runner::dynamics`]),
+//! `labels.md`, `setup.md`,
 //! `curves.{png,svg}` and, when its methods were searched on dev, `selection.{md,csv}`. The page
 //! follows `../shared/docs/study.md`, section 5: setup, verdicts, accuracy, budget, the
 //! efficiency plot, diagnostics, and a plain-words reading; then every selection candidate.
@@ -156,7 +157,12 @@ td.inferior {{ background: #f8e6e6; }}
 
 /// The study parts of a report (see the module doc).
 pub struct Study {
-    pub verdicts: VerdictTable,
+    /// The verdicts against the reference; `None` while the declared reference has no finished
+    /// cell among the compared results (a grid in progress): the report then says so and keeps
+    /// the setup, budget and diagnostics, which do not need it.
+    pub verdicts: Option<VerdictTable>,
+    /// The reference method the verdicts are (or will be) against.
+    pub reference: String,
     pub budget: Vec<BudgetRow>,
     pub dists: Vec<LabelDist>,
     pub setup: Setup,
@@ -252,14 +258,19 @@ fn study_sections(st: &Study, dir: &Path) -> Result<[String; 3]> {
 <p>{reading}</p>
 "#,
             setup = st.setup.html(),
-            verdicts = st.verdicts.html(),
-            vfoot = esc(&st.verdicts.footnote()),
-            reading = esc(&reading(
-                &st.verdicts,
-                &st.dists,
-                st.selected,
-                st.settings_from.as_ref()
-            )),
+            verdicts = st
+                .verdicts
+                .as_ref()
+                .map(VerdictTable::html)
+                .unwrap_or_default(),
+            vfoot = esc(&match &st.verdicts {
+                Some(v) => v.footnote(),
+                None => pending_verdicts(&st.reference),
+            }),
+            reading = esc(&match &st.verdicts {
+                Some(v) => reading(v, &st.dists, st.selected, st.settings_from.as_ref()),
+                None => pending_verdicts(&st.reference),
+            }),
         ),
         format!(
             r#"<h2>Budget</h2>
@@ -291,6 +302,13 @@ fn study_sections(st: &Study, dir: &Path) -> Result<[String; 3]> {
     ])
 }
 
+/// What a study report says in place of verdicts while its reference has not finished.
+fn pending_verdicts(reference: &str) -> String {
+    format!(
+        "No verdicts yet: the declared reference `{reference}` has no finished cell among these results (the study is in progress). The setup, accuracy, budget and diagnostics below cover the cells that have finished."
+    )
+}
+
 /// The selection section: every candidate's dev score, choice and diagnostics.
 fn search_section(searches: &[Search]) -> String {
     if searches.is_empty() {
@@ -314,9 +332,11 @@ fn write_study_files(st: &Study, dir: &Path) -> Result<()> {
             candidates::csv(&st.searches).as_bytes(),
         )?;
     }
-    write_bytes_atomic(&dir.join("verdicts.md"), st.verdicts.markdown().as_bytes())?;
-    write_bytes_atomic(&dir.join("verdicts.csv"), st.verdicts.csv().as_bytes())?;
-    write_bytes_atomic(&dir.join("verdicts.tex"), st.verdicts.latex().as_bytes())?;
+    if let Some(v) = &st.verdicts {
+        write_bytes_atomic(&dir.join("verdicts.md"), v.markdown().as_bytes())?;
+        write_bytes_atomic(&dir.join("verdicts.csv"), v.csv().as_bytes())?;
+        write_bytes_atomic(&dir.join("verdicts.tex"), v.latex().as_bytes())?;
+    }
     write_bytes_atomic(
         &dir.join("budget.md"),
         study::budget_markdown(&st.budget).as_bytes(),
@@ -356,16 +376,23 @@ pub fn write_report(
         let ([head_part, budget_part, diag_part], files) = match study {
             Some(st) => {
                 write_study_files(st, tmp)?;
-                (
-                    study_sections(st, tmp)?,
-                    if st.searches.is_empty() {
-                        " verdicts.md/.csv/.tex, budget.md/.csv, dynamics.md/.csv, labels.md, setup.md, curves.png/.svg."
-                    } else {
-                        " verdicts.md/.csv/.tex, budget.md/.csv, dynamics.md/.csv, labels.md, setup.md, curves.png/.svg, selection.md/.csv."
-                    },
-                )
+                let mut files: Vec<&str> = Vec::new();
+                if st.verdicts.is_some() {
+                    files.push("verdicts.md/.csv/.tex");
+                }
+                files.extend([
+                    "budget.md/.csv",
+                    "dynamics.md/.csv",
+                    "labels.md",
+                    "setup.md",
+                    "curves.png/.svg",
+                ]);
+                if !st.searches.is_empty() {
+                    files.push("selection.md/.csv");
+                }
+                (study_sections(st, tmp)?, format!(" {}.", files.join(", ")))
             }
-            None => (Default::default(), ""),
+            None => (Default::default(), String::new()),
         };
         // The protocol's order: setup and verdicts, then accuracy, budget, plots, diagnostics.
         let html = format!(
