@@ -465,7 +465,9 @@ fn a_missing_reference_seed_is_reported_not_replaced() {
     assert!(budget.lines().any(|l| l.starts_with("lora-k,")), "{budget}");
     let html = std::fs::read_to_string(rep.join("index.html")).unwrap();
     assert!(
-        html.contains("No verdicts yet: the declared reference `lora-full` has no finished cell"),
+        html.matches("No verdicts yet: the declared reference `lora-full` has no finished cell")
+            .count()
+            == 1,
         "{html}"
     );
     assert!(!html.contains("verdicts.md/.csv/.tex"), "{html}");

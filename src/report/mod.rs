@@ -258,18 +258,18 @@ fn study_sections(st: &Study, dir: &Path) -> Result<[String; 3]> {
 <p>{reading}</p>
 "#,
             setup = st.setup.html(),
-            verdicts = st
+            verdicts = match &st.verdicts {
+                Some(v) => v.html(),
+                None => format!("<p>{}</p>", esc(&pending_verdicts(&st.reference))),
+            },
+            vfoot = esc(&st
                 .verdicts
                 .as_ref()
-                .map(VerdictTable::html)
-                .unwrap_or_default(),
-            vfoot = esc(&match &st.verdicts {
-                Some(v) => v.footnote(),
-                None => pending_verdicts(&st.reference),
-            }),
+                .map(VerdictTable::footnote)
+                .unwrap_or_default()),
             reading = esc(&match &st.verdicts {
                 Some(v) => reading(v, &st.dists, st.selected, st.settings_from.as_ref()),
-                None => pending_verdicts(&st.reference),
+                None => "None yet: the reading follows the verdicts.".to_string(),
             }),
         ),
         format!(
