@@ -625,11 +625,7 @@ impl Experiment {
             if self.methods.iter().all(|m| ignores_setting(*m, key)) {
                 problems.push(format!(
                     "[train] sets `{key}`, which none of the grid's methods ({}) reads",
-                    self.methods
-                        .iter()
-                        .map(|m| m.name())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    self.method_list()
                 ));
             }
         }

@@ -249,6 +249,22 @@ pub fn reading(
 /// The study's HTML sections: (setup, verdicts and reading), budget, diagnostics (with every
 /// selection candidate).
 fn study_sections(st: &Study, dir: &Path) -> Result<[String; 3]> {
+    // (table, footnote, reading); while the reference has not finished, one line says why.
+    let (verdicts, vfoot, reading) = match &st.verdicts {
+        Some(v) => (
+            v.html(),
+            v.footnote(),
+            reading(v, &st.dists, st.selected, st.settings_from.as_ref()),
+        ),
+        None => (
+            format!(
+                "<p>No verdicts yet: the declared reference `{}` has no finished cell among these results (the study is in progress). The setup, accuracy, budget and diagnostics below cover the cells that have finished.</p>",
+                esc(&st.reference)
+            ),
+            String::new(),
+            "None yet: the reading follows the verdicts.".to_string(),
+        ),
+    };
     Ok([
         format!(
             r#"<h2>Setup</h2>
@@ -258,19 +274,8 @@ fn study_sections(st: &Study, dir: &Path) -> Result<[String; 3]> {
 <p>{reading}</p>
 "#,
             setup = st.setup.html(),
-            verdicts = match &st.verdicts {
-                Some(v) => v.html(),
-                None => format!("<p>{}</p>", esc(&pending_verdicts(&st.reference))),
-            },
-            vfoot = esc(&st
-                .verdicts
-                .as_ref()
-                .map(VerdictTable::footnote)
-                .unwrap_or_default()),
-            reading = esc(&match &st.verdicts {
-                Some(v) => reading(v, &st.dists, st.selected, st.settings_from.as_ref()),
-                None => "None yet: the reading follows the verdicts.".to_string(),
-            }),
+            vfoot = esc(&vfoot),
+            reading = esc(&reading),
         ),
         format!(
             r#"<h2>Budget</h2>
@@ -300,13 +305,6 @@ fn study_sections(st: &Study, dir: &Path) -> Result<[String; 3]> {
             search = search_section(&st.searches),
         ),
     ])
-}
-
-/// What a study report says in place of verdicts while its reference has not finished.
-fn pending_verdicts(reference: &str) -> String {
-    format!(
-        "No verdicts yet: the declared reference `{reference}` has no finished cell among these results (the study is in progress). The setup, accuracy, budget and diagnostics below cover the cells that have finished."
-    )
 }
 
 /// The selection section: every candidate's dev score, choice and diagnostics.
