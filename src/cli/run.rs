@@ -10,7 +10,9 @@ use super::{split_list, Global};
 use mlbench::data::lang::{self, LangEntry};
 use mlbench::plan::grid::{parse_shard, shard, show, Cell, Experiment};
 use mlbench::plan::Method;
-use mlbench::runner::compare::{history, newest_keys, of_run, runs, table, with_keys, Query};
+use mlbench::runner::compare::{
+    history, newest_keys, of_run, runs, table_and_outcomes, with_keys, CellOutcomes, Query,
+};
 use mlbench::runner::grid::{run_cell, training_sibling, Outcome, WhenBusy};
 use mlbench::runner::store::{Store, METRIC_COLUMNS, SAMPLE_COLUMNS};
 use mlbench::Error;
@@ -572,7 +574,7 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
     };
     let mut q = a.sel.query(&metrics, a.baseline.clone())?;
     q.seed_free = seed_free_methods(&store, &keys)?;
-    let mut t = table(&metrics, &samples, &q)?;
+    let (mut t, outcomes) = table_and_outcomes(&metrics, &samples, &q)?;
     print!("{}", t.text());
     // A study whose declared reference has no finished cell yet (a grid in progress) keeps its
     // setup, budget and diagnostics without verdicts; a reference asked for by name must be there.
@@ -589,7 +591,7 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
         Some(r) => Some(study_parts(
             &store,
             &keys,
-            &samples,
+            (&samples, &outcomes),
             &t,
             &q,
             (&r.method, !pending),
@@ -802,12 +804,13 @@ fn read_declaration(store: &Store, name: &str) -> Option<serde_json::Value> {
 }
 
 /// The verdicts, budget, label distributions and setup of a comparison against `reference`
-/// (`with_verdicts` false: the declared reference has not finished, so no verdicts).
+/// (`with_verdicts` false: the declared reference has not finished, so no verdicts), from the
+/// selected per-example records and the outcomes the table was built from.
 #[allow(clippy::too_many_arguments)]
 fn study_parts(
     store: &Store,
     keys: &std::collections::HashSet<String>,
-    samples: &polars::prelude::DataFrame,
+    (samples, outcomes): (&polars::prelude::DataFrame, &CellOutcomes),
     t: &mlbench::runner::compare::Table,
     q: &Query,
     (reference, with_verdicts): (&str, bool),
@@ -835,7 +838,7 @@ fn study_parts(
     }
     let verdicts = match with_verdicts {
         true => Some(verdict::verdicts(
-            &compare::outcomes(samples, q)?,
+            outcomes,
             &rows,
             &t.columns,
             reference,

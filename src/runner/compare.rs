@@ -164,6 +164,17 @@ type Grid = BTreeMap<(String, Option<i64>), BTreeMap<String, Runs>>;
 
 /// Builds the table from a store's metric rows and per-example records.
 pub fn table(metrics: &DataFrame, samples: &DataFrame, q: &Query) -> Result<Table> {
+    Ok(table_and_outcomes(metrics, samples, q)?.0)
+}
+
+/// [`table`] and the per-example outcomes its intervals rest on ([`outcomes`] of `samples`
+/// under `q`), for a caller that pairs the same outcomes again (the verdicts), so the map of
+/// every selected test item is built once.
+pub fn table_and_outcomes(
+    metrics: &DataFrame,
+    samples: &DataFrame,
+    q: &Query,
+) -> Result<(Table, CellOutcomes)> {
     let (grid, mut columns) = select(metrics, q)?;
     if grid.is_empty() {
         return Err(no_match(q));
@@ -204,14 +215,15 @@ pub fn table(metrics: &DataFrame, samples: &DataFrame, q: &Query) -> Result<Tabl
         })
     };
     rows.sort_by(|a, b| (order(&a.0 .0), &a.0 .0, a.0 .1).cmp(&(order(&b.0 .0), &b.0 .0, b.0 .1)));
-    Ok(Table {
+    let table = Table {
         metric: q.metric.clone(),
         baseline: q.baseline.clone(),
         columns,
         rows,
         missing,
         real_k: BTreeMap::new(),
-    })
+    };
+    Ok((table, outcomes))
 }
 
 /// The metric rows `q` selects, by (method, K) and column, and the columns in first-seen order.
