@@ -578,14 +578,34 @@ pub fn compare(g: &Global, a: CompareArgs) -> anyhow::Result<()> {
     print!("{}", t.text());
     // A study whose declared reference has no finished cell yet (a grid in progress) keeps its
     // setup, budget and diagnostics without verdicts; a reference asked for by name must be there.
-    let pending = reference
+    let mut pending = false;
+    if let Some(r) = reference
         .as_ref()
-        .is_some_and(|r| r.declared && !t.rows.iter().any(|((m, _), _)| *m == r.method));
-    if let (true, Some(r)) = (pending, &reference) {
+        .filter(|r| !t.rows.iter().any(|((m, _), _)| *m == r.method))
+    {
+        if !r.declared {
+            return Err(Error::Unknown {
+                kind: "reference method",
+                code: r.method.clone(),
+                scope: format!(
+                    " in the selected results (methods: {})",
+                    t.rows
+                        .iter()
+                        .map(|((m, _), _)| m.as_str())
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .into_iter()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                suggestions: vec![],
+            }
+            .into());
+        }
         tracing::warn!(
             "no verdicts: the declared reference `{}` has no finished cell in the selected results yet",
             r.method
         );
+        pending = true;
     }
     let study = match &reference {
         Some(r) => Some(study_parts(
@@ -804,8 +824,9 @@ fn read_declaration(store: &Store, name: &str) -> Option<serde_json::Value> {
 }
 
 /// The verdicts, budget, label distributions and setup of a comparison against `reference`
-/// (`with_verdicts` false: the declared reference has not finished, so no verdicts), from the
-/// selected per-example records and the outcomes the table was built from.
+/// (`with_verdicts` false: the declared reference has not finished, so no verdicts; true: the
+/// caller has checked that `reference` is among the table's rows), from the selected
+/// per-example records and the outcomes the table was built from.
 #[allow(clippy::too_many_arguments)]
 fn study_parts(
     store: &Store,
@@ -819,23 +840,6 @@ fn study_parts(
 ) -> anyhow::Result<mlbench::report::Study> {
     use mlbench::runner::{compare, study, verdict};
     let rows: Vec<(String, Option<i64>)> = t.rows.iter().map(|(r, _)| r.clone()).collect();
-    if with_verdicts && !rows.iter().any(|(m, _)| m == reference) {
-        return Err(Error::Unknown {
-            kind: "reference method",
-            code: reference.to_string(),
-            scope: format!(
-                " in the selected results (methods: {})",
-                rows.iter()
-                    .map(|r| r.0.as_str())
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .into_iter()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            suggestions: vec![],
-        }
-        .into());
-    }
     let verdicts = match with_verdicts {
         true => Some(verdict::verdicts(
             outcomes,
